@@ -1,0 +1,51 @@
+# One-command set-up: every target creates the virtual environment it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+UV_VERSION := 0.13.9
+
+.PHONY: install run test lint format openapi lock rotate-keys clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is required"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+		{ echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## run: migrate and serve on http://127.0.0.1:8000 (SQLite, development secrets in .abl/)
+run: install
+	ABL_ENV=$${ABL_ENV:-development} $(BIN)/python -m services.cli serve
+
+## test: the whole suite; with CI=true, PostgreSQL and RabbitMQ tests fail instead of skipping
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared services tests bench
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## openapi: write the committed OpenAPI spec from the app (a test fails when they differ)
+openapi: install
+	$(BIN)/python -m services.openapi
+
+## lock: refresh requirements.lock from pyproject.toml
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+rotate-keys: install
+	$(BIN)/python -m services.cli rotate-keys
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ABillionLeads sending services: registry, scheduler and sender."""

@@ -1,0 +1,111 @@
+"""Operational commands: serve, migrate, rotate-keys, generate-key.
+
+`python -m services.cli serve` is what `make run` calls: in development it writes random
+secrets to a git-ignored file on first run, migrates the database and serves the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from shared.crypto import Keyring, generate_key
+from shared.settings import Settings, SettingsError
+
+DEV_ENV_FILE = Path(".abl/dev.env")
+
+
+def ensure_dev_env(path: Path = DEV_ENV_FILE) -> Path:
+    """Write development secrets once; load them without overriding the environment."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"ABL_ADMIN_TOKEN={secrets.token_urlsafe(32)}",
+            f"ABL_INTERNAL_TOKEN={secrets.token_urlsafe(32)}",
+            f"ABL_ENCRYPTION_KEYS={generate_key()}",
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name and not line.startswith("#"):
+            os.environ.setdefault(name.strip(), value.strip())
+    return path
+
+
+def load_settings() -> Settings:
+    if os.environ.get("ABL_ENV", "production") == "development":
+        path = ensure_dev_env()
+        print(f"development secrets (admin token, encryption key): {path.resolve()}")
+    try:
+        return Settings()
+    except (SettingsError, ValueError) as exc:
+        sys.exit(f"configuration error: {exc}")
+
+
+def cmd_serve(_: argparse.Namespace) -> None:
+    import uvicorn
+
+    from services.registry.main import create_app
+    from shared.logs import configure_logging
+    from shared.migrate import upgrade_database
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    upgrade_database(settings.database_url)
+    print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
+
+
+def cmd_migrate(_: argparse.Namespace) -> None:
+    from shared.migrate import upgrade_database
+
+    settings = load_settings()
+    upgrade_database(settings.database_url)
+    print("database is at the latest revision")
+
+
+def cmd_rotate_keys(_: argparse.Namespace) -> None:
+    from services.registry.keys import rotate_keys
+    from shared.db import create_engine, session_factory
+
+    settings = load_settings()
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            report = await rotate_keys(session_factory(engine), Keyring.from_keys(settings.keys))
+        finally:
+            await engine.dispose()
+        print(f"examined {report.examined} servers, re-encrypted {report.reencrypted} "
+              f"under key {Keyring.from_keys(settings.keys).primary_id}")
+
+    asyncio.run(run())
+
+
+def cmd_generate_key(_: argparse.Namespace) -> None:
+    print(generate_key())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="abl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="migrate, then serve the API").set_defaults(func=cmd_serve)
+    commands.add_parser("migrate", help="upgrade the database").set_defaults(func=cmd_migrate)
+    commands.add_parser(
+        "rotate-keys", help="re-encrypt every password under the first ABL_ENCRYPTION_KEYS key"
+    ).set_defaults(func=cmd_rotate_keys)
+    commands.add_parser(
+        "generate-key", help="print a new encryption key"
+    ).set_defaults(func=cmd_generate_key)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""A tenant's SMTP servers. Only a server that passes the connection check is stored."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from services.registry import domain, repository
+from services.registry.deps import KeyringDep, LimiterDep, VerifierDep
+from services.registry.domain import CheckOutcome, Security, ServerStatus
+from services.registry.models import (
+    CONNECTION_FIELDS,
+    SmtpServer,
+    SmtpServerCreate,
+    SmtpServerPage,
+    SmtpServerPublic,
+    SmtpServerUpdate,
+)
+from services.registry.verifier import Target, Verifier
+from shared.db import SessionDep
+from shared.errors import PROBLEM_RESPONSES, FieldError, Problem, Unprocessable
+from shared.metrics import SERVER_VERIFICATION_DURATION, SERVER_VERIFICATIONS
+from shared.tenancy import TenantDep
+from shared.timeutil import utcnow
+
+CHECK_RESPONSES = {
+    **PROBLEM_RESPONSES,
+    409: {"model": Problem, "description": "Same host and username already added"},
+    422: {"model": Problem, "description": "Invalid input, or the connection check failed"},
+    429: {"model": Problem, "description": "Too many connection checks"},
+}
+
+router = APIRouter(prefix="/v1/servers", tags=["servers"], responses=PROBLEM_RESPONSES)
+
+
+async def run_check(verifier: Verifier, target: Target) -> CheckOutcome:
+    started = time.perf_counter()
+    outcome = await verifier.check(target)
+    SERVER_VERIFICATION_DURATION.observe(time.perf_counter() - started)
+    SERVER_VERIFICATIONS.labels(outcome.code.value if outcome.code else "ok").inc()
+    return outcome
+
+
+def check_failed(outcome: CheckOutcome) -> Unprocessable:
+    assert outcome.code is not None
+    detail = outcome.detail if outcome.reply is None else f"{outcome.detail} ({outcome.reply})"
+    return Unprocessable(detail, code=outcome.code.value, hint=outcome.hint)
+
+
+def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
+    server.last_check_code = outcome.code.value if outcome.code else None
+    server.last_check_reply = (outcome.reply or outcome.detail)[:512]
+    server.last_checked_at = utcnow()
+
+
+def missing_fields(body: SmtpServerCreate) -> Unprocessable:
+    fields = body.missing_connection_fields()
+    return Unprocessable(
+        f"Missing {', '.join(fields)}.",
+        hint="Give host, port and security, or a preset such as 'gmail'.",
+        errors=[
+            FieldError(field=f"body.{name}", message="required unless a preset gives it",
+                       type="missing")
+            for name in fields
+        ],
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=CHECK_RESPONSES,
+    summary="Add a server: connect, TLS, authenticate; store it only if that passes",
+)
+async def add_server(
+    body: SmtpServerCreate,
+    tenant: TenantDep,
+    session: SessionDep,
+    keyring: KeyringDep,
+    verifier: VerifierDep,
+    limiter: LimiterDep,
+) -> SmtpServerPublic:
+    if body.missing_connection_fields():
+        raise missing_fields(body)
+    assert body.host is not None and body.port is not None and body.security is not None
+    limiter.take(tenant.id)
+    outcome = await run_check(
+        verifier,
+        Target(body.host, body.port, body.security, body.username,
+               body.password.get_secret_value()),
+    )
+    if not outcome.ok:
+        raise check_failed(outcome)
+    if await repository.login_taken(session, tenant.id, body.host, body.username):
+        raise repository.duplicate_login()
+    server = SmtpServer(
+        tenant_id=tenant.id,
+        label=body.label or body.host,
+        host=body.host,
+        port=body.port,
+        security=body.security,
+        username=body.username,
+        from_email=body.from_email,
+        from_name=body.from_name,
+        daily_cap=body.daily_cap,
+        password_ciphertext="",
+        status=ServerStatus.active,
+    )
+    repository.seal_password(keyring, server, body.password.get_secret_value())
+    record_check(server, outcome)
+    session.add(server)
+    await repository.flush_unique(session)
+    return server.to_public()
+
+
+@router.get("", summary="List the tenant's servers, oldest first")
+async def list_servers(
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> SmtpServerPage:
+    after = repository.decode_cursor(cursor) if cursor else None
+    rows, next_after = await repository.list_servers(session, tenant.id, after=after, limit=limit)
+    return SmtpServerPage(
+        items=[row.to_public() for row in rows],
+        next_cursor=repository.encode_cursor(next_after) if next_after else None,
+    )
+
+
+@router.get("/{server_id}", summary="One server")
+async def get_server(
+    server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> SmtpServerPublic:
+    return (await repository.get_server(session, tenant.id, server_id)).to_public()
+
+
+@router.patch(
+    "/{server_id}",
+    responses=CHECK_RESPONSES,
+    summary="Change a server; a changed host, port, security or credential is checked first",
+)
+async def update_server(
+    server_id: uuid.UUID,
+    body: SmtpServerUpdate,
+    tenant: TenantDep,
+    session: SessionDep,
+    keyring: KeyringDep,
+    verifier: VerifierDep,
+    limiter: LimiterDep,
+) -> SmtpServerPublic:
+    server = await repository.get_server(session, tenant.id, server_id)
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    connection_changed = {
+        name for name in CONNECTION_FIELDS & changes.keys()
+        if name == "password" or changes[name] != getattr(server, name)
+    }
+    host = body.host or server.host
+    username = body.username or server.username
+    if {"host", "username"} & connection_changed and await repository.login_taken(
+        session, tenant.id, host, username, exclude=server.id
+    ):
+        raise repository.duplicate_login()
+    password = (
+        body.password.get_secret_value()
+        if body.password is not None
+        else repository.open_password(keyring, server)
+    )
+    if connection_changed:
+        limiter.take(tenant.id)
+        target = Target(
+            host, body.port or server.port, body.security or Security(server.security),
+            username, password,
+        )
+        outcome = await run_check(verifier, target)
+        if not outcome.ok:
+            raise check_failed(outcome)
+        record_check(server, outcome)
+        if server.status != ServerStatus.paused:
+            server.status = ServerStatus.active
+    for name in ("label", "from_email", "from_name", "daily_cap", "host", "port", "security",
+                 "username"):
+        if name in changes:
+            setattr(server, name, changes[name])
+    if body.password is not None:
+        repository.seal_password(keyring, server, password)
+    server.updated_at = utcnow()
+    session.add(server)
+    await repository.flush_unique(session)
+    return server.to_public()
+
+
+@router.delete(
+    "/{server_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Remove a server"
+)
+async def delete_server(server_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> Response:
+    server = await repository.get_server(session, tenant.id, server_id)
+    await session.delete(server)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{server_id}/verify",
+    responses={429: CHECK_RESPONSES[429]},
+    summary="Check the server again; its status becomes `active` or the failure found",
+)
+async def verify_server(
+    server_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    keyring: KeyringDep,
+    verifier: VerifierDep,
+    limiter: LimiterDep,
+) -> SmtpServerPublic:
+    server = await repository.get_server(session, tenant.id, server_id)
+    limiter.take(tenant.id)
+    target = Target(
+        server.host, server.port, Security(server.security), server.username,
+        repository.open_password(keyring, server),
+    )
+    outcome = await run_check(verifier, target)
+    record_check(server, outcome)
+    if server.status != ServerStatus.paused:
+        server.status = domain.status_after_check(outcome)
+    server.updated_at = utcnow()
+    session.add(server)
+    return server.to_public()
+
+
+@router.post("/{server_id}/pause", summary="Stop sending through this server")
+async def pause_server(
+    server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> SmtpServerPublic:
+    server = await repository.get_server(session, tenant.id, server_id)
+    server.status = ServerStatus.paused
+    server.updated_at = utcnow()
+    session.add(server)
+    return server.to_public()
+
+
+@router.post(
+    "/{server_id}/resume",
+    summary="Send through this server again; it returns to the status of its last check",
+)
+async def resume_server(
+    server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> SmtpServerPublic:
+    server = await repository.get_server(session, tenant.id, server_id)
+    if server.status == ServerStatus.paused:
+        last = domain.CheckOutcome(
+            code=domain.CheckCode(server.last_check_code) if server.last_check_code else None,
+            detail="",
+        )
+        server.status = domain.status_after_check(last)
+        server.updated_at = utcnow()
+        session.add(server)
+    return server.to_public()

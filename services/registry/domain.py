@@ -1,0 +1,311 @@
+"""The registry's rules, free of I/O: presets, which addresses may be dialled, what a failed
+check means to a person, and the per-tenant budget of checks."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Security(StrEnum):
+    starttls = "starttls"
+    tls = "tls"
+
+
+class ServerStatus(StrEnum):
+    active = "active"
+    paused = "paused"
+    auth_failed = "auth_failed"
+    tls_failed = "tls_failed"
+    connect_failed = "connect_failed"
+    timeout = "timeout"
+    blocked_host = "blocked_host"
+    protocol_error = "protocol_error"
+
+
+class CheckCode(StrEnum):
+    auth_failed = "auth_failed"
+    auth_unsupported = "auth_unsupported"
+    tls_failed = "tls_failed"
+    connect_failed = "connect_failed"
+    timeout = "timeout"
+    blocked_host = "blocked_host"
+    blocked_port = "blocked_port"
+    dns_failed = "dns_failed"
+    protocol_error = "protocol_error"
+
+
+@dataclass(frozen=True)
+class Preset:
+    host: str
+    port: int
+    security: Security
+    note: str
+
+
+PRESETS: dict[str, Preset] = {
+    "gmail": Preset("smtp.gmail.com", 587, Security.starttls,
+                    "Needs 2-Step Verification and an app password."),
+    "google_workspace": Preset("smtp.gmail.com", 587, Security.starttls,
+                               "Needs 2-Step Verification and an app password."),
+    "outlook": Preset("smtp-mail.outlook.com", 587, Security.starttls,
+                      "Outlook.com personal accounts."),
+    "office365": Preset("smtp.office365.com", 587, Security.starttls,
+                        "SMTP AUTH must be enabled for the mailbox in Microsoft 365."),
+    "zoho": Preset("smtp.zoho.com", 587, Security.starttls,
+                   "Paid Zoho Mail organisations use smtppro.zoho.com."),
+    "yahoo": Preset("smtp.mail.yahoo.com", 465, Security.tls, "Needs an app password."),
+    "icloud": Preset("smtp.mail.me.com", 587, Security.starttls,
+                     "Needs an app-specific password."),
+    "fastmail": Preset("smtp.fastmail.com", 465, Security.tls, "Needs an app password."),
+}
+
+GMAIL_HOSTS = frozenset({"smtp.gmail.com", "smtp-relay.gmail.com"})
+
+# Ranges the ipaddress module does not flag on its own, or flags only on some Python versions.
+_EXTRA_BLOCKED = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "0.0.0.0/8",
+        "100.64.0.0/10",  # carrier-grade NAT
+        "192.0.0.0/24",
+        "198.18.0.0/15",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "64:ff9b::/96",  # NAT64: embeds an IPv4 address
+        "64:ff9b:1::/48",
+        "100::/64",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 spelling carries (mapped, 6to4, Teredo, NAT64), if any."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in ipaddress.ip_network("64:ff9b::/96"):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    # IPv4-compatible (deprecated) ::a.b.c.d
+    if int(address) >> 32 == 0 and int(address) > 1:
+        return ipaddress.IPv4Address(int(address))
+    return None
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """True when a user-typed host may be dialled: a globally routable unicast address."""
+    inner = embedded_ipv4(address)
+    if inner is not None and not is_public_address(inner):
+        return False
+    if address in METADATA_ADDRESSES:
+        return False
+    if any(address in net for net in _EXTRA_BLOCKED if net.version == address.version):
+        return False
+    return address.is_global and not (
+        address.is_loopback
+        or address.is_private
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+@dataclass(frozen=True)
+class AddressVerdict:
+    allowed: tuple[IPAddress, ...]
+    refused: tuple[IPAddress, ...]
+
+    @property
+    def ok(self) -> bool:
+        # One private answer among public ones is a DNS-rebinding sign: refuse the name whole.
+        return bool(self.allowed) and not self.refused
+
+
+def judge_addresses(
+    addresses: Iterable[IPAddress], *, allow_private: bool
+) -> AddressVerdict:
+    unique = tuple(dict.fromkeys(addresses))
+    if allow_private:
+        return AddressVerdict(allowed=unique, refused=())
+    allowed = tuple(a for a in unique if is_public_address(a))
+    refused = tuple(a for a in unique if not is_public_address(a))
+    return AddressVerdict(allowed=allowed, refused=refused)
+
+
+def port_allowed(port: int, allowed_ports: Iterable[int], *, allow_private: bool) -> bool:
+    return allow_private or port in set(allowed_ports)
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What a connection check found, in terms the API reports."""
+
+    code: CheckCode | None
+    detail: str
+    hint: str | None = None
+    reply: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None
+
+
+PASSED = CheckOutcome(code=None, detail="Connected, TLS verified and authenticated.")
+
+
+def auth_failure(host: str, reply_code: int, reply: str) -> CheckOutcome:
+    text = f"{reply_code} {reply}".strip()
+    if host in GMAIL_HOSTS or ("5.7.8" in reply and "gsmtp" in reply.lower()):
+        hint = (
+            "Gmail refused the password. Turn on 2-Step Verification for the Google account, "
+            "create an app password (Google Account → Security → App passwords) and use that "
+            "16-character password here, not the account password."
+        )
+    elif "5.7.139" in reply or "SmtpClientAuthentication" in reply:
+        hint = (
+            "Microsoft 365 has SMTP AUTH turned off for this mailbox: an administrator must "
+            "enable 'Authenticated SMTP' for it, or the tenant's security defaults block it."
+        )
+    else:
+        hint = "Check the username and password; many providers require an app password."
+    return CheckOutcome(CheckCode.auth_failed, "The server refused the credentials.", hint, text)
+
+
+def tls_failure(port: int, security: Security, reason: str) -> CheckOutcome:
+    if security is Security.tls and port != 465:
+        hint = (
+            f"Port {port} usually speaks plain SMTP first: choose security 'starttls', "
+            "or use port 465 with 'tls'."
+        )
+    elif security is Security.starttls and port == 465:
+        hint = "Port 465 expects TLS from the first byte: choose security 'tls'."
+    else:
+        hint = (
+            "The TLS handshake failed: check that the host name matches the server's "
+            "certificate and that the certificate is issued by a trusted authority."
+        )
+    return CheckOutcome(CheckCode.tls_failed, f"TLS could not be set up: {reason}", hint)
+
+
+def starttls_missing() -> CheckOutcome:
+    return CheckOutcome(
+        CheckCode.tls_failed,
+        "The server does not offer STARTTLS, and credentials are never sent in plain text.",
+        "Use port 465 with security 'tls' if the server supports it.",
+    )
+
+
+def auth_missing() -> CheckOutcome:
+    return CheckOutcome(
+        CheckCode.auth_unsupported,
+        "The server does not offer authentication (no AUTH in its EHLO reply).",
+        "Use the provider's submission port (587 or 465), which accepts AUTH.",
+    )
+
+
+def timed_out(seconds: float, port: int, security: Security, stage: str) -> CheckOutcome:
+    if stage == "greeting" and security is Security.starttls and port == 465:
+        return tls_failure(port, security, "no plain-text greeting on a TLS port")
+    return CheckOutcome(
+        CheckCode.timeout,
+        f"The server did not answer within {seconds:g} s (while waiting for the {stage}).",
+        "Check the host and port, and that the server is reachable from the internet.",
+    )
+
+
+def connect_failed() -> CheckOutcome:
+    # Refused, unreachable and filtered look the same so the check cannot map a network.
+    return CheckOutcome(
+        CheckCode.connect_failed,
+        "Could not connect to the server.",
+        "Check the host and port; the provider's documentation gives its SMTP submission port.",
+    )
+
+
+def dns_failed(host: str) -> CheckOutcome:
+    return CheckOutcome(
+        CheckCode.dns_failed,
+        f"The host name {host!r} does not resolve.",
+        "Check the spelling of the host name.",
+    )
+
+
+def blocked_host() -> CheckOutcome:
+    return CheckOutcome(
+        CheckCode.blocked_host,
+        "This host resolves to an address that may not be used (private, loopback, "
+        "link-local, shared or metadata).",
+        "Use the public host name of the SMTP server.",
+    )
+
+
+def blocked_port(port: int, allowed: Iterable[int]) -> CheckOutcome:
+    ports = ", ".join(str(p) for p in sorted(allowed))
+    return CheckOutcome(
+        CheckCode.blocked_port,
+        f"Port {port} is not an SMTP submission port.",
+        f"Use one of: {ports}.",
+    )
+
+
+def protocol_error(reply_code: int, reply: str) -> CheckOutcome:
+    return CheckOutcome(
+        CheckCode.protocol_error,
+        "The server answered in a way that is not a usable SMTP session.",
+        "Check that the host and port are those of an SMTP server.",
+        f"{reply_code} {reply}".strip(),
+    )
+
+
+def status_after_check(outcome: CheckOutcome) -> ServerStatus:
+    if outcome.ok:
+        return ServerStatus.active
+    mapping = {
+        CheckCode.auth_failed: ServerStatus.auth_failed,
+        CheckCode.auth_unsupported: ServerStatus.auth_failed,
+        CheckCode.tls_failed: ServerStatus.tls_failed,
+        CheckCode.timeout: ServerStatus.timeout,
+        CheckCode.blocked_host: ServerStatus.blocked_host,
+        CheckCode.blocked_port: ServerStatus.blocked_host,
+    }
+    assert outcome.code is not None
+    return mapping.get(outcome.code, ServerStatus.connect_failed)
+
+
+@dataclass
+class TokenBucket:
+    """Checks a tenant may still start: `rate` per second, up to `burst` at once."""
+
+    rate: float
+    burst: float
+    tokens: float = field(init=False)
+    updated: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, now: float) -> float:
+        """Take one token at `now` (monotonic seconds); return 0 or the seconds to wait."""
+        elapsed = max(0.0, now - self.updated) if self.updated else 0.0
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate

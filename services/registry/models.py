@@ -1,0 +1,203 @@
+"""SMTP servers: the `SmtpServer` table and the shapes the API reads and writes.
+
+A Public model never holds the password; the table holds it only encrypted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Self
+
+from pydantic import EmailStr, SecretStr, field_validator, model_validator
+from sqlalchemy import Column, DateTime, ForeignKey, String, UniqueConstraint
+from sqlmodel import Field, SQLModel
+from sqlmodel._compat import SQLModelConfig
+
+from services.registry.domain import PRESETS, Security, ServerStatus
+from shared.timeutil import new_id, utcnow
+from shared.validation import refuse_control_chars
+
+MAX_DAILY_CAP = 500
+# Changing any of these re-runs the connection check before the change is saved.
+CONNECTION_FIELDS = frozenset({"host", "port", "security", "username", "password"})
+HOST_MAX = 253
+
+
+def _clean_text(value: str | None) -> str | None:
+    return None if value is None else refuse_control_chars(value.strip())
+
+
+def _clean_lower(value: str | None) -> str | None:
+    cleaned = _clean_text(value)
+    return None if cleaned is None else cleaned.lower()
+
+
+def _clean_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None:
+        refuse_control_chars(value.get_secret_value())
+    return value
+
+
+class SmtpServerBase(SQLModel):
+    label: str = Field(default="", max_length=100)
+    from_email: EmailStr = Field(max_length=320)
+    from_name: str = Field(default="", max_length=100)
+    daily_cap: int = Field(default=MAX_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
+
+    _clean_label = field_validator("label", "from_name")(_clean_text)
+
+
+class SmtpServerCreate(SmtpServerBase):
+    model_config = SQLModelConfig(hide_input_in_errors=True)
+
+    preset: str | None = Field(
+        default=None,
+        description=f"Fills host, port and security: one of {', '.join(PRESETS)}.",
+        max_length=40,
+    )
+    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Security | None = None
+    username: str = Field(min_length=1, max_length=320)
+    password: SecretStr = Field(min_length=1, max_length=1024)
+
+    _clean_host = field_validator("host", "username")(_clean_lower)
+    _clean_password = field_validator("password")(_clean_secret)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        key = value.strip().lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
+        return key
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> Self:
+        if self.preset is not None:
+            preset = PRESETS[self.preset]
+            self.host = self.host or preset.host
+            self.port = self.port or preset.port
+            self.security = self.security or preset.security
+        return self
+
+    def missing_connection_fields(self) -> list[str]:
+        return [name for name in ("host", "port", "security") if getattr(self, name) is None]
+
+
+class SmtpServerUpdate(SQLModel):
+    model_config = SQLModelConfig(hide_input_in_errors=True)
+
+    label: str | None = Field(default=None, max_length=100)
+    from_email: EmailStr | None = Field(default=None, max_length=320)
+    from_name: str | None = Field(default=None, max_length=100)
+    daily_cap: int | None = Field(default=None, ge=1, le=MAX_DAILY_CAP)
+    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Security | None = None
+    username: str | None = Field(default=None, min_length=1, max_length=320)
+    password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
+
+    _clean_label = field_validator("label", "from_name")(_clean_text)
+    _clean_host = field_validator("host", "username")(_clean_lower)
+    _clean_password = field_validator("password")(_clean_secret)
+
+
+class LastCheck(SQLModel):
+    ok: bool
+    code: str | None
+    reply: str | None
+    at: datetime | None
+
+
+class SmtpServerPublic(SmtpServerBase):
+    id: uuid.UUID
+    host: str
+    port: int
+    security: Security
+    username: str
+    status: ServerStatus
+    has_password: bool = True
+    last_check: LastCheck
+    created_at: datetime
+    updated_at: datetime
+
+
+class SmtpServerPage(SQLModel):
+    items: list[SmtpServerPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class SmtpCredentials(SQLModel):
+    """What a sender needs to deliver through one server. Internal endpoint only."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    host: str
+    port: int
+    security: Security
+    username: str
+    password: str
+    from_email: str
+    from_name: str
+    status: ServerStatus
+    daily_cap: int
+
+
+class SmtpServer(SmtpServerBase, table=True):
+    __tablename__ = "smtp_servers"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "host", "username", name="uq_smtp_servers_tenant_login"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID = Field(
+        sa_column=Column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    host: str = Field(max_length=HOST_MAX)
+    port: int
+    security: Security = Field(sa_type=String(16))  # type: ignore[call-overload]
+    username: str = Field(max_length=320)
+    from_email: str = Field(max_length=320)
+    password_ciphertext: str = Field(max_length=4096)
+    status: ServerStatus = Field(  # type: ignore[call-overload]
+        default=ServerStatus.active, sa_type=String(32), index=True
+    )
+    last_check_code: str | None = Field(default=None, max_length=32)
+    last_check_reply: str | None = Field(default=None, max_length=512)
+    last_checked_at: datetime | None = Field(
+        default=None, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+    )
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+    )
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+    )
+
+    def to_public(self) -> SmtpServerPublic:
+        return SmtpServerPublic(
+            id=self.id,
+            label=self.label,
+            host=self.host,
+            port=self.port,
+            security=Security(self.security),
+            username=self.username,
+            from_email=self.from_email,
+            from_name=self.from_name,
+            daily_cap=self.daily_cap,
+            status=ServerStatus(self.status),
+            last_check=LastCheck(
+                ok=self.last_check_code is None and self.last_checked_at is not None,
+                code=self.last_check_code,
+                reply=self.last_check_reply,
+                at=self.last_checked_at,
+            ),
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )

@@ -1,0 +1,165 @@
+"""The connection check: resolve once, refuse forbidden addresses, connect to the address that
+was checked, say EHLO, set up TLS with verified certificates, authenticate, and quit.
+
+No email is sent. The whole check is bounded by `ABL_VERIFY_TIMEOUT_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from services.registry import domain
+from services.registry.domain import CheckOutcome, Security
+from shared.settings import Settings
+
+logger = logging.getLogger("abl.registry.verifier")
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    security: Security
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # the password must never reach a log or a traceback
+        return f"Target(host={self.host!r}, port={self.port}, security={self.security.value})"
+
+
+def tls_context() -> ssl.SSLContext:
+    # Built per check so that a changed SSL_CERT_FILE or system store is honoured.
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def resolve(host: str, port: int) -> list[domain.IPAddress]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+
+
+async def _open_socket(address: domain.IPAddress, port: int) -> socket.socket:
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Verifier:
+    def __init__(self, settings: Settings) -> None:
+        self.timeout = settings.verify_timeout_seconds
+        self.allow_private = settings.allow_private_hosts
+        self.allowed_ports = settings.allowed_smtp_ports
+
+    async def check(self, target: Target) -> CheckOutcome:
+        stage = ["connection"]
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._check(target, stage)
+        except TimeoutError:
+            return domain.timed_out(self.timeout, target.port, target.security, stage[0])
+
+    async def _check(self, target: Target, stage: list[str]) -> CheckOutcome:
+        if not domain.port_allowed(
+            target.port, self.allowed_ports, allow_private=self.allow_private
+        ):
+            return domain.blocked_port(target.port, self.allowed_ports)
+        try:
+            addresses = await resolve(target.host, target.port)
+        except (socket.gaierror, UnicodeError):
+            return domain.dns_failed(target.host)
+        verdict = domain.judge_addresses(addresses, allow_private=self.allow_private)
+        if not verdict.ok:
+            return domain.blocked_host()
+
+        sock = None
+        for address in verdict.allowed:
+            try:
+                sock = await _open_socket(address, target.port)
+                break
+            except OSError:
+                continue
+        if sock is None:
+            return domain.connect_failed()
+
+        stage[0] = "greeting"
+        client = aiosmtplib.SMTP(
+            hostname=target.host,
+            sock=sock,
+            use_tls=target.security is Security.tls,
+            start_tls=False,
+            tls_context=tls_context(),
+            timeout=self.timeout,
+        )
+        try:
+            return await self._converse(client, target, stage)
+        finally:
+            if client.is_connected:
+                client.close()
+            sock.close()
+
+    async def _converse(
+        self, client: aiosmtplib.SMTP, target: Target, stage: list[str]
+    ) -> CheckOutcome:
+        try:
+            await client.connect()
+            stage[0] = "EHLO reply"
+            await client.ehlo()
+            if target.security is Security.starttls:
+                if not client.supports_extension("starttls"):
+                    return domain.starttls_missing()
+                stage[0] = "TLS handshake"
+                await client.starttls()
+                await client.ehlo()
+            if not client.supports_extension("auth"):
+                return domain.auth_missing()
+            stage[0] = "AUTH reply"
+            await client.login(target.username, target.password)
+            stage[0] = "QUIT reply"
+            try:
+                await client.quit()
+            except aiosmtplib.SMTPException:
+                pass  # the check already passed; a rude goodbye changes nothing
+            return domain.PASSED
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            return domain.auth_failure(target.host, exc.code, exc.message)
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise TimeoutError from exc
+        except ssl.SSLError as exc:
+            return domain.tls_failure(target.port, target.security, _ssl_reason(exc))
+        except aiosmtplib.SMTPConnectError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ssl.SSLError):
+                return domain.tls_failure(target.port, target.security, _ssl_reason(cause))
+            return domain.connect_failed()
+        except aiosmtplib.SMTPServerDisconnected:
+            if stage[0] in ("greeting", "TLS handshake"):
+                return domain.tls_failure(target.port, target.security,
+                                          "the server closed the connection")
+            return domain.connect_failed()
+        except aiosmtplib.SMTPResponseException as exc:
+            return domain.protocol_error(exc.code, exc.message)
+        except aiosmtplib.SMTPException:
+            return domain.connect_failed()
+        except OSError:
+            return domain.connect_failed()
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc.verify_message or "certificate verification failed"
+    return exc.reason or type(exc).__name__

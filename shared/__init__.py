@@ -1,0 +1,1 @@
+"""Code the ABillionLeads services share: settings, database, broker, errors, auth, metrics."""

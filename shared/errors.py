@@ -1,0 +1,206 @@
+"""One error hierarchy for every service, rendered as RFC 9457 problem+json.
+
+Every error carries a stable machine `code` the frontend can switch on and a `hint` a person can
+act on. The framework's own errors (404, 405, 422 from validation) are rendered the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("abl.errors")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Dotted path of the offending field, e.g. `body.port`.")
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with the `code` and `hint` extensions."""
+
+    type: str = Field(description="URI reference naming the kind of problem.")
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="Stable machine-readable error code.")
+    hint: str | None = Field(default=None, description="What a person can do about it.")
+    instance: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class AppError(Exception):
+    """Base of every error a service raises on purpose."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    code: str = "internal_error"
+    hint: str | None = None
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        hint: str | None = None,
+        status: int | None = None,
+        errors: Sequence[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        if hint is not None:
+            self.hint = hint
+        if status is not None:
+            self.status = status
+        self.errors = list(errors) if errors is not None else None
+        self.headers = headers
+
+    def to_problem(self, instance: str | None = None) -> Problem:
+        return Problem(
+            type=f"/problems/{self.code}",
+            title=HTTPStatus(self.status).phrase,
+            status=self.status,
+            detail=self.detail,
+            code=self.code,
+            hint=self.hint,
+            instance=instance,
+            errors=self.errors,
+        )
+
+
+class BadRequest(AppError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "bad_request"
+
+
+class Unauthorized(AppError):
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+    hint = "Send `Authorization: Bearer <token>` with a valid key."
+
+    def __init__(self, detail: str = "Missing or invalid credentials.", **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(detail, **kwargs)
+
+
+class NotFound(AppError):
+    status = HTTPStatus.NOT_FOUND
+    code = "not_found"
+
+
+class Conflict(AppError):
+    status = HTTPStatus.CONFLICT
+    code = "conflict"
+
+
+class Unprocessable(AppError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "validation_failed"
+
+
+class RateLimited(AppError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"Retry-After": str(max(1, retry_after_seconds))})
+        kwargs.setdefault("hint", f"Wait {max(1, retry_after_seconds)} s before trying again.")
+        super().__init__(detail, **kwargs)
+
+
+class ServiceUnavailable(AppError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "unavailable"
+
+
+def problem_response(
+    problem: Problem, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        problem.model_dump(exclude_none=True),
+        status_code=problem.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def _field_errors(exc: RequestValidationError) -> list[FieldError]:
+    # The offending `input` is never echoed back: it may be a password.
+    return [
+        FieldError(
+            field=".".join(str(part) for part in error.get("loc", ())),
+            message=str(error.get("msg", "invalid value")),
+            type=str(error.get("type", "value_error")),
+        )
+        for error in exc.errors()
+    ]
+
+
+_STATUS_CODES = {
+    HTTPStatus.NOT_FOUND: ("not_found", "Check the URL and the id; ids are per tenant."),
+    HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", "See /docs for the allowed methods."),
+    HTTPStatus.UNAUTHORIZED: ("unauthorized", "Send `Authorization: Bearer <token>`."),
+}
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    async def on_app_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AppError)
+        return problem_response(exc.to_problem(request.url.path), exc.headers)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = _field_errors(exc)
+        fields = ", ".join(error.field for error in errors)
+        error = Unprocessable(
+            f"Invalid input: {fields}.",
+            hint="Correct the fields listed in `errors` and send the request again.",
+            errors=errors,
+        )
+        return problem_response(error.to_problem(request.url.path))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        status = HTTPStatus(exc.status_code)
+        code, hint = _STATUS_CODES.get(status, (status.name.lower(), None))
+        detail = exc.detail if isinstance(exc.detail, str) else status.phrase
+        error = AppError(detail, code=code, hint=hint, status=status)
+        return problem_response(error.to_problem(request.url.path), dict(exc.headers or {}))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s: %s", request.method, request.url.path,
+                     type(exc).__name__)
+        error = AppError(
+            "The server failed to handle this request.",
+            hint="Try again; if it keeps failing, report the time and the path.",
+        )
+        return problem_response(error.to_problem(request.url.path))
+
+    app.add_exception_handler(AppError, on_app_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": desc}
+    for status, desc in (
+        (401, "Missing or invalid credentials"),
+        (404, "Not found"),
+        (422, "Invalid input"),
+    )
+}

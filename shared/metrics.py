@@ -1,0 +1,74 @@
+"""Every Prometheus metric of every service, declared here and only here.
+
+Names follow Prometheus conventions: base units (seconds, bytes), `_total` on counters, and
+labels of low cardinality: never an address, a tenant or a server id.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HTTP_REQUESTS = Counter(
+    "abl_http_requests_total",
+    "HTTP requests handled, by route template and status code.",
+    ["service", "method", "route", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "abl_http_request_duration_seconds",
+    "Time to handle an HTTP request, by route template.",
+    ["service", "method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
+)
+SERVER_VERIFICATIONS = Counter(
+    "abl_server_verifications_total",
+    "SMTP server connection checks, by result (`ok` or a failure code).",
+    ["result"],
+)
+SERVER_VERIFICATION_DURATION = Histogram(
+    "abl_server_verification_duration_seconds",
+    "Time an SMTP server connection check took.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 10, 15),
+)
+
+
+class MetricsMiddleware:
+    """Counts and times every request under its route template, not its raw path."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_code[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            HTTP_REQUESTS.labels(self.service, method, template, str(status_code[0])).inc()
+            HTTP_REQUEST_DURATION.labels(self.service, method, template).observe(
+                time.perf_counter() - started
+            )
+
+
+def install_metrics(app: FastAPI, service: str) -> None:
+    app.add_middleware(MetricsMiddleware, service=service)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,109 @@
+"""Settings of every service, read from `ABL_` environment variables.
+
+Secrets have no usable default: outside development a missing, placeholder or short secret
+stops the process at start-up rather than letting it run with a guessable key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "change_me", "secret", "password", "admin", "token", "dev"}
+)
+MIN_TOKEN_LENGTH = 24
+DEFAULT_SMTP_PORTS = (25, 465, 587, 2525)
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or unsafe; raised before any service starts."""
+
+
+def decode_key(text: str) -> bytes:
+    """Decode one `ABL_ENCRYPTION_KEYS` entry: 32 bytes in URL-safe base64."""
+    try:
+        raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise SettingsError("ABL_ENCRYPTION_KEYS entries must be URL-safe base64") from exc
+    if len(raw) != 32:
+        raise SettingsError("ABL_ENCRYPTION_KEYS entries must each decode to 32 bytes (AES-256)")
+    return raw
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ABL_", extra="ignore", case_sensitive=False)
+
+    env: Environment = Environment.production
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: str = "INFO"
+
+    database_url: str = "sqlite:///./abl.db"
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+
+    admin_token: SecretStr = SecretStr("")
+    internal_token: SecretStr = SecretStr("")
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    allow_private_hosts: bool = False
+    allowed_smtp_ports: Annotated[tuple[int, ...], NoDecode] = DEFAULT_SMTP_PORTS
+    verify_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    verify_rate_per_minute: int = Field(default=10, ge=1)
+    verify_burst: int = Field(default=5, ge=1)
+
+    registry_url: str = "http://127.0.0.1:8000"
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_smtp_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_secrets(self) -> Settings:
+        for name in ("admin_token", "internal_token"):
+            secret: SecretStr = getattr(self, name)
+            value = secret.get_secret_value()
+            if value.lower() in PLACEHOLDER_SECRETS or len(value) < MIN_TOKEN_LENGTH:
+                raise SettingsError(
+                    f"ABL_{name.upper()} must be set to a random value of at least "
+                    f"{MIN_TOKEN_LENGTH} characters (make run writes one for development)"
+                )
+        if not self.encryption_keys:
+            raise SettingsError(
+                "ABL_ENCRYPTION_KEYS must hold at least one key: "
+                "python -m services.cli generate-key prints one"
+            )
+        for key in self.encryption_keys:
+            decode_key(key.get_secret_value())
+        return self
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,119 @@
+"""Tenants and how a request proves which tenant it speaks for.
+
+The registry owns the `tenants` table; other services authenticate tenants through this module.
+API keys are random 256-bit tokens, so a SHA-256 digest is enough to store them: no slow hash is
+needed against guessing, and a lookup by digest stays one indexed query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import field_validator
+from sqlalchemy import DateTime
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import Field, SQLModel, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from shared.errors import Unauthorized
+from shared.settings import Settings
+from shared.timeutil import new_id, utcnow
+from shared.validation import refuse_control_chars
+
+API_KEY_PREFIX = "abl_"
+
+bearer = HTTPBearer(auto_error=False, description="A tenant API key, or a service token.")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+class TenantBase(SQLModel):
+    name: str = Field(min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _clean_name(cls, value: str) -> str:
+        return refuse_control_chars(value.strip())
+
+
+class TenantCreate(TenantBase):
+    pass
+
+
+class TenantPublic(TenantBase):
+    id: uuid.UUID
+    api_key_prefix: str
+    created_at: datetime
+
+
+class TenantCreated(TenantPublic):
+    api_key: str
+
+
+class Tenant(TenantBase, table=True):
+    __tablename__ = "tenants"
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    api_key_hash: str = Field(max_length=64, unique=True, index=True)
+    api_key_prefix: str = Field(max_length=16)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+    )
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def tokens_equal(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
+    if credentials is None or not credentials.credentials.startswith(API_KEY_PREFIX):
+        raise Unauthorized("A tenant API key is required.")
+    digest = hash_api_key(credentials.credentials)
+    # A session of its own, closed at once: the request's session must not hold a pooled
+    # connection while the handler waits on a slow SMTP server.
+    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    async with factory() as session:
+        query = select(Tenant).where(Tenant.api_key_hash == digest)
+        tenant = (await session.exec(query)).first()
+    if tenant is None:
+        raise Unauthorized("This API key is not valid.")
+    return tenant
+
+
+def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
+    expected = settings.admin_token.get_secret_value()
+    if credentials is None or not tokens_equal(credentials.credentials, expected):
+        raise Unauthorized("The admin token is required.", hint="Use ABL_ADMIN_TOKEN.")
+
+
+def require_internal(settings: SettingsDep, credentials: BearerDep) -> None:
+    expected = settings.internal_token.get_secret_value()
+    if credentials is None or not tokens_equal(credentials.credentials, expected):
+        raise Unauthorized("The internal token is required.", hint="Use ABL_INTERNAL_TOKEN.")
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+AdminDep = Depends(require_admin)
+InternalDep = Depends(require_internal)
