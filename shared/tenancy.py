@@ -17,14 +17,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import field_validator
-from sqlalchemy import DateTime
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.errors import Unauthorized
 from shared.settings import Settings
-from shared.timeutil import new_id, utcnow
+from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import refuse_control_chars
 
 API_KEY_PREFIX = "abl_"
@@ -63,7 +62,7 @@ class Tenant(TenantBase, table=True):
     api_key_hash: str = Field(max_length=64, unique=True, index=True)
     api_key_prefix: str = Field(max_length=16)
     created_at: datetime = Field(
-        default_factory=utcnow, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+        default_factory=utcnow, sa_type=UtcDateTime  # type: ignore[call-overload]
     )
 
 

@@ -222,10 +222,13 @@ def auth_missing() -> CheckOutcome:
 def timed_out(seconds: float, port: int, security: Security, stage: str) -> CheckOutcome:
     if stage == "greeting" and security is Security.starttls and port == 465:
         return tls_failure(port, security, "no plain-text greeting on a TLS port")
+    hint = "Check the host and port, and that the server is reachable from the internet."
+    if stage == "greeting" and security is Security.starttls:
+        hint += " If this port expects TLS from the first byte (as 465 does), choose 'tls'."
     return CheckOutcome(
         CheckCode.timeout,
         f"The server did not answer within {seconds:g} s (while waiting for the {stage}).",
-        "Check the host and port, and that the server is reachable from the internet.",
+        hint,
     )
 
 

@@ -10,12 +10,12 @@ from datetime import datetime
 from typing import Self
 
 from pydantic import EmailStr, SecretStr, field_validator, model_validator
-from sqlalchemy import Column, DateTime, ForeignKey, String, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.registry.domain import PRESETS, Security, ServerStatus
-from shared.timeutil import new_id, utcnow
+from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import refuse_control_chars
 
 MAX_DAILY_CAP = 500
@@ -171,13 +171,13 @@ class SmtpServer(SmtpServerBase, table=True):
     last_check_code: str | None = Field(default=None, max_length=32)
     last_check_reply: str | None = Field(default=None, max_length=512)
     last_checked_at: datetime | None = Field(
-        default=None, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+        default=None, sa_type=UtcDateTime  # type: ignore[call-overload]
     )
     created_at: datetime = Field(
-        default_factory=utcnow, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+        default_factory=utcnow, sa_type=UtcDateTime  # type: ignore[call-overload]
     )
     updated_at: datetime = Field(
-        default_factory=utcnow, sa_type=DateTime(timezone=True)  # type: ignore[call-overload]
+        default_factory=utcnow, sa_type=UtcDateTime  # type: ignore[call-overload]
     )
 
     def to_public(self) -> SmtpServerPublic:

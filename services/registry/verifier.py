@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from services.registry import domain
-from services.registry.domain import CheckOutcome, Security
+from services.registry.domain import CheckCode, CheckOutcome, Security
 from shared.settings import Settings
+from shared.smtp_tls import pinned_context
 
 logger = logging.getLogger("abl.registry.verifier")
 
@@ -34,29 +35,10 @@ class Target:
         return f"Target(host={self.host!r}, port={self.port}, security={self.security.value})"
 
 
-def tls_context() -> ssl.SSLContext:
-    # Built per check so that a changed SSL_CERT_FILE or system store is honoured.
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 async def resolve(host: str, port: int) -> list[domain.IPAddress]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
-
-
-async def _open_socket(address: domain.IPAddress, port: int) -> socket.socket:
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class Verifier:
@@ -66,7 +48,7 @@ class Verifier:
         self.allowed_ports = settings.allowed_smtp_ports
 
     async def check(self, target: Target) -> CheckOutcome:
-        stage = ["connection"]
+        stage = ["greeting"]
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._check(target, stage)
@@ -86,31 +68,24 @@ class Verifier:
         if not verdict.ok:
             return domain.blocked_host()
 
-        sock = None
+        outcome = domain.connect_failed()
         for address in verdict.allowed:
+            stage[0] = "greeting"
+            client = aiosmtplib.SMTP(
+                hostname=str(address),
+                port=target.port,
+                use_tls=target.security is Security.tls,
+                start_tls=False,
+                tls_context=pinned_context(target.host),
+                timeout=self.timeout,
+            )
             try:
-                sock = await _open_socket(address, target.port)
-                break
-            except OSError:
-                continue
-        if sock is None:
-            return domain.connect_failed()
-
-        stage[0] = "greeting"
-        client = aiosmtplib.SMTP(
-            hostname=target.host,
-            sock=sock,
-            use_tls=target.security is Security.tls,
-            start_tls=False,
-            tls_context=tls_context(),
-            timeout=self.timeout,
-        )
-        try:
-            return await self._converse(client, target, stage)
-        finally:
-            if client.is_connected:
+                outcome = await self._converse(client, target, stage)
+            finally:
                 client.close()
-            sock.close()
+            if outcome.code is not CheckCode.connect_failed or stage[0] != "greeting":
+                return outcome
+        return outcome
 
     async def _converse(
         self, client: aiosmtplib.SMTP, target: Target, stage: list[str]
@@ -147,7 +122,10 @@ class Verifier:
                 return domain.tls_failure(target.port, target.security, _ssl_reason(cause))
             return domain.connect_failed()
         except aiosmtplib.SMTPServerDisconnected:
-            if stage[0] in ("greeting", "TLS handshake"):
+            tls_stage = stage[0] == "TLS handshake" or (
+                stage[0] == "greeting" and target.security is Security.tls
+            )
+            if tls_stage:
                 return domain.tls_failure(target.port, target.security,
                                           "the server closed the connection")
             return domain.connect_failed()

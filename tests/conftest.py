@@ -1,0 +1,182 @@
+"""Fixtures with real parts: SQLite and PostgreSQL databases, SMTP servers with TLS and AUTH.
+
+With CI=true a test that needs PostgreSQL or RabbitMQ fails when the service is down; elsewhere it
+is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+from fastapi import FastAPI
+
+from services.registry.main import create_app
+from shared.crypto import generate_key
+from shared.migrate import upgrade_database
+from shared.settings import Settings
+from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
+
+POSTGRES_URL = os.environ.get("ABL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("ABL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+ACCOUNTS = {"alice@example.com": "alice-app-password", "bob@example.com": "bob-app-password",
+            "carol@example.com": "carol-app-password"}
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    if reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if IN_CI:
+        pytest.fail(f"{message}, and CI=true forbids skipping", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    ca = trustme.CA()
+    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Certificates(ca=ca, ca_file=str(ca_file))
+
+
+@pytest.fixture(autouse=True)
+def trust_test_ca(certs: Certificates, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The code under test uses the system trust store; SSL_CERT_FILE is how an operator
+    # (and these tests) add an authority to it.
+    monkeypatch.setenv("SSL_CERT_FILE", certs.ca_file)
+
+
+@pytest.fixture(scope="session")
+def starttls_server(certs: Certificates) -> Iterator[SmtpTestServer]:
+    with smtp_server(certs, ACCOUNTS, security="starttls") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_server(certs: Certificates) -> Iterator[SmtpTestServer]:
+    with smtp_server(certs, ACCOUNTS, security="tls") as server:
+        yield server
+
+
+async def _pg_execute(url: str, statement: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    name = f"abl_test_{uuid.uuid4().hex[:12]}"
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    asyncio.run(_pg_execute(f"{base}/postgres", f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg_execute(f"{base}/postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_server_url: str) -> str:
+    upgrade_database(postgres_server_url)
+    return postgres_server_url
+
+
+async def _truncate_postgres(url: str) -> None:
+    await _pg_execute(url, "TRUNCATE tenants CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database of each kind the product supports."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'abl.db'}"
+        upgrade_database(url)
+        yield url
+    else:
+        url = request.getfixturevalue("migrated_postgres")
+        asyncio.run(_truncate_postgres(url))
+        yield url
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "test",
+        "database_url": database_url,
+        "admin_token": secrets.token_urlsafe(32),
+        "internal_token": secrets.token_urlsafe(32),
+        "encryption_keys": generate_key(),
+        "allow_private_hosts": True,
+        "verify_timeout_seconds": 3.0,
+        "verify_rate_per_minute": 600,
+        "verify_burst": 100,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+class Api:
+    """An HTTP client of one running app, with helpers for the common set-up steps."""
+
+    def __init__(self, app: FastAPI, client: httpx.AsyncClient, settings: Settings) -> None:
+        self.app = app
+        self.client = client
+        self.settings = settings
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.admin_token.get_secret_value()}"}
+
+    def internal(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.internal_token.get_secret_value()}"}
+
+    async def new_tenant(self, name: str = "acme") -> dict[str, str]:
+        response = await self.client.post("/v1/tenants", json={"name": name},
+                                          headers=self.admin())
+        assert response.status_code == 201, response.text
+        return {"Authorization": f"Bearer {response.json()['api_key']}"}
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Api]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:
+            yield Api(app, client, settings)
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with running(settings) as value:
+        yield value

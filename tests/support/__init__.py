@@ -1,0 +1,1 @@
+"""Real parts the tests run against: an SMTP server with TLS and AUTH, databases."""

@@ -1,0 +1,128 @@
+"""A real SMTP server for tests: aiosmtpd with STARTTLS or implicit TLS, and AUTH.
+
+Certificates come from trustme; the tests point SSL_CERT_FILE at its CA, so the code under test
+verifies certificates exactly as it does against a public provider.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP as SMTPProtocol
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Certificates:
+    ca: trustme.CA
+    ca_file: str
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert = self.ca.issue_cert("localhost", "127.0.0.1", "::1", "smtp.test")
+        cert.configure_cert(context)
+        return context
+
+
+@dataclass
+class Recorder:
+    """What the server saw: logins, messages per account, connections."""
+
+    accounts: dict[str, str]
+    logins: Counter[str] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)
+    messages: list[Envelope] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def authenticate(
+        self, server: SMTPProtocol, session: Session, envelope: Envelope, mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login, password = auth_data.login.decode(), auth_data.password.decode()
+        ok = self.accounts.get(login) == password
+        if ok:
+            with self.lock:
+                self.logins[login] += 1
+        return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
+
+    async def handle_DATA(  # noqa: N802  (aiosmtpd's hook name)
+        self, server: SMTPProtocol, session: Session, envelope: Envelope
+    ) -> str:
+        with self.lock:
+            self.accepted[str(session.auth_data)] += 1
+            self.messages.append(envelope)
+        return "250 2.0.0 OK queued"
+
+
+@dataclass
+class SmtpTestServer:
+    host: str
+    port: int
+    security: str
+    recorder: Recorder
+    controller: Controller
+
+
+@contextmanager
+def smtp_server(
+    certs: Certificates, accounts: dict[str, str], *, security: str = "starttls"
+) -> Iterator[SmtpTestServer]:
+    recorder = Recorder(accounts=dict(accounts))
+    port = free_port()
+    context = certs.server_context()
+    kwargs: dict[str, Any] = {
+        "authenticator": recorder.authenticate,
+        "auth_required": True,
+        "auth_require_tls": True,
+        "hostname": "127.0.0.1",
+        "port": port,
+        "server_hostname": "smtp.test",
+    }
+    if security == "tls":
+        kwargs["ssl_context"] = context
+        # aiosmtpd only counts STARTTLS as TLS; on an implicit-TLS port every byte is already
+        # encrypted, so AUTH is safe to offer.
+        kwargs["auth_require_tls"] = False
+    else:
+        kwargs["tls_context"] = context
+        kwargs["require_starttls"] = True
+    controller = Controller(recorder, **kwargs)
+    controller.start()
+    try:
+        yield SmtpTestServer("127.0.0.1", port, security, recorder, controller)
+    finally:
+        controller.stop()
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def closed_port() -> int:
+    return free_port()
