@@ -109,6 +109,8 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 
 def is_public_address(address: IPAddress) -> bool:
     """True when a user-typed host may be dialled: a globally routable unicast address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return is_public_address(address.ipv4_mapped)  # the same host, spelt in IPv6
     inner = embedded_ipv4(address)
     if inner is not None and not is_public_address(inner):
         return False
