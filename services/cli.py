@@ -58,8 +58,12 @@ def cmd_serve(_: argparse.Namespace) -> None:
     configure_logging(settings.log_level)
     upgrade_database(settings.database_url)
     print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:
@@ -82,8 +86,10 @@ def cmd_rotate_keys(_: argparse.Namespace) -> None:
             report = await rotate_keys(session_factory(engine), Keyring.from_keys(settings.keys))
         finally:
             await engine.dispose()
-        print(f"examined {report.examined} servers, re-encrypted {report.reencrypted} "
-              f"under key {Keyring.from_keys(settings.keys).primary_id}")
+        print(
+            f"examined {report.examined} servers, re-encrypted {report.reencrypted} "
+            f"under key {Keyring.from_keys(settings.keys).primary_id}"
+        )
 
     asyncio.run(run())
 
@@ -100,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "rotate-keys", help="re-encrypt every password under the first ABL_ENCRYPTION_KEYS key"
     ).set_defaults(func=cmd_rotate_keys)
-    commands.add_parser(
-        "generate-key", help="print a new encryption key"
-    ).set_defaults(func=cmd_generate_key)
+    commands.add_parser("generate-key", help="print a new encryption key").set_defaults(
+        func=cmd_generate_key
+    )
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -21,8 +21,11 @@ SPEC_DIR = Path(__file__).resolve().parent.parent / "openapi"
 
 def placeholder_settings() -> Settings:
     # The spec does not depend on secrets; random ones satisfy the settings' checks.
-    return Settings(admin_token="x" * 32, internal_token="y" * 32,  # noqa: S106
-                    encryption_keys=generate_key())  # type: ignore[arg-type]
+    return Settings(
+        admin_token="x" * 32,
+        internal_token="y" * 32,
+        encryption_keys=generate_key(),
+    )
 
 
 def specs() -> dict[str, FastAPI]:

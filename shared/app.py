@@ -28,5 +28,3 @@ def build_app(*, title: str, service: str, lifespan: Lifespan, version: str = "0
         return Health(status="ok")
 
     return app
-
-

@@ -127,9 +127,7 @@ class ServiceUnavailable(AppError):
     code = "unavailable"
 
 
-def problem_response(
-    problem: Problem, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         problem.model_dump(exclude_none=True),
         status_code=problem.status,
@@ -182,8 +180,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(error.to_problem(request.url.path), dict(exc.headers or {}))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled error on %s %s: %s", request.method, request.url.path,
-                     type(exc).__name__)
+        logger.error(
+            "unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__
+        )
         error = AppError(
             "The server failed to handle this request.",
             hint="Try again; if it keeps failing, report the time and the path.",
@@ -204,3 +203,20 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "Invalid input"),
     )
 }
+
+
+class MessageError(AppError):
+    """A consumed message could not be handled."""
+
+
+class TransientMessageError(MessageError):
+    """Try the message again later: it goes back to the queue (and, past the delivery limit,
+    to the dead-letter queue)."""
+
+    code = "transient_failure"
+
+
+class PermanentMessageError(MessageError):
+    """The message can never succeed (unparsable, unknown version): dead-letter it at once."""
+
+    code = "permanent_failure"

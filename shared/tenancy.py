@@ -62,7 +62,8 @@ class Tenant(TenantBase, table=True):
     api_key_hash: str = Field(max_length=64, unique=True, index=True)
     api_key_prefix: str = Field(max_length=16)
     created_at: datetime = Field(
-        default_factory=utcnow, sa_type=UtcDateTime  # type: ignore[call-overload]
+        default_factory=utcnow,
+        sa_type=UtcDateTime,
     )
 
 

@@ -31,8 +31,11 @@ POSTGRES_URL = os.environ.get("ABL_TEST_POSTGRES_URL", "postgresql://postgres@12
 AMQP_URL = os.environ.get("ABL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-ACCOUNTS = {"alice@example.com": "alice-app-password", "bob@example.com": "bob-app-password",
-            "carol@example.com": "carol-app-password"}
+ACCOUNTS = {
+    "alice@example.com": "alice-app-password",
+    "bob@example.com": "bob-app-password",
+    "carol@example.com": "carol-app-password",
+}
 
 
 def reachable(host: str, port: int) -> bool:
@@ -99,7 +102,9 @@ def postgres_server_url() -> Iterator[str]:
     try:
         yield f"{base}/{name}"
     finally:
-        asyncio.run(_pg_execute(f"{base}/postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(
+            _pg_execute(f"{base}/postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        )
 
 
 @pytest.fixture(scope="session")
@@ -161,8 +166,7 @@ class Api:
         return {"Authorization": f"Bearer {self.settings.internal_token.get_secret_value()}"}
 
     async def new_tenant(self, name: str = "acme") -> dict[str, str]:
-        response = await self.client.post("/v1/tenants", json={"name": name},
-                                          headers=self.admin())
+        response = await self.client.post("/v1/tenants", json={"name": name}, headers=self.admin())
         assert response.status_code == 201, response.text
         return {"Authorization": f"Bearer {response.json()['api_key']}"}
 

@@ -19,7 +19,7 @@ async def _schema_diff(url: str) -> tuple[list[object], set[str]]:
     def diff(connection: object) -> tuple[list[object], set[str]]:
         context = MigrationContext.configure(connection, opts={"compare_type": True})  # type: ignore[arg-type]
         return compare_metadata(context, SQLModel.metadata), set(
-            inspect(connection).get_table_names()  # type: ignore[arg-type]
+            inspect(connection).get_table_names()
         )
 
     async with engine.connect() as connection:

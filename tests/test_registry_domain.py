@@ -15,17 +15,25 @@ from services.registry.domain import CheckCode, Security, ServerStatus, TokenBuc
     [
         ("smtp.gmail.com", "5.7.8 Username and Password not accepted. gsmtp", "app password"),
         ("smtp.gmail.com", "5.7.8 Username and Password not accepted.", "2-Step Verification"),
-        ("mail.example.net", "5.7.8 Username and Password not accepted. abc - gsmtp",
-         "app password"),
-        ("smtp.office365.com", "5.7.139 Authentication unsuccessful, SmtpClientAuthentication "
-         "is disabled for the Tenant", "SMTP AUTH"),
+        (
+            "mail.example.net",
+            "5.7.8 Username and Password not accepted. abc - gsmtp",
+            "app password",
+        ),
+        (
+            "smtp.office365.com",
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication "
+            "is disabled for the Tenant",
+            "SMTP AUTH",
+        ),
         ("mail.example.net", "5.7.8 Authentication credentials invalid", "username and password"),
     ],
 )
 def test_auth_failure_hints(host: str, reply: str, needle: str) -> None:
     outcome = domain.auth_failure(host, 535, reply)
     assert outcome.code is CheckCode.auth_failed
-    assert outcome.hint is not None and needle in outcome.hint
+    assert outcome.hint is not None
+    assert needle in outcome.hint
     assert outcome.reply == f"535 {reply}"
 
 
@@ -41,7 +49,8 @@ def test_auth_failure_hints(host: str, reply: str, needle: str) -> None:
 def test_tls_failure_hints(port: int, security: Security, needle: str) -> None:
     outcome = domain.tls_failure(port, security, "wrong version number")
     assert outcome.code is CheckCode.tls_failed
-    assert outcome.hint is not None and needle in outcome.hint
+    assert outcome.hint is not None
+    assert needle in outcome.hint
 
 
 def test_no_greeting_on_465_with_starttls_is_a_tls_mismatch() -> None:
@@ -82,7 +91,8 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
 
 
 @given(
-    rate=st.floats(0.01, 10), burst=st.integers(1, 20),
+    rate=st.floats(0.01, 10),
+    burst=st.integers(1, 20),
     gaps=st.lists(st.floats(0, 5), min_size=1, max_size=60),
 )
 def test_token_bucket_never_grants_more_than_burst_plus_rate_times_time(

@@ -29,11 +29,21 @@ TENANT_ROUTES = [
 ]
 
 
-async def add_server(api: Api, tenant: dict[str, str], smtp: SmtpTestServer,
-                     login: str = "alice@example.com", password: str | None = None) -> Any:
-    body = {"host": "localhost", "port": smtp.port, "security": smtp.security,
-            "username": login, "password": password or smtp.recorder.accounts[login],
-            "from_email": login}
+async def add_server(
+    api: Api,
+    tenant: dict[str, str],
+    smtp: SmtpTestServer,
+    login: str = "alice@example.com",
+    password: str | None = None,
+) -> Any:
+    body = {
+        "host": "localhost",
+        "port": smtp.port,
+        "security": smtp.security,
+        "username": login,
+        "password": password or smtp.recorder.accounts[login],
+        "from_email": login,
+    }
     response = await api.client.post("/v1/servers", json=body, headers=tenant)
     assert response.status_code == 201, response.text
     return response.json()
@@ -46,13 +56,15 @@ async def test_another_tenants_server_is_404_on_every_route(
     owner = await api.new_tenant("owner")
     intruder = await api.new_tenant("intruder")
     server = await add_server(api, owner, starttls_server)
-    response = await api.client.request(method, path.format(id=server["id"]), json=body,
-                                        headers=intruder)
+    response = await api.client.request(
+        method, path.format(id=server["id"]), json=body, headers=intruder
+    )
     assert response.status_code == 404, response.text
     assert response.json()["code"] == "server_not_found"
     # The same answer as for an id that exists nowhere: nothing tells the intruder it exists.
-    missing = await api.client.request(method, path.format(id=uuid.uuid4()), json=body,
-                                       headers=intruder)
+    missing = await api.client.request(
+        method, path.format(id=uuid.uuid4()), json=body, headers=intruder
+    )
     assert missing.status_code == 404
     assert set(missing.json()) == set(response.json())
     untouched = await api.client.get(f"/v1/servers/{server['id']}", headers=owner)
@@ -64,8 +76,11 @@ async def test_another_tenants_server_is_404_on_every_route(
 async def test_every_tenant_route_needs_a_valid_key(api: Api) -> None:
     for method, path, body in [*TENANT_ROUTES, ("GET", "/v1/servers", None)]:
         url = path.format(id=uuid.uuid4())
-        for headers in ({}, {"Authorization": "Bearer abl_not-a-key"},
-                        {"Authorization": f"Bearer {api.settings.admin_token.get_secret_value()}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer abl_not-a-key"},
+            {"Authorization": f"Bearer {api.settings.admin_token.get_secret_value()}"},
+        ):
             response = await api.client.request(method, url, json=body, headers=headers)
             assert response.status_code == 401, (method, url, response.text)
             assert response.json()["code"] == "unauthorized"
@@ -92,7 +107,10 @@ async def test_internal_credentials_need_the_internal_token(
     creds = response.json()
     assert creds["password"] == starttls_server.recorder.accounts["alice@example.com"]
     assert (creds["host"], creds["port"], creds["security"]) == (
-        "localhost", starttls_server.port, "starttls")
+        "localhost",
+        starttls_server.port,
+        "starttls",
+    )
 
 
 async def test_canary_password_appears_nowhere_but_the_internal_endpoint(
@@ -108,19 +126,49 @@ async def test_canary_password_appears_nowhere_but_the_internal_endpoint(
         server = await add_server(api, tenant, starttls_server, login, canary)
         url = f"/v1/servers/{server['id']}"
         for method, path, body in [
-            ("GET", url, None), ("GET", "/v1/servers", None),
-            ("POST", f"{url}/verify", None), ("POST", f"{url}/pause", None),
-            ("POST", f"{url}/resume", None), ("PATCH", url, {"password": canary}),
+            ("GET", url, None),
+            ("GET", "/v1/servers", None),
+            ("POST", f"{url}/verify", None),
+            ("POST", f"{url}/pause", None),
+            ("POST", f"{url}/resume", None),
+            ("PATCH", url, {"password": canary}),
             ("PATCH", url, {"password": canary + "-wrong"}),
-            ("POST", "/v1/servers", {"host": "localhost", "port": starttls_server.port,
-                                     "security": "tls", "username": "x@example.com",
-                                     "password": canary, "from_email": "x@example.com"}),
-            ("POST", "/v1/servers", {"host": "localhost", "port": starttls_server.port,
-                                     "security": "starttls", "username": login,
-                                     "password": canary, "from_email": "bad"}),
-            ("POST", "/v1/servers", {"host": "localhost", "port": starttls_server.port,
-                                     "security": "starttls", "username": login,
-                                     "password": canary + "\r\n", "from_email": login}),
+            (
+                "POST",
+                "/v1/servers",
+                {
+                    "host": "localhost",
+                    "port": starttls_server.port,
+                    "security": "tls",
+                    "username": "x@example.com",
+                    "password": canary,
+                    "from_email": "x@example.com",
+                },
+            ),
+            (
+                "POST",
+                "/v1/servers",
+                {
+                    "host": "localhost",
+                    "port": starttls_server.port,
+                    "security": "starttls",
+                    "username": login,
+                    "password": canary,
+                    "from_email": "bad",
+                },
+            ),
+            (
+                "POST",
+                "/v1/servers",
+                {
+                    "host": "localhost",
+                    "port": starttls_server.port,
+                    "security": "starttls",
+                    "username": login,
+                    "password": canary + "\r\n",
+                    "from_email": login,
+                },
+            ),
         ]:
             response = await api.client.request(method, path, json=body, headers=tenant)
             seen.append(response.text)
@@ -154,8 +202,10 @@ async def test_key_rotation_reencrypts_every_row(
     settings = make_settings(database_url, encryption_keys=old_key)
     async with running(settings) as api:
         tenant = await api.new_tenant()
-        created = [await add_server(api, tenant, starttls_server, login)
-                   for login in ("alice@example.com", "bob@example.com", "carol@example.com")]
+        created = [
+            await add_server(api, tenant, starttls_server, login)
+            for login in ("alice@example.com", "bob@example.com", "carol@example.com")
+        ]
 
     rotated = Keyring.from_keys([decode_key(new_key), decode_key(old_key)])
     engine = create_engine(database_url)
@@ -171,18 +221,24 @@ async def test_key_rotation_reencrypts_every_row(
             row = await session.get(SmtpServer, uuid.UUID(item["id"]))
             assert row is not None
             aad = associated_data(row.tenant_id, row.id)
-            assert only_new.decrypt(row.password_ciphertext, aad) == (
-                starttls_server.recorder.accounts[item["username"]])
+            assert (
+                only_new.decrypt(row.password_ciphertext, aad)
+                == (starttls_server.recorder.accounts[item["username"]])
+            )
             with pytest.raises(DecryptionError):
                 only_old.decrypt(row.password_ciphertext, aad)
     await engine.dispose()
 
     # The service keeps working with the new key first and the old one dropped.
-    settings = make_settings(database_url, encryption_keys=new_key,
-                             internal_token=settings.internal_token.get_secret_value())
+    settings = make_settings(
+        database_url,
+        encryption_keys=new_key,
+        internal_token=settings.internal_token.get_secret_value(),
+    )
     async with running(settings) as api:
         response = await api.client.get(
-            f"/internal/v1/servers/{created[0]['id']}/credentials", headers=api.internal())
+            f"/internal/v1/servers/{created[0]['id']}/credentials", headers=api.internal()
+        )
         assert response.json()["password"] == starttls_server.recorder.accounts["alice@example.com"]
 
 
@@ -210,8 +266,11 @@ def test_ciphertext_is_bound_to_tenant_and_server() -> None:
     ],
 )
 def test_unsafe_secrets_are_refused(overrides: dict[str, str]) -> None:
-    values = {"admin_token": "a" * 32, "internal_token": "b" * 32,
-              "encryption_keys": generate_key()} | overrides
+    values = {
+        "admin_token": "a" * 32,
+        "internal_token": "b" * 32,
+        "encryption_keys": generate_key(),
+    } | overrides
     with pytest.raises((SettingsError, ValueError)):
         Settings(**values)  # type: ignore[arg-type]
 
@@ -241,7 +300,8 @@ async def test_framework_errors_are_problem_json(api: Api) -> None:
     bad_id = await api.client.get("/v1/servers/not-a-uuid", headers=await api.new_tenant())
     assert bad_id.status_code == 422
     assert bad_id.json()["errors"][0]["field"] == "path.server_id"
-    bad_json = await api.client.post("/v1/tenants", content=b"{", headers=api.admin()
-                                     | {"content-type": "application/json"})
+    bad_json = await api.client.post(
+        "/v1/tenants", content=b"{", headers=api.admin() | {"content-type": "application/json"}
+    )
     assert bad_json.status_code == 422
     assert bad_json.headers["content-type"] == "application/problem+json"

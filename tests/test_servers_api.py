@@ -12,8 +12,9 @@ from tests.conftest import ACCOUNTS, Api, make_settings, running
 from tests.support.smtp import SmtpTestServer, closed_port, silent_server
 
 
-
-def server_body(smtp: SmtpTestServer, login: str = "alice@example.com", **extra: Any) -> dict[str, Any]:
+def server_body(
+    smtp: SmtpTestServer, login: str = "alice@example.com", **extra: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "host": "localhost",
         "port": smtp.port,
@@ -34,7 +35,8 @@ def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
     problem: dict[str, Any] = response.json()
     assert problem["code"] == code, problem
     assert problem["status"] == status
-    assert problem["title"] and problem["detail"]
+    assert problem["title"]
+    assert problem["detail"]
     return problem
 
 
@@ -43,8 +45,9 @@ async def test_starttls_server_with_good_credentials_is_stored_active(
 ) -> None:
     tenant = await api.new_tenant()
     logins_before = starttls_server.recorder.logins["alice@example.com"]
-    response = await api.client.post("/v1/servers", json=server_body(starttls_server),
-                                     headers=tenant)
+    response = await api.client.post(
+        "/v1/servers", json=server_body(starttls_server), headers=tenant
+    )
     assert response.status_code == 201, response.text
     server = response.json()
     assert server["status"] == "active"
@@ -82,8 +85,9 @@ async def test_wrong_password_is_auth_failed_and_nothing_is_stored(
 ) -> None:
     tenant = await api.new_tenant()
     body = server_body(starttls_server, password="not-the-password")
-    problem = assert_problem(await api.client.post("/v1/servers", json=body, headers=tenant),
-                             422, "auth_failed")
+    problem = assert_problem(
+        await api.client.post("/v1/servers", json=body, headers=tenant), 422, "auth_failed"
+    )
     assert "535" in problem["detail"]
     assert problem["hint"]
     listing = await api.client.get("/v1/servers", headers=tenant)
@@ -95,8 +99,9 @@ async def test_tls_on_a_starttls_port_is_tls_failed_with_a_hint(
 ) -> None:
     tenant = await api.new_tenant()
     body = server_body(starttls_server, security="tls")
-    problem = assert_problem(await api.client.post("/v1/servers", json=body, headers=tenant),
-                             422, "tls_failed")
+    problem = assert_problem(
+        await api.client.post("/v1/servers", json=body, headers=tenant), 422, "tls_failed"
+    )
     assert "starttls" in problem["hint"]
 
 
@@ -111,17 +116,25 @@ async def test_untrusted_certificate_is_tls_failed(
     tenant = await api.new_tenant()
     problem = assert_problem(
         await api.client.post("/v1/servers", json=server_body(starttls_server), headers=tenant),
-        422, "tls_failed",
+        422,
+        "tls_failed",
     )
     assert "certificate" in problem["detail"]
 
 
 async def test_closed_port_is_connect_failed(api: Api) -> None:
     tenant = await api.new_tenant()
-    body = {"host": "127.0.0.1", "port": closed_port(), "security": "starttls",
-            "username": "a@example.net", "password": "x", "from_email": "a@example.net"}
-    assert_problem(await api.client.post("/v1/servers", json=body, headers=tenant),
-                   422, "connect_failed")
+    body = {
+        "host": "127.0.0.1",
+        "port": closed_port(),
+        "security": "starttls",
+        "username": "a@example.net",
+        "password": "x",
+        "from_email": "a@example.net",
+    }
+    assert_problem(
+        await api.client.post("/v1/servers", json=body, headers=tenant), 422, "connect_failed"
+    )
 
 
 async def test_silent_server_times_out_within_the_bound(database_url: str) -> None:
@@ -129,8 +142,14 @@ async def test_silent_server_times_out_within_the_bound(database_url: str) -> No
     async with running(settings) as api:
         tenant = await api.new_tenant()
         with silent_server() as port:
-            body = {"host": "127.0.0.1", "port": port, "security": "starttls",
-                    "username": "a@example.net", "password": "x", "from_email": "a@example.net"}
+            body = {
+                "host": "127.0.0.1",
+                "port": port,
+                "security": "starttls",
+                "username": "a@example.net",
+                "password": "x",
+                "from_email": "a@example.net",
+            }
             started = time.monotonic()
             response = await api.client.post("/v1/servers", json=body, headers=tenant)
             elapsed = time.monotonic() - started
@@ -142,32 +161,40 @@ async def test_same_host_and_username_twice_is_409(
     api: Api, starttls_server: SmtpTestServer
 ) -> None:
     tenant = await api.new_tenant()
-    first = await api.client.post("/v1/servers", json=server_body(starttls_server),
-                                  headers=tenant)
+    first = await api.client.post("/v1/servers", json=server_body(starttls_server), headers=tenant)
     assert first.status_code == 201
     again = server_body(starttls_server, username="ALICE@EXAMPLE.COM")
     again["username"] = "ALICE@example.com"
-    assert_problem(await api.client.post("/v1/servers", json=again, headers=tenant),
-                   409, "server_exists")
+    assert_problem(
+        await api.client.post("/v1/servers", json=again, headers=tenant), 409, "server_exists"
+    )
     # Another tenant may add the same login: servers are never shared, so nothing collides.
     other = await api.new_tenant("other")
-    response = await api.client.post("/v1/servers", json=server_body(starttls_server),
-                                     headers=other)
+    response = await api.client.post(
+        "/v1/servers", json=server_body(starttls_server), headers=other
+    )
     assert response.status_code == 201
 
 
 async def test_preset_fills_host_port_and_security(api: Api) -> None:
     from services.registry.models import SmtpServerCreate
 
-    body = SmtpServerCreate(preset="gmail", username="x@gmail.com", password="p",  # type: ignore[arg-type]
-                            from_email="x@gmail.com")
+    body = SmtpServerCreate(
+        preset="gmail",
+        username="x@gmail.com",
+        password="p",  # type: ignore[arg-type]
+        from_email="x@gmail.com",
+    )
     assert (body.host, body.port, body.security) == ("smtp.gmail.com", 587, "starttls")
     tenant = await api.new_tenant()
     problem = assert_problem(
-        await api.client.post("/v1/servers", headers=tenant,
-                              json={"preset": "nope", "username": "x", "password": "p",
-                                    "from_email": "x@gmail.com"}),
-        422, "validation_failed",
+        await api.client.post(
+            "/v1/servers",
+            headers=tenant,
+            json={"preset": "nope", "username": "x", "password": "p", "from_email": "x@gmail.com"},
+        ),
+        422,
+        "validation_failed",
     )
     assert problem["errors"][0]["field"] == "body.preset"
 
@@ -206,8 +233,9 @@ async def test_list_is_cursor_paginated(api: Api, starttls_server: SmtpTestServe
     tenant = await api.new_tenant()
     created = []
     for login in ACCOUNTS:
-        response = await api.client.post("/v1/servers", json=server_body(starttls_server, login),
-                                         headers=tenant)
+        response = await api.client.post(
+            "/v1/servers", json=server_body(starttls_server, login), headers=tenant
+        )
         created.append(response.json()["id"])
     seen: list[str] = []
     cursor = None
@@ -219,20 +247,25 @@ async def test_list_is_cursor_paginated(api: Api, starttls_server: SmtpTestServe
         if cursor is None:
             break
     assert seen == created
-    assert_problem(await api.client.get("/v1/servers", params={"cursor": "garbage!"},
-                                        headers=tenant), 422, "invalid_cursor")
+    assert_problem(
+        await api.client.get("/v1/servers", params={"cursor": "garbage!"}, headers=tenant),
+        422,
+        "invalid_cursor",
+    )
 
 
 async def test_patch_rechecks_changed_credentials_before_saving(
     api: Api, starttls_server: SmtpTestServer
 ) -> None:
     tenant = await api.new_tenant()
-    server = (await api.client.post("/v1/servers", json=server_body(starttls_server),
-                                    headers=tenant)).json()
+    server = (
+        await api.client.post("/v1/servers", json=server_body(starttls_server), headers=tenant)
+    ).json()
     url = f"/v1/servers/{server['id']}"
 
-    renamed = await api.client.patch(url, json={"label": "renamed", "daily_cap": 200},
-                                     headers=tenant)
+    renamed = await api.client.patch(
+        url, json={"label": "renamed", "daily_cap": 200}, headers=tenant
+    )
     assert renamed.status_code == 200, renamed.text
     assert (renamed.json()["label"], renamed.json()["daily_cap"]) == ("renamed", 200)
 
@@ -240,26 +273,32 @@ async def test_patch_rechecks_changed_credentials_before_saving(
     assert_problem(bad, 422, "auth_failed")
     still = (await api.client.get(url, headers=tenant)).json()
     assert still["status"] == "active"
-    creds = await api.client.get(f"/internal/v1/servers/{server['id']}/credentials",
-                                 headers=api.internal())
+    creds = await api.client.get(
+        f"/internal/v1/servers/{server['id']}/credentials", headers=api.internal()
+    )
     assert creds.json()["password"] == ACCOUNTS["alice@example.com"]
 
     switched = await api.client.patch(
-        url, json={"username": "bob@example.com", "password": ACCOUNTS["bob@example.com"]},
+        url,
+        json={"username": "bob@example.com", "password": ACCOUNTS["bob@example.com"]},
         headers=tenant,
     )
     assert switched.status_code == 200, switched.text
     assert switched.json()["username"] == "bob@example.com"
-    creds = await api.client.get(f"/internal/v1/servers/{server['id']}/credentials",
-                                 headers=api.internal())
+    creds = await api.client.get(
+        f"/internal/v1/servers/{server['id']}/credentials", headers=api.internal()
+    )
     assert creds.json()["password"] == ACCOUNTS["bob@example.com"]
 
 
 async def test_verify_pause_resume_and_delete(api: Api, starttls_server: SmtpTestServer) -> None:
     tenant = await api.new_tenant()
     login = "carol@example.com"
-    server = (await api.client.post("/v1/servers", json=server_body(starttls_server, login),
-                                    headers=tenant)).json()
+    server = (
+        await api.client.post(
+            "/v1/servers", json=server_body(starttls_server, login), headers=tenant
+        )
+    ).json()
     url = f"/v1/servers/{server['id']}"
 
     paused = await api.client.post(f"{url}/pause", headers=tenant)
@@ -290,10 +329,18 @@ async def test_checks_are_rate_limited_per_tenant(database_url: str) -> None:
     async with running(settings) as api:
         tenant = await api.new_tenant()
         other = await api.new_tenant("other")
-        body = {"host": "127.0.0.1", "port": closed_port(), "security": "starttls",
-                "username": "a@example.net", "password": "x", "from_email": "a@example.net"}
-        codes = [(await api.client.post("/v1/servers", json=body, headers=tenant)).status_code
-                 for _ in range(3)]
+        body = {
+            "host": "127.0.0.1",
+            "port": closed_port(),
+            "security": "starttls",
+            "username": "a@example.net",
+            "password": "x",
+            "from_email": "a@example.net",
+        }
+        codes = [
+            (await api.client.post("/v1/servers", json=body, headers=tenant)).status_code
+            for _ in range(3)
+        ]
         assert codes == [422, 422, 429]
         limited = await api.client.post("/v1/servers", json=body, headers=tenant)
         problem = assert_problem(limited, 429, "rate_limited")

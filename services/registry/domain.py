@@ -46,19 +46,29 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "gmail": Preset("smtp.gmail.com", 587, Security.starttls,
-                    "Needs 2-Step Verification and an app password."),
-    "google_workspace": Preset("smtp.gmail.com", 587, Security.starttls,
-                               "Needs 2-Step Verification and an app password."),
-    "outlook": Preset("smtp-mail.outlook.com", 587, Security.starttls,
-                      "Outlook.com personal accounts."),
-    "office365": Preset("smtp.office365.com", 587, Security.starttls,
-                        "SMTP AUTH must be enabled for the mailbox in Microsoft 365."),
-    "zoho": Preset("smtp.zoho.com", 587, Security.starttls,
-                   "Paid Zoho Mail organisations use smtppro.zoho.com."),
+    "gmail": Preset(
+        "smtp.gmail.com", 587, Security.starttls, "Needs 2-Step Verification and an app password."
+    ),
+    "google_workspace": Preset(
+        "smtp.gmail.com", 587, Security.starttls, "Needs 2-Step Verification and an app password."
+    ),
+    "outlook": Preset(
+        "smtp-mail.outlook.com", 587, Security.starttls, "Outlook.com personal accounts."
+    ),
+    "office365": Preset(
+        "smtp.office365.com",
+        587,
+        Security.starttls,
+        "SMTP AUTH must be enabled for the mailbox in Microsoft 365.",
+    ),
+    "zoho": Preset(
+        "smtp.zoho.com",
+        587,
+        Security.starttls,
+        "Paid Zoho Mail organisations use smtppro.zoho.com.",
+    ),
     "yahoo": Preset("smtp.mail.yahoo.com", 465, Security.tls, "Needs an app password."),
-    "icloud": Preset("smtp.mail.me.com", 587, Security.starttls,
-                     "Needs an app-specific password."),
+    "icloud": Preset("smtp.mail.me.com", 587, Security.starttls, "Needs an app-specific password."),
     "fastmail": Preset("smtp.fastmail.com", 465, Security.tls, "Needs an app password."),
 }
 
@@ -139,9 +149,7 @@ class AddressVerdict:
         return bool(self.allowed) and not self.refused
 
 
-def judge_addresses(
-    addresses: Iterable[IPAddress], *, allow_private: bool
-) -> AddressVerdict:
+def judge_addresses(addresses: Iterable[IPAddress], *, allow_private: bool) -> AddressVerdict:
     unique = tuple(dict.fromkeys(addresses))
     if allow_private:
         return AddressVerdict(allowed=unique, refused=())

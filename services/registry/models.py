@@ -161,23 +161,24 @@ class SmtpServer(SmtpServerBase, table=True):
     )
     host: str = Field(max_length=HOST_MAX)
     port: int
-    security: Security = Field(sa_type=String(16))  # type: ignore[call-overload]
+    security: Security = Field(sa_type=String(16))
     username: str = Field(max_length=320)
     from_email: str = Field(max_length=320)
     password_ciphertext: str = Field(max_length=4096)
-    status: ServerStatus = Field(  # type: ignore[call-overload]
-        default=ServerStatus.active, sa_type=String(32), index=True
-    )
+    status: ServerStatus = Field(default=ServerStatus.active, sa_type=String(32), index=True)
     last_check_code: str | None = Field(default=None, max_length=32)
     last_check_reply: str | None = Field(default=None, max_length=512)
     last_checked_at: datetime | None = Field(
-        default=None, sa_type=UtcDateTime  # type: ignore[call-overload]
+        default=None,
+        sa_type=UtcDateTime,
     )
     created_at: datetime = Field(
-        default_factory=utcnow, sa_type=UtcDateTime  # type: ignore[call-overload]
+        default_factory=utcnow,
+        sa_type=UtcDateTime,
     )
     updated_at: datetime = Field(
-        default_factory=utcnow, sa_type=UtcDateTime  # type: ignore[call-overload]
+        default_factory=utcnow,
+        sa_type=UtcDateTime,
     )
 
     def to_public(self) -> SmtpServerPublic:

@@ -52,9 +52,7 @@ def duplicate_login() -> Conflict:
 async def get_server(
     session: AsyncSession, tenant_id: uuid.UUID, server_id: uuid.UUID
 ) -> SmtpServer:
-    query = select(SmtpServer).where(
-        SmtpServer.id == server_id, SmtpServer.tenant_id == tenant_id
-    )
+    query = select(SmtpServer).where(SmtpServer.id == server_id, SmtpServer.tenant_id == tenant_id)
     server = (await session.exec(query)).first()
     if server is None:
         raise server_not_found(server_id)
@@ -111,9 +109,7 @@ def seal_password(keyring: Keyring, server: SmtpServer, password: str) -> None:
 
 
 def open_password(keyring: Keyring, server: SmtpServer) -> str:
-    return keyring.decrypt(
-        server.password_ciphertext, associated_data(server.tenant_id, server.id)
-    )
+    return keyring.decrypt(server.password_ciphertext, associated_data(server.tenant_id, server.id))
 
 
 async def add_tenant(session: AsyncSession, tenant: Tenant) -> Tenant:

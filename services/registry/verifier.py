@@ -7,6 +7,7 @@ No email is sent. The whole check is bounded by `ABL_VERIFY_TIMEOUT_SECONDS`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -38,7 +39,7 @@ class Target:
 async def resolve(host: str, port: int) -> list[domain.IPAddress]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
 class Verifier:
@@ -105,10 +106,9 @@ class Verifier:
             stage[0] = "AUTH reply"
             await client.login(target.username, target.password)
             stage[0] = "QUIT reply"
-            try:
+            # The check already passed; a rude goodbye changes nothing.
+            with contextlib.suppress(aiosmtplib.SMTPException):
                 await client.quit()
-            except aiosmtplib.SMTPException:
-                pass  # the check already passed; a rude goodbye changes nothing
             return domain.PASSED
         except aiosmtplib.SMTPAuthenticationError as exc:
             return domain.auth_failure(target.host, exc.code, exc.message)
@@ -126,8 +126,9 @@ class Verifier:
                 stage[0] == "greeting" and target.security is Security.tls
             )
             if tls_stage:
-                return domain.tls_failure(target.port, target.security,
-                                          "the server closed the connection")
+                return domain.tls_failure(
+                    target.port, target.security, "the server closed the connection"
+                )
             return domain.connect_failed()
         except aiosmtplib.SMTPResponseException as exc:
             return domain.protocol_error(exc.code, exc.message)

@@ -17,8 +17,8 @@ from typing import Any
 
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from aiosmtpd.smtp import SMTP as SMTPProtocol
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 
 def free_port() -> int:
@@ -51,7 +51,11 @@ class Recorder:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def authenticate(
-        self, server: SMTPProtocol, session: Session, envelope: Envelope, mechanism: str,
+        self,
+        server: SMTPProtocol,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
         auth_data: Any,
     ) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
@@ -63,9 +67,7 @@ class Recorder:
                 self.logins[login] += 1
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
-    async def handle_DATA(  # noqa: N802  (aiosmtpd's hook name)
-        self, server: SMTPProtocol, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
         with self.lock:
             self.accepted[str(session.auth_data)] += 1
             self.messages.append(envelope)

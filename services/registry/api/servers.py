@@ -62,8 +62,9 @@ def missing_fields(body: SmtpServerCreate) -> Unprocessable:
         f"Missing {', '.join(fields)}.",
         hint="Give host, port and security, or a preset such as 'gmail'.",
         errors=[
-            FieldError(field=f"body.{name}", message="required unless a preset gives it",
-                       type="missing")
+            FieldError(
+                field=f"body.{name}", message="required unless a preset gives it", type="missing"
+            )
             for name in fields
         ],
     )
@@ -85,12 +86,15 @@ async def add_server(
 ) -> SmtpServerPublic:
     if body.missing_connection_fields():
         raise missing_fields(body)
-    assert body.host is not None and body.port is not None and body.security is not None
+    assert body.host is not None
+    assert body.port is not None
+    assert body.security is not None
     limiter.take(tenant.id)
     outcome = await run_check(
         verifier,
-        Target(body.host, body.port, body.security, body.username,
-               body.password.get_secret_value()),
+        Target(
+            body.host, body.port, body.security, body.username, body.password.get_secret_value()
+        ),
     )
     if not outcome.ok:
         raise check_failed(outcome)
@@ -155,7 +159,8 @@ async def update_server(
     server = await repository.get_server(session, tenant.id, server_id)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     connection_changed = {
-        name for name in CONNECTION_FIELDS & changes.keys()
+        name
+        for name in CONNECTION_FIELDS & changes.keys()
         if name == "password" or changes[name] != getattr(server, name)
     }
     host = body.host or server.host
@@ -172,8 +177,11 @@ async def update_server(
     if connection_changed:
         limiter.take(tenant.id)
         target = Target(
-            host, body.port or server.port, body.security or Security(server.security),
-            username, password,
+            host,
+            body.port or server.port,
+            body.security or Security(server.security),
+            username,
+            password,
         )
         outcome = await run_check(verifier, target)
         if not outcome.ok:
@@ -181,8 +189,16 @@ async def update_server(
         record_check(server, outcome)
         if server.status != ServerStatus.paused:
             server.status = ServerStatus.active
-    for name in ("label", "from_email", "from_name", "daily_cap", "host", "port", "security",
-                 "username"):
+    for name in (
+        "label",
+        "from_email",
+        "from_name",
+        "daily_cap",
+        "host",
+        "port",
+        "security",
+        "username",
+    ):
         if name in changes:
             setattr(server, name, changes[name])
     if body.password is not None:
@@ -193,9 +209,7 @@ async def update_server(
     return server.to_public()
 
 
-@router.delete(
-    "/{server_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Remove a server"
-)
+@router.delete("/{server_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Remove a server")
 async def delete_server(server_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> Response:
     server = await repository.get_server(session, tenant.id, server_id)
     await session.delete(server)
@@ -218,7 +232,10 @@ async def verify_server(
     server = await repository.get_server(session, tenant.id, server_id)
     limiter.take(tenant.id)
     target = Target(
-        server.host, server.port, Security(server.security), server.username,
+        server.host,
+        server.port,
+        Security(server.security),
+        server.username,
         repository.open_password(keyring, server),
     )
     outcome = await run_check(verifier, target)

@@ -27,9 +27,7 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"], responses=PROBLEM_RES
 )
 async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantCreated:
     api_key = new_api_key()
-    tenant = Tenant(
-        name=body.name, api_key_hash=hash_api_key(api_key), api_key_prefix=api_key[:12]
-    )
+    tenant = Tenant(name=body.name, api_key_hash=hash_api_key(api_key), api_key_prefix=api_key[:12])
     await repository.add_tenant(session, tenant)
     return TenantCreated(
         id=tenant.id,

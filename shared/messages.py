@@ -1,0 +1,83 @@
+"""Schemas of the messages the services exchange over the broker.
+
+A message names servers and emails by id; it never carries a password or an API key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import PermanentMessageError
+
+SCHEMA_VERSION = 1
+
+ModelT = TypeVar("ModelT", bound="MessageBody")
+
+
+class MessageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = SCHEMA_VERSION
+
+
+class EmailContent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    to: str
+    subject: str
+    text: str | None = None
+    html: str | None = None
+    reply_to: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    message_id: str = Field(description="Stays the same on every retry of the email.")
+
+
+class SendJob(MessageBody):
+    job_id: uuid.UUID
+    email_id: uuid.UUID
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID
+    attempt: int = Field(ge=1)
+    reserved_day: str = Field(description="The allowance day the reservation was taken from.")
+    content: EmailContent
+    not_before: datetime | None = None
+
+
+class Outcome(StrEnum):
+    sent = "sent"
+    failed = "failed"
+    retry = "retry"
+    unknown = "unknown"
+
+
+class SendResult(MessageBody):
+    job_id: uuid.UUID
+    email_id: uuid.UUID
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID
+    attempt: int = Field(ge=1)
+    outcome: Outcome
+    smtp_code: int | None = None
+    smtp_reply: str | None = Field(default=None, max_length=1000)
+    data_completed: bool = Field(
+        description="The server saw the final '.'; if false the reservation is given back."
+    )
+    server_problem: str | None = Field(
+        default=None, description="auth_failed, quota, ...: the server needs attention."
+    )
+    finished_at: datetime
+
+
+def parse(model: type[ModelT], body: bytes) -> ModelT:
+    """Parse a message, or raise PermanentMessageError so that it is dead-lettered."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise PermanentMessageError(
+            f"unparsable {model.__name__}: {exc.error_count()} error(s)"
+        ) from exc
