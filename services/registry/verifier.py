@@ -78,7 +78,8 @@ class Verifier:
                 use_tls=target.security is Security.tls,
                 start_tls=False,
                 tls_context=pinned_context(target.host),
-                timeout=self.timeout,
+                # Below the overall bound, so a connect timeout is seen as such by aiosmtplib.
+                timeout=self.timeout * 0.9,
             )
             try:
                 outcome = await self._converse(client, target, stage)
@@ -112,6 +113,11 @@ class Verifier:
             return domain.PASSED
         except aiosmtplib.SMTPAuthenticationError as exc:
             return domain.auth_failure(target.host, exc.code, exc.message)
+        except aiosmtplib.SMTPConnectTimeoutError as exc:
+            if isinstance(exc.__cause__, aiosmtplib.SMTPTimeoutError):
+                raise TimeoutError from exc  # connected, but no greeting came
+            # No answer to the TCP handshake: filtered looks the same as refused.
+            return domain.connect_failed()
         except aiosmtplib.SMTPTimeoutError as exc:
             raise TimeoutError from exc
         except ssl.SSLError as exc:

@@ -128,3 +128,27 @@ def silent_server() -> Iterator[int]:
 
 def closed_port() -> int:
     return free_port()
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port whose TCP handshake gets no answer, as behind a dropping firewall.
+
+    A listener that never accepts, with its one-slot backlog filled: Linux then drops SYNs.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
