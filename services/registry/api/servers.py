@@ -169,13 +169,13 @@ async def update_server(
         session, tenant.id, host, username, exclude=server.id
     ):
         raise repository.duplicate_login()
-    password = (
-        body.password.get_secret_value()
-        if body.password is not None
-        else repository.open_password(keyring, server)
-    )
     if connection_changed:
         limiter.take(tenant.id)
+        password = (
+            body.password.get_secret_value()
+            if body.password is not None
+            else repository.open_password(keyring, server)
+        )
         target = Target(
             host,
             body.port or server.port,
@@ -202,7 +202,7 @@ async def update_server(
         if name in changes:
             setattr(server, name, changes[name])
     if body.password is not None:
-        repository.seal_password(keyring, server, password)
+        repository.seal_password(keyring, server, body.password.get_secret_value())
     server.updated_at = utcnow()
     session.add(server)
     await repository.flush_unique(session)
