@@ -101,7 +101,15 @@ def cmd_generate_key(_: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="abl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="migrate, then serve the API").set_defaults(func=cmd_serve)
+    serve = commands.add_parser("serve", help="migrate, then serve the API")
+    serve.add_argument(
+        "--service",
+        choices=("all", "registry", "scheduler"),
+        default="all",
+        help="all: every service in one process on the in-process bus (make run)",
+    )
+    serve.add_argument("--no-migrate", dest="migrate", action="store_false")
+    serve.set_defaults(func=cmd_serve)
     commands.add_parser("migrate", help="upgrade the database").set_defaults(func=cmd_migrate)
     commands.add_parser(
         "rotate-keys", help="re-encrypt every password under the first ABL_ENCRYPTION_KEYS key"

@@ -12,7 +12,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from services.app import create_app as create_all
 from services.registry.main import create_app as create_registry
+from services.scheduler.main import create_app as create_scheduler
 from shared.crypto import generate_key
 from shared.settings import Settings
 
@@ -29,7 +31,12 @@ def placeholder_settings() -> Settings:
 
 
 def specs() -> dict[str, FastAPI]:
-    return {"registry": create_registry(placeholder_settings())}
+    settings = placeholder_settings()
+    return {
+        "api": create_all(settings),
+        "registry": create_registry(settings),
+        "scheduler": create_scheduler(settings),
+    }
 
 
 def render(app: FastAPI) -> str:

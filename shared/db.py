@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import event
+from sqlalchemy import Table, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
@@ -70,3 +73,31 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 # scope="function" commits before the response is sent, so a 2xx always means stored.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def upsert_increment(
+    session: AsyncSession, table: Any, keys: dict[str, Any], column: str, amount: int
+) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE column = column + amount, on SQLite and PostgreSQL."""
+    insert = postgresql_insert if is_postgres(session) else sqlite_insert
+    statement = insert(table).values(**keys, **{column: amount})
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={column: getattr(table.c, column) + amount},
+    )
+
+
+def insert_ignore(session: AsyncSession, table: Any, values: dict[str, Any]) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL."""
+    insert = postgresql_insert if is_postgres(session) else sqlite_insert
+    return insert(table).values(**values).on_conflict_do_nothing()
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The Core table of a SQLModel table class, for bulk and guarded statements."""
+    table: Table = getattr(model, "__table__")  # noqa: B009 - SQLModel does not type it
+    return table

@@ -72,3 +72,33 @@ def install_metrics(app: FastAPI, service: str) -> None:
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- scheduler ---------------------------------------------------------------------------
+
+EMAILS_ACCEPTED = Counter("abl_emails_accepted_total", "Emails accepted by POST /v1/messages.")
+EMAILS_FINISHED = Counter(
+    "abl_emails_finished_total",
+    "Emails by final or intermediate outcome reported by the senders.",
+    ["outcome"],
+)
+JOBS_PUBLISHED = Counter("abl_send_jobs_published_total", "Send jobs confirmed by the broker.")
+PUBLISH_CONFIRM_DURATION = Histogram(
+    "abl_publish_confirm_duration_seconds",
+    "Time from publish to broker confirm for one send job.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+RESERVATIONS_REFUSED = Counter(
+    "abl_reservations_refused_total",
+    "Sends the allowance guard refused (another dispatcher got there first, or the cap).",
+)
+SCHEDULER_TICK_DURATION = Histogram(
+    "abl_scheduler_tick_duration_seconds",
+    "Time one dispatch tick took.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RESULTS_APPLIED = Counter(
+    "abl_results_applied_total",
+    "Result events applied to emails, by outcome; duplicates are counted as `duplicate`.",
+    ["outcome"],
+)

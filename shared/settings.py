@@ -66,6 +66,21 @@ class Settings(BaseSettings):
 
     registry_url: str = "http://127.0.0.1:8000"
 
+    # Scheduler
+    pacing: bool = True
+    tick_seconds: float = Field(default=1.0, gt=0, le=60)
+    publish_lease_seconds: float = Field(default=60.0, gt=0)
+    warmup_first: int = Field(default=20, ge=1, le=500)
+    warmup_factor: float = Field(default=1.3, gt=1, le=5)
+    warmup_cap: int = Field(default=500, ge=1, le=500)
+    warmup_advance_ratio: float = Field(default=0.5, gt=0, le=1)
+    warmup_idle_reset_days: int = Field(default=3, ge=1)
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    retry_base_seconds: float = Field(default=60.0, ge=0)
+    retry_cap_seconds: float = Field(default=3600.0, ge=0)
+    capacity_headroom: float = Field(default=0.25, ge=0, le=5)
+    quota_park_seconds: float = Field(default=3600.0, ge=0)
+
     @field_validator("encryption_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

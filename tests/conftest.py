@@ -21,6 +21,7 @@ import pytest
 import trustme
 from fastapi import FastAPI
 
+from services.app import create_app as create_all
 from services.registry.main import create_app
 from shared.crypto import generate_key
 from shared.migrate import upgrade_database
@@ -141,6 +142,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "verify_timeout_seconds": 3.0,
         "verify_rate_per_minute": 600,
         "verify_burst": 100,
+        "pacing": False,
     }
     values.update(overrides)
     return Settings(**values)
@@ -172,8 +174,10 @@ class Api:
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Api]:
-    app = create_app(settings)
+async def running(settings: Settings, *, combined: bool = False) -> AsyncIterator[Api]:
+    """The registry app, or with `combined` every service in one app (the dispatch loop is
+    left to the test, which calls `tick()` itself)."""
+    app = create_all(settings, run_loops=False) if combined else create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
 from services.openapi import SPEC_DIR, render, specs
-from services.registry.main import create_app
+from services.app import create_app
 from shared.migrate import upgrade_database
 from tests.conftest import make_settings
 
@@ -31,7 +31,10 @@ def _registry_app(tmp: Path) -> TestClient:
     url = f"sqlite:///{tmp / 'fuzz.db'}"
     upgrade_database(url)
     # Private hosts stay forbidden so fuzzed hosts are refused before any connection.
-    app = create_app(make_settings(url, allow_private_hosts=False, verify_timeout_seconds=1.0))
+    app = create_app(
+        make_settings(url, allow_private_hosts=False, verify_timeout_seconds=1.0),
+        run_loops=False,
+    )
     return TestClient(app)
 
 
@@ -54,7 +57,7 @@ def auth_headers(registry_client: TestClient) -> dict[str, str]:
 
 OPERATIONS = [
     f"{method.upper()} {path}"
-    for path, methods in json.loads((SPEC_DIR / "registry.json").read_text())["paths"].items()
+    for path, methods in json.loads((SPEC_DIR / "api.json").read_text())["paths"].items()
     for method in methods
 ]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -13,32 +11,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry.models import SmtpServer
 from shared.crypto import Keyring, associated_data
-from shared.errors import Conflict, NotFound, Unprocessable
+from shared.errors import Conflict
+from shared.registry_read import server_not_found
 from shared.tenancy import Tenant
-
-
-def encode_cursor(server_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(server_id.bytes).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> uuid.UUID:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        return uuid.UUID(bytes=raw)
-    except (binascii.Error, ValueError) as exc:
-        raise Unprocessable(
-            "The cursor is not one this API returned.",
-            code="invalid_cursor",
-            hint="Pass the `next_cursor` of the previous page unchanged, or omit it.",
-        ) from exc
-
-
-def server_not_found(server_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No server {server_id} for this tenant.",
-        code="server_not_found",
-        hint="List your servers with GET /v1/servers.",
-    )
 
 
 def duplicate_login() -> Conflict:

@@ -10,7 +10,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-import services.registry.models  # noqa: F401  (registers the registry's tables)
+import services.registry.models
+import services.scheduler.models  # noqa: F401  (registers the scheduler's tables)
 import shared.tenancy  # noqa: F401  (registers the tenants table)
 from shared.db import create_engine
 

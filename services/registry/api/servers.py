@@ -23,6 +23,7 @@ from services.registry.verifier import Target, Verifier
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES, FieldError, Problem, Unprocessable
 from shared.metrics import SERVER_VERIFICATION_DURATION, SERVER_VERIFICATIONS
+from shared.pagination import decode_cursor, encode_cursor
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
@@ -127,11 +128,11 @@ async def list_servers(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> SmtpServerPage:
-    after = repository.decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     rows, next_after = await repository.list_servers(session, tenant.id, after=after, limit=limit)
     return SmtpServerPage(
         items=[row.to_public() for row in rows],
-        next_cursor=repository.encode_cursor(next_after) if next_after else None,
+        next_cursor=encode_cursor(next_after) if next_after else None,
     )
 
 

@@ -1,0 +1,10 @@
+"""HTTP routes of the scheduler."""
+
+from fastapi import APIRouter
+
+from services.scheduler.api import messages, sending_profile, warmup
+
+router = APIRouter()
+router.include_router(messages.router)
+router.include_router(warmup.router)
+router.include_router(sending_profile.router)

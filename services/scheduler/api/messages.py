@@ -1,0 +1,189 @@
+"""Emails: accepted in batches, stored before 202, then dispatched by the loop."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
+
+from services.scheduler import repository
+from services.scheduler.deps import DispatcherDep
+from services.scheduler.models import (
+    Accepted,
+    Email,
+    EmailCreate,
+    EmailPage,
+    EmailPublic,
+    EmailStatus,
+    MessageBatch,
+)
+from shared.db import SessionDep
+from shared.errors import PROBLEM_RESPONSES, Conflict, Problem
+from shared.metrics import EMAILS_ACCEPTED
+from shared.pagination import decode_cursor, encode_cursor
+from shared.registry_read import tenant_servers
+from shared.tenancy import TenantDep
+from shared.timeutil import utcnow
+
+router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
+
+_batch = TypeAdapter(MessageBatch)
+_single = TypeAdapter(EmailCreate)
+REQUEST_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/EmailCreate"},
+                        {"$ref": "#/components/schemas/MessageBatch"},
+                    ]
+                }
+            }
+        },
+    }
+}
+
+
+def parse_payload(payload: Any) -> list[EmailCreate]:
+    """One email, or `{"messages": [...]}`; errors name the item's index."""
+    is_batch = isinstance(payload, dict) and "messages" in payload
+    try:
+        if is_batch:
+            return _batch.validate_python(payload).messages
+        return [_single.validate_python(payload)]
+    except ValidationError as exc:
+        errors = [
+            {
+                **{k: v for k, v in error.items() if k not in ("input", "ctx", "url")},
+                "loc": ("body", *error["loc"]),
+            }
+            for error in exc.errors()
+        ]
+        raise RequestValidationError(errors) from exc
+
+
+def message_id_for(email_id: uuid.UUID) -> str:
+    # Stable across retries; the sender adds the From domain to make the Message-ID header.
+    return f"abl.{email_id.hex}"
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    openapi_extra=REQUEST_SCHEMA,
+    summary="Queue one email or a batch of up to 1,000; 202 means stored",
+)
+async def accept_messages(
+    payload: Annotated[Any, Body(include_in_schema=False)],
+    tenant: TenantDep,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+) -> Accepted:
+    items = parse_payload(payload)
+    keys = [item.idempotency_key for item in items if item.idempotency_key]
+    if len(keys) != len(set(keys)):
+        raise Conflict(
+            "The same idempotency_key appears twice in this batch.",
+            code="duplicate_idempotency_key",
+            hint="Give each email of a batch its own idempotency_key.",
+        )
+    known = await repository.emails_by_keys(session, tenant.id, keys)
+    now = utcnow()
+    ids: list[uuid.UUID] = []
+    fresh: list[Email] = []
+    for item in items:
+        if item.idempotency_key and item.idempotency_key in known:
+            ids.append(known[item.idempotency_key])
+            continue
+        email = Email(
+            tenant_id=tenant.id,
+            to=item.to,
+            subject=item.subject,
+            text=item.text,
+            html=item.html,
+            reply_to=item.reply_to,
+            campaign=item.campaign,
+            headers=item.headers,
+            idempotency_key=item.idempotency_key,
+            message_id="",
+            not_before=now,
+            created_at=now,
+            updated_at=now,
+        )
+        email.message_id = message_id_for(email.id)
+        fresh.append(email)
+        ids.append(email.id)
+    if fresh and not await repository.add_emails(session, fresh):
+        raise Conflict(
+            "Another request with the same idempotency_key is being stored.",
+            code="idempotency_conflict",
+            hint="Send the request again: it will return the first request's ids.",
+        )
+    servers = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
+    EMAILS_ACCEPTED.inc(len(fresh))
+    dispatcher.wake.set()
+    return Accepted(
+        ids=ids,
+        queued=len(fresh),
+        duplicates=len(items) - len(fresh),
+        active_servers=len(servers),
+        warning=None
+        if servers
+        else "No active server: the emails stay queued until one is added or resumed.",
+    )
+
+
+@router.get("", summary="List emails, oldest first, with filters")
+async def list_messages(
+    tenant: TenantDep,
+    session: SessionDep,
+    status_filter: Annotated[EmailStatus | None, Query(alias="status")] = None,
+    campaign: Annotated[str | None, Query(max_length=100)] = None,
+    server_id: uuid.UUID | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> EmailPage:
+    rows, next_after = await repository.list_emails(
+        session,
+        tenant.id,
+        status=status_filter,
+        campaign=campaign,
+        server_id=server_id,
+        after=decode_cursor(cursor) if cursor else None,
+        limit=limit,
+    )
+    return EmailPage(
+        items=[row.to_public() for row in rows],
+        next_cursor=encode_cursor(next_after) if next_after else None,
+    )
+
+
+@router.get("/{email_id}", summary="One email: status, server, attempts, last SMTP reply")
+async def get_message(email_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> EmailPublic:
+    return (await repository.get_email(session, tenant.id, email_id)).to_public()
+
+
+@router.post(
+    "/{email_id}/cancel",
+    responses={409: {"model": Problem, "description": "Already sent or finished"}},
+    summary="Cancel an email that has not been sent yet",
+)
+async def cancel_message(
+    email_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> EmailPublic:
+    email = await repository.get_email(session, tenant.id, email_id)
+    if email.status not in (EmailStatus.queued, EmailStatus.scheduled):
+        raise Conflict(
+            f"This email is already {email.status}.",
+            code="not_cancelable",
+            hint="Only queued or scheduled emails can be canceled.",
+        )
+    email.status = EmailStatus.canceled
+    email.updated_at = utcnow()
+    session.add(email)
+    return email.to_public()

@@ -1,0 +1,104 @@
+"""Warmup progress of one server, and how many servers a monthly volume needs."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from services.scheduler import domain, repository
+from services.scheduler.dispatcher import schedule_from
+from services.scheduler.models import CapacityPublic, WarmupDay, WarmupPublic
+from shared.db import SessionDep
+from shared.errors import PROBLEM_RESPONSES
+from shared.registry_read import server_not_found, tenant_server, tenant_servers
+from shared.settings import Settings
+from shared.tenancy import TenantDep
+from shared.timeutil import utcnow
+
+router = APIRouter(tags=["warmup"], responses=PROBLEM_RESPONSES)
+
+
+def app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+@router.get(
+    "/v1/servers/{server_id}/warmup", summary="Warmup step, today's allowance, 30 days ahead"
+)
+async def server_warmup(
+    server_id: uuid.UUID, tenant: TenantDep, session: SessionDep, request: Request
+) -> WarmupPublic:
+    settings = app_settings(request)
+    server = await tenant_server(session, tenant.id, server_id)
+    if server is None:
+        raise server_not_found(server_id)
+    schedule = schedule_from(settings)
+    now = utcnow()
+    window = await repository.sending_window(session, tenant.id)
+    today = window.local_day(now)
+    warmup = await repository.warmup_state(session, server, today, schedule)
+    allowance = schedule.allowance(warmup.step, server.daily_cap)
+    day = await repository.server_day(session, server, today, allowance)
+    rolling = domain.rolling_used(await repository.usage_by_hour(session, server.id, now), now)
+    parked = warmup.parked_until if warmup.parked_until and warmup.parked_until > now else None
+    next_at = (
+        None
+        if not server.sendable
+        else max(
+            parked or now,
+            domain.next_send_time(
+                now=now,
+                window=window,
+                allowance=day.allowance,
+                used_today=day.reserved,
+                pacing=settings.pacing,
+                jitter_key=str(server.id),
+            ),
+        )
+    )
+    state = domain.WarmupState(warmup.step, today, warmup.idle_days)
+    return WarmupPublic(
+        server_id=server.id,
+        status=server.status,
+        step=warmup.step,
+        top_step=schedule.top_step(server.daily_cap),
+        allowance_today=day.allowance,
+        sent_today=day.sent,
+        reserved_today=day.reserved,
+        remaining_today=max(0, day.allowance - day.reserved),
+        rolling_24h_used=rolling,
+        parked_until=parked,
+        next_send_at=next_at,
+        projection=[
+            WarmupDay(day=d, step=s, allowance=a)
+            for d, s, a in domain.projection(state, 30, schedule, server.daily_cap)
+        ],
+    )
+
+
+@router.get("/v1/capacity", summary="How many servers a monthly volume needs, warmup counted")
+async def capacity(
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
+    monthly_emails: Annotated[int, Query(ge=0, le=100_000_000)],
+) -> CapacityPublic:
+    settings = app_settings(request)
+    advice = domain.capacity(
+        monthly_emails, schedule_from(settings), headroom=settings.capacity_headroom
+    )
+    active = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
+    return CapacityPublic(
+        monthly_emails=advice.monthly_emails,
+        days=advice.days,
+        per_server_first_month=advice.per_server_first_month,
+        per_server_steady_month=advice.per_server_steady_month,
+        minimum_servers=advice.minimum_servers,
+        recommended_servers=advice.recommended_servers,
+        steady_state_servers=advice.steady_state_servers,
+        headroom=settings.capacity_headroom,
+        active_servers=len(active),
+    )

@@ -1,0 +1,86 @@
+"""The scheduler service: create_app, and the dispatch loop and result consumer it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import TypeAdapter
+
+from services.scheduler.api import router
+from services.scheduler.dispatcher import Dispatcher, retry_policy_from
+from services.scheduler.models import MessageBatch
+from services.scheduler.results import ResultApplier
+from shared.app import Resource, build_app, database
+from shared.broker import RESULTS, SEND_JOBS
+from shared.bus_resource import rabbit_bus
+from shared.settings import Settings, get_settings
+
+RESULT_PREFETCH = 64
+
+
+def scheduler_resources(settings: Settings, *, run_loop: bool = True) -> Resource:
+    """Needs `app.state.sessions` and `app.state.bus` from resources opened before it."""
+
+    @asynccontextmanager
+    async def resource(app: FastAPI) -> AsyncIterator[None]:
+        bus = app.state.bus
+        dispatcher = Dispatcher(settings, app.state.sessions, bus)
+        applier = ResultApplier(
+            app.state.sessions,
+            retry_policy_from(settings),
+            timedelta(seconds=settings.quota_park_seconds),
+        )
+        app.state.dispatcher = dispatcher
+        app.state.result_applier = applier
+        await bus.declare(SEND_JOBS)
+        await bus.consume(RESULTS, applier.handle, prefetch=RESULT_PREFETCH)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(dispatcher.run(stop)) if run_loop else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if loop is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(loop, timeout=30)
+
+    return resource
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # POST /v1/messages parses its body itself (one email or a batch), so the two body
+        # schemas it refers to are added to the components here.
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            batch = TypeAdapter(MessageBatch).json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components.update(batch.pop("$defs", {}))
+            components["MessageBatch"] = batch
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    resolved = settings or get_settings()
+    app = build_app(
+        title="ABillionLeads scheduler",
+        service="scheduler",
+        settings=resolved,
+        resources=[database(resolved), rabbit_bus(resolved), scheduler_resources(resolved)],
+    )
+    install(app)
+    return app

@@ -1,0 +1,280 @@
+"""The scheduler's tables and API shapes: emails, per-day allowances, warmup, sending profiles."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import EmailStr, field_validator, model_validator
+from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from shared.timeutil import UtcDateTime, new_id, utcnow
+from shared.validation import refuse_control_chars
+
+MAX_BATCH = 1000
+MAX_TEXT_BYTES = 512 * 1024
+MAX_HTML_BYTES = 1024 * 1024
+MAX_HEADERS = 50
+HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # printable ASCII without ':' (RFC 5322)
+# Set by the platform from the server and the email; a tenant may not override them.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "reply-to",
+        "sender",
+        "return-path",
+        "received",
+        "content-type",
+        "content-transfer-encoding",
+        "mime-version",
+        "dkim-signature",
+    }
+)
+
+
+class EmailStatus(StrEnum):
+    queued = "queued"
+    scheduled = "scheduled"
+    sent = "sent"
+    failed = "failed"
+    unknown = "unknown"
+    canceled = "canceled"
+
+
+FINAL_STATUSES = frozenset(
+    {EmailStatus.sent, EmailStatus.failed, EmailStatus.unknown, EmailStatus.canceled}
+)
+
+
+def _clean_line(value: str | None) -> str | None:
+    return None if value is None else refuse_control_chars(value)
+
+
+class EmailBase(SQLModel):
+    to: EmailStr = Field(max_length=320)
+    subject: str = Field(max_length=998)
+    text: str | None = Field(default=None)
+    html: str | None = Field(default=None)
+    reply_to: EmailStr | None = Field(default=None, max_length=320)
+    campaign: str | None = Field(default=None, max_length=100)
+
+
+class EmailCreate(EmailBase):
+    headers: dict[str, str] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+    _clean = field_validator("subject", "campaign", "idempotency_key")(_clean_line)
+
+    @field_validator("text")
+    @classmethod
+    def _text_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) > MAX_TEXT_BYTES:
+            raise ValueError(f"must be at most {MAX_TEXT_BYTES} bytes")
+        return value
+
+    @field_validator("html")
+    @classmethod
+    def _html_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) > MAX_HTML_BYTES:
+            raise ValueError(f"must be at most {MAX_HTML_BYTES} bytes")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers")
+        for name, header_value in value.items():
+            if not HEADER_NAME.match(name):
+                raise ValueError(f"header name {name[:40]!r} is not a valid field name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the platform")
+            if len(header_value) > 998:
+                raise ValueError(f"header {name!r} is longer than 998 characters")
+            refuse_control_chars(header_value.replace("\t", " "))
+        return value
+
+    @model_validator(mode="after")
+    def _has_body(self) -> EmailCreate:
+        if not self.text and not self.html:
+            raise ValueError("give `text`, `html` or both")
+        return self
+
+
+class MessageBatch(SQLModel):
+    messages: list[EmailCreate] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class Accepted(SQLModel):
+    ids: list[uuid.UUID]
+    queued: int
+    duplicates: int = Field(description="Items whose idempotency key was seen before.")
+    active_servers: int
+    warning: str | None = None
+
+
+class EmailPublic(EmailBase):
+    id: uuid.UUID
+    status: EmailStatus
+    headers: dict[str, str]
+    idempotency_key: str | None
+    message_id: str
+    server_id: uuid.UUID | None
+    attempts: int
+    not_before: datetime
+    last_smtp_code: int | None
+    last_smtp_reply: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+
+
+class EmailPage(SQLModel):
+    items: list[EmailPublic]
+    next_cursor: str | None
+
+
+class Email(EmailBase, table=True):
+    __tablename__ = "emails"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_emails_idempotency"),
+        Index("ix_emails_due", "status", "not_before"),
+        Index("ix_emails_tenant_status", "tenant_id", "status", "id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID = Field(index=True)
+    status: str = Field(default=EmailStatus.queued, max_length=16)
+    headers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    message_id: str = Field(max_length=255)
+    attempts: int = 0
+    not_before: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    server_id: uuid.UUID | None = Field(default=None, index=True)
+    job_id: uuid.UUID | None = None
+    reserved_day: date | None = Field(default=None, sa_type=Date)
+    reserved_hour: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    lease_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_smtp_code: int | None = None
+    last_smtp_reply: str | None = Field(default=None, max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    sent_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+    def to_public(self) -> EmailPublic:
+        return EmailPublic.model_validate(self, from_attributes=True)
+
+
+class ServerDay(SQLModel, table=True):
+    """One server's allowance and use on one local day. The reservation guard lives here."""
+
+    __tablename__ = "server_days"
+
+    server_id: uuid.UUID = Field(primary_key=True)
+    day: date = Field(primary_key=True, sa_type=Date)
+    tenant_id: uuid.UUID = Field(index=True)
+    allowance: int
+    reserved: int = 0
+    sent: int = 0
+
+
+class ServerUsageHour(SQLModel, table=True):
+    """Reservations per server per UTC hour, for the rolling 24-hour limit."""
+
+    __tablename__ = "server_usage_hours"
+
+    server_id: uuid.UUID = Field(primary_key=True)
+    hour: datetime = Field(primary_key=True, sa_type=UtcDateTime)
+    used: int = 0
+
+
+class ServerWarmup(SQLModel, table=True):
+    __tablename__ = "server_warmup"
+
+    server_id: uuid.UUID = Field(primary_key=True)
+    tenant_id: uuid.UUID = Field(index=True)
+    step: int = 1
+    state_day: date = Field(sa_type=Date)
+    idle_days: int = 0
+    parked_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    park_reason: str | None = Field(default=None, max_length=200)
+
+
+class SendingProfileBase(SQLModel):
+    time_zone: str = Field(default="UTC", max_length=64)
+    start_hour: int = Field(default=0, ge=0, le=23)
+    end_hour: int = Field(default=24, ge=1, le=24)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("unknown IANA time zone, e.g. 'Europe/Paris'") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SendingProfileBase:
+        if self.end_hour <= self.start_hour:
+            raise ValueError("end_hour must be after start_hour")
+        return self
+
+
+class SendingProfileUpdate(SendingProfileBase):
+    pass
+
+
+class SendingProfilePublic(SendingProfileBase):
+    tenant_id: uuid.UUID
+
+
+class SendingProfile(SendingProfileBase, table=True):
+    __tablename__ = "sending_profiles"
+
+    tenant_id: uuid.UUID = Field(primary_key=True)
+
+
+class WarmupDay(SQLModel):
+    day: date
+    step: int
+    allowance: int
+
+
+class WarmupPublic(SQLModel):
+    server_id: uuid.UUID
+    status: str
+    step: int
+    top_step: int
+    allowance_today: int
+    sent_today: int
+    reserved_today: int
+    remaining_today: int
+    rolling_24h_used: int
+    parked_until: datetime | None
+    next_send_at: datetime | None
+    projection: list[WarmupDay]
+
+
+class CapacityPublic(SQLModel):
+    monthly_emails: int
+    days: int
+    per_server_first_month: int
+    per_server_steady_month: int
+    minimum_servers: int
+    recommended_servers: int
+    steady_state_servers: int
+    headroom: float
+    active_servers: int

@@ -1,0 +1,72 @@
+"""The registry's servers as other services may see them: read-only, through this module.
+
+The registry owns `smtp_servers`; the scheduler needs to know which of a tenant's servers may
+send and their caps. These queries name only the columns they need and never the password.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Integer, String, Uuid, column, select, table
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from shared.errors import NotFound
+
+SENDABLE_STATUS = "active"
+
+_servers = table(
+    "smtp_servers",
+    column("id", Uuid),
+    column("tenant_id", Uuid),
+    column("status", String),
+    column("daily_cap", Integer),
+    column("label", String),
+)
+
+
+def server_not_found(server_id: uuid.UUID) -> NotFound:
+    return NotFound(
+        f"No server {server_id} for this tenant.",
+        code="server_not_found",
+        hint="List your servers with GET /v1/servers.",
+    )
+
+
+@dataclass(frozen=True)
+class ServerView:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    status: str
+    daily_cap: int
+    label: str
+
+    @property
+    def sendable(self) -> bool:
+        return self.status == SENDABLE_STATUS
+
+
+def _select_servers() -> Any:  # Any: sqlmodel's exec() is typed for its own select only
+    return select(
+        _servers.c.id,
+        _servers.c.tenant_id,
+        _servers.c.status,
+        _servers.c.daily_cap,
+        _servers.c.label,
+    )
+
+
+async def tenant_servers(session: AsyncSession, tenant_id: uuid.UUID) -> list[ServerView]:
+    query = _select_servers().where(_servers.c.tenant_id == tenant_id).order_by(_servers.c.id)
+    rows = (await session.exec(query)).all()
+    return [ServerView(*row) for row in rows]
+
+
+async def tenant_server(
+    session: AsyncSession, tenant_id: uuid.UUID, server_id: uuid.UUID
+) -> ServerView | None:
+    query = _select_servers().where(_servers.c.tenant_id == tenant_id, _servers.c.id == server_id)
+    row = (await session.exec(query)).first()
+    return ServerView(*row) if row is not None else None

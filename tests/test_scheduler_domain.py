@@ -1,0 +1,230 @@
+"""The scheduler's pure rules, with tables and hypothesis properties."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.scheduler import domain
+from services.scheduler.domain import (
+    SendingWindow,
+    ServerLoad,
+    WarmupSchedule,
+    WarmupState,
+    close_day,
+    plan_share,
+)
+
+SCHEDULE = WarmupSchedule()
+DAY = date(2026, 11, 2)
+
+STEPS = [20, 26, 34, 45, 59, 77, 101, 132, 172, 224, 292, 380, 494, 500]
+
+
+def test_default_schedule_is_the_documented_table() -> None:
+    assert SCHEDULE.steps() == STEPS
+    assert SCHEDULE.top_step() == 14
+    assert SCHEDULE.allowance(14) == SCHEDULE.allowance(40) == 500
+
+
+@pytest.mark.parametrize(
+    ("daily_cap", "top_step", "last"),
+    [(500, 14, 500), (100, 7, 100), (20, 1, 20), (10, 1, 10), (250, 11, 250)],
+)
+def test_daily_cap_shortens_the_ramp(daily_cap: int, top_step: int, last: int) -> None:
+    assert SCHEDULE.top_step(daily_cap) == top_step
+    assert SCHEDULE.steps(daily_cap)[-1] == last
+
+
+@pytest.mark.parametrize(
+    ("state", "delivered", "allowance", "expected"),
+    [
+        (WarmupState(1, DAY), 20, 20, WarmupState(2, DAY + timedelta(1))),
+        (WarmupState(1, DAY), 10, 20, WarmupState(2, DAY + timedelta(1))),  # exactly half
+        (WarmupState(1, DAY), 9, 20, WarmupState(1, DAY + timedelta(1))),  # barely used
+        (WarmupState(5, DAY), 0, 59, WarmupState(5, DAY + timedelta(1), idle_days=1)),
+        (WarmupState(5, DAY, 1), 0, 59, WarmupState(5, DAY + timedelta(1), idle_days=2)),
+        (WarmupState(5, DAY, 2), 0, 59, WarmupState(1, DAY + timedelta(1), idle_days=3)),
+        (WarmupState(5, DAY, 2), 1, 59, WarmupState(5, DAY + timedelta(1), idle_days=0)),
+        (WarmupState(14, DAY), 500, 500, WarmupState(14, DAY + timedelta(1))),
+    ],
+)
+def test_close_day_table(
+    state: WarmupState, delivered: int, allowance: int, expected: WarmupState
+) -> None:
+    assert close_day(state, delivered, allowance, SCHEDULE, 500) == expected
+
+
+def test_full_sending_reaches_500_on_day_14_and_stays() -> None:
+    rows = domain.projection(domain.fresh_state(DAY), 30, SCHEDULE, 500)
+    assert [a for _, _, a in rows[:14]] == STEPS
+    assert all(a == 500 for _, _, a in rows[13:])
+
+
+@given(st.lists(st.integers(0, 600), min_size=1, max_size=60))
+def test_three_idle_days_always_restart_the_warmup(delivered: list[int]) -> None:
+    state = domain.fresh_state(DAY)
+    history = {DAY + timedelta(i): n for i, n in enumerate(delivered)}
+    end = DAY + timedelta(len(delivered))
+    folded = domain.state_on(state, end, history, {}, SCHEDULE, 500)
+    if len(delivered) >= 3 and delivered[-3:] == [0, 0, 0]:
+        assert folded.step == 1
+    assert 1 <= folded.step <= 14
+    # The step never rises more than one a day.
+    assert folded.step <= 1 + sum(1 for n in delivered if n > 0)
+
+
+@given(
+    loads=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 600)), min_size=1, max_size=12),
+    emails=st.integers(0, 3000),
+    seed=st.integers(),
+)
+def test_plan_share_properties(loads: list[tuple[int, int]], emails: int, seed: int) -> None:
+    servers = [ServerLoad(f"s{i}", used, can) for i, (used, can) in enumerate(loads)]
+    plan = plan_share(servers, emails, random.Random(seed))
+    assert sum(plan.values()) == min(emails, sum(can for _, can in loads))
+    for server in servers:
+        assert plan.get(server.server_id, 0) <= server.can_take
+    # Water-filling: a server that got an email never ends more than one above another server
+    # that still had room.
+    after = {s.server_id: s.used_today + plan.get(s.server_id, 0) for s in servers}
+    for a in servers:
+        for b in servers:
+            room_left = plan.get(a.server_id, 0) < a.can_take
+            if plan.get(b.server_id, 0) > 0 and room_left:
+                assert after[b.server_id] <= after[a.server_id] + 1
+
+
+@given(count=st.integers(1, 10), emails=st.integers(0, 5000), seed=st.integers())
+def test_equal_servers_get_shares_that_differ_by_at_most_one(
+    count: int, emails: int, seed: int
+) -> None:
+    servers = [ServerLoad(f"s{i}", 0, 10_000) for i in range(count)]
+    plan = plan_share(servers, emails, random.Random(seed))
+    shares = [plan.get(s.server_id, 0) for s in servers]
+    assert max(shares) - min(shares) <= 1
+    assert sum(shares) == emails
+
+
+def test_product_examples() -> None:
+    warm = [ServerLoad(f"s{i}", 0, 500) for i in range(3)]
+    assert sorted(plan_share(warm, 30, random.Random(1)).values()) == [10, 10, 10]
+    fresh = [ServerLoad(f"s{i}", 0, 20) for i in range(3)]
+    assert sorted(plan_share(fresh, 100, random.Random(1)).values()) == [20, 20, 20]
+
+
+def test_ties_are_broken_at_random() -> None:
+    servers = [ServerLoad(f"s{i}", 0, 1) for i in range(3)]
+    firsts = {next(iter(plan_share(servers, 1, random.Random(seed)))) for seed in range(50)}
+    assert firsts == {"s0", "s1", "s2"}
+
+
+NOW = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({}, 0),
+        ({NOW.replace(minute=0): 5}, 5),
+        ({NOW.replace(minute=0) - timedelta(hours=24): 7}, 7),  # the boundary hour counts
+        ({NOW.replace(minute=0) - timedelta(hours=25): 7}, 0),
+        ({NOW.replace(minute=0) - timedelta(hours=h): 1 for h in range(30)}, 25),
+    ],
+)
+def test_rolling_used_table(usage: dict[datetime, int], expected: int) -> None:
+    assert domain.rolling_used(usage, NOW) == expected
+
+
+@given(
+    hours=st.dictionaries(st.integers(0, 47), st.integers(0, 100), max_size=48),
+    allowance=st.integers(1, 500),
+    used_today=st.integers(0, 500),
+)
+def test_sendable_never_exceeds_daily_or_rolling_allowance(
+    hours: dict[int, int], allowance: int, used_today: int
+) -> None:
+    usage = {NOW.replace(minute=0) - timedelta(hours=h): n for h, n in hours.items()}
+    rolling = domain.rolling_used(usage, NOW)
+    can = domain.sendable_now(
+        now=NOW,
+        window=SendingWindow(),
+        allowance=allowance,
+        used_today=used_today,
+        rolling_used=rolling,
+        pacing=False,
+        jitter_key="x",
+    )
+    assert can >= 0
+    assert used_today + can <= max(allowance, used_today)
+    assert rolling + can <= max(allowance, rolling)
+
+
+def test_pacing_spreads_a_day_over_the_window() -> None:
+    window = SendingWindow("Europe/Paris", 9, 17)
+    day = date(2026, 11, 26)
+    slots = [domain.slot_time(window, day, 500, i, "srv") for i in range(500)]
+    start, end = window.bounds(day)
+    assert start == datetime(2026, 11, 26, 8, 0, tzinfo=UTC)  # 09:00 in Paris
+    assert all(start <= s < end for s in slots)
+    assert slots == sorted(slots)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(slots)]
+    assert min(gaps) > 0
+    assert max(gaps) < 2 * (8 * 3600 / 500)
+    # No burst: in any hour at most an hour's share (plus one for the jitter).
+    per_hour = [sum(1 for s in slots if s.hour == h) for h in range(8, 16)]
+    assert max(per_hour) <= 500 / 8 + 2
+
+
+def test_pacing_releases_only_due_slots() -> None:
+    window = SendingWindow()
+    start = datetime(2026, 11, 26, tzinfo=UTC)
+
+    def sendable(now: datetime, pacing: bool) -> int:
+        return domain.sendable_now(
+            now=now,
+            window=window,
+            allowance=24,
+            used_today=0,
+            rolling_used=0,
+            pacing=pacing,
+            jitter_key="k",
+        )
+
+    assert sendable(start, pacing=True) in (0, 1)
+    assert sendable(start + timedelta(hours=5), pacing=True) in (5, 6)
+    assert sendable(start, pacing=False) == 24
+    outside = SendingWindow("UTC", 9, 17)
+    assert (
+        domain.sendable_now(
+            now=start + timedelta(hours=20),
+            window=outside,
+            allowance=24,
+            rolling_used=0,
+            used_today=0,
+            pacing=False,
+            jitter_key="k",
+        )
+        == 0
+    )
+
+
+def test_capacity_of_the_product_example() -> None:
+    advice = domain.capacity(20_000, SCHEDULE)
+    assert advice.per_server_first_month == sum(STEPS[:13]) + 17 * 500
+    assert advice.recommended_servers == 3
+    assert advice.minimum_servers == 2
+    assert domain.capacity(0, SCHEDULE).recommended_servers == 0
+
+
+@given(st.integers(1, 40), st.integers())
+def test_retry_delay_grows_and_stays_bounded(attempt: int, seed: int) -> None:
+    policy = domain.RetryPolicy(base_seconds=60, cap_seconds=3600)
+    delay = policy.delay(attempt, random.Random(seed)).total_seconds()
+    ceiling = min(3600, 60 * 2 ** (attempt - 1))
+    assert ceiling / 2 <= delay <= ceiling
