@@ -32,8 +32,6 @@ logger = logging.getLogger("abl.broker")
 
 EXCHANGE = "abl"
 DEAD_LETTER_EXCHANGE = "abl.dlx"
-SEND_JOBS = "abl.send-jobs"
-RESULTS = "abl.results"
 DEFAULT_DELIVERY_LIMIT = 5
 
 

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./abl.db"
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    queue_prefix: str = Field(default="abl", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
 
     admin_token: SecretStr = SecretStr("")
     internal_token: SecretStr = SecretStr("")
@@ -113,6 +114,14 @@ class Settings(BaseSettings):
         for key in self.encryption_keys:
             decode_key(key.get_secret_value())
         return self
+
+    @property
+    def send_jobs_queue(self) -> str:
+        return f"{self.queue_prefix}.send-jobs"
+
+    @property
+    def results_queue(self) -> str:
+        return f"{self.queue_prefix}.results"
 
     @property
     def keys(self) -> list[bytes]:

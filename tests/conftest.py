@@ -114,8 +114,12 @@ def migrated_postgres(postgres_server_url: str) -> str:
     return postgres_server_url
 
 
-async def _truncate_postgres(url: str) -> None:
-    await _pg_execute(url, "TRUNCATE tenants CASCADE")
+async def truncate_postgres(url: str) -> None:
+    await _pg_execute(
+        url,
+        "TRUNCATE tenants, smtp_servers, emails, server_days, server_usage_hours, "
+        "server_warmup, sending_profiles CASCADE",
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -127,7 +131,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
     else:
         url = request.getfixturevalue("migrated_postgres")
-        asyncio.run(_truncate_postgres(url))
+        asyncio.run(truncate_postgres(url))
         yield url
 
 

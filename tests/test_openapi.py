@@ -13,8 +13,8 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from services.openapi import SPEC_DIR, render, specs
 from services.app import create_app
+from services.openapi import SPEC_DIR, render, specs
 from shared.migrate import upgrade_database
 from tests.conftest import make_settings
 

@@ -14,7 +14,7 @@ import pytest
 from services.registry.models import SmtpServer
 from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.models import ServerWarmup
-from shared.broker import SEND_JOBS, InProcessBus
+from shared.broker import InProcessBus
 from shared.messages import Outcome, SendJob, SendResult
 from shared.settings import Settings
 from shared.timeutil import utcnow
@@ -71,7 +71,7 @@ def emails(count: int, **extra: Any) -> dict[str, Any]:
 
 def published_jobs(api: Api) -> list[SendJob]:
     bus: InProcessBus = api.app.state.bus
-    queue = bus.queues[SEND_JOBS]
+    queue = bus.queues[api.settings.send_jobs_queue]
     jobs = []
     while not queue.empty():
         jobs.append(SendJob.model_validate_json(queue.get_nowait().body))

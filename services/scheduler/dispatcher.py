@@ -22,7 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.scheduler import domain, repository
 from services.scheduler.domain import RetryPolicy, WarmupSchedule
 from services.scheduler.models import Email, EmailStatus
-from shared.broker import SEND_JOBS, Bus
+from shared.broker import Bus
 from shared.messages import EmailContent, SendJob
 from shared.metrics import (
     JOBS_PUBLISHED,
@@ -201,7 +201,9 @@ class Dispatcher:
             started = time.perf_counter()
             try:
                 await self.bus.publish(
-                    SEND_JOBS, job.model_dump_json().encode(), message_id=str(job.job_id)
+                    self.settings.send_jobs_queue,
+                    job.model_dump_json().encode(),
+                    message_id=str(job.job_id),
                 )
             except Exception as exc:
                 logger.warning("publish of job %s failed: %s", job.job_id, type(exc).__name__)

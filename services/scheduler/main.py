@@ -17,7 +17,6 @@ from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.models import MessageBatch
 from services.scheduler.results import ResultApplier
 from shared.app import Resource, build_app, database
-from shared.broker import RESULTS, SEND_JOBS
 from shared.bus_resource import rabbit_bus
 from shared.settings import Settings, get_settings
 
@@ -38,8 +37,8 @@ def scheduler_resources(settings: Settings, *, run_loop: bool = True) -> Resourc
         )
         app.state.dispatcher = dispatcher
         app.state.result_applier = applier
-        await bus.declare(SEND_JOBS)
-        await bus.consume(RESULTS, applier.handle, prefetch=RESULT_PREFETCH)
+        await bus.declare(settings.send_jobs_queue)
+        await bus.consume(settings.results_queue, applier.handle, prefetch=RESULT_PREFETCH)
         stop = asyncio.Event()
         loop = asyncio.create_task(dispatcher.run(stop)) if run_loop else None
         try:
