@@ -80,21 +80,28 @@ def is_postgres(session: AsyncSession) -> bool:
 
 
 def upsert_increment(
-    session: AsyncSession, table: Any, keys: dict[str, Any], column: str, amount: int
+    session: AsyncSession,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    keys: tuple[str, ...],
+    column: str,
 ) -> Any:
-    """INSERT … ON CONFLICT DO UPDATE column = column + amount, on SQLite and PostgreSQL."""
+    """INSERT rows … ON CONFLICT (keys) DO UPDATE column = column + the row's value."""
     insert = postgresql_insert if is_postgres(session) else sqlite_insert
-    statement = insert(table).values(**keys, **{column: amount})
+    statement = insert(table).values(rows)
     return statement.on_conflict_do_update(
         index_elements=list(keys),
-        set_={column: getattr(table.c, column) + amount},
+        set_={column: getattr(table.c, column) + statement.excluded[column]},
     )
 
 
-def insert_ignore(session: AsyncSession, table: Any, values: dict[str, Any]) -> Any:
+def insert_ignore(
+    session: AsyncSession, table: Table, rows: dict[str, Any] | list[dict[str, Any]]
+) -> Any:
     """INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL."""
     insert = postgresql_insert if is_postgres(session) else sqlite_insert
-    return insert(table).values(**values).on_conflict_do_nothing()
+    return insert(table).values(rows).on_conflict_do_nothing()
 
 
 def table_of(model: type[SQLModel]) -> Table:

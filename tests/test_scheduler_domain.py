@@ -228,3 +228,29 @@ def test_retry_delay_grows_and_stays_bounded(attempt: int, seed: int) -> None:
     delay = policy.delay(attempt, random.Random(seed)).total_seconds()
     ceiling = min(3600, 60 * 2 ** (attempt - 1))
     assert ceiling / 2 <= delay <= ceiling
+
+
+candidates = st.lists(
+    st.builds(
+        domain.Candidate,
+        server_id=st.uuids().map(str),
+        tenant_id=st.sampled_from(["t1", "t2", "t3"]),
+        active=st.booleans(),
+        parked_until=st.none() | st.just(NOW + timedelta(hours=1)) | st.just(NOW),
+    ),
+    max_size=20,
+)
+
+
+@given(candidates, st.sampled_from(["t1", "t2", "t3"]), st.integers(0, 2000), st.integers())
+def test_a_tenants_emails_only_ever_go_to_its_own_servers(
+    servers: list[domain.Candidate], tenant: str, emails: int, seed: int
+) -> None:
+    own = {c.server_id for c in servers if c.tenant_id == tenant}
+    ids = domain.eligible(servers, tenant, NOW)
+    plan = plan_share([ServerLoad(i, 0, 500) for i in ids], emails, random.Random(seed))
+    assert set(plan) <= own
+    for server in servers:
+        if server.server_id in plan:
+            assert server.active
+            assert server.parked_until is None or server.parked_until <= NOW

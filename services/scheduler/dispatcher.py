@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -35,6 +35,24 @@ from shared.settings import Settings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.scheduler.dispatcher")
+
+PUBLISH_BATCH = 5000
+PUBLISH_CONCURRENCY = 256
+# Bounds one tenant's transaction; what is left over goes in the next tick.
+MAX_CLAIM_PER_TENANT = 20_000
+
+
+def _interleave(granted: dict[uuid.UUID, int]) -> list[uuid.UUID]:
+    """Server ids in round-robin order, so the oldest emails are spread over all servers."""
+    remaining = dict(granted)
+    order: list[uuid.UUID] = []
+    while remaining:
+        for server_id in list(remaining):
+            order.append(server_id)
+            remaining[server_id] -= 1
+            if remaining[server_id] == 0:
+                del remaining[server_id]
+    return order
 
 
 def schedule_from(settings: Settings) -> WarmupSchedule:
@@ -84,6 +102,13 @@ class TickReport:
     republished: int = 0
     publish_failures: int = 0
     by_server: dict[uuid.UUID, int] = field(default_factory=dict)
+    publish_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def dispatch_seconds(self) -> float:
+        """Time spent computing allowances and reserving, without publishing."""
+        return self.total_seconds - self.publish_seconds
 
 
 class Dispatcher:
@@ -109,68 +134,72 @@ class Dispatcher:
         await self._republish_expired(moment, report)
         async with self.sessions() as session:
             tenants = await repository.tenants_with_due_emails(session, moment)
+        pending: list[SendJob] = []
         for tenant_id in tenants:
-            await self._dispatch_tenant(tenant_id, moment, report)
-        SCHEDULER_TICK_DURATION.observe(time.perf_counter() - started)
+            pending += await self._dispatch_tenant(tenant_id, moment, report)
+            if len(pending) >= PUBLISH_BATCH:
+                await self._publish(pending, report)
+                pending = []
+        await self._publish(pending, report)
+        report.total_seconds = time.perf_counter() - started
+        SCHEDULER_TICK_DURATION.observe(report.total_seconds)
         return report
 
     async def _dispatch_tenant(
         self, tenant_id: uuid.UUID, now: datetime, report: TickReport
-    ) -> None:
+    ) -> list[SendJob]:
+        """Reserve and mark one tenant's due emails in one transaction; return their jobs."""
         async with self.sessions() as session, session.begin():
+            if not await repository.try_lock_tenant(session, tenant_id):
+                return []  # another replica is dispatching this tenant right now
             window = await repository.sending_window(session, tenant_id)
             today = window.local_day(now)
             servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
-            parked = await repository.parked_servers(session, tenant_id, now)
-            due = await repository.due_count(session, tenant_id, now)
-            loads = []
-            for server in servers:
-                warmup = await repository.warmup_state(session, server, today, self.schedule)
-                allowance = self.schedule.allowance(warmup.step, server.daily_cap)
-                day = await repository.server_day(session, server, today, allowance)
-                if server.id in parked:
-                    continue
-                rolling = domain.rolling_used(
-                    await repository.usage_by_hour(session, server.id, now), now
+            warmups = await repository.warmup_states(session, servers, today, self.schedule)
+            allowances = {
+                s.id: self.schedule.allowance(warmups[s.id].step, s.daily_cap) for s in servers
+            }
+            days = await repository.server_days(session, servers, today, allowances)
+            rolling = await repository.rolling_usage(session, [s.id for s in servers], now)
+            candidates = [
+                domain.Candidate(
+                    str(s.id), str(s.tenant_id), s.sendable, warmups[s.id].parked_until
                 )
-                can_take = domain.sendable_now(
-                    now=now,
-                    window=window,
-                    allowance=day.allowance,
-                    used_today=day.reserved,
-                    rolling_used=rolling,
-                    pacing=self.settings.pacing,
-                    jitter_key=str(server.id),
+                for s in servers
+            ]
+            by_id = {str(s.id): s for s in servers}
+            loads = [
+                domain.ServerLoad(
+                    server_id,
+                    days[by_id[server_id].id].reserved,
+                    domain.sendable_now(
+                        now=now,
+                        window=window,
+                        allowance=days[by_id[server_id].id].allowance,
+                        used_today=days[by_id[server_id].id].reserved,
+                        rolling_used=rolling.get(by_id[server_id].id, 0),
+                        pacing=self.settings.pacing,
+                        jitter_key=server_id,
+                    ),
                 )
-                loads.append(domain.ServerLoad(str(server.id), day.reserved, can_take))
-        plan = domain.plan_share(loads, due, self.rng)
-        for server_id, wanted in plan.items():
-            await self._dispatch_to_server(
-                tenant_id, uuid.UUID(server_id), today, wanted, now, report
-            )
-
-    async def _dispatch_to_server(
-        self,
-        tenant_id: uuid.UUID,
-        server_id: uuid.UUID,
-        day: date,
-        wanted: int,
-        now: datetime,
-        report: TickReport,
-    ) -> None:
-        async with self.sessions() as session, session.begin():
-            emails = await repository.claim_due(session, tenant_id, wanted, now)
-            if not emails:
-                return
-            granted = await repository.reserve(session, server_id, day, len(emails), now)
-            if granted < len(emails):
-                RESERVATIONS_REFUSED.inc(len(emails) - granted)
-            chosen = emails[:granted]
-            for email in chosen:
+                for server_id in domain.eligible(candidates, str(tenant_id), now)
+            ]
+            capacity = min(sum(load.can_take for load in loads), MAX_CLAIM_PER_TENANT)
+            if capacity == 0:
+                return []
+            emails = await repository.claim_due(session, tenant_id, capacity, now)
+            plan = domain.plan_share(loads, len(emails), self.rng)
+            wanted = {uuid.UUID(server_id): n for server_id, n in plan.items()}
+            granted = await repository.reserve_many(session, today, wanted, now)
+            refused = sum(wanted.values()) - sum(granted.values())
+            if refused:
+                RESERVATIONS_REFUSED.inc(refused)
+            chosen = emails[: sum(granted.values())]
+            for email, server_id in zip(chosen, _interleave(granted), strict=True):
                 email.status = EmailStatus.scheduled
                 email.server_id = server_id
                 email.job_id = uuid.uuid4()
-                email.reserved_day = day
+                email.reserved_day = today
                 email.reserved_hour = domain.hour_bucket(now)
                 email.lease_until = now + self.lease
                 email.published_at = None
@@ -178,12 +207,13 @@ class Dispatcher:
                 session.add(email)
             jobs = [job_for(email) for email in chosen]
         report.dispatched += len(jobs)
-        report.by_server[server_id] = report.by_server.get(server_id, 0) + len(jobs)
-        await self._publish(jobs, report)
+        for server_id, n in granted.items():
+            report.by_server[server_id] = report.by_server.get(server_id, 0) + n
+        return jobs
 
     async def _republish_expired(self, now: datetime, report: TickReport) -> None:
         async with self.sessions() as session, session.begin():
-            emails = await repository.expired_leases(session, now, limit=1000)
+            emails = await repository.expired_leases(session, now, limit=PUBLISH_BATCH)
             for email in emails:
                 email.lease_until = now + self.lease
                 session.add(email)
@@ -196,20 +226,23 @@ class Dispatcher:
     async def _publish(self, jobs: Sequence[SendJob], report: TickReport) -> None:
         if not jobs:
             return
+        started = time.perf_counter()
+        slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
         async def one(job: SendJob) -> tuple[uuid.UUID, uuid.UUID] | None:
-            started = time.perf_counter()
-            try:
-                await self.bus.publish(
-                    self.settings.send_jobs_queue,
-                    job.model_dump_json().encode(),
-                    message_id=str(job.job_id),
-                )
-            except Exception as exc:
-                logger.warning("publish of job %s failed: %s", job.job_id, type(exc).__name__)
-                return None
-            PUBLISH_CONFIRM_DURATION.observe(time.perf_counter() - started)
-            return job.email_id, job.job_id
+            async with slots:
+                sent_at = time.perf_counter()
+                try:
+                    await self.bus.publish(
+                        self.settings.send_jobs_queue,
+                        job.model_dump_json().encode(),
+                        message_id=str(job.job_id),
+                    )
+                except Exception as exc:
+                    logger.warning("publish of job %s failed: %s", job.job_id, type(exc).__name__)
+                    return None
+                PUBLISH_CONFIRM_DURATION.observe(time.perf_counter() - sent_at)
+                return job.email_id, job.job_id
 
         results = await asyncio.gather(*(one(job) for job in jobs))
         confirmed = [pair for pair in results if pair is not None]
@@ -218,6 +251,7 @@ class Dispatcher:
         if confirmed:
             async with self.sessions() as session, session.begin():
                 await repository.mark_published(session, confirmed, utcnow())
+        report.publish_seconds += time.perf_counter() - started
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until `stop` is set; a new email wakes the loop early."""

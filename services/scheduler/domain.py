@@ -189,8 +189,13 @@ def rolling_used(usage_by_hour: Mapping[datetime, int], now: datetime) -> int:
 
     The bucket that holds `now - 24h` is counted whole, so the figure is never below the truth.
     """
-    oldest = (now - timedelta(hours=24)).replace(minute=0, second=0, microsecond=0)
+    oldest = rolling_window_start(now)
     return sum(used for hour, used in usage_by_hour.items() if hour >= oldest)
+
+
+def rolling_window_start(now: datetime) -> datetime:
+    """The first hour bucket the rolling 24-hour count includes."""
+    return hour_bucket(now - timedelta(hours=24))
 
 
 def hour_bucket(now: datetime) -> datetime:
@@ -205,6 +210,28 @@ class ServerLoad:
     server_id: str
     used_today: int
     can_take: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    server_id: str
+    tenant_id: str
+    active: bool
+    parked_until: datetime | None = None
+
+
+def eligible(candidates: Sequence[Candidate], tenant_id: str, now: datetime) -> list[str]:
+    """The servers that may carry `tenant_id`'s emails now: its own, active, not parked.
+
+    Servers are never pooled: another tenant's server is never eligible, whatever its state.
+    """
+    return [
+        c.server_id
+        for c in candidates
+        if c.tenant_id == tenant_id
+        and c.active
+        and (c.parked_until is None or c.parked_until <= now)
+    ]
 
 
 def plan_share(servers: Sequence[ServerLoad], emails: int, rng: random.Random) -> dict[str, int]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
-from sqlalchemy import func, update
+from sqlalchemy import Integer, Uuid, bindparam, column, func, update, values
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -96,99 +96,139 @@ async def sending_window(session: AsyncSession, tenant_id: uuid.UUID) -> Sending
 # --- warmup and allowances ----------------------------------------------------------------
 
 
-async def warmup_state(
+async def warmup_states(
     session: AsyncSession,
-    server: ServerView,
+    servers: Sequence[ServerView],
     today: date,
     schedule: WarmupSchedule,
-) -> ServerWarmup:
-    """The server's warmup row, folded forward to `today` (created fresh for a new server)."""
-    row = await session.get(ServerWarmup, server.id)
-    if row is None:
+) -> dict[uuid.UUID, ServerWarmup]:
+    """Each server's warmup row, folded forward to `today` (created fresh for a new server)."""
+    if not servers:
+        return {}
+    by_id = {server.id: server for server in servers}
+    query = select(ServerWarmup).where(col(ServerWarmup.server_id).in_(by_id))
+    rows = {row.server_id: row for row in (await session.exec(query)).all()}
+    missing = [server for server in servers if server.id not in rows]
+    if missing:
         await session.exec(
             insert_ignore(
                 session,
                 table_of(ServerWarmup),
-                {
-                    "server_id": server.id,
-                    "tenant_id": server.tenant_id,
-                    "step": 1,
-                    "state_day": today,
-                    "idle_days": 0,
-                },
+                [
+                    {
+                        "server_id": s.id,
+                        "tenant_id": s.tenant_id,
+                        "step": 1,
+                        "state_day": today,
+                        "idle_days": 0,
+                    }
+                    for s in missing
+                ],
             )
         )
-        row = await session.get(ServerWarmup, server.id)
-        assert row is not None
-    if row.state_day < today:
-        days = (
+        query = select(ServerWarmup).where(col(ServerWarmup.server_id).in_([s.id for s in missing]))
+        rows.update({row.server_id: row for row in (await session.exec(query)).all()})
+    stale = [row for row in rows.values() if row.state_day < today]
+    if stale:
+        history = (
             await session.exec(
                 select(ServerDay).where(
-                    ServerDay.server_id == server.id,
-                    col(ServerDay.day) >= row.state_day,
+                    col(ServerDay.server_id).in_([row.server_id for row in stale]),
+                    col(ServerDay.day) >= min(row.state_day for row in stale),
                     col(ServerDay.day) < today,
                 )
             )
         ).all()
-        state = domain.state_on(
-            domain.WarmupState(row.step, row.state_day, row.idle_days),
-            today,
-            delivered={d.day: d.sent for d in days},
-            allowances={d.day: d.allowance for d in days},
-            schedule=schedule,
-            daily_cap=server.daily_cap,
-        )
-        row.step, row.state_day, row.idle_days = state.step, state.day, state.idle_days
-        session.add(row)
+        for row in stale:
+            days = [d for d in history if d.server_id == row.server_id]
+            state = domain.state_on(
+                domain.WarmupState(row.step, row.state_day, row.idle_days),
+                today,
+                delivered={d.day: d.sent for d in days},
+                allowances={d.day: d.allowance for d in days},
+                schedule=schedule,
+                daily_cap=by_id[row.server_id].daily_cap,
+            )
+            row.step, row.state_day, row.idle_days = state.step, state.day, state.idle_days
+            session.add(row)
         await session.flush()
-    return row
+    return rows
+
+
+async def warmup_state(
+    session: AsyncSession, server: ServerView, today: date, schedule: WarmupSchedule
+) -> ServerWarmup:
+    return (await warmup_states(session, [server], today, schedule))[server.id]
+
+
+async def server_days(
+    session: AsyncSession,
+    servers: Sequence[ServerView],
+    day: date,
+    allowances: dict[uuid.UUID, int],
+) -> dict[uuid.UUID, ServerDay]:
+    """Each server's counter row for `day`, created with that day's allowance when first needed.
+
+    The allowance is fixed for the day once the row exists.
+    """
+    if not servers:
+        return {}
+    await session.exec(
+        insert_ignore(
+            session,
+            table_of(ServerDay),
+            [
+                {
+                    "server_id": s.id,
+                    "day": day,
+                    "tenant_id": s.tenant_id,
+                    "allowance": allowances[s.id],
+                    "reserved": 0,
+                    "sent": 0,
+                }
+                for s in servers
+            ],
+        )
+    )
+    query = (
+        select(ServerDay)
+        .where(col(ServerDay.server_id).in_([s.id for s in servers]), ServerDay.day == day)
+        .execution_options(populate_existing=True)
+    )
+    return {row.server_id: row for row in (await session.exec(query)).all()}
 
 
 async def server_day(
     session: AsyncSession, server: ServerView, day: date, allowance: int
 ) -> ServerDay:
-    """Today's counter row, created with today's allowance the first time it is needed."""
-    await session.exec(
-        insert_ignore(
-            session,
-            table_of(ServerDay),
-            {
-                "server_id": server.id,
-                "day": day,
-                "tenant_id": server.tenant_id,
-                "allowance": allowance,
-                "reserved": 0,
-                "sent": 0,
-            },
+    return (await server_days(session, [server], day, {server.id: allowance}))[server.id]
+
+
+async def rolling_usage(
+    session: AsyncSession, server_ids: Sequence[uuid.UUID], now: datetime
+) -> dict[uuid.UUID, int]:
+    """Reservations of each server in the rolling 24 hours (see `domain.rolling_used`)."""
+    if not server_ids:
+        return {}
+    hours = table_of(ServerUsageHour)
+    query = (
+        select(hours.c.server_id, func.sum(hours.c.used))
+        .where(
+            hours.c.server_id.in_(server_ids),
+            hours.c.hour >= domain.rolling_window_start(now),
         )
+        .group_by(hours.c.server_id)
     )
-    row = await session.get(ServerDay, (server.id, day), populate_existing=True)
-    assert row is not None
-    return row
+    rows = (await session.exec(query)).all()
+    return {server_id: int(total or 0) for server_id, total in rows}
 
 
-async def usage_by_hour(
-    session: AsyncSession, server_id: uuid.UUID, now: datetime
-) -> dict[datetime, int]:
-    since = now - timedelta(hours=25)
-    rows = (
-        await session.exec(
-            select(ServerUsageHour).where(
-                ServerUsageHour.server_id == server_id, col(ServerUsageHour.hour) >= since
-            )
-        )
-    ).all()
-    return {row.hour: row.used for row in rows}
-
-
-async def reserve(
-    session: AsyncSession, server_id: uuid.UUID, day: date, wanted: int, now: datetime
+async def _reserve_daily(
+    session: AsyncSession, server_id: uuid.UUID, day: date, wanted: int
 ) -> int:
-    """Reserve up to `wanted` sends on a server's day; return how many were granted.
+    """The guarded UPDATE: `reserved` never passes `allowance`, whoever runs at once.
 
-    The guarded UPDATE is the atomic step: it never lets `reserved` pass `allowance`, however
-    many schedulers run at once. It also locks the row, so the rolling 24-hour count read after
-    it sees every reservation committed before and none can slip in until this one commits.
+    It also locks the row until commit, which serialises every reservation on this server.
     """
     table = table_of(ServerDay)
     granted = wanted
@@ -203,41 +243,103 @@ async def reserve(
             .values(reserved=table.c.reserved + granted)
         )
         if result.rowcount == 1:
-            break
+            return granted
         row = await session.get(ServerDay, (server_id, day), populate_existing=True)
         if row is None:
             return 0
         granted = min(granted, row.allowance - row.reserved)
-    if granted <= 0:
-        return 0
-    row = await session.get(ServerDay, (server_id, day), populate_existing=True)
-    assert row is not None
-    over = domain.rolling_used(await usage_by_hour(session, server_id, now), now) + granted
-    excess = max(0, over - row.allowance)
-    if excess:
-        await session.exec(
-            update(table)
-            .where(table.c.server_id == server_id, table.c.day == day)
-            .values(reserved=table.c.reserved - excess)
+    return 0
+
+
+async def _reserve_daily_bulk(
+    session: AsyncSession, day: date, wanted: dict[uuid.UUID, int]
+) -> set[uuid.UUID]:
+    """PostgreSQL: the same guard for many servers in one statement; returns who got it all."""
+    table = table_of(ServerDay)
+    wants = values(column("server_id", Uuid), column("wanted", Integer), name="wants").data(
+        sorted(wanted.items())
+    )
+    statement = (
+        update(table)
+        .where(
+            table.c.server_id == wants.c.server_id,
+            table.c.day == day,
+            table.c.reserved + wants.c.wanted <= table.c.allowance,
         )
-        granted -= excess
-    if granted > 0:
-        await add_hour_usage(session, server_id, domain.hour_bucket(now), granted)
+        .values(reserved=table.c.reserved + wants.c.wanted)
+        .returning(table.c.server_id)
+    )
+    return set((await session.exec(statement)).scalars().all())
+
+
+async def reserve_many(
+    session: AsyncSession, day: date, wanted: dict[uuid.UUID, int], now: datetime
+) -> dict[uuid.UUID, int]:
+    """Reserve sends on many servers' `day`; return what each was granted.
+
+    After the daily guard has locked the servers' rows, the rolling 24-hour count is read: it
+    sees every reservation committed before, and none can slip in until this one commits.
+    """
+    wanted = {server_id: n for server_id, n in wanted.items() if n > 0}
+    granted: dict[uuid.UUID, int] = {}
+    if wanted and is_postgres(session):
+        for server_id in await _reserve_daily_bulk(session, day, wanted):
+            granted[server_id] = wanted[server_id]
+    for server_id, n in sorted(wanted.items()):
+        if server_id not in granted:
+            granted[server_id] = await _reserve_daily(session, server_id, day, n)
+    granted = {server_id: n for server_id, n in granted.items() if n > 0}
+    if not granted:
+        return {}
+    rows = {
+        row.server_id: row
+        for row in (
+            await session.exec(
+                select(ServerDay)
+                .where(col(ServerDay.server_id).in_(granted), ServerDay.day == day)
+                .execution_options(populate_existing=True)
+            )
+        ).all()
+    }
+    rolling = await rolling_usage(session, list(granted), now)
+    table = table_of(ServerDay)
+    for server_id, n in list(granted.items()):
+        excess = max(0, rolling.get(server_id, 0) + n - rows[server_id].allowance)
+        if excess:
+            await session.exec(
+                update(table)
+                .where(table.c.server_id == server_id, table.c.day == day)
+                .values(reserved=table.c.reserved - excess)
+            )
+            granted[server_id] = n - excess
+    granted = {server_id: n for server_id, n in granted.items() if n > 0}
+    await add_hour_usage(session, granted, domain.hour_bucket(now))
     return granted
 
 
+async def reserve(
+    session: AsyncSession, server_id: uuid.UUID, day: date, wanted: int, now: datetime
+) -> int:
+    """Reserve up to `wanted` sends on one server's day; return how many were granted."""
+    return (await reserve_many(session, day, {server_id: wanted}, now)).get(server_id, 0)
+
+
 async def add_hour_usage(
-    session: AsyncSession, server_id: uuid.UUID, hour: datetime, amount: int
+    session: AsyncSession, amounts: dict[uuid.UUID, int], hour: datetime
 ) -> None:
-    await session.exec(
-        upsert_increment(
-            session,
-            table_of(ServerUsageHour),
-            {"server_id": server_id, "hour": hour},
-            "used",
-            amount,
+    if amounts:
+        await session.exec(
+            upsert_increment(
+                session,
+                table_of(ServerUsageHour),
+                [
+                    {"server_id": server_id, "hour": hour, "used": n}
+                    for server_id, n in sorted(amounts.items())
+                ],
+                keys=("server_id", "hour"),
+                column="used",
+            )
         )
-    )
 
 
 async def release(
@@ -281,15 +383,6 @@ async def tenants_with_due_emails(session: AsyncSession, now: datetime) -> list[
     return list((await session.exec(query)).all())
 
 
-async def due_count(session: AsyncSession, tenant_id: uuid.UUID, now: datetime) -> int:
-    query = select(func.count()).where(
-        Email.tenant_id == tenant_id,
-        Email.status == EmailStatus.queued,
-        col(Email.not_before) <= now,
-    )
-    return int((await session.exec(query)).one())
-
-
 async def claim_due(
     session: AsyncSession, tenant_id: uuid.UUID, limit: int, now: datetime
 ) -> list[Email]:
@@ -329,21 +422,30 @@ async def mark_published(
     session: AsyncSession, jobs: Sequence[tuple[uuid.UUID, uuid.UUID]], now: datetime
 ) -> None:
     table = table_of(Email)
-    for email_id, job_id in jobs:
-        await session.exec(
-            update(table)
-            .where(table.c.id == email_id, table.c.job_id == job_id, table.c.published_at.is_(None))
-            .values(published_at=now)
+    statement = (
+        update(table)
+        .where(
+            table.c.id == bindparam("email"),
+            table.c.job_id == bindparam("job"),
+            table.c.published_at.is_(None),
         )
-
-
-async def parked_servers(
-    session: AsyncSession, tenant_id: uuid.UUID, now: datetime
-) -> set[uuid.UUID]:
-    query = select(ServerWarmup.server_id).where(
-        ServerWarmup.tenant_id == tenant_id, col(ServerWarmup.parked_until) > now
+        .values(published_at=now)
     )
-    return set((await session.exec(query)).all())
+    connection = await session.connection()
+    await connection.execute(statement, [{"email": e, "job": j} for e, j in jobs])
+
+
+async def try_lock_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
+    """One dispatcher per tenant at a time (PostgreSQL advisory lock, held until commit).
+
+    The allowance guard is what keeps the cap; this lock keeps replicas from contending for the
+    same servers' rows, and keeps the even share exact.
+    """
+    if not is_postgres(session):
+        return True  # SQLite has a single writer already
+    key = int.from_bytes(tenant_id.bytes[:8], "big", signed=True)
+    result = await session.exec(select(func.pg_try_advisory_xact_lock(key)))
+    return bool(result.one())
 
 
 async def park(session: AsyncSession, server_id: uuid.UUID, until: datetime, reason: str) -> None:

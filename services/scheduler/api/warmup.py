@@ -42,7 +42,7 @@ async def server_warmup(
     warmup = await repository.warmup_state(session, server, today, schedule)
     allowance = schedule.allowance(warmup.step, server.daily_cap)
     day = await repository.server_day(session, server, today, allowance)
-    rolling = domain.rolling_used(await repository.usage_by_hour(session, server.id, now), now)
+    rolling = (await repository.rolling_usage(session, [server.id], now)).get(server.id, 0)
     parked = warmup.parked_until if warmup.parked_until and warmup.parked_until > now else None
     next_at = (
         None
