@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.registry import domain, verifier
+from services.registry import domain
+from shared import addresses
 from tests.conftest import Api, make_settings, running
 
 FORBIDDEN_HOSTS = [
@@ -42,7 +43,7 @@ def spy_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every SMTP connection the verifier opens, and a private DNS answer for one name."""
     opened: list[str] = []
     original_connect = aiosmtplib.SMTP.connect
-    original_resolve = verifier.resolve
+    original_resolve = addresses.resolve
 
     async def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
         opened.append(str(self.hostname))
@@ -54,7 +55,7 @@ def spy_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return await original_resolve(host, port)
 
     monkeypatch.setattr(aiosmtplib.SMTP, "connect", connect)
-    monkeypatch.setattr(verifier, "resolve", resolve)
+    monkeypatch.setattr(addresses, "resolve", resolve)
     return opened
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
@@ -18,6 +17,7 @@ import aiosmtplib
 
 from services.registry import domain
 from services.registry.domain import CheckCode, CheckOutcome, Security
+from shared import addresses as addresses_module
 from shared.settings import Settings
 from shared.smtp_tls import pinned_context
 
@@ -34,12 +34,6 @@ class Target:
 
     def __repr__(self) -> str:  # the password must never reach a log or a traceback
         return f"Target(host={self.host!r}, port={self.port}, security={self.security.value})"
-
-
-async def resolve(host: str, port: int) -> list[domain.IPAddress]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
 class Verifier:
@@ -62,7 +56,7 @@ class Verifier:
         ):
             return domain.blocked_port(target.port, self.allowed_ports)
         try:
-            addresses = await resolve(target.host, target.port)
+            addresses = await addresses_module.resolve(target.host, target.port)
         except (socket.gaierror, UnicodeError):
             return domain.dns_failed(target.host)
         verdict = domain.judge_addresses(addresses, allow_private=self.allow_private)

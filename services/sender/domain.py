@@ -1,0 +1,77 @@
+"""What an SMTP exchange's end means, free of I/O.
+
+The line between "the server may have the email" and "it certainly does not" is the final ".":
+every failure before it is safe to retry and gives the reservation back; a line that dies after
+it may have delivered, so the email is `unknown` and never resent on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared.messages import Outcome
+
+
+class Stage(StrEnum):
+    connect = "connect"
+    auth = "auth"
+    mail = "mail"
+    rcpt = "rcpt"
+    data = "data"  # the DATA command, before 354
+    end_of_data = "end_of_data"  # the payload and its final "." were written
+
+
+class ServerProblem(StrEnum):
+    quota = "quota"
+    auth_failed = "auth_failed"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    data_completed: bool
+    server_problem: ServerProblem | None = None
+    reason: str = ""
+
+
+_QUOTA = re.compile(
+    r"5\.4\.5|4\.7\.0|4\.3\.2|quota|rate limit|too many (messages|connections|recipients)|"
+    r"SubmissionQuotaExceeded|sending limit|try again later",
+    re.IGNORECASE,
+)
+
+
+def is_quota_reply(code: int, text: str) -> bool:
+    """Gmail 550 5.4.5, Microsoft 554 5.2.0 SubmissionQuotaExceeded, 421 4.7.0, 432 4.3.2."""
+    if code in (421, 432) and re.search(r"4\.7\.0|4\.3\.2", text):
+        return True
+    return bool(_QUOTA.search(text)) and code >= 400
+
+
+def classify_reply(stage: Stage, code: int, text: str) -> Verdict:
+    """A server's reply code at `stage` (the reply to the final "." for end_of_data)."""
+    after_dot = stage is Stage.end_of_data
+    if 200 <= code < 300 and after_dot:
+        return Verdict(Outcome.sent, True, reason="accepted")
+    if code == 535 or (stage is Stage.auth and code in (534, 530)):
+        return Verdict(Outcome.retry, False, ServerProblem.auth_failed, "authentication failed")
+    if is_quota_reply(code, text):
+        return Verdict(Outcome.retry, after_dot, ServerProblem.quota, "sending quota reached")
+    if 400 <= code < 500:
+        return Verdict(Outcome.retry, after_dot, reason="transient reply")
+    if code >= 500 and stage in (Stage.rcpt, Stage.end_of_data):
+        return Verdict(Outcome.failed, after_dot, reason="refused for good")
+    if code >= 500:
+        # MAIL FROM or DATA refused with 5xx: the server or the account is at fault, not this
+        # email; another server may take it.
+        return Verdict(Outcome.retry, False, reason="server refused the transaction")
+    return Verdict(Outcome.retry, after_dot, reason=f"unexpected reply {code}")
+
+
+def classify_lost_line(stage: Stage) -> Verdict:
+    """The connection died or timed out at `stage`, with no reply."""
+    if stage is Stage.end_of_data:
+        return Verdict(Outcome.unknown, True, reason="line lost after the final '.'")
+    return Verdict(Outcome.retry, False, reason=f"line lost at {stage.value}")
