@@ -6,12 +6,14 @@ from fastapi import FastAPI
 
 from services.registry import main as registry
 from services.scheduler import main as scheduler
+from services.sender import main as sender
 from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
 from shared.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> FastAPI:
+    """Every service in one app; `run_loops=False` leaves dispatching and sending to a test."""
     resolved = settings or get_settings()
     app = build_app(
         title="ABillionLeads sending API",
@@ -21,7 +23,8 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
             database(resolved),
             in_process_bus(),
             registry.registry_resources(resolved),
-            scheduler.scheduler_resources(resolved, run_loop=run_loops),
+            scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
+            *([sender.sender_resources(resolved, in_process=True)] if run_loops else []),
         ],
     )
     registry.install(app)

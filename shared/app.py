@@ -3,7 +3,7 @@ database opened in the lifespan."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,11 +11,17 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.db import create_engine, session_factory
-from shared.errors import install_problem_handlers
+from shared.errors import Problem, ServiceUnavailable, install_problem_handlers
 from shared.metrics import install_metrics
 from shared.settings import Settings
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+def add_readiness_check(app: FastAPI, check: ReadinessCheck) -> None:
+    """Register what /readyz must find working before traffic is sent to this process."""
+    app.state.readiness_checks.append(check)
 
 
 class Health(BaseModel):
@@ -28,6 +34,13 @@ def database(settings: Settings) -> Resource:
         engine = create_engine(settings.database_url)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
+
+        async def database_answers() -> bool:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            return True
+
+        add_readiness_check(app, database_answers)
         try:
             yield
         finally:
@@ -49,6 +62,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        app.state.readiness_checks = []
         async with AsyncExitStack() as stack:
             for resource in resources:
                 await stack.enter_async_context(resource(app))
@@ -62,10 +76,22 @@ def build_app(
     async def healthz() -> Health:
         return Health(status="ok")
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: the database answers")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: the database and the broker answer, the worker consumes",
+        responses={503: {"model": Problem, "description": "Not ready"}},
+    )
     async def readyz() -> Health:
-        async with app.state.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        for check in app.state.readiness_checks:
+            try:
+                ready = await check()
+            except Exception as exc:
+                raise ServiceUnavailable(
+                    f"Not ready: {type(exc).__name__}.", code="not_ready"
+                ) from exc
+            if not ready:
+                raise ServiceUnavailable("Not ready.", code="not_ready")
         return Health(status="ready")
 
     return app

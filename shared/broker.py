@@ -23,6 +23,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
 )
 
@@ -57,6 +58,9 @@ class Bus(Protocol):
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> None: ...
 
+    async def stop_consuming(self) -> None:
+        """Take no new deliveries; those being handled may still finish and be acked."""
+
     async def close(self) -> None: ...
 
 
@@ -68,6 +72,7 @@ class RabbitBus:
         self.publish_channel: AbstractChannel | None = None
         self.exchange: AbstractExchange | None = None
         self.consume_channels: list[AbstractChannel] = []
+        self.consumers: list[tuple[AbstractQueue, str]] = []
         self.declared: set[str] = set()
 
     async def connect(self) -> None:
@@ -141,7 +146,13 @@ class RabbitBus:
                     "message from %s returned to the queue: %s", queue, type(exc).__name__
                 )
 
-        await declared.consume(on_message)
+        tag = await declared.consume(on_message)
+        self.consumers.append((declared, tag))
+
+    async def stop_consuming(self) -> None:
+        for queue, tag in self.consumers:
+            await queue.cancel(tag)
+        self.consumers.clear()
 
     async def close(self) -> None:
         for channel in self.consume_channels:
@@ -165,6 +176,7 @@ class InProcessBus:
     queues: dict[str, asyncio.Queue[_Envelope]] = field(default_factory=dict)
     dead_letters: dict[str, list[_Envelope]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    consumer_loops: list[asyncio.Task[None]] = field(default_factory=list)
 
     def _queue(self, name: str) -> asyncio.Queue[_Envelope]:
         return self.queues.setdefault(name, asyncio.Queue())
@@ -207,9 +219,16 @@ class InProcessBus:
                 self.tasks.append(asyncio.create_task(handle(envelope)))
                 self.tasks = [task for task in self.tasks if not task.done()]
 
-        self.tasks.append(asyncio.create_task(loop()))
+        self.consumer_loops.append(asyncio.create_task(loop()))
+
+    async def stop_consuming(self) -> None:
+        for task in self.consumer_loops:
+            task.cancel()
+        await asyncio.gather(*self.consumer_loops, return_exceptions=True)
+        self.consumer_loops.clear()
 
     async def close(self) -> None:
+        await self.stop_consuming()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HTTP_REQUESTS = Counter(
@@ -101,4 +101,25 @@ RESULTS_APPLIED = Counter(
     "abl_results_applied_total",
     "Result events applied to emails, by outcome; duplicates are counted as `duplicate`.",
     ["outcome"],
+)
+
+# --- sender ------------------------------------------------------------------------------
+
+SENDER_OUTCOMES = Counter(
+    "abl_sender_outcomes_total",
+    "Send attempts by outcome (`sent`, `failed`, `retry`, `unknown`).",
+    ["outcome"],
+)
+SMTP_REPLIES = Counter(
+    "abl_smtp_replies_total", "Final SMTP replies of send attempts, by class.", ["reply_class"]
+)
+DELIVERY_DURATION = Histogram(
+    "abl_delivery_duration_seconds",
+    "Time one SMTP transaction took, connection set-up included.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 600),
+)
+JOBS_IN_FLIGHT = Gauge("abl_sender_jobs_in_flight", "Send jobs a worker is handling now.")
+JOBS_SKIPPED = Counter(
+    "abl_sender_jobs_skipped_total",
+    "Jobs acked without sending: the email was already sent, unknown or canceled.",
 )

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     verify_burst: int = Field(default=5, ge=1)
 
     registry_url: str = "http://127.0.0.1:8000"
+    scheduler_url: str = "http://127.0.0.1:8000"
 
     # Scheduler
     pacing: bool = True
@@ -81,6 +82,15 @@ class Settings(BaseSettings):
     retry_cap_seconds: float = Field(default=3600.0, ge=0)
     capacity_headroom: float = Field(default=0.25, ge=0, le=5)
     quota_park_seconds: float = Field(default=3600.0, ge=0)
+
+    # Sender
+    sender_prefetch: int = Field(default=64, ge=1, le=10_000)
+    sender_connections_per_server: int = Field(default=2, ge=1, le=20)
+    sender_drain_seconds: float = Field(default=30.0, ge=0)
+    sender_command_timeout_seconds: float = Field(default=60.0, gt=0)
+    sender_data_timeout_seconds: float = Field(default=600.0, gt=0)
+    sender_idle_seconds: float = Field(default=60.0, gt=0)
+    credentials_ttl_seconds: float = Field(default=60.0, ge=0)
 
     @field_validator("encryption_keys", mode="before")
     @classmethod

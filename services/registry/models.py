@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import EmailStr, SecretStr, field_validator, model_validator
 from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
@@ -147,6 +147,16 @@ class SmtpCredentials(SQLModel):
     from_name: str
     status: ServerStatus
     daily_cap: int
+
+
+class HealthReport(SQLModel):
+    status: Literal[ServerStatus.auth_failed]
+    reply: str = Field(max_length=1000)
+
+
+class HealthAck(SQLModel):
+    id: uuid.UUID
+    status: ServerStatus
 
 
 class SmtpServer(SmtpServerBase, table=True):

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import TypeAdapter
 
+from services.scheduler import repository
 from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.models import MessageBatch
@@ -23,8 +24,14 @@ from shared.settings import Settings, get_settings
 RESULT_PREFETCH = 64
 
 
-def scheduler_resources(settings: Settings, *, run_loop: bool = True) -> Resource:
-    """Needs `app.state.sessions` and `app.state.bus` from resources opened before it."""
+def scheduler_resources(
+    settings: Settings, *, run_loop: bool = True, recover_in_memory: bool = False
+) -> Resource:
+    """Needs `app.state.sessions` and `app.state.bus` from resources opened before it.
+
+    `recover_in_memory`: the in-process bus lost its jobs with the last process, so every
+    `scheduled` email is published again at start (the sender skips any already sent).
+    """
 
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
@@ -37,6 +44,9 @@ def scheduler_resources(settings: Settings, *, run_loop: bool = True) -> Resourc
         )
         app.state.dispatcher = dispatcher
         app.state.result_applier = applier
+        if recover_in_memory:
+            async with app.state.sessions() as session, session.begin():
+                await repository.expire_all_leases(session)
         await bus.declare(settings.send_jobs_queue)
         await bus.consume(settings.results_queue, applier.handle, prefetch=RESULT_PREFETCH)
         stop = asyncio.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import Integer, Uuid, bindparam, column, func, update, values
 from sqlalchemy.exc import IntegrityError
@@ -454,4 +454,14 @@ async def park(session: AsyncSession, server_id: uuid.UUID, until: datetime, rea
         update(table)
         .where(table.c.server_id == server_id)
         .values(parked_until=until, park_reason=reason[:200])
+    )
+
+
+async def expire_all_leases(session: AsyncSession) -> None:
+    """Make every scheduled email's job due for publishing again (in-process bus restart)."""
+    table = table_of(Email)
+    await session.exec(
+        update(table)
+        .where(table.c.status == EmailStatus.scheduled)
+        .values(published_at=None, lease_until=datetime(2000, 1, 1, tzinfo=UTC))
     )

@@ -38,7 +38,7 @@ class Verdict:
 
 _QUOTA = re.compile(
     r"5\.4\.5|4\.7\.0|4\.3\.2|quota|rate limit|too many (messages|connections|recipients)|"
-    r"SubmissionQuotaExceeded|sending limit|try again later",
+    r"SubmissionQuotaExceeded|sending limit",
     re.IGNORECASE,
 )
 

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Response
 from services.registry import repository
 from services.registry.deps import KeyringDep
 from services.registry.domain import Security, ServerStatus
-from services.registry.models import SmtpCredentials
+from services.registry.models import HealthAck, HealthReport, SmtpCredentials
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES
 from shared.tenancy import InternalDep
+from shared.timeutil import utcnow
 
 router = APIRouter(
     prefix="/internal/v1",
@@ -44,3 +45,19 @@ async def server_credentials(
         status=ServerStatus(server.status),
         daily_cap=server.daily_cap,
     )
+
+
+@router.post(
+    "/servers/{server_id}/health",
+    summary="A sender reports that a server refused its credentials",
+)
+async def report_health(server_id: uuid.UUID, body: HealthReport, session: SessionDep) -> HealthAck:
+    server = await repository.get_server_any_tenant(session, server_id)
+    server.last_check_code = body.status.value
+    server.last_check_reply = body.reply[:512]
+    server.last_checked_at = utcnow()
+    if server.status != ServerStatus.paused:
+        server.status = body.status
+    server.updated_at = utcnow()
+    session.add(server)
+    return HealthAck(id=server.id, status=ServerStatus(server.status))

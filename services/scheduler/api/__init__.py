@@ -2,9 +2,10 @@
 
 from fastapi import APIRouter
 
-from services.scheduler.api import messages, sending_profile, warmup
+from services.scheduler.api import internal, messages, sending_profile, warmup
 
 router = APIRouter()
 router.include_router(messages.router)
 router.include_router(warmup.router)
 router.include_router(sending_profile.router)
+router.include_router(internal.router)

@@ -1,0 +1,215 @@
+"""One SMTP transaction through a tenant's server, over a pooled connection.
+
+Each server has its own pool (at most `ABL_SENDER_CONNECTIONS_PER_SERVER` connections), so a
+slow server holds up only its own jobs; an open connection is reused for the server's next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import aiosmtplib
+
+from services.sender import domain
+from services.sender.clients import Credentials
+from services.sender.domain import Stage, Verdict
+from services.sender.message import build_message, wire_bytes
+from shared import addresses
+from shared.messages import Outcome, SendJob
+from shared.settings import Settings
+from shared.smtp_tls import pinned_context
+
+
+@dataclass
+class Attempt:
+    verdict: Verdict
+    code: int | None = None
+    reply: str | None = None
+
+
+@dataclass
+class _Idle:
+    client: aiosmtplib.SMTP
+    fingerprint: str
+    since: float
+
+
+@dataclass
+class ServerConnections:
+    slots: asyncio.Semaphore
+    idle: list[_Idle] = field(default_factory=list)
+
+
+def fingerprint(credentials: Credentials) -> str:
+    # Changed credentials must not reuse a session opened with the old ones.
+    raw = "\0".join(
+        (
+            credentials.host,
+            str(credentials.port),
+            credentials.security,
+            credentials.username,
+            credentials.password,
+        )
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class NoUsableAddress(Exception):
+    """The server's host resolves to no address a sender may dial."""
+
+
+class Deliverer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pools: dict[uuid.UUID, ServerConnections] = {}
+
+    def _pool(self, server_id: uuid.UUID) -> ServerConnections:
+        pool = self.pools.get(server_id)
+        if pool is None:
+            pool = ServerConnections(asyncio.Semaphore(self.settings.sender_connections_per_server))
+            self.pools[server_id] = pool
+        return pool
+
+    def _take_idle(self, pool: ServerConnections, key: str) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while pool.idle:
+            idle = pool.idle.pop()
+            fresh = now - idle.since < self.settings.sender_idle_seconds
+            if fresh and idle.fingerprint == key and idle.client.is_connected:
+                return idle.client
+            idle.client.close()
+        return None
+
+    async def _open(self, credentials: Credentials) -> aiosmtplib.SMTP:
+        candidates = await addresses.resolve(credentials.host, credentials.port)
+        verdict = addresses.judge_addresses(
+            candidates, allow_private=self.settings.allow_private_hosts
+        )
+        if not verdict.ok:
+            raise NoUsableAddress(credentials.host)
+        last_error: Exception | None = None
+        for address in verdict.allowed:
+            client = aiosmtplib.SMTP(
+                hostname=str(address),
+                port=credentials.port,
+                use_tls=credentials.security == "tls",
+                start_tls=False,
+                tls_context=pinned_context(credentials.host),
+                timeout=self.settings.sender_command_timeout_seconds,
+            )
+            try:
+                await client.connect()
+            except aiosmtplib.SMTPConnectError as exc:
+                last_error = exc
+                continue
+            try:
+                await client.ehlo()
+                if credentials.security == "starttls":
+                    if not client.supports_extension("starttls"):
+                        raise aiosmtplib.SMTPNotSupported("the server stopped offering STARTTLS")
+                    await client.starttls()
+                    await client.ehlo()
+            except BaseException:
+                client.close()
+                raise
+            return client
+        assert last_error is not None
+        raise last_error
+
+    async def deliver(self, job: SendJob, credentials: Credentials, now: datetime) -> Attempt:
+        pool = self._pool(job.server_id)
+        key = fingerprint(credentials)
+        payload = wire_bytes(
+            build_message(
+                job.content,
+                from_email=credentials.from_email,
+                from_name=credentials.from_name,
+                now=now,
+            )
+        )
+        async with pool.slots:
+            client = self._take_idle(pool, key)
+            stage = Stage.connect
+            reusable = False
+            try:
+                if client is None:
+                    client = await self._open(credentials)
+                    stage = Stage.auth
+                    await client.login(credentials.username, credentials.password)
+                stage = Stage.mail
+                await client.mail(credentials.from_email)
+                stage = Stage.rcpt
+                await client.rcpt(job.content.to)
+                stage = Stage.data
+                response = await client.execute_command(b"DATA")
+                if response.code != 354:
+                    reusable = True
+                    return Attempt(
+                        domain.classify_reply(stage, response.code, response.message),
+                        response.code,
+                        response.message,
+                    )
+                stage = Stage.end_of_data
+                assert client.protocol is not None
+                client.protocol.write(payload)
+                response = await client.protocol.read_response(
+                    timeout=self.settings.sender_data_timeout_seconds
+                )
+                reusable = True
+                return Attempt(
+                    domain.classify_reply(stage, response.code, response.message),
+                    response.code,
+                    response.message,
+                )
+            except aiosmtplib.SMTPResponseException as exc:
+                reusable = stage in (Stage.mail, Stage.rcpt)
+                return Attempt(
+                    domain.classify_reply(stage, exc.code, exc.message), exc.code, exc.message
+                )
+            except NoUsableAddress:
+                return Attempt(
+                    Verdict(Outcome.retry, False, reason="no usable address"),
+                    None,
+                    "the host resolves to a forbidden address",
+                )
+            except aiosmtplib.SMTPNotSupported as exc:
+                return Attempt(Verdict(Outcome.retry, False, reason="no STARTTLS"), None, str(exc))
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                return Attempt(domain.classify_lost_line(stage), None, type(exc).__name__)
+            finally:
+                if client is not None:
+                    reset = stage is not Stage.end_of_data  # an unfinished transaction
+                    await self._put_back(pool, client, key, reusable, reset)
+
+    async def _put_back(
+        self,
+        pool: ServerConnections,
+        client: aiosmtplib.SMTP,
+        key: str,
+        reusable: bool,
+        reset: bool,
+    ) -> None:
+        if reusable and client.is_connected:
+            if reset:
+                try:
+                    await client.rset()
+                except aiosmtplib.SMTPException:
+                    client.close()
+                    return
+            pool.idle.append(_Idle(client, key, time.monotonic()))
+        else:
+            client.close()
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            for idle in pool.idle:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                    await asyncio.wait_for(idle.client.quit(), timeout=2)
+                idle.client.close()
+            pool.idle.clear()
