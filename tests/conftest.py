@@ -178,10 +178,12 @@ class Api:
 
 
 @asynccontextmanager
-async def running(settings: Settings, *, combined: bool = False) -> AsyncIterator[Api]:
-    """The registry app, or with `combined` every service in one app (the dispatch loop is
-    left to the test, which calls `tick()` itself)."""
-    app = create_all(settings, run_loops=False) if combined else create_app(settings)
+async def running(
+    settings: Settings, *, combined: bool = False, loops: bool = False
+) -> AsyncIterator[Api]:
+    """The registry app, or with `combined` every service in one app. Without `loops` the
+    dispatch loop and the sender are left to the test, which calls `tick()` itself."""
+    app = create_all(settings, run_loops=loops) if combined else create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:

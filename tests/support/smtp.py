@@ -6,6 +6,7 @@ verifies certificates exactly as it does against a public provider.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
@@ -67,11 +68,75 @@ class Recorder:
                 self.logins[login] += 1
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
+    async def handle_MAIL(
+        self,
+        server: SMTPProtocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        # An account whose login starts with "quota" has used up its day at the provider.
+        if str(session.auth_data).startswith("quota"):
+            return "550 5.4.5 Daily user sending quota exceeded."
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTPProtocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        script = address.partition("@")[0].partition("+")[0]
+        if script in RCPT_REPLIES:
+            return RCPT_REPLIES[script]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
     async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
+        script = envelope.rcpt_tos[0].partition("@")[0].partition("+")[0]
+        if script == "data451":
+            return "451 4.4.1 Temporary local problem"
+        if script == "hang":
+            await asyncio.sleep(HANG_SECONDS)
         with self.lock:
             self.accepted[str(session.auth_data)] += 1
             self.messages.append(envelope)
+        if script == "dropafter":
+            # The message is taken, but the line dies before the reply: maybe delivered.
+            assert isinstance(server.transport, asyncio.Transport)
+            server.transport.abort()
         return "250 2.0.0 OK queued"
+
+
+# Recipients script the server: `<script>+anything@domain`.
+RCPT_REPLIES = {
+    "rcpt550": "550 5.1.1 The email account that you tried to reach does not exist",
+    "rcpt451": "451 4.2.1 Mailbox busy, come back in a while",
+    "quota": "550 5.4.5 Daily user sending quota exceeded.",
+    "msquota": "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+}
+HANG_SECONDS = 30.0
+
+
+class ScriptedSMTP(SMTPProtocol):
+    """Drops the line when DATA is asked for a `dropbefore` recipient: before the final '.'."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        assert self.envelope is not None
+        if any(rcpt.startswith("dropbefore") for rcpt in self.envelope.rcpt_tos):
+            assert isinstance(self.transport, asyncio.Transport)
+            self.transport.abort()
+            return
+        await super().smtp_DATA(arg)
+
+
+class ScriptedController(Controller):
+    def factory(self) -> SMTPProtocol:
+        return ScriptedSMTP(self.handler, **self.SMTP_kwargs)
 
 
 @dataclass
@@ -106,7 +171,7 @@ def smtp_server(
     else:
         kwargs["tls_context"] = context
         kwargs["require_starttls"] = True
-    controller = Controller(recorder, **kwargs)
+    controller = ScriptedController(recorder, **kwargs)
     controller.start()
     try:
         yield SmtpTestServer("127.0.0.1", port, security, recorder, controller)
