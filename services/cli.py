@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 from shared.crypto import Keyring, generate_key
 from shared.settings import Settings, SettingsError
@@ -47,23 +52,60 @@ def load_settings() -> Settings:
         sys.exit(f"configuration error: {exc}")
 
 
-def cmd_serve(_: argparse.Namespace) -> None:
-    import uvicorn
+class GracefulServer(uvicorn.Server):
+    """uvicorn, except that a SIGTERM or SIGINT that ended in a clean shutdown exits 0.
 
-    from services.registry.main import create_app
+    (uvicorn raises the signal again after shutting down, which makes the exit status 143.)
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from fastapi import FastAPI
+
     from shared.logs import configure_logging
     from shared.migrate import upgrade_database
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    upgrade_database(settings.database_url)
-    print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
-    uvicorn.run(
-        create_app(settings),
+    app: FastAPI
+    if args.service == "all":
+        from services.app import create_app as create_all
+
+        app = create_all(settings)
+    elif args.service == "registry":
+        from services.registry.main import create_app as create_registry
+
+        app = create_registry(settings)
+    elif args.service == "scheduler":
+        from services.scheduler.main import create_app as create_scheduler
+
+        app = create_scheduler(settings)
+    else:
+        from services.sender.main import create_app as create_sender
+
+        app = create_sender(settings)
+    if args.migrate and args.service != "sender":  # senders hold no database connection
+        upgrade_database(settings.database_url)
+    print(f"{args.service}: serving on http://{settings.host}:{settings.port} (docs at /docs)")
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # Longer than the sender's drain, which runs in the lifespan's shutdown.
+        timeout_graceful_shutdown=int(settings.sender_drain_seconds) + 5,
     )
+    GracefulServer(config).run()
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:
@@ -104,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="migrate, then serve the API")
     serve.add_argument(
         "--service",
-        choices=("all", "registry", "scheduler"),
+        choices=("all", "registry", "scheduler", "sender"),
         default="all",
         help="all: every service in one process on the in-process bus (make run)",
     )

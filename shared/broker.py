@@ -58,8 +58,11 @@ class Bus(Protocol):
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> None: ...
 
-    async def stop_consuming(self) -> None:
-        """Take no new deliveries; those being handled may still finish and be acked."""
+    async def stop_consuming(self, queue: str) -> None:
+        """Take no new deliveries from `queue`; those being handled may finish and be acked."""
+
+    async def settle(self, seconds: float) -> None:
+        """Before shutdown: let messages held only by this process reach their consumers."""
 
     async def close(self) -> None: ...
 
@@ -72,7 +75,7 @@ class RabbitBus:
         self.publish_channel: AbstractChannel | None = None
         self.exchange: AbstractExchange | None = None
         self.consume_channels: list[AbstractChannel] = []
-        self.consumers: list[tuple[AbstractQueue, str]] = []
+        self.consumers: list[tuple[str, AbstractQueue, str]] = []
         self.declared: set[str] = set()
 
     async def connect(self) -> None:
@@ -147,12 +150,16 @@ class RabbitBus:
                 )
 
         tag = await declared.consume(on_message)
-        self.consumers.append((declared, tag))
+        self.consumers.append((queue, declared, tag))
 
-    async def stop_consuming(self) -> None:
-        for queue, tag in self.consumers:
-            await queue.cancel(tag)
-        self.consumers.clear()
+    async def settle(self, seconds: float) -> None:
+        """Nothing to do: the broker keeps every message across restarts."""
+
+    async def stop_consuming(self, queue: str) -> None:
+        for name, declared, tag in self.consumers:
+            if name == queue:
+                await declared.cancel(tag)
+        self.consumers = [entry for entry in self.consumers if entry[0] != queue]
 
     async def close(self) -> None:
         for channel in self.consume_channels:
@@ -176,7 +183,7 @@ class InProcessBus:
     queues: dict[str, asyncio.Queue[_Envelope]] = field(default_factory=dict)
     dead_letters: dict[str, list[_Envelope]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    consumer_loops: list[asyncio.Task[None]] = field(default_factory=list)
+    consumer_loops: dict[str, list[asyncio.Task[None]]] = field(default_factory=dict)
 
     def _queue(self, name: str) -> asyncio.Queue[_Envelope]:
         return self.queues.setdefault(name, asyncio.Queue())
@@ -219,16 +226,33 @@ class InProcessBus:
                 self.tasks.append(asyncio.create_task(handle(envelope)))
                 self.tasks = [task for task in self.tasks if not task.done()]
 
-        self.consumer_loops.append(asyncio.create_task(loop()))
+        self.consumer_loops.setdefault(queue, []).append(asyncio.create_task(loop()))
 
-    async def stop_consuming(self) -> None:
-        for task in self.consumer_loops:
+    async def settle(self, seconds: float) -> None:
+        """Wait (at most `seconds`) until every queue with a consumer is empty and handled:
+        a message left in memory would be lost with the process."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline:
+            busy = [task for task in self.tasks if not task.done()]
+            waiting = any(
+                not self.queues[name].empty()
+                for name, loops in self.consumer_loops.items()
+                if loops
+            )
+            if not busy and not waiting:
+                return
+            await asyncio.sleep(0.01)
+        logger.warning("in-process bus still busy after %.0f s", seconds)
+
+    async def stop_consuming(self, queue: str) -> None:
+        loops = self.consumer_loops.pop(queue, [])
+        for task in loops:
             task.cancel()
-        await asyncio.gather(*self.consumer_loops, return_exceptions=True)
-        self.consumer_loops.clear()
+        await asyncio.gather(*loops, return_exceptions=True)
 
     async def close(self) -> None:
-        await self.stop_consuming()
+        for queue in list(self.consumer_loops):
+            await self.stop_consuming(queue)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

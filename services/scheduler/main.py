@@ -58,6 +58,8 @@ def scheduler_resources(
             if loop is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(loop, timeout=30)
+            # Result events still in this process are applied before it goes.
+            await bus.settle(settings.sender_drain_seconds)
 
     return resource
 

@@ -112,7 +112,7 @@ class Worker:
 
     async def drain(self, grace_seconds: float) -> bool:
         """Stop taking jobs and wait for those in flight; True when all finished in time."""
-        await self.bus.stop_consuming()
+        await self.bus.stop_consuming(self.settings.send_jobs_queue)
         try:
             await asyncio.wait_for(self.idle.wait(), timeout=grace_seconds)
         except TimeoutError:

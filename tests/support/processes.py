@@ -1,0 +1,92 @@
+"""Services as real processes (`python -m services.cli serve --service ...`), for tests of
+restarts, SIGTERM and kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from shared.settings import Settings
+from tests.support.smtp import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABL_")}
+    env.update(
+        {
+            "ABL_ENV": "test",
+            "ABL_DATABASE_URL": settings.database_url,
+            "ABL_AMQP_URL": settings.amqp_url.get_secret_value(),
+            "ABL_QUEUE_PREFIX": settings.queue_prefix,
+            "ABL_ADMIN_TOKEN": settings.admin_token.get_secret_value(),
+            "ABL_INTERNAL_TOKEN": settings.internal_token.get_secret_value(),
+            "ABL_ENCRYPTION_KEYS": ",".join(
+                key.get_secret_value() for key in settings.encryption_keys
+            ),
+            "ABL_ALLOW_PRIVATE_HOSTS": "true",
+            "ABL_PACING": "off",
+            "ABL_LOG_LEVEL": "WARNING",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def signal(self, number: signal.Signals) -> None:
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def start(
+    name: str, service: str, env: Mapping[str, str], log_dir: Path, *, ready_timeout: float = 30
+) -> Service:
+    port = free_port()
+    log = log_dir / f"{name}.log"
+    process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+        [sys.executable, "-m", "services.cli", "serve", "--service", service],
+        cwd=ROOT,
+        env={**env, "ABL_PORT": str(port)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    running = Service(name, port, process, log)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{running.url}/readyz", timeout=1).status_code == 200:
+                return running
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    running.stop()
+    raise RuntimeError(f"{name} not ready: {log.read_text()[-2000:]}")
