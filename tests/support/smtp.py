@@ -46,6 +46,7 @@ class Recorder:
     """What the server saw: logins, messages per account, connections."""
 
     accounts: dict[str, str]
+    data_delay: float = 0.0
     logins: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     messages: list[Envelope] = field(default_factory=list)
@@ -102,6 +103,8 @@ class Recorder:
             return "451 4.4.1 Temporary local problem"
         if script == "hang":
             await asyncio.sleep(HANG_SECONDS)
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         with self.lock:
             self.accepted[str(session.auth_data)] += 1
             self.messages.append(envelope)
@@ -150,9 +153,13 @@ class SmtpTestServer:
 
 @contextmanager
 def smtp_server(
-    certs: Certificates, accounts: dict[str, str], *, security: str = "starttls"
+    certs: Certificates,
+    accounts: dict[str, str],
+    *,
+    security: str = "starttls",
+    data_delay: float = 0.0,
 ) -> Iterator[SmtpTestServer]:
-    recorder = Recorder(accounts=dict(accounts))
+    recorder = Recorder(accounts=dict(accounts), data_delay=data_delay)
     port = free_port()
     context = certs.server_context()
     kwargs: dict[str, Any] = {
