@@ -254,3 +254,31 @@ def test_a_tenants_emails_only_ever_go_to_its_own_servers(
         if server.server_id in plan:
             assert server.active
             assert server.parked_until is None or server.parked_until <= NOW
+
+
+@pytest.mark.parametrize(
+    ("previous", "assigned", "expected"),
+    [
+        (["a", None], ["a", "b"], ["b", "a"]),
+        (["a"], ["a"], ["a"]),  # the only server: it takes the retry again
+        ([None, None], ["a", "b"], ["a", "b"]),
+        (["a", "b"], ["a", "b"], ["b", "a"]),
+        (["b", "a", None], ["a", "a", "b"], ["a", "b", "a"]),
+    ],
+)
+def test_a_retry_prefers_another_server(
+    previous: list[str | None], assigned: list[str], expected: list[str]
+) -> None:
+    assert domain.avoid_previous_server(previous, assigned) == expected
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from([None, "a", "b", "c"]), st.sampled_from("abc")), max_size=30)
+)
+def test_avoiding_the_previous_server_keeps_each_servers_share(
+    pairs: list[tuple[str | None, str]],
+) -> None:
+    previous = [p for p, _ in pairs]
+    assigned = [a for _, a in pairs]
+    result = domain.avoid_previous_server(previous, assigned)
+    assert sorted(result) == sorted(assigned)

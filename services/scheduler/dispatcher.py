@@ -195,7 +195,11 @@ class Dispatcher:
             if refused:
                 RESERVATIONS_REFUSED.inc(refused)
             chosen = emails[: sum(granted.values())]
-            for email, server_id in zip(chosen, _interleave(granted), strict=True):
+            assigned = domain.avoid_previous_server(
+                [str(email.server_id) if email.server_id else None for email in chosen],
+                [str(server_id) for server_id in _interleave(granted)],
+            )
+            for email, server_id in zip(chosen, map(uuid.UUID, assigned), strict=True):
                 email.status = EmailStatus.scheduled
                 email.server_id = server_id
                 email.job_id = uuid.uuid4()

@@ -250,6 +250,20 @@ def plan_share(servers: Sequence[ServerLoad], emails: int, rng: random.Random) -
     return plan
 
 
+def avoid_previous_server(previous: Sequence[str | None], assigned: Sequence[str]) -> list[str]:
+    """Swap assignments so that a retried email leaves through another server when one of
+    this batch's servers is free to trade; the share per server stays the same."""
+    result = list(assigned)
+    for i, last in enumerate(previous):
+        if last is None or result[i] != last:
+            continue
+        for j in range(len(result)):
+            if result[j] != last and previous[j] != result[i]:
+                result[i], result[j] = result[j], result[i]
+                break
+    return result
+
+
 # --- retries ------------------------------------------------------------------------------
 
 

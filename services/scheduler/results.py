@@ -92,7 +92,7 @@ class ResultApplier:
             else:
                 email.status = EmailStatus.queued
                 email.not_before = now + self.retry.delay(email.attempts, self.rng)
-                email.server_id = None
+                # server_id keeps the server that failed, so the retry prefers another one.
         email.job_id = None if email.status == EmailStatus.queued else email.job_id
         if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM):
             window = await repository.sending_window(session, email.tenant_id)
