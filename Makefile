@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 UV_VERSION := 0.13.9
 
-.PHONY: install run test lint format openapi lock rotate-keys clean bench-registry
+.PHONY: install run test lint format openapi lock rotate-keys clean bench
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -50,5 +50,8 @@ rotate-keys: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-bench-registry: install
+## bench: every benchmark; each prints its figures beside a baseline from the same run
+bench: install
 	$(BIN)/python -m bench.registry_check
+	$(BIN)/python -m bench.scheduler_tick --servers 10000 --emails 100000 --tenants 1000
+	$(BIN)/python -m bench.sender
