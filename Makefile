@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 UV_VERSION := 0.13.9
 
-.PHONY: install run test lint format openapi lock rotate-keys clean bench
+.PHONY: install run stack test lint format openapi lock rotate-keys clean bench
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -22,6 +22,16 @@ install: $(STAMP)
 ## run: migrate and serve on http://127.0.0.1:8000 (SQLite, development secrets in .abl/)
 run: install
 	ABL_ENV=$${ABL_ENV:-development} $(BIN)/python -m services.cli serve
+
+## stack: registry, scheduler, two senders and a gateway as separate processes on PostgreSQL and
+## RabbitMQ, as production runs them; one base URL on http://127.0.0.1:8000; Ctrl-C stops all
+STACK_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/abl
+stack: install
+	ABL_ENV=$${ABL_ENV:-development} ABL_DATABASE_URL=$${ABL_DATABASE_URL:-$(STACK_DATABASE_URL)} \
+		$(BIN)/python -m services.cli ensure-database
+	ABL_ENV=$${ABL_ENV:-development} ABL_DATABASE_URL=$${ABL_DATABASE_URL:-$(STACK_DATABASE_URL)} \
+		ABL_REGISTRY_URL=http://127.0.0.1:8101 ABL_SCHEDULER_URL=http://127.0.0.1:8102 \
+		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/honcho start -f Procfile
 
 ## test: the whole suite; with CI=true, PostgreSQL and RabbitMQ tests fail instead of skipping
 test: install

@@ -90,11 +90,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from services.scheduler.main import create_app as create_scheduler
 
         app = create_scheduler(settings)
-    else:
+    elif args.service == "sender":
         from services.sender.main import create_app as create_sender
 
         app = create_sender(settings)
-    if args.migrate and args.service != "sender":  # senders hold no database connection
+    else:
+        from services.gateway.main import create_app as create_gateway
+
+        app = create_gateway(settings)
+    if args.migrate and args.service not in ("sender", "gateway"):  # no database there
         upgrade_database(settings.database_url)
     print(f"{args.service}: serving on http://{settings.host}:{settings.port} (docs at /docs)")
     config = uvicorn.Config(
@@ -112,6 +116,36 @@ def cmd_migrate(_: argparse.Namespace) -> None:
     from shared.migrate import upgrade_database
 
     settings = load_settings()
+    upgrade_database(settings.database_url)
+    print("database is at the latest revision")
+
+
+def cmd_ensure_database(_: argparse.Namespace) -> None:
+    """Create the PostgreSQL database named by ABL_DATABASE_URL if it does not exist, then
+    migrate it. SQLite files are created by the migration itself."""
+    from sqlalchemy.engine import make_url
+
+    from shared.migrate import upgrade_database
+
+    settings = load_settings()
+    url = make_url(settings.database_url)
+    if url.get_backend_name() in ("postgresql", "postgres") and url.database:
+        import asyncpg
+
+        async def create() -> None:
+            admin = url.set(drivername="postgresql", database="postgres")
+            connection = await asyncpg.connect(admin.render_as_string(hide_password=False))
+            try:
+                exists = await connection.fetchval(
+                    "SELECT 1 FROM pg_database WHERE datname = $1", url.database
+                )
+                if not exists:
+                    await connection.execute(f'CREATE DATABASE "{url.database}"')
+                    print(f"created database {url.database}")
+            finally:
+                await connection.close()
+
+        asyncio.run(create())
     upgrade_database(settings.database_url)
     print("database is at the latest revision")
 
@@ -146,13 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="migrate, then serve the API")
     serve.add_argument(
         "--service",
-        choices=("all", "registry", "scheduler", "sender"),
+        choices=("all", "registry", "scheduler", "sender", "gateway"),
         default="all",
         help="all: every service in one process on the in-process bus (make run)",
     )
     serve.add_argument("--no-migrate", dest="migrate", action="store_false")
     serve.set_defaults(func=cmd_serve)
     commands.add_parser("migrate", help="upgrade the database").set_defaults(func=cmd_migrate)
+    commands.add_parser(
+        "ensure-database", help="create the PostgreSQL database if missing, then migrate"
+    ).set_defaults(func=cmd_ensure_database)
     commands.add_parser(
         "rotate-keys", help="re-encrypt every password under the first ABL_ENCRYPTION_KEYS key"
     ).set_defaults(func=cmd_rotate_keys)

@@ -1,0 +1,23 @@
+"""Which service answers a public path: the same table as the Kubernetes Ingress."""
+
+from __future__ import annotations
+
+import re
+
+SCHEDULER_PATHS = (
+    re.compile(r"^/v1/messages(/.*)?$"),
+    re.compile(r"^/v1/capacity$"),
+    re.compile(r"^/v1/sending-profile$"),
+    re.compile(r"^/v1/servers/[^/]+/warmup$"),
+)
+REGISTRY_PATHS = (re.compile(r"^/v1/(tenants|servers)(/.*)?$"),)
+
+
+def route(path: str) -> str | None:
+    """`scheduler`, `registry`, or None for a path the public API does not have (internal
+    endpoints included: they are never routed from outside)."""
+    if any(p.match(path) for p in SCHEDULER_PATHS):
+        return "scheduler"
+    if any(p.match(path) for p in REGISTRY_PATHS):
+        return "registry"
+    return None
