@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 UV_VERSION := 0.13.9
 
-.PHONY: install run stack test lint format openapi lock rotate-keys clean bench
+.PHONY: install run stack demo test lint format openapi lock rotate-keys clean bench
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -32,6 +32,10 @@ stack: install
 	ABL_ENV=$${ABL_ENV:-development} ABL_DATABASE_URL=$${ABL_DATABASE_URL:-$(STACK_DATABASE_URL)} \
 		ABL_REGISTRY_URL=http://127.0.0.1:8101 ABL_SCHEDULER_URL=http://127.0.0.1:8102 \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/honcho start -f Procfile
+
+## demo: a local SMTP server, a tenant, three servers, 30 emails: 10 leave through each
+demo: install
+	$(BIN)/python -m services.demo
 
 ## test: the whole suite; with CI=true, PostgreSQL and RabbitMQ tests fail instead of skipping
 test: install

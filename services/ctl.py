@@ -1,0 +1,251 @@
+"""`ablctl`: the HTTP API from a terminal, for operators and tenants.
+
+export ABL_API_URL=http://127.0.0.1:8000 ABL_API_KEY=abl_...
+ablctl servers add --preset gmail --username me@gmail.com --from-email me@gmail.com
+ablctl send leads.csv --campaign november
+ablctl watch
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.progress import Progress
+from rich.table import Table
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+servers = typer.Typer(help="A tenant's SMTP servers.", no_args_is_help=True)
+tenants = typer.Typer(help="Tenants (admin token).", no_args_is_help=True)
+app.add_typer(servers, name="servers")
+app.add_typer(tenants, name="tenants")
+console = Console()
+errors = Console(stderr=True)
+
+BATCH = 500
+UrlOption = Annotated[str, typer.Option(envvar="ABL_API_URL", help="Base URL of the API.")]
+KeyOption = Annotated[str, typer.Option(envvar="ABL_API_KEY", help="The tenant's API key.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def fail(response: httpx.Response) -> NoReturn:
+    """Show a problem+json answer the way a person reads it, then exit 1."""
+    try:
+        problem: dict[str, Any] = response.json()
+    except ValueError:
+        problem = {"detail": response.text or response.reason_phrase}
+    errors.print(
+        f"[bold red]Error[/] ({problem.get('code', response.status_code)}): "
+        f"{problem.get('detail', '')}"
+    )
+    for item in problem.get("errors") or []:
+        errors.print(f"  [yellow]{item['field']}[/]: {item['message']}")
+    if problem.get("hint"):
+        errors.print(f"  [cyan]hint[/]: {problem['hint']}")
+    raise typer.Exit(1)
+
+
+def call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = httpx.request(
+            method,
+            f"{url.rstrip('/')}{path}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+            **kwargs,
+        )
+    except httpx.HTTPError as exc:
+        errors.print(f"[bold red]Error[/]: cannot reach {url} ({type(exc).__name__})")
+        raise typer.Exit(2) from exc
+    if response.status_code >= 400:
+        fail(response)
+    return response.json() if response.content else None
+
+
+@tenants.command("create")
+def tenant_create(
+    name: str,
+    url: UrlOption = DEFAULT_URL,
+    admin_token: Annotated[str, typer.Option(envvar="ABL_ADMIN_TOKEN")] = "",
+) -> None:
+    """Create a tenant and print its API key (shown only this once)."""
+    tenant = call(url, admin_token, "POST", "/v1/tenants", json={"name": name})
+    console.print(f"tenant [bold]{tenant['name']}[/] {tenant['id']}")
+    console.print(f"API key: [bold green]{tenant['api_key']}[/]")
+
+
+@servers.command("add")
+def server_add(
+    username: Annotated[str, typer.Option()],
+    from_email: Annotated[str, typer.Option()],
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, envvar="ABL_SMTP_PASSWORD")
+    ],
+    preset: Annotated[str | None, typer.Option(help="gmail, outlook, zoho, ...")] = None,
+    host: str | None = None,
+    port: int | None = None,
+    security: Annotated[str | None, typer.Option(help="starttls or tls")] = None,
+    from_name: str = "",
+    label: str = "",
+    daily_cap: int | None = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Add a server: the API connects and authenticates before it is stored."""
+    body = {
+        "preset": preset,
+        "host": host,
+        "port": port,
+        "security": security,
+        "username": username,
+        "password": password,
+        "from_email": from_email,
+        "from_name": from_name,
+        "label": label,
+        "daily_cap": daily_cap,
+    }
+    server = call(
+        url, key, "POST", "/v1/servers", json={k: v for k, v in body.items() if v not in (None, "")}
+    )
+    console.print(f"[green]added[/] {server['label']} {server['id']} ({server['status']})")
+
+
+@servers.command("list")
+def server_list(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """The tenant's servers with their warmup progress."""
+    table = Table("id", "label", "host", "status", "step", "today", "allowance")
+    cursor = None
+    while True:
+        page = call(
+            url,
+            key,
+            "GET",
+            "/v1/servers",
+            params={"limit": 200} | ({"cursor": cursor} if cursor else {}),
+        )
+        for item in page["items"]:
+            warmup = call(url, key, "GET", f"/v1/servers/{item['id']}/warmup")
+            table.add_row(
+                item["id"],
+                item["label"],
+                f"{item['host']}:{item['port']}",
+                item["status"],
+                str(warmup["step"]),
+                str(warmup["reserved_today"]),
+                str(warmup["allowance_today"]),
+            )
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    console.print(table)
+
+
+def _server_action(action: str, server_id: str, url: str, key: str) -> None:
+    server = call(url, key, "POST", f"/v1/servers/{server_id}/{action}")
+    reply = server["last_check"]["reply"] if action == "verify" else ""
+    console.print(f"{server['label']}: [bold]{server['status']}[/] {reply or ''}".rstrip())
+
+
+@servers.command("verify")
+def server_verify(server_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Check the server again."""
+    _server_action("verify", server_id, url, key)
+
+
+@servers.command("pause")
+def server_pause(server_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Stop sending through the server."""
+    _server_action("pause", server_id, url, key)
+
+
+@servers.command("resume")
+def server_resume(server_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Send through the server again."""
+    _server_action("resume", server_id, url, key)
+
+
+@app.command("send")
+def send(
+    csv_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    campaign: str | None = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Queue the emails of a CSV (columns: to, subject, text, html, reply_to,
+    idempotency_key, campaign) in batches, with a progress bar."""
+    with csv_file.open(newline="") as handle:
+        rows = [
+            {k: v for k, v in row.items() if k and v not in (None, "")}
+            for row in csv.DictReader(handle)
+        ]
+    if campaign:
+        for row in rows:
+            row.setdefault("campaign", campaign)
+    queued = duplicates = 0
+    warning = None
+    with Progress(console=console) as progress:
+        task = progress.add_task("queueing", total=len(rows))
+        for start in range(0, len(rows), BATCH):
+            batch = rows[start : start + BATCH]
+            answer = call(url, key, "POST", "/v1/messages", json={"messages": batch})
+            queued += answer["queued"]
+            duplicates += answer["duplicates"]
+            progress.advance(task, len(batch))
+            warning = answer.get("warning")
+    console.print(f"queued {queued}, already known {duplicates}")
+    if rows and warning:
+        console.print(f"[yellow]{warning}[/]")
+
+
+def _counts(url: str, key: str, campaign: str | None) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 500}
+        if cursor:
+            params["cursor"] = cursor
+        if campaign:
+            params["campaign"] = campaign
+        page = call(url, key, "GET", "/v1/messages", params=params)
+        for item in page["items"]:
+            counts[item["status"]] = counts.get(item["status"], 0) + 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return counts
+
+
+def _table(counts: dict[str, int]) -> Table:
+    table = Table("status", "emails")
+    for status in ("queued", "scheduled", "sent", "failed", "unknown", "canceled"):
+        table.add_row(status, str(counts.get(status, 0)))
+    return table
+
+
+@app.command("watch")
+def watch(
+    campaign: str | None = None,
+    once: bool = False,
+    interval: float = 2.0,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Email counts by status, refreshed until nothing is queued or scheduled."""
+    counts = _counts(url, key, campaign)
+    if once:
+        console.print(_table(counts))
+        return
+    with Live(_table(counts), console=console) as live:
+        while counts.get("queued", 0) + counts.get("scheduled", 0):
+            time.sleep(interval)
+            counts = _counts(url, key, campaign)
+            live.update(_table(counts))
+
+
+if __name__ == "__main__":
+    app()
