@@ -41,7 +41,7 @@ def main() -> None:
         internal_token="demo-internal-" + "y" * 24,
         encryption_keys=generate_key(),
         database_url=f"sqlite:///{workdir / 'demo.db'}",
-    )  # type: ignore[arg-type]
+    )
     env = service_env(settings, SSL_CERT_FILE=str(ca_file), ABL_LOG_LEVEL="WARNING")
     with smtp_server(Certificates(ca, str(ca_file)), ACCOUNTS) as smtp:
         console.print(
