@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 UV_VERSION := 0.13.9
 
-.PHONY: install run stack demo test lint format openapi lock rotate-keys clean bench
+.PHONY: install deploy-deps run stack demo test lint format openapi lock rotate-keys clean bench
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -37,8 +37,17 @@ stack: install
 demo: install
 	$(BIN)/python -m services.demo
 
+## deploy-deps: the CRD schemas (kubernetes-models, pinned by package-lock.json) the deploy tests use
+CRD_CHECK := deploy/k8s/crd-check
+$(CRD_CHECK)/node_modules/.installed: $(CRD_CHECK)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(CRD_CHECK) --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: the CRD schema test will be skipped (and fail with CI=true)"; fi
+
+deploy-deps: $(CRD_CHECK)/node_modules/.installed
+
 ## test: the whole suite; with CI=true, PostgreSQL and RabbitMQ tests fail instead of skipping
-test: install
+test: install deploy-deps
 	$(BIN)/pytest
 
 lint: install

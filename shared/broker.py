@@ -28,6 +28,7 @@ from aio_pika.abc import (
 )
 
 from shared.errors import PermanentMessageError
+from shared.metrics import DEAD_LETTERED
 
 logger = logging.getLogger("abl.broker")
 
@@ -38,6 +39,11 @@ DEFAULT_DELIVERY_LIMIT = 5
 
 def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead"
+
+
+def queue_kind(queue: str) -> str:
+    """`send-jobs` or `results`: a label of bounded cardinality, whatever the prefix."""
+    return queue.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class Bus(Protocol):
 
     async def settle(self, seconds: float) -> None:
         """Before shutdown: let messages held only by this process reach their consumers."""
+
+    async def depth(self, queue: str) -> int:
+        """Messages waiting in `queue`."""
 
     async def close(self) -> None: ...
 
@@ -143,6 +152,7 @@ class RabbitBus:
                         await handler(delivery)
                     except PermanentMessageError as exc:
                         logger.warning("dead-lettering a message from %s: %s", queue, exc)
+                        DEAD_LETTERED.labels(queue_kind(queue)).inc()
                         await message.reject(requeue=False)
             except Exception as exc:
                 logger.warning(
@@ -154,6 +164,12 @@ class RabbitBus:
 
     async def settle(self, seconds: float) -> None:
         """Nothing to do: the broker keeps every message across restarts."""
+
+    async def depth(self, queue: str) -> int:
+        assert self.publish_channel is not None, "connect() first"
+        await self.declare(queue)
+        declared = await self.publish_channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
 
     async def stop_consuming(self, queue: str) -> None:
         for name, declared, tag in self.consumers:
@@ -206,12 +222,14 @@ class InProcessBus:
                 await handler(Delivery(envelope.body, envelope.message_id, envelope.delivery_count))
             except PermanentMessageError as exc:
                 logger.warning("dead-lettering a message from %s: %s", queue, exc)
+                DEAD_LETTERED.labels(queue_kind(queue)).inc()
                 self.dead_letters[dead_letter_queue(queue)].append(envelope)
             except Exception as exc:
                 logger.warning(
                     "message from %s returned to the queue: %s", queue, type(exc).__name__
                 )
                 if envelope.delivery_count > self.delivery_limit:
+                    DEAD_LETTERED.labels(queue_kind(queue)).inc()
                     self.dead_letters[dead_letter_queue(queue)].append(envelope)
                 else:
                     source.put_nowait(envelope)
@@ -227,6 +245,9 @@ class InProcessBus:
                 self.tasks = [task for task in self.tasks if not task.done()]
 
         self.consumer_loops.setdefault(queue, []).append(asyncio.create_task(loop()))
+
+    async def depth(self, queue: str) -> int:
+        return self._queue(queue).qsize()
 
     async def settle(self, seconds: float) -> None:
         """Wait (at most `seconds`) until every queue with a consumer is empty and handled:

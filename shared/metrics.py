@@ -123,3 +123,25 @@ JOBS_SKIPPED = Counter(
     "abl_sender_jobs_skipped_total",
     "Jobs acked without sending: the email was already sent, unknown or canceled.",
 )
+
+# --- state, refreshed by the scheduler ---------------------------------------------------
+
+EMAILS_BY_STATUS = Gauge(
+    "abl_emails",
+    "Emails by status, as the scheduler sees them (queued is the backlog).",
+    ["status"],
+)
+SERVERS_BY_STATUS = Gauge(
+    "abl_servers",
+    "SMTP servers by status (`parked` counts active servers parked for now).",
+    ["status"],
+)
+SERVERS_BY_STEP = Gauge(
+    "abl_servers_warmup_step", "Servers at each warmup step (1 to 14).", ["step"]
+)
+BROKER_QUEUE_MESSAGES = Gauge(
+    "abl_broker_queue_messages", "Messages waiting in a broker queue.", ["queue"]
+)
+DEAD_LETTERED = Counter(
+    "abl_dead_lettered_total", "Messages sent to a dead-letter queue.", ["queue"]
+)

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, Uuid, column, select, table
+from sqlalchemy import Integer, String, Uuid, column, func, select, table
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.errors import NotFound
@@ -70,3 +70,10 @@ async def tenant_server(
     query = _select_servers().where(_servers.c.tenant_id == tenant_id, _servers.c.id == server_id)
     row = (await session.exec(query)).first()
     return ServerView(*row) if row is not None else None
+
+
+async def server_status_counts(session: AsyncSession) -> dict[str, int]:
+    """How many servers are in each status, across tenants (for the metrics)."""
+    query = select(_servers.c.status, func.count()).group_by(_servers.c.status)
+    rows: Any = (await session.exec(query)).all()  # type: ignore[call-overload]
+    return {str(status): int(count) for status, count in rows}

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import TypeAdapter
 
-from services.scheduler import repository
+from services.scheduler import repository, stats
 from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.models import MessageBatch
@@ -51,13 +51,19 @@ def scheduler_resources(
         await bus.consume(settings.results_queue, applier.handle, prefetch=RESULT_PREFETCH)
         stop = asyncio.Event()
         loop = asyncio.create_task(dispatcher.run(stop)) if run_loop else None
+        gauges = (
+            asyncio.create_task(stats.run(app.state.sessions, bus, settings, stop))
+            if run_loop
+            else None
+        )
         try:
             yield
         finally:
             stop.set()
-            if loop is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(loop, timeout=30)
+            for task in (loop, gauges):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait_for(task, timeout=30)
             # Result events still in this process are applied before it goes.
             await bus.settle(settings.sender_drain_seconds)
 
