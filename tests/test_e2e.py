@@ -14,7 +14,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 from sqlalchemy import text
@@ -22,7 +21,7 @@ from sqlalchemy import text
 from shared.db import create_engine
 from shared.settings import Settings
 from tests.conftest import AMQP_URL, make_settings, require_service, truncate_postgres
-from tests.support.processes import Service, service_env, start
+from tests.support.processes import Service, delete_queues, service_env, start
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 
@@ -92,16 +91,7 @@ def deployment(
     finally:
         running.kill()
         if request.param == "stack":
-            asyncio.run(delete_queues(settings))
-
-
-async def delete_queues(settings: Settings) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (settings.send_jobs_queue, settings.results_queue):
-            for name in (queue, f"{queue}.dead"):
-                await channel.queue_delete(name)
+            asyncio.run(delete_queues(AMQP_URL, settings))
 
 
 class Client:

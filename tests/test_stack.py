@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 
 from shared.settings import Settings
 from tests.conftest import AMQP_URL, make_settings, require_service, truncate_postgres
-from tests.support.processes import Service, service_env, start
+from tests.support.processes import Service, delete_queues, service_env, start
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
@@ -59,16 +58,7 @@ def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterat
     finally:
         for service in [*running.senders, scheduler, registry]:
             service.stop()
-        asyncio.run(delete_queues(settings))
-
-
-async def delete_queues(settings: Settings) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (settings.send_jobs_queue, settings.results_queue):
-            for name in (queue, f"{queue}.dead"):
-                await channel.queue_delete(name)
+        asyncio.run(delete_queues(AMQP_URL, settings))
 
 
 async def warm_up(url: str, server_ids: list[str]) -> None:

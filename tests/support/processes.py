@@ -90,3 +90,15 @@ def start(
         time.sleep(0.1)
     running.stop()
     raise RuntimeError(f"{name} not ready: {log.read_text()[-2000:]}")
+
+
+async def delete_queues(amqp_url: str, settings: Settings) -> None:
+    """Remove a test's queues (and their dead-letter queues) from RabbitMQ."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (settings.send_jobs_queue, settings.results_queue):
+            for name in (queue, f"{queue}.dead"):
+                await channel.queue_delete(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Annotated
 
@@ -92,13 +93,7 @@ async def capacity(
     )
     active = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
     return CapacityPublic(
-        monthly_emails=advice.monthly_emails,
-        days=advice.days,
-        per_server_first_month=advice.per_server_first_month,
-        per_server_steady_month=advice.per_server_steady_month,
-        minimum_servers=advice.minimum_servers,
-        recommended_servers=advice.recommended_servers,
-        steady_state_servers=advice.steady_state_servers,
+        **dataclasses.asdict(advice),
         headroom=settings.capacity_headroom,
         active_servers=len(active),
     )
