@@ -39,6 +39,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the one writer; busy_timeout makes concurrent writers
     # wait for the lock instead of failing at once.
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL loses no committed transaction on a process crash (only, at worst,
+    # the last ones on a power loss) and saves an fsync per commit.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

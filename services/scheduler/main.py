@@ -48,7 +48,10 @@ def scheduler_resources(
             async with app.state.sessions() as session, session.begin():
                 await repository.expire_all_leases(session)
         await bus.declare(settings.send_jobs_queue)
-        await bus.consume(settings.results_queue, applier.handle, prefetch=RESULT_PREFETCH)
+        # SQLite has one writer: concurrent result transactions would only wait on its lock.
+        sqlite = app.state.engine.dialect.name == "sqlite"
+        prefetch = 1 if sqlite else RESULT_PREFETCH
+        await bus.consume(settings.results_queue, applier.handle, prefetch=prefetch)
         stop = asyncio.Event()
         loop = asyncio.create_task(dispatcher.run(stop)) if run_loop else None
         gauges = (
