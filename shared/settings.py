@@ -81,7 +81,9 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=60.0, ge=0)
     retry_cap_seconds: float = Field(default=3600.0, ge=0)
     capacity_headroom: float = Field(default=0.25, ge=0, le=5)
-    quota_park_seconds: float = Field(default=3600.0, ge=0)
+    # The registry marks the server auth_failed; this short park only covers the time until
+    # that status is seen (or the case where the sender could not tell the registry).
+    auth_park_seconds: float = Field(default=300.0, ge=0)
 
     # Sender
     sender_prefetch: int = Field(default=64, ge=1, le=10_000)

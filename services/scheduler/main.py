@@ -40,7 +40,7 @@ def scheduler_resources(
         applier = ResultApplier(
             app.state.sessions,
             retry_policy_from(settings),
-            timedelta(seconds=settings.quota_park_seconds),
+            timedelta(seconds=settings.auth_park_seconds),
         )
         app.state.dispatcher = dispatcher
         app.state.result_applier = applier

@@ -32,12 +32,12 @@ class ResultApplier:
         self,
         sessions: async_sessionmaker[AsyncSession],
         retry: RetryPolicy,
-        quota_park: timedelta,
+        auth_park: timedelta,
         rng: random.Random | None = None,
     ) -> None:
         self.sessions = sessions
         self.retry = retry
-        self.quota_park = quota_park
+        self.auth_park = auth_park
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not security
 
     async def handle(self, delivery: Delivery) -> None:
@@ -99,7 +99,7 @@ class ResultApplier:
             until = (
                 window.next_day_start(now)
                 if result.server_problem == QUOTA_PROBLEM
-                else now + self.quota_park
+                else now + self.auth_park
             )
             await repository.park(session, server_id, until, result.server_problem)
             if email.status == EmailStatus.queued:
