@@ -27,12 +27,13 @@ from shared.db import create_engine
 from shared.migrate import upgrade_database
 from shared.settings import Settings
 from tests.conftest import make_settings
-from tests.support.processes import Service, service_env, start
+from tests.support.processes import Service, delete_queues, service_env, start
 from tests.support.smtp import free_port
 
 SERVERS = 3
 CONNECTIONS_PER_SERVER = 2
 PG = "postgresql://postgres@127.0.0.1:5432"
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 async def bare_loop(port: int, emails: int, context: ssl.SSLContext) -> float:
@@ -194,6 +195,7 @@ def main(args: argparse.Namespace) -> None:
             for service in services:
                 service.stop()
             asyncio.run(drop_postgres(url))
+            asyncio.run(delete_queues(AMQP, stack))
     finally:
         sink.terminate()
         sink.wait()
