@@ -172,13 +172,9 @@ def main(args: argparse.Namespace) -> None:
         services.pop().stop()
 
         url = asyncio.run(fresh_postgres())
+        stack = make_settings(url, amqp_url=AMQP, queue_prefix=f"abl-bench-{uuid.uuid4().hex[:6]}")
         try:
             upgrade_database(url)
-            stack = make_settings(
-                url,
-                amqp_url="amqp://guest:guest@127.0.0.1:5672/",
-                queue_prefix=f"abl-bench-{uuid.uuid4().hex[:6]}",
-            )
             env = service_env(stack, **extra)
             registry = start("registry", "registry", env, workdir)
             scheduler = start("scheduler", "scheduler", env, workdir)
