@@ -68,10 +68,14 @@ class Worker:
                 self.idle.set()
 
     async def _handle(self, job: SendJob) -> None:
-        if not await self.scheduler.sendable(job.email_id, job.job_id):
+        # Both look-ups at once: they are independent, and the credentials are usually cached.
+        sendable, credentials = await asyncio.gather(
+            self.scheduler.sendable(job.email_id, job.job_id),
+            self.registry.credentials(job.server_id),
+        )
+        if not sendable:
             JOBS_SKIPPED.inc()
             return  # sent, unknown or canceled already: at most once towards the server
-        credentials = await self.registry.credentials(job.server_id)
         if credentials is None or credentials.status != "active":
             attempt = Attempt(Verdict(Outcome.retry, False, reason="server not active"))
         else:

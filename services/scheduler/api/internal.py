@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter
-from sqlmodel import SQLModel
+from sqlmodel import SQLModel, select
 
 from services.scheduler.models import Email, EmailStatus
 from shared.db import SessionDep
@@ -31,11 +31,14 @@ class JobState(SQLModel):
     summary="May a sender deliver this job? Only while it is the email's current attempt",
 )
 async def job_state(email_id: uuid.UUID, job_id: uuid.UUID, session: SessionDep) -> JobState:
-    email = await session.get(Email, email_id)
-    if email is None:
+    # Two columns only: the email's body may be a megabyte and is not needed here.
+    query = select(Email.status, Email.job_id).where(Email.id == email_id)
+    row = (await session.exec(query)).first()
+    if row is None:
         return JobState(email_id=email_id, status=None, sendable=False)
+    status, current_job = row
     return JobState(
         email_id=email_id,
-        status=EmailStatus(email.status),
-        sendable=email.status == EmailStatus.scheduled and email.job_id == job_id,
+        status=EmailStatus(status),
+        sendable=status == EmailStatus.scheduled and current_job == job_id,
     )
