@@ -369,3 +369,25 @@ async def test_capacity_and_sending_profile(app: Api) -> None:
     assert (await app.client.get("/v1/sending-profile", headers=tenant)).json()[
         "time_zone"
     ] == "Europe/Paris"
+
+
+async def test_canceling_a_scheduled_email_gives_its_reservation_back(
+    app: Api, starttls_server: SmtpTestServer
+) -> None:
+    tenant = await app.new_tenant()
+    (server_id, *others) = await add_servers(app, tenant, starttls_server)
+    for other in others:  # one server, so the reservation is easy to follow
+        await app.client.post(f"/v1/servers/{other}/pause", headers=tenant)
+    ids = (await app.client.post("/v1/messages", json=emails(2), headers=tenant)).json()["ids"]
+    await dispatcher(app).tick()
+    url = f"/v1/servers/{server_id}/warmup"
+    assert (await app.client.get(url, headers=tenant)).json()["reserved_today"] == 2
+    canceled = await app.client.post(f"/v1/messages/{ids[0]}/cancel", headers=tenant)
+    assert canceled.json()["status"] == "canceled"
+    assert (await app.client.get(url, headers=tenant)).json()["reserved_today"] == 1
+    # The sender skips it: the attempt is no longer the email's.
+    check = await app.client.get(
+        f"/internal/v1/emails/{ids[0]}/jobs/{published_jobs(app)[0].job_id}",
+        headers=app.internal(),
+    )
+    assert check.json()["sendable"] is False

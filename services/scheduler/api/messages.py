@@ -183,6 +183,11 @@ async def cancel_message(
             code="not_cancelable",
             hint="Only queued or scheduled emails can be canceled.",
         )
+    if email.status == EmailStatus.scheduled and email.server_id is not None:
+        # A sender skips a canceled job, so no result will give the reservation back: do it
+        # now, and forget it so that a late result cannot give it back twice.
+        await repository.release(session, email.server_id, email.reserved_day, email.reserved_hour)
+        email.reserved_day = email.reserved_hour = None
     email.status = EmailStatus.canceled
     email.updated_at = utcnow()
     session.add(email)
