@@ -48,10 +48,8 @@ def scheduler_resources(
             async with app.state.sessions() as session, session.begin():
                 await repository.expire_all_leases(session)
         await bus.declare(settings.send_jobs_queue)
-        # SQLite has one writer: concurrent result transactions would only wait on its lock.
-        sqlite = app.state.engine.dialect.name == "sqlite"
-        prefetch = 1 if sqlite else RESULT_PREFETCH
-        await bus.consume(settings.results_queue, applier.handle, prefetch=prefetch)
+        # Up to this many results wait together; the applier writes them in one transaction.
+        await bus.consume(settings.results_queue, applier.handle, prefetch=RESULT_PREFETCH)
         stop = asyncio.Event()
         loop = asyncio.create_task(dispatcher.run(stop)) if run_loop else None
         gauges = (
@@ -69,6 +67,7 @@ def scheduler_resources(
                         await asyncio.wait_for(task, timeout=30)
             # Result events still in this process are applied before it goes.
             await bus.settle(settings.sender_drain_seconds)
+            await applier.close()
 
     return resource
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import Integer, Uuid, bindparam, column, func, update, values
 from sqlalchemy.exc import IntegrityError
@@ -346,28 +347,55 @@ async def release(
     session: AsyncSession, server_id: uuid.UUID, day: date | None, hour: datetime | None
 ) -> None:
     """Give one reservation back: the attempt failed before the server accepted the data."""
+    await release_many(session, server_id, day=day, hour=hour, count=1)
+
+
+def _at_least_zero(session: AsyncSession, value: Any) -> Any:
+    # GREATEST on PostgreSQL; SQLite's two-argument max() is the same scalar function.
+    return func.greatest(value, 0) if is_postgres(session) else func.max(value, 0)
+
+
+async def release_many(
+    session: AsyncSession,
+    server_id: uuid.UUID,
+    *,
+    day: date | None,
+    hour: datetime | None,
+    count: int,
+) -> None:
+    """Give `count` reservations back on a server's day and/or hour bucket (never below 0)."""
     if day is not None:
         table = table_of(ServerDay)
         await session.exec(
             update(table)
-            .where(table.c.server_id == server_id, table.c.day == day, table.c.reserved > 0)
-            .values(reserved=table.c.reserved - 1)
+            .where(table.c.server_id == server_id, table.c.day == day)
+            .values(
+                reserved=func.max(table.c.reserved - count, 0)
+                if not is_postgres(session)
+                else func.greatest(table.c.reserved - count, 0)
+            )
         )
     if hour is not None:
         hours = table_of(ServerUsageHour)
         await session.exec(
             update(hours)
-            .where(hours.c.server_id == server_id, hours.c.hour == hour, hours.c.used > 0)
-            .values(used=hours.c.used - 1)
+            .where(hours.c.server_id == server_id, hours.c.hour == hour)
+            .values(
+                used=func.max(hours.c.used - count, 0)
+                if not is_postgres(session)
+                else func.greatest(hours.c.used - count, 0)
+            )
         )
 
 
-async def count_delivered(session: AsyncSession, server_id: uuid.UUID, day: date) -> None:
+async def count_delivered(
+    session: AsyncSession, server_id: uuid.UUID, day: date, count: int = 1
+) -> None:
     table = table_of(ServerDay)
     await session.exec(
         update(table)
         .where(table.c.server_id == server_id, table.c.day == day)
-        .values(sent=table.c.sent + 1)
+        .values(sent=table.c.sent + count)
     )
 
 

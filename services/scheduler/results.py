@@ -2,21 +2,32 @@
 
 An event is applied only to the attempt it reports on (its `job_id`); a redelivered or stale
 event changes nothing, so the consumer is safe to repeat.
+
+Events are applied in small batches, one transaction each: a message is acked only after the
+transaction holding its change has committed (its handler waits for that), and the counters of
+a batch are summed and written in server order, so concurrent batches cannot deadlock on them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
-from datetime import datetime, timedelta
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler import repository
 from services.scheduler.domain import RetryPolicy
 from services.scheduler.models import Email, EmailStatus
 from shared.broker import Delivery
+from shared.db import is_postgres
 from shared.messages import Outcome, SendResult, parse
 from shared.metrics import EMAILS_FINISHED, RESULTS_APPLIED
 from shared.timeutil import utcnow
@@ -25,6 +36,27 @@ logger = logging.getLogger("abl.scheduler.results")
 
 QUOTA_PROBLEM = "quota"
 AUTH_PROBLEM = "auth_failed"
+BATCH_SIZE = 200
+
+
+@dataclass
+class CounterChanges:
+    """What a batch does to the per-server counters, summed before it is written."""
+
+    released: Counter[tuple[uuid.UUID, date]] = field(default_factory=Counter)
+    released_hours: Counter[tuple[uuid.UUID, datetime]] = field(default_factory=Counter)
+    delivered: Counter[tuple[uuid.UUID, date]] = field(default_factory=Counter)
+    parks: dict[uuid.UUID, tuple[datetime, str]] = field(default_factory=dict)
+
+    async def write(self, session: AsyncSession) -> None:
+        for (server_id, day), n in sorted(self.released.items()):
+            await repository.release_many(session, server_id, day=day, hour=None, count=n)
+        for (server_id, hour), n in sorted(self.released_hours.items()):
+            await repository.release_many(session, server_id, day=None, hour=hour, count=n)
+        for (server_id, day), n in sorted(self.delivered.items()):
+            await repository.count_delivered(session, server_id, day, n)
+        for server_id, (until, reason) in sorted(self.parks.items()):
+            await repository.park(session, server_id, until, reason)
 
 
 class ResultApplier:
@@ -39,46 +71,100 @@ class ResultApplier:
         self.retry = retry
         self.auth_park = auth_park
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not security
+        self.pending: asyncio.Queue[tuple[SendResult, asyncio.Future[bool]]] = asyncio.Queue()
+        self.batcher: asyncio.Task[None] | None = None
 
     async def handle(self, delivery: Delivery) -> None:
-        await self.apply(parse(SendResult, delivery.body))
+        result = parse(SendResult, delivery.body)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.pending.put_nowait((result, done))
+        if self.batcher is None or self.batcher.done():
+            self.batcher = asyncio.create_task(self._batches())
+        await done  # the message is acked only once its batch has committed
+
+    async def _batches(self) -> None:
+        while not self.pending.empty():
+            batch = [self.pending.get_nowait()]
+            while len(batch) < BATCH_SIZE and not self.pending.empty():
+                batch.append(self.pending.get_nowait())
+            try:
+                applied = await self.apply_many([result for result, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for (_, done), outcome in zip(batch, applied, strict=True):
+                    if not done.done():
+                        done.set_result(outcome)
+            await asyncio.sleep(0)  # let the handlers of the next messages enqueue them
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.batcher
 
     async def apply(self, result: SendResult, now: datetime | None = None) -> bool:
         """Apply one result; False when it was a duplicate or stale."""
+        return (await self.apply_many([result], now))[0]
+
+    async def apply_many(
+        self, results: list[SendResult], now: datetime | None = None
+    ) -> list[bool]:
         moment = now or utcnow()
+        changes = CounterChanges()
+        applied: list[bool] = []
         async with self.sessions() as session, session.begin():
-            email = await session.get(Email, result.email_id, with_for_update=True)
-            if (
-                email is None
-                or email.job_id != result.job_id
-                or email.status
-                not in (
-                    EmailStatus.scheduled,
-                    EmailStatus.canceled,
+            query = (
+                select(Email)
+                .where(col(Email.id).in_({r.email_id for r in results}))
+                .order_by(col(Email.id))
+            )
+            if is_postgres(session):
+                query = query.with_for_update()
+            emails = {email.id: email for email in (await session.exec(query)).all()}
+            for result in results:
+                email = emails.get(result.email_id)
+                current = (
+                    email is not None
+                    and email.job_id == result.job_id
+                    and email.status in (EmailStatus.scheduled, EmailStatus.canceled)
                 )
-            ):
-                RESULTS_APPLIED.labels("duplicate").inc()
-                return False
-            await self._apply(session, email, result, moment)
-        RESULTS_APPLIED.labels(result.outcome.value).inc()
-        EMAILS_FINISHED.labels(result.outcome.value).inc()
-        return True
+                if email is None or not current:
+                    applied.append(False)
+                    continue
+                await self._apply(session, email, result, moment, changes)
+                applied.append(True)
+            await changes.write(session)
+        for result, ok in zip(results, applied, strict=True):
+            RESULTS_APPLIED.labels(result.outcome.value if ok else "duplicate").inc()
+            if ok:
+                EMAILS_FINISHED.labels(result.outcome.value).inc()
+        return applied
 
     async def _apply(
-        self, session: AsyncSession, email: Email, result: SendResult, now: datetime
+        self,
+        session: AsyncSession,
+        email: Email,
+        result: SendResult,
+        now: datetime,
+        changes: CounterChanges,
     ) -> None:
         server_id = result.server_id
         email.last_smtp_code = result.smtp_code
         email.last_smtp_reply = (result.smtp_reply or "")[:1000] or None
         email.updated_at = now
         if not result.data_completed:
-            await repository.release(session, server_id, email.reserved_day, email.reserved_hour)
+            if email.reserved_day is not None:
+                changes.released[(server_id, email.reserved_day)] += 1
+            if email.reserved_hour is not None:
+                changes.released_hours[(server_id, email.reserved_hour)] += 1
         canceled = email.status == EmailStatus.canceled
         if result.outcome is Outcome.sent:
             email.status = EmailStatus.sent  # it left: the truth wins over a late cancel
             email.sent_at = result.finished_at
             if email.reserved_day is not None:
-                await repository.count_delivered(session, server_id, email.reserved_day)
+                changes.delivered[(server_id, email.reserved_day)] += 1
         elif result.outcome is Outcome.unknown:
             email.status = EmailStatus.unknown
         elif result.outcome is Outcome.failed:
@@ -101,7 +187,7 @@ class ResultApplier:
                 if result.server_problem == QUOTA_PROBLEM
                 else now + self.auth_park
             )
-            await repository.park(session, server_id, until, result.server_problem)
+            changes.parks[server_id] = (until, result.server_problem)
             if email.status == EmailStatus.queued:
                 email.not_before = now  # another server may take it at once
         session.add(email)
