@@ -391,3 +391,24 @@ async def test_canceling_a_scheduled_email_gives_its_reservation_back(
         headers=app.internal(),
     )
     assert check.json()["sendable"] is False
+
+
+async def test_a_batch_of_results_applies_each_once_and_sums_the_counters(
+    app: Api, starttls_server: SmtpTestServer
+) -> None:
+    tenant = await app.new_tenant()
+    servers = await add_servers(app, tenant, starttls_server)
+    await warm_up(app, servers)
+    await app.client.post("/v1/messages", json=emails(9), headers=tenant)
+    await dispatcher(app).tick()
+    jobs = published_jobs(app)
+    results = [result_for(job, Outcome.sent, data_completed=True) for job in jobs[:6]]
+    results += [result_for(job, Outcome.retry, data_completed=False) for job in jobs[6:]]
+    applied = await app.app.state.result_applier.apply_many(results + results[:2])
+    assert applied == [True] * 9 + [False, False]  # the repeats in the batch change nothing
+    warmups = [
+        (await app.client.get(f"/v1/servers/{s}/warmup", headers=tenant)).json() for s in servers
+    ]
+    assert sum(w["sent_today"] for w in warmups) == 6
+    assert sum(w["reserved_today"] for w in warmups) == 6  # 9 reserved, 3 given back
+    assert sum(w["rolling_24h_used"] for w in warmups) == 6
