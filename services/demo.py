@@ -19,7 +19,7 @@ from rich.table import Table
 
 from shared.crypto import generate_key
 from shared.settings import Settings
-from tests.support.processes import service_env, start
+from tests.support.processes import add_smtp_servers, service_env, start
 from tests.support.smtp import Certificates, smtp_server
 
 ACCOUNTS = {
@@ -56,25 +56,15 @@ def main() -> None:
             tenant = api.post("/v1/tenants", json={"name": "Demo Co"}, headers=admin).json()
             headers = {"Authorization": f"Bearer {tenant['api_key']}"}
             console.print(f"tenant [bold]{tenant['name']}[/] created")
+            servers = add_smtp_servers(api, headers, smtp.port, ACCOUNTS, from_name="Demo Sales")
             labels = {}
-            for n, (login, password) in enumerate(ACCOUNTS.items(), 1):
-                server = api.post(
-                    "/v1/servers",
-                    headers=headers,
-                    json={
-                        "host": "localhost",
-                        "port": smtp.port,
-                        "security": "starttls",
-                        "username": login,
-                        "password": password,
-                        "from_email": login,
-                        "from_name": "Demo Sales",
-                        "label": f"Sales {n}",
-                    },
-                ).json()
-                labels[server["id"]] = (server["label"], login)
+            for n, (server, login) in enumerate(zip(servers, ACCOUNTS, strict=True), 1):
+                api.patch(
+                    f"/v1/servers/{server['id']}", headers=headers, json={"label": f"Sales {n}"}
+                )
+                labels[str(server["id"])] = (f"Sales {n}", login)
                 console.print(
-                    f"server [bold]{server['label']}[/]: connected, TLS verified, "
+                    f"server [bold]Sales {n}[/]: connected, TLS verified, "
                     f"authenticated → {server['status']}"
                 )
             batch = {

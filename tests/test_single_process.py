@@ -12,7 +12,7 @@ import httpx
 
 from shared.settings import Settings
 from tests.conftest import make_settings
-from tests.support.processes import service_env, start
+from tests.support.processes import add_smtp_servers, new_tenant, service_env, start
 from tests.support.smtp import Certificates, smtp_server
 
 LOGINS = {"a@example.com": "pa", "b@example.com": "pb", "c@example.com": "pc"}
@@ -31,24 +31,9 @@ def test_single_process_sends_and_survives_a_restart(tmp_path: Path, certs: Cert
     with smtp_server(certs, LOGINS) as smtp:
         service = start("all", "all", env, tmp_path)
         try:
-            admin = {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
             client = httpx.Client(base_url=service.url, timeout=30)
-            key = client.post("/v1/tenants", json={"name": "acme"}, headers=admin).json()
-            tenant = {"Authorization": f"Bearer {key['api_key']}"}
-            for login, password in LOGINS.items():
-                response = client.post(
-                    "/v1/servers",
-                    headers=tenant,
-                    json={
-                        "host": "localhost",
-                        "port": smtp.port,
-                        "security": "starttls",
-                        "username": login,
-                        "password": password,
-                        "from_email": login,
-                    },
-                )
-                assert response.status_code == 201, response.text
+            tenant = new_tenant(client, settings.admin_token.get_secret_value())
+            add_smtp_servers(client, tenant, smtp.port, LOGINS)
             batch = {
                 "messages": [
                     {"to": f"ok+{i}@example.org", "subject": "s", "text": "t"} for i in range(30)

@@ -18,7 +18,14 @@ import pytest
 
 from shared.settings import Settings
 from tests.conftest import AMQP_URL, make_settings, require_service, truncate_postgres
-from tests.support.processes import Service, delete_queues, service_env, start
+from tests.support.processes import (
+    Service,
+    add_smtp_servers,
+    delete_queues,
+    new_tenant,
+    service_env,
+    start,
+)
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
@@ -79,26 +86,10 @@ async def warm_up(url: str, server_ids: list[str]) -> None:
 def tenant_with_servers(
     stack: Stack, smtp: SmtpTestServer, *, warm: bool = False
 ) -> tuple[httpx.Client, dict[str, str]]:
-    admin = {"Authorization": f"Bearer {stack.settings.admin_token.get_secret_value()}"}
     registry = httpx.Client(base_url=stack.registry.url, timeout=30)
-    key = registry.post("/v1/tenants", json={"name": "acme"}, headers=admin).json()["api_key"]
-    tenant = {"Authorization": f"Bearer {key}"}
-    server_ids = []
-    for login, password in LOGINS.items():
-        response = registry.post(
-            "/v1/servers",
-            headers=tenant,
-            json={
-                "host": "localhost",
-                "port": smtp.port,
-                "security": "starttls",
-                "username": login,
-                "password": password,
-                "from_email": login,
-            },
-        )
-        assert response.status_code == 201, response.text
-        server_ids.append(response.json()["id"])
+    tenant = new_tenant(registry, stack.settings.admin_token.get_secret_value())
+    servers = add_smtp_servers(registry, tenant, smtp.port, LOGINS)
+    server_ids = [str(server["id"]) for server in servers]
     if warm:
         asyncio.run(warm_up(stack.settings.database_url, server_ids))
     return httpx.Client(base_url=stack.scheduler.url, timeout=30), tenant

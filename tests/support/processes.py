@@ -102,3 +102,37 @@ async def delete_queues(amqp_url: str, settings: Settings) -> None:
         for queue in (settings.send_jobs_queue, settings.results_queue):
             for name in (queue, f"{queue}.dead"):
                 await channel.queue_delete(name)
+
+
+def new_tenant(client: httpx.Client, admin_token: str, name: str = "acme") -> dict[str, str]:
+    """Create a tenant through the API; return the headers that speak for it."""
+    response = client.post(
+        "/v1/tenants", json={"name": name}, headers={"Authorization": f"Bearer {admin_token}"}
+    )
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['api_key']}"}
+
+
+def add_smtp_servers(
+    client: httpx.Client,
+    tenant: Mapping[str, str],
+    port: int,
+    accounts: Mapping[str, str],
+    **extra: str,
+) -> list[dict[str, object]]:
+    """Add one STARTTLS server on localhost:`port` per account; return the servers."""
+    servers = []
+    for login, password in accounts.items():
+        body = {
+            "host": "localhost",
+            "port": port,
+            "security": "starttls",
+            "username": login,
+            "password": password,
+            "from_email": login,
+            **extra,
+        }
+        response = client.post("/v1/servers", headers=dict(tenant), json=body)
+        assert response.status_code == 201, response.text
+        servers.append(response.json())
+    return servers
