@@ -55,18 +55,16 @@ def load_settings() -> Settings:
 class GracefulServer(uvicorn.Server):
     """uvicorn, except that a SIGTERM or SIGINT that ended in a clean shutdown exits 0.
 
-    (uvicorn raises the signal again after shutting down, which makes the exit status 143.)
+    uvicorn raises the signal again after shutting down (exit status 143), and restores the
+    default handlers, so a second SIGTERM during the last moments (as honcho or a supervisor
+    sends) would kill the process. Here the handler stays until the process ends.
     """
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+        yield
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
