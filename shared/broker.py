@@ -91,7 +91,10 @@ class RabbitBus:
         self.connection = await aio_pika.connect_robust(
             self.url, client_properties={"connection_name": "abl"}
         )
-        self.publish_channel = await self.connection.channel(publisher_confirms=True)
+        # on_return_raises: an unroutable message must fail the publish, not look delivered.
+        self.publish_channel = await self.connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         self.exchange = await self.publish_channel.declare_exchange(
             EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
         )
