@@ -26,6 +26,7 @@ from tests.support.processes import (
     service_env,
     start,
 )
+from tests.support.proxy import CuttableProxy
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
@@ -55,7 +56,12 @@ def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterat
     settings = make_settings(
         migrated_postgres, amqp_url=AMQP_URL, queue_prefix=f"abl-stack-{uuid.uuid4().hex[:8]}"
     )
-    env = service_env(settings, SSL_CERT_FILE=certs.ca_file, ABL_TICK_SECONDS="0.2")
+    env = service_env(
+        settings,
+        SSL_CERT_FILE=certs.ca_file,
+        ABL_TICK_SECONDS="0.2",
+        ABL_PUBLISH_LEASE_SECONDS="2",
+    )
     registry = start("registry", "registry", env, tmp_path)
     scheduler = start("scheduler", "scheduler", env, tmp_path)
     env |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
@@ -63,7 +69,7 @@ def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterat
     try:
         yield running
     finally:
-        for service in [*running.senders, scheduler, registry]:
+        for service in [*running.senders, running.scheduler, registry]:
             service.stop()
         asyncio.run(delete_queues(AMQP_URL, settings))
 
@@ -181,3 +187,49 @@ def test_kill_9_with_jobs_in_flight_loses_no_email(stack: Stack, certs: Certific
         # can repeat; at most the jobs that were in flight.
         assert 0 <= duplicates <= prefetch
         print(f"kill -9: {duplicates} duplicate(s) among {total} emails")
+
+
+async def unpublished(url: str) -> int:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        count: int = await connection.fetchval(
+            "SELECT count(*) FROM emails WHERE status = 'scheduled' AND published_at IS NULL"
+        )
+        return count
+    finally:
+        await connection.close()
+
+
+def test_scheduler_killed_between_commit_and_publish_loses_nothing(
+    stack: Stack, certs: Certificates
+) -> None:
+    """A scheduler whose broker connection is cut commits `scheduled` but gets no confirm; it is
+    killed with -9 in that state. A new scheduler publishes the jobs again once their lease runs
+    out, and every email leaves exactly once."""
+    proxy = CuttableProxy(("127.0.0.1", 5672))
+    try:
+        stack.scheduler.stop()  # replaced by one that reaches the broker through the proxy
+        through_proxy = stack.env | {"ABL_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/"}
+        doomed = start("scheduler-doomed", "scheduler", through_proxy, stack.logs)
+        with smtp_server(certs, LOGINS) as smtp:
+            scheduler = httpx.Client(base_url=doomed.url, timeout=30)
+            _, tenant = tenant_with_servers(stack, smtp)
+            proxy.cut()
+            queue(scheduler, tenant, 9)
+            wait_until(lambda: statuses(scheduler, tenant) == {"scheduled": 9})
+            time.sleep(1)
+            # Committed, never confirmed: what a kill between commit and publish leaves.
+            assert asyncio.run(unpublished(stack.settings.database_url)) == 9
+            doomed.signal(signal.SIGKILL)
+            doomed.wait(timeout=10)
+
+            stack.scheduler = start("scheduler-2", "scheduler", stack.env, stack.logs)
+            stack.env["ABL_SCHEDULER_URL"] = stack.scheduler.url
+            stack.sender("sender-1")
+            scheduler = httpx.Client(base_url=stack.scheduler.url, timeout=30)
+            wait_until(lambda: statuses(scheduler, tenant) == {"sent": 9}, seconds=90)
+            assert sum(smtp.recorder.accepted.values()) == 9
+    finally:
+        proxy.close()
