@@ -69,10 +69,11 @@ class Deliverer:
         self.settings = settings
         self.pools: dict[uuid.UUID, ServerConnections] = {}
 
-    def _pool(self, server_id: uuid.UUID) -> ServerConnections:
+    def _pool(self, server_id: uuid.UUID, host: str) -> ServerConnections:
         pool = self.pools.get(server_id)
         if pool is None:
-            pool = ServerConnections(asyncio.Semaphore(self.settings.sender_connections_per_server))
+            limit = domain.connection_limit(host, self.settings.sender_connections_per_server)
+            pool = ServerConnections(asyncio.Semaphore(limit))
             self.pools[server_id] = pool
         return pool
 
@@ -123,7 +124,7 @@ class Deliverer:
         raise last_error
 
     async def deliver(self, job: SendJob, credentials: Credentials, now: datetime) -> Attempt:
-        pool = self._pool(job.server_id)
+        pool = self._pool(job.server_id, credentials.host)
         key = fingerprint(credentials)
         payload = wire_bytes(
             build_message(

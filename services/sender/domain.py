@@ -75,3 +75,14 @@ def classify_lost_line(stage: Stage) -> Verdict:
     if stage is Stage.end_of_data:
         return Verdict(Outcome.unknown, True, reason="line lost after the final '.'")
     return Verdict(Outcome.retry, False, reason=f"line lost at {stage.value}")
+
+
+# Providers known to allow more parallel SMTP sessions per mailbox than the default.
+PROVIDER_CONNECTION_LIMITS = {
+    "smtp.office365.com": 3,  # Microsoft 365: 3 concurrent connections per mailbox
+}
+
+
+def connection_limit(host: str, default: int) -> int:
+    """How many SMTP sessions a sender keeps open at once to one server."""
+    return max(default, PROVIDER_CONNECTION_LIMITS.get(host.lower(), default))
