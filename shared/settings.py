@@ -1,7 +1,8 @@
 """Settings of every service, read from `ABL_` environment variables.
 
-Secrets have no usable default: outside development a missing, placeholder or short secret
-stops the process at start-up rather than letting it run with a guessable key.
+Secrets have no usable default: a missing, placeholder or short secret stops the process at
+start-up rather than letting it run with a guessable key. In development, `make run` generates
+random ones into a git-ignored file first.
 """
 
 from __future__ import annotations
