@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.registry import domain
 from shared import addresses
 from tests.conftest import Api, make_settings, running
 
@@ -49,7 +48,7 @@ def spy_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         opened.append(str(self.hostname))
         return await original_connect(self, *args, **kwargs)
 
-    async def resolve(host: str, port: int) -> list[domain.IPAddress]:
+    async def resolve(host: str, port: int) -> list[addresses.IPAddress]:
         if host == "intranet.corp.example":  # stands in for a DNS name pointing inside
             return [ipaddress.ip_address("93.184.216.34"), ipaddress.ip_address("10.1.2.3")]
         return await original_resolve(host, port)
@@ -123,19 +122,19 @@ async def test_port_outside_the_submission_ports_is_refused(
     ],
 )
 def test_is_public_address_table(address: str, public: bool) -> None:
-    assert domain.is_public_address(ipaddress.ip_address(address)) is public
+    assert addresses.is_public_address(ipaddress.ip_address(address)) is public
 
 
 @given(st.ip_addresses(v=4))
 def test_ipv4_mapped_spelling_never_changes_the_verdict(address: ipaddress.IPv4Address) -> None:
     mapped = ipaddress.IPv6Address(f"::ffff:{address}")
-    assert domain.is_public_address(mapped) == domain.is_public_address(address)
+    assert addresses.is_public_address(mapped) == addresses.is_public_address(address)
 
 
 @given(st.lists(st.ip_addresses(), min_size=1, max_size=6))
 def test_one_forbidden_answer_refuses_the_whole_name(
-    addresses: list[domain.IPAddress],
+    answers: list[addresses.IPAddress],
 ) -> None:
-    verdict = domain.judge_addresses(addresses, allow_private=False)
-    assert verdict.ok == all(domain.is_public_address(a) for a in addresses)
-    assert domain.judge_addresses(addresses, allow_private=True).ok
+    verdict = addresses.judge_addresses(answers, allow_private=False)
+    assert verdict.ok == all(addresses.is_public_address(a) for a in answers)
+    assert addresses.judge_addresses(answers, allow_private=True).ok

@@ -39,6 +39,25 @@ def smtp(certs: Certificates) -> Iterator[SmtpTestServer]:
         yield server
 
 
+def add_server_args(smtp: SmtpTestServer, login: str, from_email: str, password: str) -> list[str]:
+    return [
+        "servers",
+        "add",
+        "--host",
+        "localhost",
+        "--port",
+        str(smtp.port),
+        "--security",
+        "starttls",
+        "--username",
+        login,
+        "--from-email",
+        from_email,
+        "--password",
+        password,
+    ]
+
+
 def test_ctl_from_tenant_to_sent_emails(
     service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
 ) -> None:
@@ -51,50 +70,12 @@ def test_ctl_from_tenant_to_sent_emails(
     env["ABL_API_KEY"] = match.group(1)
 
     for login, password in ACCOUNTS.items():
-        added = runner.invoke(
-            app,
-            [
-                "servers",
-                "add",
-                "--host",
-                "localhost",
-                "--port",
-                str(smtp.port),
-                "--security",
-                "starttls",
-                "--username",
-                login,
-                "--from-email",
-                login,
-                "--password",
-                password,
-            ],
-            env=env,
-        )
+        added = runner.invoke(app, add_server_args(smtp, login, login, password), env=env)
         assert added.exit_code == 0, added.output
         assert "active" in added.output
 
     wrong = runner.invoke(
-        app,
-        [
-            "servers",
-            "add",
-            "--host",
-            "localhost",
-            "--port",
-            str(smtp.port),
-            "--security",
-            "starttls",
-            "--username",
-            "a@example.com",
-            "--from-email",
-            "x@example.com",
-            "--password",
-            "wrong",
-            "--label",
-            "bad",
-        ],
-        env=env,
+        app, add_server_args(smtp, "a@example.com", "x@example.com", "wrong"), env=env
     )
     assert wrong.exit_code == 1
     assert "Error (auth_failed)" in wrong.output

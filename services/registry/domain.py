@@ -1,17 +1,12 @@
-"""The registry's rules, free of I/O: presets, which addresses may be dialled, what a failed
-check means to a person, and the per-tenant budget of checks."""
+"""The registry's rules, free of I/O: presets, which ports may be dialled, what a failed check
+means to a person, and the per-tenant budget of checks. Which addresses may be dialled is in
+`shared.addresses`, because the senders apply the same rule."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-from shared.addresses import AddressVerdict as AddressVerdict
-from shared.addresses import IPAddress as IPAddress
-from shared.addresses import embedded_ipv4 as embedded_ipv4
-from shared.addresses import is_public_address as is_public_address
-from shared.addresses import judge_addresses as judge_addresses
 
 
 class Security(StrEnum):

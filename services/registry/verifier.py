@@ -59,7 +59,7 @@ class Verifier:
             addresses = await addresses_module.resolve(target.host, target.port)
         except (socket.gaierror, UnicodeError):
             return domain.dns_failed(target.host)
-        verdict = domain.judge_addresses(addresses, allow_private=self.allow_private)
+        verdict = addresses_module.judge_addresses(addresses, allow_private=self.allow_private)
         if not verdict.ok:
             return domain.blocked_host()
 

@@ -369,22 +369,14 @@ async def release_many(
         await session.exec(
             update(table)
             .where(table.c.server_id == server_id, table.c.day == day)
-            .values(
-                reserved=func.max(table.c.reserved - count, 0)
-                if not is_postgres(session)
-                else func.greatest(table.c.reserved - count, 0)
-            )
+            .values(reserved=_at_least_zero(session, table.c.reserved - count))
         )
     if hour is not None:
         hours = table_of(ServerUsageHour)
         await session.exec(
             update(hours)
             .where(hours.c.server_id == server_id, hours.c.hour == hour)
-            .values(
-                used=func.max(hours.c.used - count, 0)
-                if not is_postgres(session)
-                else func.greatest(hours.c.used - count, 0)
-            )
+            .values(used=_at_least_zero(session, hours.c.used - count))
         )
 
 
