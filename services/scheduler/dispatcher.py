@@ -154,7 +154,9 @@ class Dispatcher:
                 return []  # another replica is dispatching this tenant right now
             window = await repository.sending_window(session, tenant_id)
             today = window.local_day(now)
-            servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
+            # Every server of the tenant; `domain.eligible` is the one place that decides which
+            # may carry its emails now.
+            servers = await tenant_servers(session, tenant_id)
             warmups = await repository.warmup_states(session, servers, today, self.schedule)
             allowances = {
                 s.id: self.schedule.allowance(warmups[s.id].step, s.daily_cap) for s in servers
@@ -167,22 +169,23 @@ class Dispatcher:
                 )
                 for s in servers
             ]
-            by_id = {str(s.id): s for s in servers}
+            eligible = set(domain.eligible(candidates, str(tenant_id), now))
             loads = [
                 domain.ServerLoad(
-                    server_id,
-                    days[by_id[server_id].id].reserved,
+                    str(s.id),
+                    days[s.id].reserved,
                     domain.sendable_now(
                         now=now,
                         window=window,
-                        allowance=days[by_id[server_id].id].allowance,
-                        used_today=days[by_id[server_id].id].reserved,
-                        rolling_used=rolling.get(by_id[server_id].id, 0),
+                        allowance=days[s.id].allowance,
+                        used_today=days[s.id].reserved,
+                        rolling_used=rolling.get(s.id, 0),
                         pacing=self.settings.pacing,
-                        jitter_key=server_id,
+                        jitter_key=str(s.id),
                     ),
                 )
-                for server_id in domain.eligible(candidates, str(tenant_id), now)
+                for s in servers
+                if str(s.id) in eligible
             ]
             capacity = min(sum(load.can_take for load in loads), MAX_CLAIM_PER_TENANT)
             if capacity == 0:
