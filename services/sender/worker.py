@@ -109,8 +109,9 @@ class Worker:
                 message_id=f"{job.job_id}:result",
             )
         except Exception as exc:
-            # The job goes back to the queue; its redelivery asks the scheduler first, so an
-            # email that did leave is not sent again once its result lands.
+            # The job goes back to the queue. If the email did leave, its redelivery finds it
+            # still `scheduled` and sends it again: the same, bounded, duplicate as a kill -9
+            # between the server's reply and the result event.
             raise TransientMessageError(f"result not confirmed: {type(exc).__name__}") from exc
         SENDER_OUTCOMES.labels(verdict.outcome.value).inc()
 
