@@ -100,3 +100,18 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+class ForbiddenAddress(Exception):
+    """The host resolves to an address that may not be dialled (or one answer among several)."""
+
+
+async def checked_addresses(host: str, port: int, *, allow_private: bool) -> tuple[IPAddress, ...]:
+    """Resolve `host` once and return the addresses that may be dialled, in order.
+
+    Raises ForbiddenAddress when any answer is forbidden, socket.gaierror when none resolves.
+    """
+    verdict = judge_addresses(await resolve(host, port), allow_private=allow_private)
+    if not verdict.ok:
+        raise ForbiddenAddress(host)
+    return verdict.allowed

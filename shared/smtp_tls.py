@@ -11,6 +11,8 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+import aiosmtplib
+
 
 class PinnedHostnameContext(ssl.SSLContext):
     pinned_hostname: str
@@ -33,3 +35,17 @@ def pinned_context(hostname: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_default_certs()
     return context
+
+
+def smtp_client(
+    address: str, host: str, port: int, *, implicit_tls: bool, timeout: float
+) -> aiosmtplib.SMTP:
+    """A client for `host` that dials the checked `address`; STARTTLS is the caller's step."""
+    return aiosmtplib.SMTP(
+        hostname=address,
+        port=port,
+        use_tls=implicit_tls,
+        start_tls=False,
+        tls_context=pinned_context(host),
+        timeout=timeout,
+    )

@@ -19,7 +19,7 @@ from services.registry import domain
 from services.registry.domain import CheckCode, CheckOutcome, Security
 from shared import addresses as addresses_module
 from shared.settings import Settings
-from shared.smtp_tls import pinned_context
+from shared.smtp_tls import smtp_client
 
 logger = logging.getLogger("abl.registry.verifier")
 
@@ -56,22 +56,22 @@ class Verifier:
         ):
             return domain.blocked_port(target.port, self.allowed_ports)
         try:
-            addresses = await addresses_module.resolve(target.host, target.port)
+            allowed = await addresses_module.checked_addresses(
+                target.host, target.port, allow_private=self.allow_private
+            )
+        except addresses_module.ForbiddenAddress:
+            return domain.blocked_host()
         except (socket.gaierror, UnicodeError):
             return domain.dns_failed(target.host)
-        verdict = addresses_module.judge_addresses(addresses, allow_private=self.allow_private)
-        if not verdict.ok:
-            return domain.blocked_host()
 
         outcome = domain.connect_failed()
-        for address in verdict.allowed:
+        for address in allowed:
             stage[0] = "greeting"
-            client = aiosmtplib.SMTP(
-                hostname=str(address),
-                port=target.port,
-                use_tls=target.security is Security.tls,
-                start_tls=False,
-                tls_context=pinned_context(target.host),
+            client = smtp_client(
+                str(address),
+                target.host,
+                target.port,
+                implicit_tls=target.security is Security.tls,
                 # Below the overall bound, so a connect timeout is seen as such by aiosmtplib.
                 timeout=self.timeout * 0.9,
             )

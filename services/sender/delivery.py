@@ -23,7 +23,7 @@ from services.sender.message import build_message, wire_bytes
 from shared import addresses
 from shared.messages import Outcome, SendJob
 from shared.settings import Settings
-from shared.smtp_tls import pinned_context
+from shared.smtp_tls import smtp_client
 
 
 @dataclass
@@ -60,10 +60,6 @@ def fingerprint(credentials: Credentials) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-class NoUsableAddress(Exception):
-    """The server's host resolves to no address a sender may dial."""
-
-
 class Deliverer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -88,20 +84,15 @@ class Deliverer:
         return None
 
     async def _open(self, credentials: Credentials) -> aiosmtplib.SMTP:
-        candidates = await addresses.resolve(credentials.host, credentials.port)
-        verdict = addresses.judge_addresses(
-            candidates, allow_private=self.settings.allow_private_hosts
-        )
-        if not verdict.ok:
-            raise NoUsableAddress(credentials.host)
         last_error: Exception | None = None
-        for address in verdict.allowed:
-            client = aiosmtplib.SMTP(
-                hostname=str(address),
-                port=credentials.port,
-                use_tls=credentials.security == "tls",
-                start_tls=False,
-                tls_context=pinned_context(credentials.host),
+        for address in await addresses.checked_addresses(
+            credentials.host, credentials.port, allow_private=self.settings.allow_private_hosts
+        ):
+            client = smtp_client(
+                str(address),
+                credentials.host,
+                credentials.port,
+                implicit_tls=credentials.security == "tls",
                 timeout=self.settings.sender_command_timeout_seconds,
             )
             try:
@@ -173,7 +164,7 @@ class Deliverer:
                 return Attempt(
                     domain.classify_reply(stage, exc.code, exc.message), exc.code, exc.message
                 )
-            except NoUsableAddress:
+            except addresses.ForbiddenAddress:
                 return Attempt(
                     Verdict(Outcome.retry, False, reason="no usable address"),
                     None,
