@@ -33,12 +33,12 @@ import aiosmtplib
 import httpx
 import trustme
 
-from services.sender.clients import Credentials, RegistryClient, SchedulerClient
+from services.sender.clients import RegistryClient, SchedulerClient
 from services.sender.delivery import Deliverer
 from services.sender.worker import Worker
 from shared.broker import Delivery, InProcessBus
 from shared.crypto import generate_key
-from shared.messages import EmailContent, SendJob
+from shared.messages import EmailContent, SendJob, SmtpCredentials
 from shared.settings import Settings
 from tests.support.smtp import free_port
 
@@ -46,11 +46,11 @@ HOST = "127.0.0.1"
 
 
 class MemoryRegistry(RegistryClient):
-    def __init__(self, credentials: dict[uuid.UUID, Credentials]) -> None:
+    def __init__(self, credentials: dict[uuid.UUID, SmtpCredentials]) -> None:
         super().__init__(httpx.AsyncClient(), "unused", 0)
         self.known = credentials
 
-    async def credentials(self, server_id: uuid.UUID) -> Credentials | None:
+    async def credentials(self, server_id: uuid.UUID) -> SmtpCredentials | None:
         return self.known[server_id]
 
 
@@ -62,8 +62,8 @@ class AlwaysSendable(SchedulerClient):
         return True
 
 
-def credentials_for(server_id: uuid.UUID, port: int) -> Credentials:
-    return Credentials(
+def credentials_for(server_id: uuid.UUID, port: int) -> SmtpCredentials:
+    return SmtpCredentials(
         id=server_id,
         tenant_id=server_id,
         host=HOST,

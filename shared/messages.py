@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,6 +71,25 @@ class SendResult(MessageBody):
         default=None, description="auth_failed, quota, ...: the server needs attention."
     )
     finished_at: datetime
+
+
+class SmtpCredentials(BaseModel):
+    """One server's credentials, as the registry's internal endpoint gives them to a sender.
+
+    HTTP only, never on the broker; the repr never shows the password.
+    """
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    host: str
+    port: int
+    security: Literal["starttls", "tls"]
+    username: str
+    password: str = Field(repr=False)
+    from_email: str
+    from_name: str
+    status: str = Field(description="The registry's status; only `active` servers send.")
+    daily_cap: int
 
 
 def parse(model: type[ModelT], body: bytes) -> ModelT:

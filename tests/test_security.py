@@ -305,3 +305,24 @@ async def test_framework_errors_are_problem_json(api: Api) -> None:
     )
     assert bad_json.status_code == 422
     assert bad_json.headers["content-type"] == "application/problem+json"
+
+
+def test_credentials_never_print_their_password() -> None:
+    from shared.messages import SmtpCredentials
+
+    credentials = SmtpCredentials(
+        id=uuid.uuid4(),
+        tenant_id=uuid.uuid4(),
+        host="smtp.example.com",
+        port=587,
+        security="starttls",
+        username="u",
+        password="CANARY-PRINT",
+        from_email="u@example.com",
+        from_name="",
+        status="active",
+        daily_cap=500,
+    )
+    assert "CANARY-PRINT" not in repr(credentials)
+    assert "CANARY-PRINT" not in str(credentials)
+    assert "CANARY-PRINT" not in f"{credentials!r} {credentials}"

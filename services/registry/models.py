@@ -133,22 +133,6 @@ class SmtpServerPage(SQLModel):
     )
 
 
-class SmtpCredentials(SQLModel):
-    """What a sender needs to deliver through one server. Internal endpoint only."""
-
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    host: str
-    port: int
-    security: Security
-    username: str
-    password: str
-    from_email: str
-    from_name: str
-    status: ServerStatus
-    daily_cap: int
-
-
 class HealthReport(SQLModel):
     status: Literal[ServerStatus.auth_failed]
     reply: str = Field(max_length=1000)

@@ -9,33 +9,14 @@ import uuid
 from dataclasses import dataclass
 
 import httpx
-from pydantic import BaseModel
 
 from shared.errors import TransientMessageError
-
-
-class Credentials(BaseModel):
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    host: str
-    port: int
-    security: str
-    username: str
-    password: str
-    from_email: str
-    from_name: str
-    status: str
-    daily_cap: int
-
-    def __repr__(self) -> str:  # never print the password
-        return f"Credentials(id={self.id}, host={self.host!r}, status={self.status!r})"
-
-    __str__ = __repr__
+from shared.messages import SmtpCredentials
 
 
 @dataclass
 class _Cached:
-    value: Credentials
+    value: SmtpCredentials
     expires: float
 
 
@@ -46,7 +27,7 @@ class RegistryClient:
         self.ttl = ttl_seconds
         self.cache: dict[uuid.UUID, _Cached] = {}
 
-    async def credentials(self, server_id: uuid.UUID) -> Credentials | None:
+    async def credentials(self, server_id: uuid.UUID) -> SmtpCredentials | None:
         """The server's credentials, or None when it no longer exists."""
         cached = self.cache.get(server_id)
         if cached is not None and cached.expires > time.monotonic():
@@ -62,7 +43,7 @@ class RegistryClient:
             return None
         if response.status_code != 200:
             raise TransientMessageError(f"registry answered {response.status_code}")
-        value = Credentials.model_validate_json(response.content)
+        value = SmtpCredentials.model_validate_json(response.content)
         self.cache[server_id] = _Cached(value, time.monotonic() + self.ttl)
         return value
 

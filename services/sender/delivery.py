@@ -17,11 +17,10 @@ from datetime import datetime
 import aiosmtplib
 
 from services.sender import domain
-from services.sender.clients import Credentials
 from services.sender.domain import Stage, Verdict
 from services.sender.message import build_message, wire_bytes
 from shared import addresses
-from shared.messages import Outcome, SendJob
+from shared.messages import Outcome, SendJob, SmtpCredentials
 from shared.settings import Settings
 from shared.smtp_tls import smtp_client
 
@@ -46,7 +45,7 @@ class ServerConnections:
     idle: list[_Idle] = field(default_factory=list)
 
 
-def fingerprint(credentials: Credentials) -> str:
+def fingerprint(credentials: SmtpCredentials) -> str:
     # Changed credentials must not reuse a session opened with the old ones.
     raw = "\0".join(
         (
@@ -83,7 +82,7 @@ class Deliverer:
             idle.client.close()
         return None
 
-    async def _open(self, credentials: Credentials) -> aiosmtplib.SMTP:
+    async def _open(self, credentials: SmtpCredentials) -> aiosmtplib.SMTP:
         last_error: Exception | None = None
         for address in await addresses.checked_addresses(
             credentials.host, credentials.port, allow_private=self.settings.allow_private_hosts
@@ -114,7 +113,7 @@ class Deliverer:
         assert last_error is not None
         raise last_error
 
-    async def deliver(self, job: SendJob, credentials: Credentials, now: datetime) -> Attempt:
+    async def deliver(self, job: SendJob, credentials: SmtpCredentials, now: datetime) -> Attempt:
         pool = self._pool(job.server_id, credentials.host)
         key = fingerprint(credentials)
         payload = wire_bytes(

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Response
 from services.registry import repository
 from services.registry.deps import KeyringDep
 from services.registry.domain import Security, ServerStatus
-from services.registry.models import HealthAck, HealthReport, SmtpCredentials
+from services.registry.models import HealthAck, HealthReport
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES
+from shared.messages import SmtpCredentials
 from shared.tenancy import InternalDep
 from shared.timeutil import utcnow
 
@@ -37,12 +38,12 @@ async def server_credentials(
         tenant_id=server.tenant_id,
         host=server.host,
         port=server.port,
-        security=Security(server.security),
+        security=Security(server.security).value,
         username=server.username,
         password=repository.open_password(keyring, server),
         from_email=server.from_email,
         from_name=server.from_name,
-        status=ServerStatus(server.status),
+        status=ServerStatus(server.status).value,
         daily_cap=server.daily_cap,
     )
 
