@@ -42,8 +42,9 @@ def dead_letter_queue(queue: str) -> str:
 
 
 def queue_kind(queue: str) -> str:
-    """`send-jobs` or `results`: a label of bounded cardinality, whatever the prefix."""
-    return queue.rsplit(".", 1)[-1]
+    """`send-jobs`, `results` or `other`: a label of bounded cardinality, whatever the prefix."""
+    kind = queue.rsplit(".", 1)[-1]
+    return kind if kind in ("send-jobs", "results") else "other"
 
 
 @dataclass(frozen=True)

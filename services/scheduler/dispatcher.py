@@ -154,9 +154,9 @@ class Dispatcher:
                 return []  # another replica is dispatching this tenant right now
             window = await repository.sending_window(session, tenant_id)
             today = window.local_day(now)
-            # Every server of the tenant; `domain.eligible` is the one place that decides which
-            # may carry its emails now.
-            servers = await tenant_servers(session, tenant_id)
+            # Only servers that may send get warmup and allowance rows; `domain.eligible` then
+            # decides among them (own tenant, active, not parked).
+            servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
             warmups = await repository.warmup_states(session, servers, today, self.schedule)
             allowances = {
                 s.id: self.schedule.allowance(warmups[s.id].step, s.daily_cap) for s in servers
