@@ -66,15 +66,23 @@ class Service:
 
 
 def start(
-    name: str, service: str, env: Mapping[str, str], log_dir: Path, *, ready_timeout: float = 30
+    name: str,
+    service: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    ready_timeout: float = 120,
+    port: int | None = None,
 ) -> Service:
-    port = free_port()
+    """Start a service and wait until /readyz answers 200 (a loaded machine may take a while);
+    `port` restarts a service where its clients expect it."""
+    port = port or free_port()
     log = log_dir / f"{name}.log"
     process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
         [sys.executable, "-m", "services.cli", "serve", "--service", service],
         cwd=ROOT,
         env={**env, "ABL_PORT": str(port)},
-        stdout=log.open("wb"),
+        stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
     running = Service(name, port, process, log)
@@ -100,7 +108,7 @@ async def delete_queues(amqp_url: str, settings: Settings) -> None:
     async with connection:
         channel = await connection.channel()
         for queue in (settings.send_jobs_queue, settings.results_queue):
-            for name in (queue, f"{queue}.dead"):
+            for name in (queue, f"{queue}.dead", f"{queue}.dead.parked"):
                 await channel.queue_delete(name)
 
 
