@@ -73,25 +73,29 @@ def start(
     *,
     ready_timeout: float = 120,
     port: int | None = None,
+    args: tuple[str, ...] = (),
+    wait_ready: bool = True,
 ) -> Service:
-    """Start a service and wait until /readyz answers 200 (a loaded machine may take a while);
-    `port` restarts a service where its clients expect it."""
+    """Start a service and wait until /readyz answers 200 (a loaded machine may take a while),
+    or with `wait_ready=False` until /healthz does; `port` restarts a service where its clients
+    expect it."""
     port = port or free_port()
     log = log_dir / f"{name}.log"
     process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-        [sys.executable, "-m", "services.cli", "serve", "--service", service],
+        [sys.executable, "-m", "services.cli", "serve", "--service", service, *args],
         cwd=ROOT,
         env={**env, "ABL_PORT": str(port)},
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
     running = Service(name, port, process, log)
+    probe = "readyz" if wait_ready else "healthz"
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"{running.url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{running.url}/{probe}", timeout=1).status_code == 200:
                 return running
         except httpx.HTTPError:
             pass
