@@ -21,6 +21,10 @@ from shared.validation import refuse_control_chars
 MAX_DAILY_CAP = 500
 # Changing any of these re-runs the connection check before the change is saved.
 CONNECTION_FIELDS = frozenset({"host", "port", "security", "username", "password"})
+# Where (and as whom) the password is sent. Changing any of these needs the password in the
+# same request: the stored one is only ever sent to the endpoint it was verified against, or a
+# tenant (or a leaked API key) could point a server at a host of its choosing and read it.
+ENDPOINT_FIELDS = frozenset({"host", "port", "security", "username"})
 HOST_MAX = 253
 
 
