@@ -38,7 +38,7 @@ class TenantBase(SQLModel):
     @field_validator("name")
     @classmethod
     def _clean_name(cls, value: str) -> str:
-        return refuse_control_chars(value.strip())
+        return refuse_control_chars(value).strip()
 
 
 class TenantCreate(TenantBase):
