@@ -73,7 +73,7 @@ def retry_policy_from(settings: Settings) -> RetryPolicy:
     )
 
 
-def job_for(email: Email) -> SendJob:
+def job_for(email: Email, *, republished: bool = False) -> SendJob:
     assert email.job_id is not None
     assert email.server_id is not None
     assert email.reserved_day is not None
@@ -93,6 +93,7 @@ def job_for(email: Email) -> SendJob:
             headers=dict(email.headers),
             message_id=email.message_id,
         ),
+        republished=republished,
     )
 
 
@@ -224,7 +225,7 @@ class Dispatcher:
             for email in emails:
                 email.lease_until = now + self.lease
                 session.add(email)
-            jobs = [job_for(email) for email in emails]
+            jobs = [job_for(email, republished=True) for email in emails]
         if jobs:
             logger.warning("publishing %d jobs again after their lease ran out", len(jobs))
         report.republished += len(jobs)
@@ -244,6 +245,8 @@ class Dispatcher:
                         self.settings.send_jobs_queue,
                         job.model_dump_json().encode(),
                         message_id=str(job.job_id),
+                        # A job left waiting this long is dead-lettered, and its email settled.
+                        expires_in=self.settings.job_ttl_seconds,
                     )
                 except Exception as exc:
                     logger.warning("publish of job %s failed: %s", job.job_id, type(exc).__name__)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Integer, Uuid, bindparam, column, func, update, values
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -25,6 +26,15 @@ from services.scheduler.models import (
 from shared.db import insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
 from shared.registry_read import ServerView
+
+
+class SendResultKey(NamedTuple):
+    """What names one attempt of one email, as a result event does."""
+
+    email_id: uuid.UUID
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID
 
 
 def email_not_found(email_id: uuid.UUID) -> NotFound:
@@ -485,3 +495,43 @@ async def expire_all_leases(session: AsyncSession) -> None:
         .where(table.c.status == EmailStatus.scheduled)
         .values(published_at=None, lease_until=datetime(2000, 1, 1, tzinfo=UTC))
     )
+
+
+async def sendable_jobs(
+    session: AsyncSession, jobs: Sequence[tuple[uuid.UUID, uuid.UUID]]
+) -> set[uuid.UUID]:
+    """Of these (email, job) pairs, the jobs still their email's current, unsent attempt."""
+    if not jobs:
+        return set()
+    wanted = dict(jobs)
+    query = select(Email.id, Email.job_id).where(
+        col(Email.id).in_(list(wanted)), Email.status == EmailStatus.scheduled
+    )
+    return {
+        job_id
+        for email_id, job_id in (await session.exec(query)).all()
+        if job_id is not None and wanted.get(email_id) == job_id
+    }
+
+
+async def stale_scheduled(
+    session: AsyncSession, published_before: datetime, limit: int
+) -> list[SendResultKey]:
+    """Emails published before `published_before` that never got a result."""
+    table = table_of(Email)
+    query = (
+        sa_select(table.c.id, table.c.job_id, table.c.tenant_id, table.c.server_id)
+        .where(
+            table.c.status == EmailStatus.scheduled,
+            table.c.published_at.is_not(None),
+            table.c.published_at < published_before,
+        )
+        .order_by(table.c.published_at)
+        .limit(limit)
+    )
+    connection = await session.connection()
+    return [
+        SendResultKey(email_id, job_id, tenant_id, server_id)
+        for email_id, job_id, tenant_id, server_id in (await connection.execute(query)).all()
+        if job_id is not None and server_id is not None
+    ]
