@@ -13,7 +13,6 @@ import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +24,6 @@ from services.registry.models import SmtpServerCreate, SmtpServerUpdate
 from services.scheduler.models import EmailCreate, SendingProfileUpdate
 from services.sender.message import build_message, wire_bytes
 from shared.messages import EmailContent
-from shared.migrate import upgrade_database
 from shared.settings import Settings
 from shared.tenancy import TenantCreate
 from shared.validation import LINE_BREAKS
@@ -121,13 +119,6 @@ def assert_no_echo(problem: dict[str, Any], char: str) -> None:
 async def app(settings: Settings) -> AsyncIterator[Api]:
     async with running(settings, combined=True) as api:
         yield api
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'rules.db'}"
-    upgrade_database(url)
-    return url
 
 
 @pytest.fixture
