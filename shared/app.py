@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from shared.db import create_engine, session_factory
 from shared.errors import Problem, ServiceUnavailable, install_problem_handlers
+from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
 from shared.settings import Settings
 
@@ -71,6 +72,11 @@ def build_app(
     app = FastAPI(title=title, version=version, lifespan=lifespan)
     install_problem_handlers(app)
     install_metrics(app, service)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_body_bytes,
+        large_limit=settings.max_messages_body_bytes,
+    )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> Health:

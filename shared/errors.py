@@ -152,7 +152,18 @@ _STATUS_CODES = {
     HTTPStatus.NOT_FOUND: ("not_found", "Check the URL and the id; ids are per tenant."),
     HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", "See /docs for the allowed methods."),
     HTTPStatus.UNAUTHORIZED: ("unauthorized", "Send `Authorization: Bearer <token>`."),
+    HTTPStatus(413): (
+        "body_too_large",
+        "Send fewer emails per request (a batch holds up to 1,000), or smaller ones.",
+    ),
 }
+
+
+def status_problem(status: int, detail: str, instance: str | None = None) -> Problem:
+    """The problem for a status the framework (or a middleware) raises, with its code and hint."""
+    http_status = HTTPStatus(status)
+    code, hint = _STATUS_CODES.get(http_status, (http_status.name.lower(), None))
+    return AppError(detail, code=code, hint=hint, status=http_status).to_problem(instance)
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -174,10 +185,9 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = HTTPStatus(exc.status_code)
-        code, hint = _STATUS_CODES.get(status, (status.name.lower(), None))
         detail = exc.detail if isinstance(exc.detail, str) else status.phrase
-        error = AppError(detail, code=code, hint=hint, status=status)
-        return problem_response(error.to_problem(request.url.path), dict(exc.headers or {}))
+        problem = status_problem(status, detail, request.url.path)
+        return problem_response(problem, dict(exc.headers or {}))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "INFO"
+    # Bounds on a whole request body, enforced while it is read (413 past them): a batch of
+    # emails may be large, every other request is a small JSON object.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_messages_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
 
     database_url: str = "sqlite:///./abl.db"
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
