@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -99,6 +100,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.migrate and args.service not in ("sender", "gateway"):  # no database there
         upgrade_when_reachable(settings.database_url)
     print(f"{args.service}: serving on http://{settings.host}:{settings.port} (docs at /docs)")
+    GracefulServer(server_config(app, settings)).run()
+
+
+def server_config(app: Any, settings: Settings) -> uvicorn.Config:
+    from shared.logs import redact_access_log
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -107,7 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # Longer than the sender's drain, which runs in the lifespan's shutdown.
         timeout_graceful_shutdown=int(settings.sender_drain_seconds) + 5,
     )
-    GracefulServer(config).run()
+    # After the Config: it has just applied uvicorn's logging configuration.
+    redact_access_log()
+    return config
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:

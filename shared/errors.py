@@ -136,12 +136,41 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
     )
 
 
+# Fields whose keys are the caller's own text (an email's `headers`): a path into one names the
+# position of the key, never the key.
+KEYED_FIELDS = frozenset({"headers"})
+# pydantic messages of these types quote part of the input (a UUID's bad character, ...).
+_QUOTING_TYPES = {"uuid_parsing": "must be a UUID", "uuid_type": "must be a UUID"}
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    parts: list[str] = []
+    for index, part in enumerate(loc):
+        if index and loc[index - 1] in KEYED_FIELDS and isinstance(part, str):
+            parts.append("*")
+        else:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def _message(error: Any) -> str:
+    kind = str(error.get("type", "value_error"))
+    message = str(error.get("msg", "invalid value"))
+    given = error.get("input")
+    if kind in _QUOTING_TYPES:
+        return _QUOTING_TYPES[kind]
+    if isinstance(given, str) and len(given) >= 3 and given in message:
+        return "invalid value"
+    return message
+
+
 def _field_errors(exc: RequestValidationError) -> list[FieldError]:
-    # The offending `input` is never echoed back: it may be a password.
+    # Nothing of the offending input is echoed back, not in the message nor in the path: it may
+    # be a password, and an echo is how reflected injection starts.
     return [
         FieldError(
-            field=".".join(str(part) for part in error.get("loc", ())),
-            message=str(error.get("msg", "invalid value")),
+            field=_field_path(error.get("loc", ())),
+            message=_message(error),
             type=str(error.get("type", "value_error")),
         )
         for error in exc.errors()
@@ -166,10 +195,17 @@ def status_problem(status: int, detail: str, instance: str | None = None) -> Pro
     return AppError(detail, code=code, hint=hint, status=http_status).to_problem(instance)
 
 
+def _instance(request: Request) -> str | None:
+    """The route template (`/v1/servers/{server_id}`), not the path: a path is the caller's
+    input, and no error repeats it. None when no route matched."""
+    template = getattr(request.scope.get("route"), "path", None)
+    return template if isinstance(template, str) else None
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_app_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
-        return problem_response(exc.to_problem(request.url.path), exc.headers)
+        return problem_response(exc.to_problem(_instance(request)), exc.headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -180,13 +216,13 @@ def install_problem_handlers(app: FastAPI) -> None:
             hint="Correct the fields listed in `errors` and send the request again.",
             errors=errors,
         )
-        return problem_response(error.to_problem(request.url.path))
+        return problem_response(error.to_problem(_instance(request)))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = HTTPStatus(exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) else status.phrase
-        problem = status_problem(status, detail, request.url.path)
+        problem = status_problem(status, detail, _instance(request))
         return problem_response(problem, dict(exc.headers or {}))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -197,7 +233,7 @@ def install_problem_handlers(app: FastAPI) -> None:
             "The server failed to handle this request.",
             hint="Try again; if it keeps failing, report the time and the path.",
         )
-        return problem_response(error.to_problem(request.url.path))
+        return problem_response(error.to_problem(_instance(request)))
 
     app.add_exception_handler(AppError, on_app_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

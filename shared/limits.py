@@ -45,7 +45,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            problem = status_problem(413, too_large_detail(limit), scope["path"])
+            problem = status_problem(413, too_large_detail(limit))
             # Answered without reading the body; the server closes the connection after it.
             response = problem_response(problem, {"Connection": "close"})
             await response(scope, receive, send)

@@ -62,7 +62,7 @@ class Verifier:
         except addresses_module.ForbiddenAddress:
             return domain.blocked_host()
         except (socket.gaierror, UnicodeError):
-            return domain.dns_failed(target.host)
+            return domain.dns_failed()
 
         outcome = domain.connect_failed()
         for address in allowed:

@@ -59,7 +59,9 @@ def parse_payload(payload: Any) -> list[EmailCreate]:
     except ValidationError as exc:
         errors = [
             {
-                **{k: v for k, v in error.items() if k not in ("input", "ctx", "url")},
+                # `input` stays for the problem renderer, which never echoes it but checks
+                # that no message quotes it.
+                **{k: v for k, v in error.items() if k not in ("ctx", "url")},
                 "loc": ("body", *error["loc"]),
             }
             for error in exc.errors()
