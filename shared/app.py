@@ -14,7 +14,7 @@ from shared.db import create_engine, session_factory
 from shared.errors import Problem, ServiceUnavailable, install_problem_handlers
 from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
-from shared.settings import Settings
+from shared.settings import CommonSettings, DatabaseSettings
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -29,7 +29,7 @@ class Health(BaseModel):
     status: str
 
 
-def database(settings: Settings) -> Resource:
+def database(settings: DatabaseSettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.database_url)
@@ -54,7 +54,7 @@ def build_app(
     *,
     title: str,
     service: str,
-    settings: Settings,
+    settings: CommonSettings,
     resources: list[Resource],
     version: str = "0.1.0",
 ) -> FastAPI:

@@ -33,7 +33,7 @@ from shared.metrics import (
     SENDER_OUTCOMES,
     SMTP_REPLIES,
 )
-from shared.settings import Settings
+from shared.settings import SenderSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.sender")
@@ -46,7 +46,7 @@ BACKOFF_MAX_SECONDS = 15.0
 class Worker:
     def __init__(
         self,
-        settings: Settings,
+        settings: SenderSettings,
         bus: Bus,
         registry: CredentialsSource,
         job_states: BatchedJobStates,
