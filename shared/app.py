@@ -14,6 +14,7 @@ from shared.db import create_engine, session_factory
 from shared.errors import Problem, ServiceUnavailable, install_problem_handlers
 from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
+from shared.migrate import private_sqlite_file
 from shared.settings import CommonSettings, DatabaseSettings
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -32,6 +33,7 @@ class Health(BaseModel):
 def database(settings: DatabaseSettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
+        private_sqlite_file(settings.database_url)  # before the engine creates it 0644
         engine = create_engine(settings.database_url)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
