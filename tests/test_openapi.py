@@ -27,6 +27,36 @@ def test_committed_spec_matches_the_app(name: str) -> None:
     )
 
 
+PUBLIC_SPECS = ("api", "registry", "scheduler")
+
+
+@pytest.mark.parametrize("name", PUBLIC_SPECS)
+def test_public_specs_list_only_public_routes(name: str) -> None:
+    paths = json.loads((SPEC_DIR / f"{name}.json").read_text())["paths"]
+    assert paths
+    assert [path for path in paths if path.startswith("/internal")] == []
+
+
+def test_internal_routes_have_their_own_spec() -> None:
+    paths = json.loads((SPEC_DIR / "internal.json").read_text())["paths"]
+    assert paths
+    assert all(path.startswith("/internal/v1/") for path in paths)
+    assert "/internal/v1/servers/{server_id}/credentials" in paths
+
+
+def test_the_one_process_app_serves_internal_routes_without_advertising_them(
+    registry_client: TestClient,
+) -> None:
+    served = registry_client.get(
+        "/internal/v1/servers/01900000-0000-7000-8000-000000000000/credentials"
+    )
+    # Served, and behind the internal token: 401, not 404.
+    assert served.status_code == 401
+    assert served.json()["code"] == "unauthorized"
+    advertised = registry_client.get("/openapi.json").json()["paths"]
+    assert not [path for path in advertised if path.startswith("/internal")]
+
+
 def _registry_app(tmp: Path) -> TestClient:
     url = f"sqlite:///{tmp / 'fuzz.db'}"
     upgrade_database(url)
