@@ -14,8 +14,8 @@ from fastapi import FastAPI
 
 from services.app import create_app as create_all
 from services.registry.api import internal as registry_internal
-from services.scheduler.api import internal as scheduler_internal
 from services.registry.main import create_app as create_registry
+from services.scheduler.api import internal as scheduler_internal
 from services.scheduler.main import create_app as create_scheduler
 from shared.crypto import generate_key
 from shared.settings import Settings
