@@ -224,3 +224,57 @@ def test_scheduler_killed_between_commit_and_publish_loses_nothing(
             assert sum(smtp.recorder.accepted.values()) == 9
     finally:
         proxy.close()
+
+
+def test_services_started_before_the_broker_and_the_database_wait_for_them(
+    stack: Stack, certs: Certificates
+) -> None:
+    """A scheduler and a sender that start while RabbitMQ and PostgreSQL do not answer stay
+    alive, say what they wait for, report not ready, and serve once both are back."""
+    broker = CuttableProxy(("127.0.0.1", 5672))
+    database = CuttableProxy(("127.0.0.1", 5432))
+    broker.cut()
+    database.cut()
+    try:
+        stack.scheduler.stop()
+        url = stack.settings.database_url.replace(":5432/", f":{database.port}/")
+        away = stack.env | {
+            "ABL_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{broker.port}/",
+            "ABL_DATABASE_URL": url,
+        }
+        scheduler = start(
+            "scheduler-early",
+            "scheduler",
+            away,
+            stack.logs,
+            args=("--no-migrate",),
+            wait_ready=False,
+        )
+        sender = start("sender-early", "sender", away, stack.logs, wait_ready=False)
+        time.sleep(3)
+        for service in (scheduler, sender):
+            assert service.process.poll() is None, service.log.read_text()[-2000:]
+            assert httpx.get(f"{service.url}/readyz", timeout=5).status_code == 503
+        assert "waiting for RabbitMQ" in sender.log.read_text()
+        assert "waiting for RabbitMQ" in scheduler.log.read_text()
+
+        broker.restore()
+        database.restore()
+        wait_until(
+            lambda: all(
+                httpx.get(f"{s.url}/readyz", timeout=5).status_code == 200
+                for s in (scheduler, sender)
+            ),
+            seconds=60,
+        )
+        stack.scheduler = scheduler
+        stack.senders.append(sender)
+        with smtp_server(certs, LOGINS) as smtp:
+            client, tenant = tenant_with_servers(stack, smtp)
+            client = httpx.Client(base_url=scheduler.url, timeout=30)
+            queue(client, tenant, 3)
+            wait_until(lambda: statuses(client, tenant) == {"sent": 3}, seconds=60)
+            assert sum(smtp.recorder.accepted.values()) == 3
+    finally:
+        broker.close()
+        database.close()
