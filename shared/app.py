@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.db import create_engine, session_factory
-from shared.errors import Problem, ServiceUnavailable, install_problem_handlers
+from shared.errors import ServiceUnavailable, install_problem_handlers, problem_doc
 from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
 from shared.migrate import private_sqlite_file
@@ -88,7 +88,7 @@ def build_app(
         "/readyz",
         tags=["health"],
         summary="Readiness: the database and the broker answer, the worker consumes",
-        responses={503: {"model": Problem, "description": "Not ready"}},
+        responses={503: problem_doc("Not ready")},
     )
     async def readyz() -> Health:
         for check in app.state.readiness_checks:

@@ -14,8 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 logger = logging.getLogger("abl.errors")
 
@@ -179,6 +181,10 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
 
 _STATUS_CODES = {
     HTTPStatus.NOT_FOUND: ("not_found", "Check the URL and the id; ids are per tenant."),
+    HTTPStatus.BAD_REQUEST: (
+        "malformed_body",
+        "Send a UTF-8 JSON body with `Content-Type: application/json`.",
+    ),
     HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", "See /docs for the allowed methods."),
     HTTPStatus.UNAUTHORIZED: ("unauthorized", "Send `Authorization: Bearer <token>`."),
     HTTPStatus(413): (
@@ -193,6 +199,19 @@ def status_problem(status: int, detail: str, instance: str | None = None) -> Pro
     http_status = HTTPStatus(status)
     code, hint = _STATUS_CODES.get(http_status, (http_status.name.lower(), None))
     return AppError(detail, code=code, hint=hint, status=http_status).to_problem(instance)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of every route (included routers flattened) whose path matches."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for context in iter_route_contexts(request.app.router.routes):
+        if context.path is None:
+            continue
+        regex, _, _ = compile_path(context.path)
+        if regex.match(path):
+            methods |= set(context.methods or ())
+    return sorted(methods)
 
 
 def _instance(request: Request) -> str | None:
@@ -222,8 +241,13 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         status = HTTPStatus(exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) else status.phrase
+        headers = dict(exc.headers or {})
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            # Starlette names the methods of the first route on the path only; a path served
+            # by several routes (GET and POST /v1/messages) allows the methods of all of them.
+            headers["Allow"] = ", ".join(allowed_methods(request))
         problem = status_problem(status, detail, _instance(request))
-        return problem_response(problem, dict(exc.headers or {}))
+        return problem_response(problem, headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(
@@ -241,11 +265,22 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def problem_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI response documented as problem+json, the media type errors are sent with."""
+    return {
+        "model": Problem,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "description": description,
+    }
+
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": desc}
-    for status, desc in (
+    status: problem_doc(description)
+    for status, description in (
+        (400, "The body is not UTF-8 JSON"),
         (401, "Missing or invalid credentials"),
         (404, "Not found"),
+        (413, "The request body is larger than the limit"),
         (422, "Invalid input"),
     )
 }

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import field_validator, model_validator
 from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
+from sqlmodel._compat import SQLModelConfig
 
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import Address, refuse_control_chars, refuse_unencodable
@@ -73,6 +74,15 @@ class EmailBase(SQLModel):
 
 
 class EmailCreate(EmailBase):
+    # The spec says what `_has_body` checks: a non-empty `text` or `html`.
+    model_config = SQLModelConfig(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+                {"required": ["html"], "properties": {"html": {"type": "string", "minLength": 1}}},
+            ]
+        }
+    )
     # Addresses in the form the sender puts on the wire: ASCII local part, IDNA domain.
     to: Address = Field(max_length=320)
     reply_to: Address | None = Field(default=None, max_length=320)

@@ -23,17 +23,17 @@ from services.registry.models import (
 )
 from services.registry.verifier import Target, Verifier
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, FieldError, Problem, Unprocessable
+from shared.errors import PROBLEM_RESPONSES, FieldError, Unprocessable, problem_doc
 from shared.metrics import SERVER_VERIFICATION_DURATION, SERVER_VERIFICATIONS
-from shared.pagination import decode_cursor, encode_cursor
+from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 CHECK_RESPONSES = {
     **PROBLEM_RESPONSES,
-    409: {"model": Problem, "description": "Same host and username already added"},
-    422: {"model": Problem, "description": "Invalid input, or the connection check failed"},
-    429: {"model": Problem, "description": "Too many connection checks"},
+    409: problem_doc("Same host and username already added"),
+    422: problem_doc("Invalid input, or the connection check failed"),
+    429: problem_doc("Too many connection checks"),
 }
 
 router = APIRouter(prefix="/v1/servers", tags=["servers"], responses=PROBLEM_RESPONSES)
@@ -147,7 +147,7 @@ async def list_servers(
     tenant: TenantDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
 ) -> SmtpServerPage:
     after = decode_cursor(cursor) if cursor else None
     rows, next_after = await repository.list_servers(session, tenant.id, after=after, limit=limit)
