@@ -22,7 +22,7 @@ from services.sender import main as sender
 from services.sender.clients import DependencyUnavailable, JobKey
 from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
-from shared.messages import SmtpCredentials
+from shared.messages import SendResult, SmtpCredentials
 from shared.settings import Settings, get_settings
 
 
@@ -49,6 +49,12 @@ async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
             try:
                 async with sessions() as session:
                     return await scheduler_repository.sendable_jobs(session, list(jobs))
+            except DBAPIError as exc:
+                raise DependencyUnavailable("database unavailable") from exc
+
+        async def report(self, result: SendResult) -> None:
+            try:
+                await app.state.result_applier.apply_many([result])
             except DBAPIError as exc:
                 raise DependencyUnavailable("database unavailable") from exc
 

@@ -24,7 +24,7 @@ import httpx
 from pydantic import BaseModel
 
 from shared.errors import TransientMessageError
-from shared.messages import SmtpCredentials
+from shared.messages import SendResult, SmtpCredentials
 
 
 class DependencyUnavailable(TransientMessageError):
@@ -48,6 +48,9 @@ class CredentialsSource(Protocol):
 class JobStates(Protocol):
     async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
         """The job ids, among `jobs`, that are still their email's current attempt."""
+
+    async def report(self, result: SendResult) -> None:
+        """Give a result to the scheduler directly (while the broker is away)."""
 
 
 @dataclass
@@ -151,6 +154,10 @@ class SendableAnswer(BaseModel):
     sendable: list[uuid.UUID]
 
 
+class ResultsReport(BaseModel):
+    results: list[SendResult]
+
+
 class HttpJobStates:
     """The scheduler's internal route, asked for many jobs at once."""
 
@@ -172,6 +179,18 @@ class HttpJobStates:
             raise DependencyUnavailable(f"scheduler answered {response.status_code}")
         return set(SendableAnswer.model_validate_json(response.content).sendable)
 
+    async def report(self, result: SendResult) -> None:
+        try:
+            response = await self.client.post(
+                "/internal/v1/results",
+                content=ResultsReport(results=[result]).model_dump_json(),
+                headers={**self.headers, "Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise DependencyUnavailable(f"scheduler unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise DependencyUnavailable(f"scheduler answered {response.status_code}")
+
 
 class BatchedJobStates:
     """Collects the questions asked within a few milliseconds into one call: after a broker
@@ -183,6 +202,9 @@ class BatchedJobStates:
         self.linger = linger
         self.waiting: list[tuple[JobKey, asyncio.Future[bool]]] = []
         self.flusher: asyncio.Task[None] | None = None
+
+    async def report(self, result: SendResult) -> None:
+        await self.source.report(result)
 
     async def is_sendable(self, email_id: uuid.UUID, job_id: uuid.UUID) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
