@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +15,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, make_settings, require_service, truncate_postgres
-from tests.support.processes import delete_queues, service_env, start
+from tests.conftest import IN_CI
+from tests.support.processes import start
 from tests.support.rabbit_node import RabbitNode, rabbitmq_installed
 from tests.support.smtp import Certificates, SmtpTestServer, free_port, smtp_server
-from tests.test_stack import LOGINS, Stack, queue, statuses, tenant_with_servers, wait_until
+from tests.test_stack import (
+    LOGINS,
+    Stack,
+    queue,
+    running_stack,
+    statuses,
+    tenant_with_servers,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 
@@ -47,31 +54,17 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
 def stack(
     migrated_postgres: str, certs: Certificates, tmp_path: Path, node: RabbitNode
 ) -> Iterator[Stack]:
-    require_service("PostgreSQL", "127.0.0.1", 5432)
     if not node.answers():
         node.start()
-    asyncio.run(truncate_postgres(migrated_postgres))
-    settings = make_settings(
-        migrated_postgres, amqp_url=node.url, queue_prefix=f"abl-fault-{uuid.uuid4().hex[:8]}"
-    )
-    env = service_env(
-        settings,
-        SSL_CERT_FILE=certs.ca_file,
-        ABL_TICK_SECONDS="0.2",
+    with running_stack(
+        migrated_postgres,
+        node.url,
+        certs,
+        tmp_path,
         ABL_PUBLISH_LEASE_SECONDS="5",
         ABL_LOG_LEVEL="INFO",
-    )
-    registry = start("registry", "registry", env, tmp_path)
-    scheduler = start("scheduler", "scheduler", env, tmp_path)
-    env |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
-    running = Stack(settings, env, registry, scheduler, [], tmp_path)
-    try:
-        yield running
-    finally:
-        for service in [*running.senders, running.scheduler, registry]:
-            service.stop()
-        if node.answers():
-            asyncio.run(delete_queues(node.url, settings))
+    ) as value:
+        yield value
 
 
 def ready(url: str) -> bool:

@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,29 +51,40 @@ class Stack:
         return service
 
 
-@pytest.fixture
-def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterator[Stack]:
-    require_service("RabbitMQ", "127.0.0.1", 5672)
-    asyncio.run(truncate_postgres(migrated_postgres))
+@contextmanager
+def running_stack(
+    database_url: str, amqp_url: str, certs: Certificates, logs: Path, **env: str
+) -> Iterator[Stack]:
+    """A registry and a scheduler as processes on their own queues (a sender per test);
+    every process stopped and the queues removed afterwards."""
+    asyncio.run(truncate_postgres(database_url))
     settings = make_settings(
-        migrated_postgres, amqp_url=AMQP_URL, queue_prefix=f"abl-stack-{uuid.uuid4().hex[:8]}"
+        database_url, amqp_url=amqp_url, queue_prefix=f"abl-stack-{uuid.uuid4().hex[:8]}"
     )
-    env = service_env(
-        settings,
-        SSL_CERT_FILE=certs.ca_file,
-        ABL_TICK_SECONDS="0.2",
-        ABL_PUBLISH_LEASE_SECONDS="2",
-    )
-    registry = start("registry", "registry", env, tmp_path)
-    scheduler = start("scheduler", "scheduler", env, tmp_path)
-    env |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
-    running = Stack(settings, env, registry, scheduler, [], tmp_path)
+    defaults = {
+        "SSL_CERT_FILE": certs.ca_file,
+        "ABL_TICK_SECONDS": "0.2",
+        "ABL_PUBLISH_LEASE_SECONDS": "2",
+    }
+    environment = service_env(settings, **(defaults | env))
+    registry = start("registry", "registry", environment, logs)
+    scheduler = start("scheduler", "scheduler", environment, logs)
+    environment |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
+    running = Stack(settings, environment, registry, scheduler, [], logs)
     try:
         yield running
     finally:
         for service in [*running.senders, running.scheduler, registry]:
             service.stop()
-        asyncio.run(delete_queues(AMQP_URL, settings))
+        with suppress(OSError):  # a broker a fault test left stopped keeps its queues
+            asyncio.run(delete_queues(amqp_url, settings))
+
+
+@pytest.fixture
+def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterator[Stack]:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    with running_stack(migrated_postgres, AMQP_URL, certs, tmp_path) as value:
+        yield value
 
 
 async def warm_up(url: str, server_ids: list[str]) -> None:
