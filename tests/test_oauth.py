@@ -13,6 +13,7 @@ import base64
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,12 +22,19 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from services.registry.keys import rotate_keys
 from services.registry.models import OAuthFlow, SmtpServer
 from services.registry.oauth.flows import VERIFIER_PURPOSE
+from services.sender.clients import (
+    CachedCredentials,
+    DependencyUnavailable,
+    HttpRegistry,
+    token_digest,
+)
 from shared.broker import InProcessBus
-from shared.crypto import Keyring, associated_data
+from shared.crypto import Keyring, associated_data, generate_key
 from shared.db import create_engine, session_factory
-from shared.settings import Settings
+from shared.settings import Settings, decode_key
 from tests.conftest import Api, make_settings, running
 from tests.support.oauth import AuthorizationServer, XOAuth2Recorder, authorization_server, s256
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
@@ -374,7 +382,8 @@ async def test_without_a_frontend_url_the_callback_lands_on_a_result_page(
 async def test_the_provider_down_lands_with_a_code_not_a_stack_trace(
     database_url: str, authority: AuthorizationServer, oauth_smtp: SmtpTestServer
 ) -> None:
-    closed = f"https://localhost:{oauth_smtp.port + 0}/nothing-here"
+    # An SMTP port, not an HTTPS one: the TLS handshake fails, as with a provider that is down.
+    closed = f"https://localhost:{oauth_smtp.port}/token"
     settings = oauth_settings(database_url, authority, oauth_smtp, oauth_google_token_url=closed)
     async with running(settings) as api:
         tenant = await api.new_tenant()
@@ -682,10 +691,6 @@ async def test_the_refresh_token_appears_in_no_response_log_metric_or_message(
 async def test_key_rotation_reencrypts_oauth_tokens(
     live: Api, authority: AuthorizationServer, oauth_smtp: SmtpTestServer
 ) -> None:
-    from services.registry.keys import rotate_keys
-    from shared.crypto import generate_key
-    from shared.settings import decode_key
-
     tenant = await live.new_tenant()
     done = await connect(live, authority, tenant, "o1@example.com")
     new_key = decode_key(generate_key())
@@ -704,3 +709,66 @@ async def test_key_rotation_reencrypts_oauth_tokens(
             authority.issued_refresh_tokens
         )
     await engine.dispose()
+
+
+async def test_the_refresh_route_refreshes_once_for_many_senders(
+    api: Api, authority: AuthorizationServer
+) -> None:
+    """The stack's path: senders' HTTP client against the registry's internal routes."""
+    tenant = await api.new_tenant()
+    done = await connect(api, authority, tenant, "o2@example.com", "microsoft")
+    server_id = uuid.UUID(done["server_id"])
+    registry = HttpRegistry(api.client, api.settings.internal_token.get_secret_value())
+    # Ten senders, each with a cache of its own, all holding the token the server refused.
+    senders = [
+        CachedCredentials(registry.fetch, registry.report, 60.0, registry.refresh)
+        for _ in range(10)
+    ]
+    old = await senders[0].credentials(server_id)
+    assert old is not None
+    assert old.access_token is not None
+    authority.expire_tokens("o2@example.com")
+    fresh = await asyncio.gather(*(sender.refreshed(server_id, old) for sender in senders))
+    tokens = {item.access_token for item in fresh if item is not None}
+    assert len(tokens) == 1
+    assert old.access_token not in tokens
+    assert authority.token_valid("o2@example.com", tokens.pop() or "")
+    assert authority.refreshes["o2@example.com"] == 1
+    # A late report of the old token changes nothing more.
+    late = await registry.refresh(server_id, token_digest(old.access_token))
+    assert late is not None
+    assert late.access_token != old.access_token
+    assert authority.refreshes["o2@example.com"] == 1
+
+    # The grant revoked: the refresh is refused, the server is auth_failed, no token is given.
+    authority.revoke("o2@example.com")
+    current = await registry.fetch(server_id)
+    assert current is not None
+    assert current.access_token is not None
+    gone = await registry.refresh(server_id, token_digest(current.access_token))
+    assert gone is not None
+    assert (gone.status, gone.access_token) == ("auth_failed", None)
+    server = (await api.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+    assert server["status"] == "auth_failed"
+
+
+async def test_the_provider_unreachable_on_refresh_is_a_503_the_sender_waits_on(
+    database_url: str, authority: AuthorizationServer, oauth_smtp: SmtpTestServer
+) -> None:
+    async with running(oauth_settings(database_url, authority, oauth_smtp)) as api:
+        tenant = await api.new_tenant()
+        done = await connect(api, authority, tenant, "o1@example.com")
+        server_id = uuid.UUID(done["server_id"])
+        registry = HttpRegistry(api.client, api.settings.internal_token.get_secret_value())
+        current = await registry.fetch(server_id)
+        assert current is not None
+        assert current.access_token is not None
+        # The provider's token endpoint goes away.
+        providers = api.app.state.token_keeper.providers
+        providers["google"] = replace(
+            providers["google"], token_url=f"https://localhost:{oauth_smtp.port}/token"
+        )
+        with pytest.raises(DependencyUnavailable):
+            await registry.refresh(server_id, token_digest(current.access_token))
+        server = (await api.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+        assert server["status"] == "active"  # the server is not at fault
