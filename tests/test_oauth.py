@@ -772,3 +772,12 @@ async def test_the_provider_unreachable_on_refresh_is_a_503_the_sender_waits_on(
             await registry.refresh(server_id, token_digest(current.access_token))
         server = (await api.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
         assert server["status"] == "active"  # the server is not at fault
+
+
+def test_the_callbacks_code_and_state_are_redacted_in_the_access_log() -> None:
+    from shared.logs import redact_path
+
+    logged = redact_path("/v1/oauth/callback?code=CODE-CANARY&state=STATE-CANARY&error=x")
+    assert "CODE-CANARY" not in logged
+    assert "STATE-CANARY" not in logged
+    assert "error=x" in logged

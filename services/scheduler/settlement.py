@@ -37,7 +37,7 @@ from shared.broker import Bus, Delivery, dead_letter_queue, queue_kind
 from shared.errors import TransientMessageError
 from shared.messages import Outcome, SendJob, SendResult
 from shared.metrics import DEAD_LETTERS_SETTLED, EMAILS_SWEPT
-from shared.settings import Settings
+from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.scheduler.settlement")
@@ -64,7 +64,7 @@ def settlement(key: SendResultKey, attempt: int, reason: str, now: datetime) -> 
 
 
 def patient_handler(
-    handler: Callable[[Delivery], Awaitable[None]], settings: Settings, what: str
+    handler: Callable[[Delivery], Awaitable[None]], settings: SchedulerSettings, what: str
 ) -> Callable[[Delivery], Awaitable[None]]:
     """`handler`, waiting for the database with backoff instead of returning the message to
     its queue at once; past the bound the message goes back."""
@@ -87,7 +87,7 @@ def patient_handler(
 class Settler:
     def __init__(
         self,
-        settings: Settings,
+        settings: SchedulerSettings,
         sessions: async_sessionmaker[AsyncSession],
         bus: Bus,
         applier: ResultApplier,

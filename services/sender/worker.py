@@ -34,7 +34,7 @@ from shared.metrics import (
     SENDER_OUTCOMES,
     SMTP_REPLIES,
 )
-from shared.settings import Settings
+from shared.settings import SenderSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.sender")
@@ -45,7 +45,7 @@ T = TypeVar("T")
 class Worker:
     def __init__(
         self,
-        settings: Settings,
+        settings: SenderSettings,
         bus: Bus,
         registry: CredentialsSource,
         job_states: BatchedJobStates,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.settings import Settings
+from shared.settings import SERVICE_SETTINGS, Settings, unused_secrets
 from tests.support.smtp import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,10 +81,13 @@ def start(
     expect it."""
     port = port or free_port()
     log = log_dir / f"{name}.log"
+    # Each service gets only the secrets its settings read, as its Kubernetes Secret holds:
+    # every process test is also a test that the service starts with no more than that.
+    unused = set(unused_secrets(SERVICE_SETTINGS[service], env))
     process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
         [sys.executable, "-m", "services.cli", "serve", "--service", service, *args],
         cwd=ROOT,
-        env={**env, "ABL_PORT": str(port)},
+        env={**{k: v for k, v in env.items() if k not in unused}, "ABL_PORT": str(port)},
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )

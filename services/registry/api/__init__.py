@@ -8,4 +8,6 @@ router = APIRouter()
 router.include_router(tenants.router)
 router.include_router(oauth.router)
 router.include_router(servers.router)
-router.include_router(internal.router)
+# Served (token-protected) but not advertised: the public spec lists public routes only, and
+# openapi/internal.json documents these for the other services.
+router.include_router(internal.router, include_in_schema=False)

@@ -9,7 +9,7 @@ import uuid
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
 from services.registry.deps import KeyringDep, LimiterDep, VerifierDep
@@ -19,12 +19,14 @@ from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.providers import Provider
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES, NotFound, Problem
-from shared.tenancy import SettingsDep, TenantDep
+from shared.settings import RegistrySettings
+from shared.tenancy import TenantDep, get_registry_settings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
 
 router = APIRouter(tags=["oauth"])
+SettingsDep = Annotated[RegistrySettings, Depends(get_registry_settings)]
 
 # Errors the callback reports, for the frontend to switch on (`?error=`).
 CALLBACK_ERRORS = (
