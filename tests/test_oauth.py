@@ -781,3 +781,35 @@ def test_the_callbacks_code_and_state_are_redacted_in_the_access_log() -> None:
     assert "CODE-CANARY" not in logged
     assert "STATE-CANARY" not in logged
     assert "error=x" in logged
+
+
+async def test_verify_and_patch_of_an_oauth_server(
+    api: Api, authority: AuthorizationServer, oauth_smtp: SmtpTestServer
+) -> None:
+    tenant = await api.new_tenant()
+    server_id = (await connect(api, authority, tenant, "o1@example.com"))["server_id"]
+    # Verify checks again with XOAUTH2, refreshing a token the provider ended early.
+    authority.expire_tokens("o1@example.com")
+    verified = await api.client.post(f"/v1/servers/{server_id}/verify", headers=tenant)
+    assert verified.status_code == 200, verified.text
+    assert verified.json()["status"] == "active"
+    assert oauth_smtp.recorder.logins["o1@example.com"] == 2  # the connect and the verify
+    assert authority.refreshes["o1@example.com"] == 1
+
+    # Label and sender name change as for any server; the connection fields do not.
+    renamed = await api.client.patch(
+        f"/v1/servers/{server_id}", json={"label": "Renamed"}, headers=tenant
+    )
+    assert renamed.json()["label"] == "Renamed"
+    for body in ({"host": "smtp.example.net", "password": "x"}, {"password": "x"}):
+        refused = await api.client.patch(f"/v1/servers/{server_id}", json=body, headers=tenant)
+        assert refused.status_code == 422
+        assert refused.json()["code"] == "oauth_server"
+        assert "/v1/servers/oauth/google/start" in refused.json()["hint"]
+
+    # Revoked: verify says auth_failed and how to reconnect.
+    authority.revoke("o1@example.com")
+    authority.expire_tokens("o1@example.com")
+    failed = (await api.client.post(f"/v1/servers/{server_id}/verify", headers=tenant)).json()
+    assert failed["status"] == "auth_failed"
+    assert "reconnect this account" in failed["last_check"]["hint"]
