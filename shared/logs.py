@@ -26,13 +26,22 @@ def redact_path(path: str) -> str:
     return f"{base}?{urlencode(redacted, safe='[]', quote_via=quote)}"
 
 
+# Service-to-service and probe traffic: one line per email or per probe would drown the log
+# (and cost CPU per email); such requests are logged at DEBUG, failures by their callers.
+QUIET_PREFIXES = ("/internal/", "/healthz", "/readyz", "/metrics")
+
+
 class RedactQueryFilter(logging.Filter):
     """uvicorn's access log record is `%s - "%s %s HTTP/%s" %d` with the path third."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
-            record.args = (*args[:2], redact_path(args[2]), *args[3:])
+            path = args[2]
+            quiet = not logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            if quiet and path.startswith(QUIET_PREFIXES):
+                return False
+            record.args = (*args[:2], redact_path(path), *args[3:])
         return True
 
 
