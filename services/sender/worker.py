@@ -27,7 +27,7 @@ from services.sender.domain import ServerProblem, Verdict
 from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery
 from shared.errors import TransientMessageError
-from shared.messages import Outcome, SendJob, SendResult, parse
+from shared.messages import Outcome, SendJob, SendResult, SmtpCredentials, parse
 from shared.metrics import (
     DELIVERY_DURATION,
     DEPENDENCY_WAITS,
@@ -131,16 +131,38 @@ class Worker:
         credentials = await self._patiently(
             "registry", lambda: self.registry.credentials(job.server_id)
         )
+        report = True
         if credentials is None or credentials.status != "active":
             attempt = Attempt(Verdict(Outcome.retry, False, reason="server not active"))
         else:
-            started = time.perf_counter()
-            attempt = await self.deliverer.deliver(job, credentials, utcnow())
-            DELIVERY_DURATION.observe(time.perf_counter() - started)
+            attempt = await self._deliver(job, credentials)
+            if (
+                attempt.verdict.server_problem is ServerProblem.auth_failed
+                and credentials.auth == "xoauth2"
+            ):
+                # Most likely the access token expired or was revoked early: one new token
+                # (refreshed once for every job of this server) and one more try.
+                fresh = await self._patiently(
+                    "registry", lambda: self.registry.refreshed(job.server_id, credentials)
+                )
+                if fresh is not None and fresh.status == "active" and fresh.access_token:
+                    attempt = await self._deliver(job, fresh)
+                else:
+                    # The refresh was refused (invalid_grant): the registry has marked the
+                    # server auth_failed with its reason, which a report would overwrite.
+                    report = False
+                    attempt = Attempt(
+                        Verdict(
+                            Outcome.retry,
+                            False,
+                            ServerProblem.auth_failed,
+                            "OAuth grant revoked: reconnect this account",
+                        )
+                    )
         verdict = attempt.verdict
         if attempt.code is not None:
             SMTP_REPLIES.labels(f"{attempt.code // 100}xx").inc()
-        if verdict.server_problem is ServerProblem.auth_failed:
+        if verdict.server_problem is ServerProblem.auth_failed and report:
             await self.registry.report_auth_failure(
                 job.server_id, f"{attempt.code} {attempt.reply or ''}".strip()
             )
@@ -186,6 +208,12 @@ class Worker:
                 f"broker ({type(broker_error).__name__}) and scheduler unavailable"
             ) from exc
         RESULTS_REPORTED_DIRECTLY.inc()
+
+    async def _deliver(self, job: SendJob, credentials: SmtpCredentials) -> Attempt:
+        started = time.perf_counter()
+        attempt = await self.deliverer.deliver(job, credentials, utcnow())
+        DELIVERY_DURATION.observe(time.perf_counter() - started)
+        return attempt
 
     async def drain(self, grace_seconds: float) -> bool:
         """Stop taking jobs and wait for those in flight; True when all finished in time."""
