@@ -7,17 +7,27 @@ and rolls back when it raises.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import Table, event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+logger = logging.getLogger("abl.db")
+
+T = TypeVar("T")
+
+# A pooled connection older than this is closed and opened again before use: it outlives no
+# idle timeout of a proxy, a firewall or a failover, without a round trip at every checkout.
+POOL_RECYCLE_SECONDS = 1800
 
 ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
@@ -53,10 +63,41 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(target, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping: it costs a BEGIN/SELECT/ROLLBACK round trip at every checkout, on every
+    # email. A connection the server dropped fails its first statement instead; SQLAlchemy then
+    # invalidates the whole pool, and `in_transaction` runs the hot paths' work again.
+    kwargs.setdefault("pool_recycle", POOL_RECYCLE_SECONDS)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
     return create_async_engine(target, **kwargs)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """The database connection was lost (server restart, failover, proxy timeout)."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+async def in_transaction(
+    sessions: async_sessionmaker[AsyncSession],
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = 3,
+) -> T:
+    """Run `work` in one transaction, again on a fresh connection when the connection died.
+
+    A transaction whose connection was lost did not commit, except when the line died during
+    COMMIT itself; `work` must therefore be safe to repeat, as every hot path here is (its
+    statements are guarded by the state they change).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with sessions() as session, session.begin():
+                return await work(session)
+        except DBAPIError as exc:
+            if not is_disconnect(exc) or attempt == attempts:
+                raise
+            logger.warning("database connection lost; running the transaction again")
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
