@@ -8,16 +8,18 @@ and rolls back when it raises.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
-from sqlalchemy import Table, event
+from sqlalchemy import Executable, Table, bindparam, column, event, func
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -152,3 +154,53 @@ def table_of(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel table class, for bulk and guarded statements."""
     table: Table = getattr(model, "__table__")  # noqa: B009 - SQLModel does not type it
     return table
+
+
+class RowSet:
+    """Many rows of values for one set-based statement, on either database.
+
+    PostgreSQL: the rows travel as one array per column and are read back with `unnest(...) AS
+    v(...)`, so a statement such as `UPDATE t SET ... FROM v WHERE t.id = v.id RETURNING ...`
+    touches every row in one round trip, with three parameters however many rows there are
+    (a VALUES list would need one per value, and asyncpg allows 32,767). SQLite: the same
+    statement is run once per row with `executemany`, which the sqlite3 module loops in C.
+    Build the statement with `rows.c["name"]` wherever a row's value goes.
+    """
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        columns: dict[str, TypeEngine[Any]],
+        rows: Sequence[Sequence[Any]],
+    ) -> None:
+        self.postgres = is_postgres(session)
+        self.size = len(rows)
+        names = list(columns)
+        if self.postgres:
+            arrays = [list(values) for values in zip(*rows, strict=True)] or [[] for _ in names]
+            source = (
+                func.unnest(
+                    *(
+                        bindparam(f"v_{name}", array, type_=postgresql.ARRAY(columns[name]))
+                        for name, array in zip(names, arrays, strict=True)
+                    )
+                )
+                .table_valued(*(column(name, columns[name]) for name in names))
+                .render_derived(name="v")
+            )
+            self.c: dict[str, Any] = {name: source.c[name] for name in names}
+            self.params: list[dict[str, Any]] = []
+        else:
+            self.c = {name: bindparam(f"v_{name}", type_=columns[name]) for name in names}
+            self.params = [
+                {f"v_{name}": value for name, value in zip(names, row, strict=True)} for row in rows
+            ]
+
+    async def execute(self, session: AsyncSession, statement: Executable) -> Any:
+        """Run `statement` over every row (nothing when there are none)."""
+        if not self.size:
+            return None
+        connection = await session.connection()
+        if self.postgres:
+            return await connection.execute(statement)
+        return await connection.execute(statement, self.params)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Integer, Uuid, bindparam, column, func, update, values
+from sqlalchemy import Date, Integer, Row, String, Uuid, column, func, update, values
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -22,9 +23,12 @@ from services.scheduler.models import (
     ServerUsageHour,
     ServerWarmup,
 )
-from shared.db import insert_ignore, is_postgres, table_of, upsert_increment
+from shared.db import RowSet, insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
 from shared.registry_read import ServerView
+from shared.timeutil import UtcDateTime
+
+_email_table = table_of(Email)
 
 
 def email_not_found(email_id: uuid.UUID) -> NotFound:
@@ -391,6 +395,153 @@ async def count_delivered(
     )
 
 
+async def write_counters(
+    session: AsyncSession,
+    *,
+    days: dict[tuple[uuid.UUID, date], tuple[int, int]],
+    hours: dict[tuple[uuid.UUID, datetime], int],
+) -> None:
+    """Give reservations back and count deliveries for many servers, a few statements in all.
+
+    `days` maps (server, day) to (reservations given back, emails delivered); `hours` maps
+    (server, hour bucket) to reservations given back. Counters never go below 0. The rows are
+    locked in key order first, so two batches (or a dispatcher) touching the same servers wait
+    for each other instead of deadlocking.
+    """
+    day_table = table_of(ServerDay)
+    hour_table = table_of(ServerUsageHour)
+    if days:
+        keys = sorted(days)
+        if is_postgres(session):
+            await (await session.connection()).execute(
+                core_select(day_table.c.server_id)
+                .where(
+                    day_table.c.server_id.in_({server_id for server_id, _ in keys}),
+                    day_table.c.day.in_({day for _, day in keys}),
+                )
+                .order_by(day_table.c.server_id, day_table.c.day)
+                .with_for_update()
+            )
+        rows = RowSet(
+            session,
+            {"server_id": Uuid(), "day": Date(), "released": Integer(), "delivered": Integer()},
+            [(server_id, day, *days[(server_id, day)]) for server_id, day in keys],
+        )
+        await rows.execute(
+            session,
+            update(day_table)
+            .where(day_table.c.server_id == rows.c["server_id"], day_table.c.day == rows.c["day"])
+            .values(
+                reserved=_at_least_zero(session, day_table.c.reserved - rows.c["released"]),
+                sent=day_table.c.sent + rows.c["delivered"],
+            ),
+        )
+    if hours:
+        keys_h = sorted(hours)
+        if is_postgres(session):
+            await (await session.connection()).execute(
+                core_select(hour_table.c.server_id)
+                .where(
+                    hour_table.c.server_id.in_({server_id for server_id, _ in keys_h}),
+                    hour_table.c.hour.in_({hour for _, hour in keys_h}),
+                )
+                .order_by(hour_table.c.server_id, hour_table.c.hour)
+                .with_for_update()
+            )
+        hour_rows = RowSet(
+            session,
+            {"server_id": Uuid(), "hour": UtcDateTime(), "released": Integer()},
+            [(server_id, hour, hours[(server_id, hour)]) for server_id, hour in keys_h],
+        )
+        await hour_rows.execute(
+            session,
+            update(hour_table)
+            .where(
+                hour_table.c.server_id == hour_rows.c["server_id"],
+                hour_table.c.hour == hour_rows.c["hour"],
+            )
+            .values(used=_at_least_zero(session, hour_table.c.used - hour_rows.c["released"])),
+        )
+
+
+async def park_many(session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]]) -> None:
+    """Park servers until the given times, in server order (see `write_counters`)."""
+    rows = RowSet(
+        session,
+        {"server_id": Uuid(), "until": UtcDateTime(), "reason": String()},
+        [(server_id, until, reason[:200]) for server_id, (until, reason) in sorted(parks.items())],
+    )
+    table = table_of(ServerWarmup)
+    await rows.execute(
+        session,
+        update(table)
+        .where(table.c.server_id == rows.c["server_id"])
+        .values(parked_until=rows.c["until"], park_reason=rows.c["reason"]),
+    )
+
+
+# The columns the result applier decides from.
+RESULT_COLUMNS = (
+    _email_table.c.id,
+    _email_table.c.tenant_id,
+    _email_table.c.job_id,
+    _email_table.c.status,
+    _email_table.c.attempts,
+    _email_table.c.reserved_day,
+    _email_table.c.reserved_hour,
+    _email_table.c.not_before,
+    _email_table.c.sent_at,
+)
+
+
+async def emails_for_results(session: AsyncSession, email_ids: set[uuid.UUID]) -> Sequence[Any]:
+    """Rows of RESULT_COLUMNS, locked until commit on PostgreSQL (in id order)."""
+    query = (
+        core_select(*RESULT_COLUMNS)
+        .where(_email_table.c.id.in_(email_ids))
+        .order_by(_email_table.c.id)
+    )
+    if is_postgres(session):
+        query = query.with_for_update()
+    return (await (await session.connection()).execute(query)).all()
+
+
+async def update_results(
+    session: AsyncSession, rows: Sequence[tuple[Any, ...]], now: datetime
+) -> None:
+    """Write the outcome of many emails in one statement: rows of (id, status, attempts,
+    not_before, job_id, last_smtp_code, last_smtp_reply, sent_at)."""
+    values = RowSet(
+        session,
+        {
+            "id": Uuid(),
+            "status": String(),
+            "attempts": Integer(),
+            "not_before": UtcDateTime(),
+            "job_id": Uuid(),
+            "code": Integer(),
+            "reply": String(),
+            "sent_at": UtcDateTime(),
+        },
+        rows,
+    )
+    await values.execute(
+        session,
+        update(_email_table)
+        .where(_email_table.c.id == values.c["id"])
+        .values(
+            status=values.c["status"],
+            attempts=values.c["attempts"],
+            not_before=values.c["not_before"],
+            job_id=values.c["job_id"],
+            last_smtp_code=values.c["code"],
+            last_smtp_reply=values.c["reply"],
+            sent_at=values.c["sent_at"],
+            updated_at=now,
+        ),
+    )
+
+
 # --- dispatch -----------------------------------------------------------------------------
 
 
@@ -403,56 +554,128 @@ async def tenants_with_due_emails(session: AsyncSession, now: datetime) -> list[
     return list((await session.exec(query)).all())
 
 
+# The columns a send job is built from; no ORM object per email on the dispatch path.
+_email = _email_table
+JOB_COLUMNS = (
+    _email.c.id,
+    _email.c.tenant_id,
+    _email.c.server_id,
+    _email.c.attempts,
+    _email.c.to,
+    _email.c.subject,
+    _email.c.text,
+    _email.c.html,
+    _email.c.reply_to,
+    _email.c.headers,
+    _email.c.message_id,
+    _email.c.created_at,
+)
+
+
 async def claim_due(
     session: AsyncSession, tenant_id: uuid.UUID, limit: int, now: datetime
-) -> list[Email]:
-    """Lock the tenant's oldest due emails; other replicas skip the locked ones."""
+) -> Sequence[Any]:
+    """The tenant's oldest due emails, as rows of JOB_COLUMNS.
+
+    Nothing is locked here: `mark_scheduled` is guarded by the status, so an email canceled or
+    taken meanwhile is simply not marked (and the per-tenant advisory lock keeps replicas off
+    each other's emails anyway). A row lock would cost a write per email.
+    """
     query = (
-        select(Email)
+        core_select(*JOB_COLUMNS)
         .where(
-            Email.tenant_id == tenant_id,
-            Email.status == EmailStatus.queued,
-            col(Email.not_before) <= now,
+            _email.c.tenant_id == tenant_id,
+            _email.c.status == EmailStatus.queued,
+            _email.c.not_before <= now,
         )
-        .order_by(col(Email.id))
+        .order_by(_email.c.id)
+        .limit(limit)
+    )
+    return (await (await session.connection()).execute(query)).all()
+
+
+async def mark_scheduled(
+    session: AsyncSession,
+    assignments: Sequence[tuple[uuid.UUID, uuid.UUID, uuid.UUID]],
+    *,
+    day: date,
+    hour: datetime,
+    lease_until: datetime,
+    now: datetime,
+) -> set[uuid.UUID]:
+    """Mark (email id, server id, job id) scheduled in one statement; return the ids marked.
+
+    Only emails still `queued` are marked (a cancel may have come in between).
+    """
+    if not assignments:
+        return set()
+    rows = RowSet(session, {"id": Uuid(), "server_id": Uuid(), "job_id": Uuid()}, assignments)
+    statement = (
+        update(_email)
+        .where(_email.c.id == rows.c["id"], _email.c.status == EmailStatus.queued)
+        .values(
+            status=EmailStatus.scheduled,
+            server_id=rows.c["server_id"],
+            job_id=rows.c["job_id"],
+            reserved_day=day,
+            reserved_hour=hour,
+            lease_until=lease_until,
+            published_at=None,
+            updated_at=now,
+        )
+    )
+    if rows.postgres:
+        result = await rows.execute(session, statement.returning(_email.c.id))
+        return set(result.scalars().all())
+    result = await rows.execute(session, statement)
+    if result.rowcount == len(assignments):
+        return {email_id for email_id, _, _ in assignments}
+    jobs = [job_id for _, _, job_id in assignments]
+    query = core_select(_email.c.id).where(_email.c.job_id.in_(jobs))
+    return set((await (await session.connection()).execute(query)).scalars().all())
+
+
+async def renew_expired_leases(
+    session: AsyncSession, now: datetime, until: datetime, limit: int
+) -> Sequence[Row[Any]]:
+    """Scheduled emails whose job was never confirmed and whose lease ran out: their lease is
+    renewed in the same statement, and their rows come back (JOB_COLUMNS and the attempt's)."""
+    expired = (
+        core_select(_email.c.id)
+        .where(
+            _email.c.status == EmailStatus.scheduled,
+            _email.c.published_at.is_(None),
+            _email.c.lease_until < now,
+        )
+        .order_by(_email.c.id)
         .limit(limit)
     )
     if is_postgres(session):
-        query = query.with_for_update(skip_locked=True)
-    return list((await session.exec(query)).all())
-
-
-async def expired_leases(session: AsyncSession, now: datetime, limit: int) -> list[Email]:
-    query = (
-        select(Email)
-        .where(
-            Email.status == EmailStatus.scheduled,
-            col(Email.published_at).is_(None),
-            col(Email.lease_until) < now,
-        )
-        .order_by(col(Email.id))
-        .limit(limit)
+        expired = expired.with_for_update(skip_locked=True)
+    statement = (
+        update(_email)
+        .where(_email.c.id.in_(expired.scalar_subquery()))
+        .values(lease_until=until)
+        .returning(*JOB_COLUMNS, _email.c.job_id, _email.c.reserved_day)
     )
-    if is_postgres(session):
-        query = query.with_for_update(skip_locked=True)
-    return list((await session.exec(query)).all())
+    return (await (await session.connection()).execute(statement)).all()
 
 
 async def mark_published(
     session: AsyncSession, jobs: Sequence[tuple[uuid.UUID, uuid.UUID]], now: datetime
 ) -> None:
-    table = table_of(Email)
-    statement = (
-        update(table)
+    """Record the broker's confirm of (email id, job id) pairs, in one statement."""
+    rows = RowSet(session, {"email": Uuid(), "job": Uuid()}, jobs)
+    await rows.execute(
+        session,
+        update(_email)
         .where(
-            table.c.id == bindparam("email"),
-            table.c.job_id == bindparam("job"),
-            table.c.published_at.is_(None),
+            _email.c.id == rows.c["email"],
+            _email.c.job_id == rows.c["job"],
+            _email.c.published_at.is_(None),
         )
-        .values(published_at=now)
+        .values(published_at=now),
     )
-    connection = await session.connection()
-    await connection.execute(statement, [{"email": e, "job": j} for e, j in jobs])
 
 
 async def try_lock_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
