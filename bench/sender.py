@@ -27,13 +27,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiosmtplib
-import httpx
 import trustme
 
-from services.sender.clients import RegistryClient, SchedulerClient
+from services.sender.clients import BatchedJobStates, CachedCredentials, JobKey
 from services.sender.delivery import Deliverer
 from services.sender.worker import Worker
 from shared.broker import Delivery, InProcessBus
@@ -45,21 +45,19 @@ from tests.support.smtp import free_port
 HOST = "127.0.0.1"
 
 
-class MemoryRegistry(RegistryClient):
-    def __init__(self, credentials: dict[uuid.UUID, SmtpCredentials]) -> None:
-        super().__init__(httpx.AsyncClient(), "unused", 0)
-        self.known = credentials
+def memory_registry(known: dict[uuid.UUID, SmtpCredentials]) -> CachedCredentials:
+    async def fetch(server_id: uuid.UUID) -> SmtpCredentials | None:
+        return known[server_id]
 
-    async def credentials(self, server_id: uuid.UUID) -> SmtpCredentials | None:
-        return self.known[server_id]
+    async def report(server_id: uuid.UUID, reply: str) -> None:
+        return None
+
+    return CachedCredentials(fetch, report, ttl_seconds=60)
 
 
-class AlwaysSendable(SchedulerClient):
-    def __init__(self) -> None:
-        super().__init__(httpx.AsyncClient(), "unused")
-
-    async def sendable(self, email_id: uuid.UUID, job_id: uuid.UUID) -> bool:
-        return True
+class AlwaysSendable:
+    async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
+        return {job_id for _, job_id in jobs}
 
 
 def credentials_for(server_id: uuid.UUID, port: int) -> SmtpCredentials:
@@ -111,8 +109,8 @@ async def run_worker(
 ) -> tuple[float, list[tuple[int, float]]]:
     bus = InProcessBus()
     deliverer = Deliverer(settings)
-    registry = MemoryRegistry({s: credentials_for(s, port) for s in servers})
-    worker = Worker(settings, bus, registry, AlwaysSendable(), deliverer)
+    registry = memory_registry({s: credentials_for(s, port) for s in servers})
+    worker = Worker(settings, bus, registry, BatchedJobStates(AlwaysSendable()), deliverer)
     done = asyncio.Event()
     finished = 0
     memory: list[tuple[int, float]] = []

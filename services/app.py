@@ -1,15 +1,58 @@
-"""All services in one process: what `make run` serves, on SQLite and the in-process bus."""
+"""All services in one process: what `make run` serves, on SQLite and the in-process bus.
+
+This module is the one place that knows both sides: the sender's ports are wired to the
+registry's and the scheduler's use cases as plain function calls, not HTTP to itself.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import uuid
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
 
+from fastapi import FastAPI
+from sqlalchemy.exc import DBAPIError
+
+from services.registry import credentials as registry_use_cases
 from services.registry import main as registry
+from services.registry.domain import ServerStatus
 from services.scheduler import main as scheduler
+from services.scheduler import repository as scheduler_repository
 from services.sender import main as sender
+from services.sender.clients import DependencyUnavailable, JobKey
 from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
+from shared.messages import SmtpCredentials
 from shared.settings import Settings, get_settings
+
+
+async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
+    sessions = app.state.sessions
+
+    async def fetch(server_id: uuid.UUID) -> SmtpCredentials | None:
+        try:
+            async with sessions() as session:
+                return await registry_use_cases.server_credentials(
+                    session, app.state.keyring, server_id
+                )
+        except DBAPIError as exc:
+            raise DependencyUnavailable("database unavailable") from exc
+
+    async def report(server_id: uuid.UUID, reply: str) -> None:
+        async with sessions() as session, session.begin():
+            await registry_use_cases.record_health(
+                session, server_id, ServerStatus.auth_failed, reply
+            )
+
+    class InProcessJobStates:
+        async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
+            try:
+                async with sessions() as session:
+                    return await scheduler_repository.sendable_jobs(session, list(jobs))
+            except DBAPIError as exc:
+                raise DependencyUnavailable("database unavailable") from exc
+
+    return sender.Ports(fetch, report, InProcessJobStates())
 
 
 def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> FastAPI:
@@ -24,7 +67,7 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
             in_process_bus(),
             registry.registry_resources(resolved),
             scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
-            *([sender.sender_resources(resolved, in_process=True)] if run_loops else []),
+            *([sender.sender_resources(resolved, ports=in_process_ports)] if run_loops else []),
         ],
     )
     registry.install(app)

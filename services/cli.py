@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from fastapi import FastAPI
 
     from shared.logs import configure_logging
-    from shared.migrate import upgrade_database
+    from shared.migrate import upgrade_when_reachable
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         app = create_gateway(settings)
     if args.migrate and args.service not in ("sender", "gateway"):  # no database there
-        upgrade_database(settings.database_url)
+        upgrade_when_reachable(settings.database_url)
     print(f"{args.service}: serving on http://{settings.host}:{settings.port} (docs at /docs)")
     config = uvicorn.Config(
         app,

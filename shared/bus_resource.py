@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from shared.app import Resource
+from shared.app import Resource, add_readiness_check
 from shared.broker import Bus, InProcessBus, RabbitBus
 from shared.settings import Settings
 
@@ -15,9 +15,18 @@ from shared.settings import Settings
 def rabbit_bus(settings: Settings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
-        bus = RabbitBus(settings.amqp_url.get_secret_value())
-        await bus.connect()
+        # Connects in the background: a service started before the broker serves /healthz and
+        # answers /readyz with 503 until the broker answers, instead of exiting.
+        bus = RabbitBus(
+            settings.amqp_url.get_secret_value(), wait_seconds=settings.broker_wait_seconds
+        )
+        bus.start()
         app.state.bus = bus
+
+        async def broker_connected() -> bool:
+            return bus.broker_up()
+
+        add_readiness_check(app, broker_connected)
         try:
             yield
         finally:

@@ -51,6 +51,11 @@ class SendJob(MessageBody):
     reserved_day: str = Field(description="The allowance day the reservation was taken from.")
     content: EmailContent
     not_before: datetime | None = None
+    republished: bool = Field(
+        default=False,
+        description="Published again after its lease: a copy may exist, so the sender checks "
+        "with the scheduler before sending.",
+    )
 
 
 class Outcome(StrEnum):

@@ -145,3 +145,19 @@ BROKER_QUEUE_MESSAGES = Gauge(
 DEAD_LETTERED = Counter(
     "abl_dead_lettered_total", "Messages sent to a dead-letter queue.", ["queue"]
 )
+DEAD_LETTERS_SETTLED = Counter(
+    "abl_dead_letters_settled_total",
+    "Dead-lettered messages the scheduler consumed, by queue and what it did with them "
+    "(requeued: the email is queued again; failed: its attempts were spent; stale: the email "
+    "had moved on; parked: unparsable, kept for an operator).",
+    ["queue", "action"],
+)
+EMAILS_SWEPT = Counter(
+    "abl_emails_swept_total",
+    "Emails found `scheduled` with no result long after their publish, and settled.",
+)
+DEPENDENCY_WAITS = Counter(
+    "abl_sender_dependency_waits_total",
+    "Times a sender waited for a service that did not answer (registry, scheduler, broker).",
+    ["dependency"],
+)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
+logger = logging.getLogger("abl.migrate")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
@@ -21,6 +24,27 @@ def alembic_config(url: str) -> Config:
 def upgrade_database(url: str, revision: str = "head") -> None:
     """Bring the database at `url` up to `revision`. Synchronous: call it outside a loop."""
     command.upgrade(alembic_config(url), revision)
+
+
+def upgrade_when_reachable(url: str, *, limit_seconds: float = 600.0) -> None:
+    """`upgrade_database`, waiting with backoff while the database does not answer (a service
+    started before its database logs what it waits for instead of exiting)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    deadline = time.monotonic() + limit_seconds
+    delay = 0.5
+    while True:
+        try:
+            upgrade_database(url)
+            return
+        except (OperationalError, InterfaceError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "waiting for the database (%s); next try in %.1f s", type(exc).__name__, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def downgrade_database(url: str, revision: str) -> None:

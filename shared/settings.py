@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     verify_rate_per_minute: int = Field(default=10, ge=1)
     verify_burst: int = Field(default=5, ge=1)
 
+    # How long a publish waits for an absent broker before the caller keeps the message itself.
+    broker_wait_seconds: float = Field(default=30.0, gt=0, le=600)
+    # How long a sender waits, with backoff, for the registry or the scheduler before it gives
+    # a job back to the queue: someone else's outage must not burn the job's delivery limit.
+    dependency_wait_seconds: float = Field(default=300.0, ge=0)
+
     registry_url: str = "http://127.0.0.1:8000"
     scheduler_url: str = "http://127.0.0.1:8000"
 
@@ -81,6 +87,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, le=50)
     retry_base_seconds: float = Field(default=60.0, ge=0)
     retry_cap_seconds: float = Field(default=3600.0, ge=0)
+    # A job waiting in the queue longer than this is dead-lettered (and its email settled);
+    # a `scheduled` email with no result this long after its publish is swept.
+    job_ttl_seconds: float = Field(default=1800.0, gt=0)
+    sweep_after_seconds: float = Field(default=3600.0, gt=0)
     capacity_headroom: float = Field(default=0.25, ge=0, le=5)
     # The registry marks the server auth_failed; this short park only covers the time until
     # that status is seen (or the case where the sender could not tell the registry).

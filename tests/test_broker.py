@@ -31,7 +31,7 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
 
 async def dead_letters(bus: Bus, queue: str) -> list[bytes]:
     if isinstance(bus, InProcessBus):
-        return [e.body for e in bus.dead_letters[dead_letter_queue(queue)]]
+        return bus.dead_letters(queue)
     connection = await aio_pika.connect(AMQP_URL)
     bodies = []
     async with connection:

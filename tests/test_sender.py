@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shared.broker import Delivery, InProcessBus, dead_letter_queue
+from shared.broker import Delivery, InProcessBus, dead_letter_queue, parked_queue
 from shared.settings import Settings
 from tests.conftest import Api, make_settings, running
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
@@ -206,24 +206,28 @@ async def test_a_redelivered_job_of_a_sent_email_is_not_sent_again(
     captured: list[bytes] = []
     original = bus.publish
 
-    async def spy(queue: str, body: bytes, *, message_id: str) -> None:
+    async def spy(
+        queue: str, body: bytes, *, message_id: str, expires_in: float | None = None
+    ) -> None:
         if queue == live.settings.send_jobs_queue:
             captured.append(body)
-        await original(queue, body, message_id=message_id)
+        await original(queue, body, message_id=message_id, expires_in=expires_in)
 
     bus.publish = spy  # type: ignore[method-assign]
     (email_id,) = await send(live, tenant, "ok+once@example.org")
     await finished(live, tenant, [email_id], "sent")
-    await live.app.state.worker.handle(Delivery(captured[0], "again", 2))
+    await live.app.state.worker.handle(Delivery(captured[0], "again", 2, redelivered=True))
     assert len(smtp.recorder.messages) == 1
 
 
-async def test_an_unparsable_job_goes_to_the_dead_letter_queue(live: Api) -> None:
+async def test_an_unparsable_job_is_dead_lettered_then_parked_for_an_operator(live: Api) -> None:
     bus: InProcessBus = live.app.state.bus
     await bus.publish(live.settings.send_jobs_queue, b"{not json", message_id="bad")
-    queue = dead_letter_queue(live.settings.send_jobs_queue)
+    # The sender dead-letters it; the scheduler, which settles dead letters, cannot parse it
+    # either and keeps it where an operator finds it.
+    parked = parked_queue(dead_letter_queue(live.settings.send_jobs_queue))
 
     async def dead() -> bool:
-        return [e.body for e in bus.dead_letters.get(queue, [])] == [b"{not json"]
+        return [e.body for e in bus.parked.get(parked, [])] == [b"{not json"]
 
     await eventually(dead)

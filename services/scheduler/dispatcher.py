@@ -96,7 +96,12 @@ def _uuid_text(value: object) -> str:
 
 
 def encode_job(
-    row: Row[Any], *, job_id: uuid.UUID, server_id: uuid.UUID, reserved_day: date
+    row: Row[Any],
+    *,
+    job_id: uuid.UUID,
+    server_id: uuid.UUID,
+    reserved_day: date,
+    republished: bool = False,
 ) -> Job:
     """The `SendJob` of a row of `repository.JOB_COLUMNS`, written with orjson.
 
@@ -124,6 +129,7 @@ def encode_job(
                 "date": row.created_at,
             },
             "not_before": None,
+            "republished": republished,
         },
         default=_uuid_text,
         option=orjson.OPT_UTC_Z,  # "Z" for UTC, as pydantic writes it
@@ -277,7 +283,11 @@ class Dispatcher:
             # The same job again: same job id, server, reserved day and attempt.
             jobs = [
                 encode_job(
-                    row, job_id=row.job_id, server_id=row.server_id, reserved_day=row.reserved_day
+                    row,
+                    job_id=row.job_id,
+                    server_id=row.server_id,
+                    reserved_day=row.reserved_day,
+                    republished=True,
                 )
                 for row in rows
             ]
@@ -306,7 +316,13 @@ class Dispatcher:
             for job in pending:
                 sent_at = time.perf_counter()
                 try:
-                    await self.bus.publish(queue, job.body, message_id=str(job.job_id))
+                    await self.bus.publish(
+                        queue,
+                        job.body,
+                        message_id=str(job.job_id),
+                        # A job left waiting this long is dead-lettered, and its email settled.
+                        expires_in=self.settings.job_ttl_seconds,
+                    )
                 except Exception as exc:
                     failures += 1
                     logger.warning("publish of job %s failed: %s", job.job_id, type(exc).__name__)

@@ -17,7 +17,8 @@ from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.models import MessageBatch
 from services.scheduler.results import ResultApplier
-from shared.app import Resource, build_app, database
+from services.scheduler.settlement import Settler, patient_handler
+from shared.app import Resource, add_readiness_check, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.settings import Settings, get_settings
 
@@ -47,24 +48,38 @@ def scheduler_resources(
         if recover_in_memory:
             async with app.state.sessions() as session, session.begin():
                 await repository.expire_all_leases(session)
-        await bus.declare(settings.send_jobs_queue)
+        settler = Settler(settings, app.state.sessions, bus, applier)
+        app.state.settler = settler
         # Up to this many results wait together; the applier writes them in one transaction.
-        await bus.consume(settings.results_queue, applier.handle, prefetch=RESULT_PREFETCH)
+        # With the broker away, consuming starts as soon as it answers.
+        await bus.consume(
+            settings.results_queue,
+            patient_handler(applier.handle, settings, "result"),
+            prefetch=RESULT_PREFETCH,
+        )
+        await settler.start()
+
+        async def consumers_registered() -> bool:
+            return bus.consuming(settings.results_queue) and settler.consuming()
+
+        add_readiness_check(app, consumers_registered)
         stop = asyncio.Event()
-        loop = asyncio.create_task(dispatcher.run(stop)) if run_loop else None
-        gauges = (
-            asyncio.create_task(stats.run(app.state.sessions, bus, settings, stop))
+        tasks = (
+            [
+                asyncio.create_task(dispatcher.run(stop)),
+                asyncio.create_task(stats.run(app.state.sessions, bus, settings, stop)),
+                asyncio.create_task(settler.run_sweeps(stop)),
+            ]
             if run_loop
-            else None
+            else []
         )
         try:
             yield
         finally:
             stop.set()
-            for task in (loop, gauges):
-                if task is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait_for(task, timeout=30)
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, timeout=30)
             # Result events still in this process are applied before it goes.
             await bus.settle(settings.sender_drain_seconds)
             await applier.close()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Date, Integer, Row, String, Uuid, column, func, update, values
-from sqlalchemy import select as core_select
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -29,6 +29,15 @@ from shared.registry_read import ServerView
 from shared.timeutil import UtcDateTime
 
 _email_table = table_of(Email)
+
+
+class SendResultKey(NamedTuple):
+    """What names one attempt of one email, as a result event does."""
+
+    email_id: uuid.UUID
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID
 
 
 def email_not_found(email_id: uuid.UUID) -> NotFound:
@@ -414,7 +423,7 @@ async def write_counters(
         keys = sorted(days)
         if is_postgres(session):
             await (await session.connection()).execute(
-                core_select(day_table.c.server_id)
+                sa_select(day_table.c.server_id)
                 .where(
                     day_table.c.server_id.in_({server_id for server_id, _ in keys}),
                     day_table.c.day.in_({day for _, day in keys}),
@@ -440,7 +449,7 @@ async def write_counters(
         keys_h = sorted(hours)
         if is_postgres(session):
             await (await session.connection()).execute(
-                core_select(hour_table.c.server_id)
+                sa_select(hour_table.c.server_id)
                 .where(
                     hour_table.c.server_id.in_({server_id for server_id, _ in keys_h}),
                     hour_table.c.hour.in_({hour for _, hour in keys_h}),
@@ -497,7 +506,7 @@ RESULT_COLUMNS = (
 async def emails_for_results(session: AsyncSession, email_ids: set[uuid.UUID]) -> Sequence[Any]:
     """Rows of RESULT_COLUMNS, locked until commit on PostgreSQL (in id order)."""
     query = (
-        core_select(*RESULT_COLUMNS)
+        sa_select(*RESULT_COLUMNS)
         .where(_email_table.c.id.in_(email_ids))
         .order_by(_email_table.c.id)
     )
@@ -582,7 +591,7 @@ async def claim_due(
     each other's emails anyway). A row lock would cost a write per email.
     """
     query = (
-        core_select(*JOB_COLUMNS)
+        sa_select(*JOB_COLUMNS)
         .where(
             _email.c.tenant_id == tenant_id,
             _email.c.status == EmailStatus.queued,
@@ -631,7 +640,7 @@ async def mark_scheduled(
     if result.rowcount == len(assignments):
         return {email_id for email_id, _, _ in assignments}
     jobs = [job_id for _, _, job_id in assignments]
-    query = core_select(_email.c.id).where(_email.c.job_id.in_(jobs))
+    query = sa_select(_email.c.id).where(_email.c.job_id.in_(jobs))
     return set((await (await session.connection()).execute(query)).scalars().all())
 
 
@@ -641,7 +650,7 @@ async def renew_expired_leases(
     """Scheduled emails whose job was never confirmed and whose lease ran out: their lease is
     renewed in the same statement, and their rows come back (JOB_COLUMNS and the attempt's)."""
     expired = (
-        core_select(_email.c.id)
+        sa_select(_email.c.id)
         .where(
             _email.c.status == EmailStatus.scheduled,
             _email.c.published_at.is_(None),
@@ -708,3 +717,43 @@ async def expire_all_leases(session: AsyncSession) -> None:
         .where(table.c.status == EmailStatus.scheduled)
         .values(published_at=None, lease_until=datetime(2000, 1, 1, tzinfo=UTC))
     )
+
+
+async def sendable_jobs(
+    session: AsyncSession, jobs: Sequence[tuple[uuid.UUID, uuid.UUID]]
+) -> set[uuid.UUID]:
+    """Of these (email, job) pairs, the jobs still their email's current, unsent attempt."""
+    if not jobs:
+        return set()
+    wanted = dict(jobs)
+    query = select(Email.id, Email.job_id).where(
+        col(Email.id).in_(list(wanted)), Email.status == EmailStatus.scheduled
+    )
+    return {
+        job_id
+        for email_id, job_id in (await session.exec(query)).all()
+        if job_id is not None and wanted.get(email_id) == job_id
+    }
+
+
+async def stale_scheduled(
+    session: AsyncSession, published_before: datetime, limit: int
+) -> list[SendResultKey]:
+    """Emails published before `published_before` that never got a result."""
+    table = table_of(Email)
+    query = (
+        sa_select(table.c.id, table.c.job_id, table.c.tenant_id, table.c.server_id)
+        .where(
+            table.c.status == EmailStatus.scheduled,
+            table.c.published_at.is_not(None),
+            table.c.published_at < published_before,
+        )
+        .order_by(table.c.published_at)
+        .limit(limit)
+    )
+    connection = await session.connection()
+    return [
+        SendResultKey(email_id, job_id, tenant_id, server_id)
+        for email_id, job_id, tenant_id, server_id in (await connection.execute(query)).all()
+        if job_id is not None and server_id is not None
+    ]

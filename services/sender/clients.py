@@ -1,57 +1,134 @@
-"""HTTP clients of the other services: credentials from the registry, job state from the
-scheduler. Credentials live in memory only, for a short time."""
+"""What a sender needs from the other services, and how it gets it.
+
+Two ports: `CredentialsSource` (a server's credentials, from the registry) and `JobStates` (is
+this job still its email's attempt?, from the scheduler). In the stack they are HTTP clients of
+the services' internal routes; in the one-process shape they are function calls, wired by
+`services.app`. Either raises `DependencyUnavailable` when the other side cannot answer now: the
+worker then waits and tries again, it does not fail the job.
+
+Credentials live in memory only, for a short time; concurrent look-ups of one server share one
+request (single flight).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
+from pydantic import BaseModel
 
 from shared.errors import TransientMessageError
 from shared.messages import SmtpCredentials
 
 
+class DependencyUnavailable(TransientMessageError):
+    """The registry or the scheduler did not answer; the job waits, it has not failed."""
+
+    code = "dependency_unavailable"
+
+
+JobKey = tuple[uuid.UUID, uuid.UUID]  # (email_id, job_id)
+
+
+class CredentialsSource(Protocol):
+    async def credentials(self, server_id: uuid.UUID) -> SmtpCredentials | None:
+        """The server's credentials, or None when it no longer exists."""
+
+    def forget(self, server_id: uuid.UUID) -> None: ...
+
+    async def report_auth_failure(self, server_id: uuid.UUID, reply: str) -> None: ...
+
+
+class JobStates(Protocol):
+    async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
+        """The job ids, among `jobs`, that are still their email's current attempt."""
+
+
 @dataclass
 class _Cached:
-    value: SmtpCredentials
+    value: SmtpCredentials | None
     expires: float
 
 
-class RegistryClient:
-    def __init__(self, client: httpx.AsyncClient, token: str, ttl_seconds: float) -> None:
-        self.client = client
-        self.headers = {"Authorization": f"Bearer {token}"}
+class CachedCredentials:
+    """A `CredentialsSource` in front of another: a short cache and one look-up per server at a
+    time, however many jobs of that server arrive together."""
+
+    def __init__(
+        self,
+        fetch: Callable[[uuid.UUID], Awaitable[SmtpCredentials | None]],
+        report: Callable[[uuid.UUID, str], Awaitable[None]],
+        ttl_seconds: float,
+    ) -> None:
+        self.fetch = fetch
+        self.report = report
         self.ttl = ttl_seconds
         self.cache: dict[uuid.UUID, _Cached] = {}
+        self.in_flight: dict[uuid.UUID, asyncio.Future[SmtpCredentials | None]] = {}
 
     async def credentials(self, server_id: uuid.UUID) -> SmtpCredentials | None:
-        """The server's credentials, or None when it no longer exists."""
         cached = self.cache.get(server_id)
         if cached is not None and cached.expires > time.monotonic():
             return cached.value
+        pending = self.in_flight.get(server_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[SmtpCredentials | None] = asyncio.get_running_loop().create_future()
+        self.in_flight[server_id] = future
         try:
-            response = await self.client.get(
-                f"/internal/v1/servers/{server_id}/credentials", headers=self.headers
-            )
-        except httpx.HTTPError as exc:
-            raise TransientMessageError(f"registry unreachable: {type(exc).__name__}") from exc
-        if response.status_code == 404:
-            self.cache.pop(server_id, None)
-            return None
-        if response.status_code != 200:
-            raise TransientMessageError(f"registry answered {response.status_code}")
-        value = SmtpCredentials.model_validate_json(response.content)
-        self.cache[server_id] = _Cached(value, time.monotonic() + self.ttl)
-        return value
+            value = await self.fetch(server_id)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited future logs nothing
+            raise
+        else:
+            future.set_result(value)
+            if value is None:
+                self.cache.pop(server_id, None)
+            else:
+                self.cache[server_id] = _Cached(value, time.monotonic() + self.ttl)
+            return value
+        finally:
+            self.in_flight.pop(server_id, None)
 
     def forget(self, server_id: uuid.UUID) -> None:
         self.cache.pop(server_id, None)
 
     async def report_auth_failure(self, server_id: uuid.UUID, reply: str) -> None:
         self.forget(server_id)
+        await self.report(server_id, reply)
+
+
+class HttpRegistry:
+    """The registry's internal routes."""
+
+    def __init__(self, client: httpx.AsyncClient, token: str) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def fetch(self, server_id: uuid.UUID) -> SmtpCredentials | None:
+        try:
+            response = await self.client.get(
+                f"/internal/v1/servers/{server_id}/credentials", headers=self.headers
+            )
+        except httpx.HTTPError as exc:
+            raise DependencyUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise DependencyUnavailable(f"registry answered {response.status_code}")
+        return SmtpCredentials.model_validate_json(response.content)
+
+    async def report(self, server_id: uuid.UUID, reply: str) -> None:
         # If the registry cannot be told, the scheduler still parks the server from the result.
         with contextlib.suppress(httpx.HTTPError):
             await self.client.post(
@@ -61,19 +138,71 @@ class RegistryClient:
             )
 
 
-class SchedulerClient:
+class JobRef(BaseModel):
+    email_id: uuid.UUID
+    job_id: uuid.UUID
+
+
+class SendableQuery(BaseModel):
+    jobs: list[JobRef]
+
+
+class SendableAnswer(BaseModel):
+    sendable: list[uuid.UUID]
+
+
+class HttpJobStates:
+    """The scheduler's internal route, asked for many jobs at once."""
+
     def __init__(self, client: httpx.AsyncClient, token: str) -> None:
         self.client = client
         self.headers = {"Authorization": f"Bearer {token}"}
 
-    async def sendable(self, email_id: uuid.UUID, job_id: uuid.UUID) -> bool:
-        """False once the email is sent, unknown, canceled, or has moved to another attempt."""
+    async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
+        query = SendableQuery(jobs=[JobRef(email_id=e, job_id=j) for e, j in jobs])
         try:
-            response = await self.client.get(
-                f"/internal/v1/emails/{email_id}/jobs/{job_id}", headers=self.headers
+            response = await self.client.post(
+                "/internal/v1/jobs/sendable",
+                content=query.model_dump_json(),
+                headers={**self.headers, "Content-Type": "application/json"},
             )
         except httpx.HTTPError as exc:
-            raise TransientMessageError(f"scheduler unreachable: {type(exc).__name__}") from exc
+            raise DependencyUnavailable(f"scheduler unreachable: {type(exc).__name__}") from exc
         if response.status_code != 200:
-            raise TransientMessageError(f"scheduler answered {response.status_code}")
-        return bool(response.json()["sendable"])
+            raise DependencyUnavailable(f"scheduler answered {response.status_code}")
+        return set(SendableAnswer.model_validate_json(response.content).sendable)
+
+
+class BatchedJobStates:
+    """Collects the questions asked within a few milliseconds into one call: after a broker
+    restart every redelivered job asks at once."""
+
+    def __init__(self, source: JobStates, *, max_batch: int = 500, linger: float = 0.005) -> None:
+        self.source = source
+        self.max_batch = max_batch
+        self.linger = linger
+        self.waiting: list[tuple[JobKey, asyncio.Future[bool]]] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def is_sendable(self, email_id: uuid.UUID, job_id: uuid.UUID) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.waiting.append(((email_id, job_id), future))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(self.linger)
+        while self.waiting:
+            batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+            try:
+                answer = await self.source.sendable(key for key, _ in batch)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                        future.exception()
+                continue
+            for (_, job_id), future in batch:
+                if not future.done():
+                    future.set_result(job_id in answer)

@@ -116,13 +116,22 @@ class Deliverer:
     async def deliver(self, job: SendJob, credentials: SmtpCredentials, now: datetime) -> Attempt:
         pool = self._pool(job.server_id, credentials.host)
         key = fingerprint(credentials)
-        # Built once per attempt, and the same bytes on every attempt of the email.
-        payload = build_wire(
-            job.content,
-            from_email=credentials.from_email,
-            from_name=credentials.from_name,
-            now=now,
-        )
+        try:
+            # Built once per attempt, and the same bytes on every attempt of the email.
+            payload = build_wire(
+                job.content,
+                from_email=credentials.from_email,
+                from_name=credentials.from_name,
+                now=now,
+            )
+        except Exception as exc:
+            # Intake refuses what cannot be encoded; should something still slip through, the
+            # email ends `failed` with the reason instead of bouncing between queues.
+            return Attempt(
+                Verdict(Outcome.failed, False, reason="the message cannot be built"),
+                None,
+                f"the message cannot be built: {type(exc).__name__}",
+            )
         async with pool.slots:
             client = self._take_idle(pool, key)
             stage = Stage.connect

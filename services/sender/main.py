@@ -3,61 +3,89 @@ small HTTP port. SIGTERM (through uvicorn) stops consumption and drains in-fligh
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI
 
-from services.sender.clients import RegistryClient, SchedulerClient
+from services.sender.clients import (
+    BatchedJobStates,
+    CachedCredentials,
+    HttpJobStates,
+    HttpRegistry,
+    JobStates,
+)
 from services.sender.delivery import Deliverer
 from services.sender.worker import Worker
 from shared.app import Resource, add_readiness_check, build_app
 from shared.bus_resource import rabbit_bus
+from shared.messages import SmtpCredentials
 from shared.settings import Settings, get_settings
 
 HTTP_TIMEOUT_SECONDS = 10.0
 
 
-def sender_resources(settings: Settings, *, in_process: bool = False) -> Resource:
-    """Needs `app.state.bus`. With `in_process`, the registry and scheduler are this same app."""
+@dataclass(frozen=True)
+class Ports:
+    """How this sender reaches the registry and the scheduler."""
+
+    fetch_credentials: Callable[[uuid.UUID], Awaitable[SmtpCredentials | None]]
+    report_auth_failure: Callable[[uuid.UUID, str], Awaitable[None]]
+    job_states: JobStates
+
+
+PortsFactory = Callable[[FastAPI, AsyncExitStack], Awaitable[Ports]]
+
+
+def http_ports(settings: Settings) -> PortsFactory:
+    """The stack: the registry's and the scheduler's internal HTTP routes."""
+
+    async def make(_: FastAPI, stack: AsyncExitStack) -> Ports:
+        token = settings.internal_token.get_secret_value()
+        registry_http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=settings.registry_url, timeout=HTTP_TIMEOUT_SECONDS)
+        )
+        scheduler_http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=settings.scheduler_url, timeout=HTTP_TIMEOUT_SECONDS)
+        )
+        registry = HttpRegistry(registry_http, token)
+        return Ports(registry.fetch, registry.report, HttpJobStates(scheduler_http, token))
+
+    return make
+
+
+def sender_resources(settings: Settings, ports: PortsFactory | None = None) -> Resource:
+    """Needs `app.state.bus`. `ports` defaults to HTTP; the one-process shape passes calls."""
 
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
-        def client(base_url: str) -> httpx.AsyncClient:
-            if in_process:
-                return httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app),
-                    base_url="http://in-process",
-                    timeout=HTTP_TIMEOUT_SECONDS,
-                )
-            return httpx.AsyncClient(base_url=base_url, timeout=HTTP_TIMEOUT_SECONDS)
-
-        token = settings.internal_token.get_secret_value()
-        async with (
-            client(settings.registry_url) as registry_http,
-            client(settings.scheduler_url) as scheduler_http,
-        ):
+        async with AsyncExitStack() as stack:
+            wired = await (ports or http_ports(settings))(app, stack)
             deliverer = Deliverer(settings)
             worker = Worker(
                 settings,
                 app.state.bus,
-                RegistryClient(registry_http, token, settings.credentials_ttl_seconds),
-                SchedulerClient(scheduler_http, token),
+                CachedCredentials(
+                    wired.fetch_credentials,
+                    wired.report_auth_failure,
+                    settings.credentials_ttl_seconds,
+                ),
+                BatchedJobStates(wired.job_states),
                 deliverer,
             )
             app.state.worker = worker
             await worker.start()
-            consuming = True
 
             async def worker_consumes() -> bool:
-                return consuming
+                return worker.consuming()
 
             add_readiness_check(app, worker_consumes)
             try:
                 yield
             finally:
-                consuming = False
                 await worker.drain(settings.sender_drain_seconds)
                 await deliverer.close()
 

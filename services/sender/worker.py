@@ -1,8 +1,14 @@
 """The sender's consumer: one job in, one SMTP transaction, one confirmed result event out.
 
-The job is acked only after its result event is confirmed by the broker. A job that cannot be
-parsed is dead-lettered; a job whose email is no longer this attempt's (already sent, unknown,
-canceled, or retried elsewhere) is acked without sending.
+The job carries what delivery needs, so a first delivery asks nobody but the registry (for
+credentials, cached). Only a job that may have been handled before (redelivered by the broker,
+or published again by the scheduler after its lease) is checked with the scheduler, batched,
+so that an email already sent, unknown or canceled is not sent twice.
+
+When the registry, the scheduler or the broker cannot answer, the worker waits with backoff
+(bounded by `ABL_DEPENDENCY_WAIT_SECONDS`) instead of returning the job at once: someone else's
+outage must not burn the job's delivery limit. The job is acked only after its result event is
+confirmed by the broker. A job that cannot be parsed is dead-lettered.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from services.sender.clients import RegistryClient, SchedulerClient
+from services.sender.clients import BatchedJobStates, CredentialsSource, DependencyUnavailable
 from services.sender.delivery import Attempt, Deliverer
 from services.sender.domain import ServerProblem, Verdict
 from shared.broker import Bus, Delivery
@@ -19,6 +27,7 @@ from shared.errors import TransientMessageError
 from shared.messages import Outcome, SendJob, SendResult, parse
 from shared.metrics import (
     DELIVERY_DURATION,
+    DEPENDENCY_WAITS,
     JOBS_IN_FLIGHT,
     JOBS_SKIPPED,
     SENDER_OUTCOMES,
@@ -29,30 +38,37 @@ from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.sender")
 
+T = TypeVar("T")
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 15.0
+
 
 class Worker:
     def __init__(
         self,
         settings: Settings,
         bus: Bus,
-        registry: RegistryClient,
-        scheduler: SchedulerClient,
+        registry: CredentialsSource,
+        job_states: BatchedJobStates,
         deliverer: Deliverer,
     ) -> None:
         self.settings = settings
         self.bus = bus
         self.registry = registry
-        self.scheduler = scheduler
+        self.job_states = job_states
         self.deliverer = deliverer
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.stopping = asyncio.Event()
 
     async def start(self) -> None:
-        await self.bus.declare(self.settings.results_queue)
         await self.bus.consume(
             self.settings.send_jobs_queue, self.handle, prefetch=self.settings.sender_prefetch
         )
+
+    def consuming(self) -> bool:
+        return not self.stopping.is_set() and self.bus.consuming(self.settings.send_jobs_queue)
 
     async def handle(self, delivery: Delivery) -> None:
         job = parse(SendJob, delivery.body)
@@ -60,22 +76,46 @@ class Worker:
         self.idle.clear()
         JOBS_IN_FLIGHT.inc()
         try:
-            await self._handle(job)
+            await self._handle(job, maybe_seen=delivery.redelivered or job.republished)
         finally:
             self.in_flight -= 1
             JOBS_IN_FLIGHT.dec()
             if self.in_flight == 0:
                 self.idle.set()
 
-    async def _handle(self, job: SendJob) -> None:
-        # Both look-ups at once: they are independent, and the credentials are usually cached.
-        sendable, credentials = await asyncio.gather(
-            self.scheduler.sendable(job.email_id, job.job_id),
-            self.registry.credentials(job.server_id),
+    async def _patiently(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        retry_on: tuple[type[Exception], ...] = (DependencyUnavailable,),
+    ) -> T:
+        """`call()`, tried again with backoff while `what` is unavailable, for a bounded time."""
+        deadline = time.monotonic() + self.settings.dependency_wait_seconds
+        delay = BACKOFF_FIRST_SECONDS
+        while True:
+            try:
+                return await call()
+            except retry_on as exc:
+                if self.stopping.is_set() or time.monotonic() + delay > deadline:
+                    raise TransientMessageError(f"{what} unavailable: {exc}") from exc
+                DEPENDENCY_WAITS.labels(what).inc()
+                logger.warning(
+                    "%s unavailable (%s); waiting %.1f s", what, type(exc).__name__, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+    async def _handle(self, job: SendJob, *, maybe_seen: bool) -> None:
+        if maybe_seen:
+            sendable = await self._patiently(
+                "scheduler", lambda: self.job_states.is_sendable(job.email_id, job.job_id)
+            )
+            if not sendable:
+                JOBS_SKIPPED.inc()
+                return  # sent, unknown or canceled already: at most once towards the server
+        credentials = await self._patiently(
+            "registry", lambda: self.registry.credentials(job.server_id)
         )
-        if not sendable:
-            JOBS_SKIPPED.inc()
-            return  # sent, unknown or canceled already: at most once towards the server
         if credentials is None or credentials.status != "active":
             attempt = Attempt(Verdict(Outcome.retry, False, reason="server not active"))
         else:
@@ -102,21 +142,23 @@ class Worker:
             server_problem=verdict.server_problem.value if verdict.server_problem else None,
             finished_at=utcnow(),
         )
-        try:
-            await self.bus.publish(
-                self.settings.results_queue,
-                result.model_dump_json().encode(),
-                message_id=f"{job.job_id}:result",
-            )
-        except Exception as exc:
-            # The job goes back to the queue. If the email did leave, its redelivery finds it
-            # still `scheduled` and sends it again: the same, bounded, duplicate as a kill -9
-            # between the server's reply and the result event.
-            raise TransientMessageError(f"result not confirmed: {type(exc).__name__}") from exc
+        body = result.model_dump_json().encode()
+        # The SMTP transaction is done: its result must get out, so a broker that is away is
+        # waited for. Should it stay away past the bound, the job goes back to the queue and
+        # its redelivery is checked with the scheduler before anything is sent again.
+        await self._patiently(
+            "broker",
+            lambda: self.bus.publish(
+                self.settings.results_queue, body, message_id=f"{job.job_id}:result"
+            ),
+            # Whatever the client library raises while the broker is away or reconnecting.
+            retry_on=(Exception,),
+        )
         SENDER_OUTCOMES.labels(verdict.outcome.value).inc()
 
     async def drain(self, grace_seconds: float) -> bool:
         """Stop taking jobs and wait for those in flight; True when all finished in time."""
+        self.stopping.set()
         await self.bus.stop_consuming(self.settings.send_jobs_queue)
         try:
             await asyncio.wait_for(self.idle.wait(), timeout=grace_seconds)

@@ -6,15 +6,15 @@ import uuid
 
 from fastapi import APIRouter, Response
 
-from services.registry import repository
+from services.registry import credentials as use_cases
 from services.registry.deps import KeyringDep
-from services.registry.domain import Security, ServerStatus
+from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES
 from shared.messages import SmtpCredentials
+from shared.registry_read import server_not_found
 from shared.tenancy import InternalDep
-from shared.timeutil import utcnow
 
 router = APIRouter(
     prefix="/internal/v1",
@@ -31,21 +31,11 @@ router = APIRouter(
 async def server_credentials(
     server_id: uuid.UUID, session: SessionDep, keyring: KeyringDep, response: Response
 ) -> SmtpCredentials:
-    server = await repository.get_server_any_tenant(session, server_id)
     response.headers["Cache-Control"] = "no-store"
-    return SmtpCredentials(
-        id=server.id,
-        tenant_id=server.tenant_id,
-        host=server.host,
-        port=server.port,
-        security=Security(server.security).value,
-        username=server.username,
-        password=repository.open_password(keyring, server),
-        from_email=server.from_email,
-        from_name=server.from_name,
-        status=ServerStatus(server.status).value,
-        daily_cap=server.daily_cap,
-    )
+    credentials = await use_cases.server_credentials(session, keyring, server_id)
+    if credentials is None:
+        raise server_not_found(server_id)
+    return credentials
 
 
 @router.post(
@@ -53,12 +43,5 @@ async def server_credentials(
     summary="A sender reports that a server refused its credentials",
 )
 async def report_health(server_id: uuid.UUID, body: HealthReport, session: SessionDep) -> HealthAck:
-    server = await repository.get_server_any_tenant(session, server_id)
-    server.last_check_code = body.status.value
-    server.last_check_reply = body.reply[:512]
-    server.last_checked_at = utcnow()
-    if server.status != ServerStatus.paused:
-        server.status = body.status
-    server.updated_at = utcnow()
-    session.add(server)
+    server = await use_cases.record_health(session, server_id, body.status, body.reply)
     return HealthAck(id=server.id, status=ServerStatus(server.status))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter
-from sqlmodel import SQLModel, select
+from sqlmodel import Field, SQLModel
 
-from services.scheduler.models import Email, EmailStatus
+from services.scheduler import repository
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES
 from shared.tenancy import InternalDep
@@ -19,26 +19,27 @@ router = APIRouter(
     responses=PROBLEM_RESPONSES,
 )
 
+MAX_JOBS_PER_QUESTION = 1000
 
-class JobState(SQLModel):
+
+class JobRef(SQLModel):
     email_id: uuid.UUID
-    status: EmailStatus | None
-    sendable: bool
+    job_id: uuid.UUID
 
 
-@router.get(
-    "/emails/{email_id}/jobs/{job_id}",
-    summary="May a sender deliver this job? Only while it is the email's current attempt",
+class SendableQuery(SQLModel):
+    jobs: list[JobRef] = Field(max_length=MAX_JOBS_PER_QUESTION)
+
+
+class SendableAnswer(SQLModel):
+    sendable: list[uuid.UUID]
+
+
+@router.post(
+    "/jobs/sendable",
+    summary="Which of these jobs may a sender still deliver? Those still their email's attempt",
 )
-async def job_state(email_id: uuid.UUID, job_id: uuid.UUID, session: SessionDep) -> JobState:
-    # Two columns only: the email's body may be a megabyte and is not needed here.
-    query = select(Email.status, Email.job_id).where(Email.id == email_id)
-    row = (await session.exec(query)).first()
-    if row is None:
-        return JobState(email_id=email_id, status=None, sendable=False)
-    status, current_job = row
-    return JobState(
-        email_id=email_id,
-        status=EmailStatus(status),
-        sendable=status == EmailStatus.scheduled and current_job == job_id,
-    )
+async def sendable_jobs(query: SendableQuery, session: SessionDep) -> SendableAnswer:
+    # Asked only for redelivered or re-published jobs, many at once after a broker restart.
+    jobs = [(ref.email_id, ref.job_id) for ref in query.jobs]
+    return SendableAnswer(sendable=sorted(await repository.sendable_jobs(session, jobs)))
