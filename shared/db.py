@@ -125,29 +125,34 @@ def is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def upsert_increment(
+async def upsert_increment(
     session: AsyncSession,
     table: Table,
     rows: list[dict[str, Any]],
     *,
     keys: tuple[str, ...],
     column: str,
-) -> Any:
-    """INSERT rows … ON CONFLICT (keys) DO UPDATE column = column + the row's value."""
+) -> None:
+    """INSERT rows … ON CONFLICT (keys) DO UPDATE column = column + the row's value.
+
+    The rows go as executemany parameters, not in the statement, so its compiled form is
+    cached; SQLAlchemy still sends them as one multi-row INSERT.
+    """
     insert = postgresql_insert if is_postgres(session) else sqlite_insert
-    statement = insert(table).values(rows)
-    return statement.on_conflict_do_update(
+    statement = insert(table)
+    statement = statement.on_conflict_do_update(
         index_elements=list(keys),
         set_={column: getattr(table.c, column) + statement.excluded[column]},
     )
+    connection = await session.connection()
+    await connection.execute(statement, rows)
 
 
-def insert_ignore(
-    session: AsyncSession, table: Table, rows: dict[str, Any] | list[dict[str, Any]]
-) -> Any:
-    """INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL."""
+async def insert_ignore(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL (cached, as above)."""
     insert = postgresql_insert if is_postgres(session) else sqlite_insert
-    return insert(table).values(rows).on_conflict_do_nothing()
+    connection = await session.connection()
+    await connection.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
 def table_of(model: type[SQLModel]) -> Table:

@@ -44,6 +44,9 @@ PUBLISH_BATCH = 5000
 # Confirms outstanding at once: enough to keep the broker busy (its confirms come in batches),
 # few enough that a publish failure costs little to redo.
 PUBLISH_WINDOW = 256
+# Tenants dispatched at once, each in its own transaction on its own connection: a tenant's
+# dozen round trips leave the database idle between them, and another tenant's fill the gaps.
+DISPATCH_CONCURRENCY = 4
 # Bounds one tenant's transaction; what is left over goes in the next tick.
 MAX_CLAIM_PER_TENANT = 20_000
 
@@ -176,8 +179,12 @@ class Dispatcher:
         async with self.sessions() as session:
             tenants = await repository.tenants_with_due_emails(session, moment)
         pending: list[Job] = []
-        for tenant_id in tenants:
-            pending += await self._dispatch_tenant(tenant_id, moment, report)
+        for start in range(0, len(tenants), DISPATCH_CONCURRENCY):
+            group = tenants[start : start + DISPATCH_CONCURRENCY]
+            for jobs in await asyncio.gather(
+                *(self._dispatch_tenant(tenant_id, moment, report) for tenant_id in group)
+            ):
+                pending += jobs
             if len(pending) >= PUBLISH_BATCH:
                 await self._publish(pending, report)
                 pending = []

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Date, Integer, Row, String, Uuid, column, func, update, values
+from sqlalchemy import Date, Integer, Row, String, Uuid, func, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -110,68 +111,117 @@ async def sending_window(session: AsyncSession, tenant_id: uuid.UUID) -> Sending
 # --- warmup and allowances ----------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class WarmupRow:
+    """A server's warmup state as the dispatcher reads it (no ORM object per server)."""
+
+    server_id: uuid.UUID
+    step: int
+    state_day: date
+    idle_days: int
+    parked_until: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DayRow:
+    """A server's counters on one day."""
+
+    server_id: uuid.UUID
+    allowance: int
+    reserved: int
+    sent: int
+
+
+_warmup_table = table_of(ServerWarmup)
+_day_table = table_of(ServerDay)
+
+
+async def _warmup_rows(
+    session: AsyncSession, server_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, WarmupRow]:
+    t = _warmup_table
+    query = sa_select(t.c.server_id, t.c.step, t.c.state_day, t.c.idle_days, t.c.parked_until)
+    connection = await session.connection()
+    rows = await connection.execute(query.where(t.c.server_id.in_(server_ids)))
+    return {row.server_id: WarmupRow(*row) for row in rows}
+
+
 async def warmup_states(
     session: AsyncSession,
     servers: Sequence[ServerView],
     today: date,
     schedule: WarmupSchedule,
-) -> dict[uuid.UUID, ServerWarmup]:
+) -> dict[uuid.UUID, WarmupRow]:
     """Each server's warmup row, folded forward to `today` (created fresh for a new server)."""
     if not servers:
         return {}
     by_id = {server.id: server for server in servers}
-    query = select(ServerWarmup).where(col(ServerWarmup.server_id).in_(by_id))
-    rows = {row.server_id: row for row in (await session.exec(query)).all()}
+    rows = await _warmup_rows(session, list(by_id))
     missing = [server for server in servers if server.id not in rows]
     if missing:
-        await session.exec(
-            insert_ignore(
-                session,
-                table_of(ServerWarmup),
-                [
-                    {
-                        "server_id": s.id,
-                        "tenant_id": s.tenant_id,
-                        "step": 1,
-                        "state_day": today,
-                        "idle_days": 0,
-                    }
-                    for s in missing
-                ],
-            )
+        await insert_ignore(
+            session,
+            _warmup_table,
+            [
+                {
+                    "server_id": s.id,
+                    "tenant_id": s.tenant_id,
+                    "step": 1,
+                    "state_day": today,
+                    "idle_days": 0,
+                }
+                for s in missing
+            ],
         )
-        query = select(ServerWarmup).where(col(ServerWarmup.server_id).in_([s.id for s in missing]))
-        rows.update({row.server_id: row for row in (await session.exec(query)).all()})
+        rows.update(await _warmup_rows(session, [s.id for s in missing]))
     stale = [row for row in rows.values() if row.state_day < today]
     if stale:
-        history = (
-            await session.exec(
-                select(ServerDay).where(
-                    col(ServerDay.server_id).in_([row.server_id for row in stale]),
-                    col(ServerDay.day) >= min(row.state_day for row in stale),
-                    col(ServerDay.day) < today,
-                )
+        d = _day_table
+        connection = await session.connection()
+        history = await connection.execute(
+            sa_select(d.c.server_id, d.c.day, d.c.sent, d.c.allowance).where(
+                d.c.server_id.in_([row.server_id for row in stale]),
+                d.c.day >= min(row.state_day for row in stale),
+                d.c.day < today,
             )
-        ).all()
+        )
+        delivered: dict[uuid.UUID, dict[date, int]] = {}
+        allowances: dict[uuid.UUID, dict[date, int]] = {}
+        for server_id, day, sent, allowance in history:
+            delivered.setdefault(server_id, {})[day] = sent
+            allowances.setdefault(server_id, {})[day] = allowance
+        folded: list[tuple[uuid.UUID, int, date, int]] = []
         for row in stale:
-            days = [d for d in history if d.server_id == row.server_id]
             state = domain.state_on(
                 domain.WarmupState(row.step, row.state_day, row.idle_days),
                 today,
-                delivered={d.day: d.sent for d in days},
-                allowances={d.day: d.allowance for d in days},
+                delivered=delivered.get(row.server_id, {}),
+                allowances=allowances.get(row.server_id, {}),
                 schedule=schedule,
                 daily_cap=by_id[row.server_id].daily_cap,
             )
-            row.step, row.state_day, row.idle_days = state.step, state.day, state.idle_days
-            session.add(row)
-        await session.flush()
+            folded.append((row.server_id, state.step, state.day, state.idle_days))
+            rows[row.server_id] = WarmupRow(
+                row.server_id, state.step, state.day, state.idle_days, row.parked_until
+            )
+        values = RowSet(
+            session,
+            {"server_id": Uuid(), "step": Integer(), "day": Date(), "idle": Integer()},
+            sorted(folded),
+        )
+        w = _warmup_table
+        await values.execute(
+            session,
+            update(w)
+            .where(w.c.server_id == values.c["server_id"])
+            .values(step=values.c["step"], state_day=values.c["day"], idle_days=values.c["idle"]),
+        )
     return rows
 
 
 async def warmup_state(
     session: AsyncSession, server: ServerView, today: date, schedule: WarmupSchedule
-) -> ServerWarmup:
+) -> WarmupRow:
     return (await warmup_states(session, [server], today, schedule))[server.id]
 
 
@@ -180,17 +230,24 @@ async def server_days(
     servers: Sequence[ServerView],
     day: date,
     allowances: dict[uuid.UUID, int],
-) -> dict[uuid.UUID, ServerDay]:
+) -> dict[uuid.UUID, DayRow]:
     """Each server's counter row for `day`, created with that day's allowance when first needed.
 
     The allowance is fixed for the day once the row exists.
     """
     if not servers:
         return {}
-    await session.exec(
-        insert_ignore(
+    d = _day_table
+    query = sa_select(d.c.server_id, d.c.allowance, d.c.reserved, d.c.sent).where(
+        d.c.server_id.in_([s.id for s in servers]), d.c.day == day
+    )
+    connection = await session.connection()
+    rows = {row.server_id: DayRow(*row) for row in await connection.execute(query)}
+    missing = [s for s in servers if s.id not in rows]
+    if missing:
+        await insert_ignore(
             session,
-            table_of(ServerDay),
+            d,
             [
                 {
                     "server_id": s.id,
@@ -200,21 +257,19 @@ async def server_days(
                     "reserved": 0,
                     "sent": 0,
                 }
-                for s in servers
+                for s in missing
             ],
         )
-    )
-    query = (
-        select(ServerDay)
-        .where(col(ServerDay.server_id).in_([s.id for s in servers]), ServerDay.day == day)
-        .execution_options(populate_existing=True)
-    )
-    return {row.server_id: row for row in (await session.exec(query)).all()}
+        query = sa_select(d.c.server_id, d.c.allowance, d.c.reserved, d.c.sent).where(
+            d.c.server_id.in_([s.id for s in missing]), d.c.day == day
+        )
+        rows.update({row.server_id: DayRow(*row) for row in await connection.execute(query)})
+    return rows
 
 
 async def server_day(
     session: AsyncSession, server: ServerView, day: date, allowance: int
-) -> ServerDay:
+) -> DayRow:
     return (await server_days(session, [server], day, {server.id: allowance}))[server.id]
 
 
@@ -270,20 +325,18 @@ async def _reserve_daily_bulk(
 ) -> set[uuid.UUID]:
     """PostgreSQL: the same guard for many servers in one statement; returns who got it all."""
     table = table_of(ServerDay)
-    wants = values(column("server_id", Uuid), column("wanted", Integer), name="wants").data(
-        sorted(wanted.items())
-    )
+    wants = RowSet(session, {"server_id": Uuid(), "wanted": Integer()}, sorted(wanted.items()))
     statement = (
         update(table)
         .where(
-            table.c.server_id == wants.c.server_id,
+            table.c.server_id == wants.c["server_id"],
             table.c.day == day,
-            table.c.reserved + wants.c.wanted <= table.c.allowance,
+            table.c.reserved + wants.c["wanted"] <= table.c.allowance,
         )
-        .values(reserved=table.c.reserved + wants.c.wanted)
+        .values(reserved=table.c.reserved + wants.c["wanted"])
         .returning(table.c.server_id)
     )
-    return set((await session.exec(statement)).scalars().all())
+    return set((await wants.execute(session, statement)).scalars().all())
 
 
 async def reserve_many(
@@ -342,17 +395,15 @@ async def add_hour_usage(
     session: AsyncSession, amounts: dict[uuid.UUID, int], hour: datetime
 ) -> None:
     if amounts:
-        await session.exec(
-            upsert_increment(
-                session,
-                table_of(ServerUsageHour),
-                [
-                    {"server_id": server_id, "hour": hour, "used": n}
-                    for server_id, n in sorted(amounts.items())
-                ],
-                keys=("server_id", "hour"),
-                column="used",
-            )
+        await upsert_increment(
+            session,
+            table_of(ServerUsageHour),
+            [
+                {"server_id": server_id, "hour": hour, "used": n}
+                for server_id, n in sorted(amounts.items())
+            ],
+            keys=("server_id", "hour"),
+            column="used",
         )
 
 
