@@ -178,6 +178,8 @@ class Dispatcher:
         await self._republish_expired(moment, report)
         async with self.sessions() as session:
             tenants = await repository.tenants_with_due_emails(session, moment)
+        # Replicas start at different tenants instead of all queueing for the same locks.
+        self.rng.shuffle(tenants)
         pending: list[Job] = []
         for start in range(0, len(tenants), DISPATCH_CONCURRENCY):
             group = tenants[start : start + DISPATCH_CONCURRENCY]
