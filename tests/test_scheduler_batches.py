@@ -4,6 +4,7 @@ rows is one statement whatever their number."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import date
 from typing import Any
@@ -18,6 +19,7 @@ from services.scheduler.models import Email
 from shared.db import RowSet, create_engine, session_factory, table_of
 from shared.messages import SendJob
 from shared.settings import Settings
+from shared.timeutil import new_id
 from tests.conftest import Api, running
 from tests.support.smtp import SmtpTestServer
 from tests.test_scheduler_api import add_servers, dispatcher, published_jobs, warm_up
@@ -160,3 +162,21 @@ async def test_counters_of_many_servers_are_written_together_and_never_below_zer
     for server_id in servers:
         warmup = (await app.client.get(f"/v1/servers/{server_id}/warmup", headers=tenant)).json()
         assert (warmup["reserved_today"], warmup["sent_today"]) == (0, 1)
+
+
+async def test_an_idempotency_key_stored_meanwhile_refuses_the_whole_batch(app: Api) -> None:
+    tenant = await app.new_tenant()
+    message = {"to": "lead@example.org", "subject": "s", "text": "t", "idempotency_key": "k-1"}
+    (email_id,) = (await app.client.post("/v1/messages", json=message, headers=tenant)).json()[
+        "ids"
+    ]
+    async with app.app.state.sessions() as session, session.begin():
+        stored = await session.get(Email, uuid.UUID(email_id))
+        assert stored is not None
+        row = {column.name: getattr(stored, column.name) for column in table_of(Email).columns}
+        # A second request that looked for the key before the first one committed.
+        other = {**row, "id": new_id(), "idempotency_key": "k-2"}
+        racing = {**row, "id": new_id()}
+        assert await repository.add_emails(session, [other, racing]) is False
+    async with app.app.state.sessions() as session:
+        assert await session.get(Email, other["id"]) is None  # nothing of that batch stored

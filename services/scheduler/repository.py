@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Date, Integer, Row, String, Uuid, func, update
+from sqlalchemy import Date, Integer, Row, String, Uuid, func, insert, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -68,11 +68,15 @@ async def emails_by_keys(
     return {key: email_id for key, email_id in (await session.exec(query)).all() if key}
 
 
-async def add_emails(session: AsyncSession, emails: Sequence[Email]) -> bool:
-    """Insert emails; False when an idempotency key raced in from another request."""
-    session.add_all(emails)
+async def add_emails(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> bool:
+    """Insert emails (rows of the emails table) in one multi-row INSERT; False when an
+    idempotency key raced in from another request."""
+    connection = await session.connection()
     try:
-        await session.flush()
+        # A savepoint: the batch goes in whole or not at all (SQLite's executemany would keep
+        # the rows before the one that failed).
+        async with connection.begin_nested():
+            await connection.execute(insert(_email_table), list(rows))
     except IntegrityError:
         return False
     return True
