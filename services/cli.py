@@ -13,41 +13,66 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import uvicorn
 
 from shared.crypto import Keyring, generate_key
-from shared.settings import Settings, SettingsError
+from shared.settings import (
+    CommonSettings,
+    DatabaseSettings,
+    GatewaySettings,
+    RegistrySettings,
+    SchedulerSettings,
+    SenderSettings,
+    Settings,
+    SettingsError,
+    warn_unused_secrets,
+)
 
 DEV_ENV_FILE = Path(".abl/dev.env")
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
 
 
-def ensure_dev_env(path: Path = DEV_ENV_FILE) -> Path:
-    """Write development secrets once; load them without overriding the environment."""
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from the first byte (no chmod after the fact),
+    in a folder only its owner can enter."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask, and the folder may exist
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)  # O_CREAT's mode does not apply to a file that already existed
+
+
+def ensure_dev_env(path: Path = DEV_ENV_FILE, wanted: Iterable[str] | None = None) -> Path:
+    """Write development secrets once; load those in `wanted` (all by default) without
+    overriding the environment, so each service of `make stack` gets only its own."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         lines = [
             f"ABL_ADMIN_TOKEN={secrets.token_urlsafe(32)}",
             f"ABL_INTERNAL_TOKEN={secrets.token_urlsafe(32)}",
             f"ABL_ENCRYPTION_KEYS={generate_key()}",
         ]
-        path.write_text("\n".join(lines) + "\n")
-        path.chmod(0o600)
+        write_private(path, "\n".join(lines) + "\n")
+    names = None if wanted is None else {name.upper() for name in wanted}
     for line in path.read_text().splitlines():
         name, _, value = line.partition("=")
-        if name and not line.startswith("#"):
-            os.environ.setdefault(name.strip(), value.strip())
+        name = name.strip()
+        if name and not line.startswith("#") and (names is None or name.upper() in names):
+            os.environ.setdefault(name, value.strip())
     return path
 
 
-def load_settings() -> Settings:
+def load_settings(kind: type[SettingsT]) -> SettingsT:
+    """The settings of one service (`Settings` for the one-process shape)."""
     if os.environ.get("ABL_ENV", "production") == "development":
-        path = ensure_dev_env()
+        path = ensure_dev_env(wanted=(f"ABL_{name}" for name in kind.model_fields))
         print(f"development secrets (admin token, encryption key): {path.resolve()}")
     try:
-        return Settings()
+        return kind()
     except (SettingsError, ValueError) as exc:
         sys.exit(f"configuration error: {exc}")
 
@@ -73,32 +98,44 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from shared.logs import configure_logging
     from shared.migrate import upgrade_when_reachable
 
-    settings = load_settings()
-    configure_logging(settings.log_level)
+    settings: CommonSettings
     app: FastAPI
     if args.service == "all":
         from services.app import create_app as create_all
 
-        app = create_all(settings)
+        settings = combined = load_settings(Settings)
+        app = create_all(combined)
     elif args.service == "registry":
         from services.registry.main import create_app as create_registry
 
-        app = create_registry(settings)
+        settings = registry = load_settings(RegistrySettings)
+        app = create_registry(registry)
     elif args.service == "scheduler":
         from services.scheduler.main import create_app as create_scheduler
 
-        app = create_scheduler(settings)
+        settings = scheduler = load_settings(SchedulerSettings)
+        app = create_scheduler(scheduler)
     elif args.service == "sender":
         from services.sender.main import create_app as create_sender
 
-        app = create_sender(settings)
+        settings = sender = load_settings(SenderSettings)
+        app = create_sender(sender)
     else:
         from services.gateway.main import create_app as create_gateway
 
-        app = create_gateway(settings)
-    if args.migrate and args.service not in ("sender", "gateway"):  # no database there
+        settings = gateway = load_settings(GatewaySettings)
+        app = create_gateway(gateway)
+    configure_logging(settings.log_level)
+    warn_unused_secrets(args.service, type(settings), os.environ)
+    if args.migrate and isinstance(settings, DatabaseSettings):  # no database for the others
         upgrade_when_reachable(settings.database_url)
     print(f"{args.service}: serving on http://{settings.host}:{settings.port} (docs at /docs)")
+    GracefulServer(server_config(app, settings)).run()
+
+
+def server_config(app: Any, settings: CommonSettings) -> uvicorn.Config:
+    from shared.logs import redact_access_log
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -107,13 +144,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # Longer than the sender's drain, which runs in the lifespan's shutdown.
         timeout_graceful_shutdown=int(settings.sender_drain_seconds) + 5,
     )
-    GracefulServer(config).run()
+    # After the Config: it has just applied uvicorn's logging configuration.
+    redact_access_log()
+    return config
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:
     from shared.migrate import upgrade_database
 
-    settings = load_settings()
+    # The migration job needs the database URL and nothing else.
+    settings = load_settings(DatabaseSettings)
     upgrade_database(settings.database_url)
     print("database is at the latest revision")
 
@@ -125,7 +165,7 @@ def cmd_ensure_database(_: argparse.Namespace) -> None:
 
     from shared.migrate import upgrade_database
 
-    settings = load_settings()
+    settings = load_settings(DatabaseSettings)
     url = make_url(settings.database_url)
     if url.get_backend_name() in ("postgresql", "postgres") and url.database:
         import asyncpg
@@ -152,7 +192,7 @@ def cmd_rotate_keys(_: argparse.Namespace) -> None:
     from services.registry.keys import rotate_keys
     from shared.db import create_engine, session_factory
 
-    settings = load_settings()
+    settings = load_settings(RegistrySettings)
 
     async def run() -> None:
         engine = create_engine(settings.database_url)

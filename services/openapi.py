@@ -13,7 +13,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.app import create_app as create_all
+from services.registry.api import internal as registry_internal
 from services.registry.main import create_app as create_registry
+from services.scheduler.api import internal as scheduler_internal
 from services.scheduler.main import create_app as create_scheduler
 from shared.crypto import generate_key
 from shared.settings import Settings
@@ -30,12 +32,25 @@ def placeholder_settings() -> Settings:
     )
 
 
+def internal_api() -> FastAPI:
+    """Only the service-to-service routes (`/internal/v1`), which the public specs leave out."""
+    app = FastAPI(
+        title="ABillionLeads internal API",
+        version="0.1.0",
+        description="Between services only, with `ABL_INTERNAL_TOKEN`; never routed publicly.",
+    )
+    app.include_router(registry_internal.router)
+    app.include_router(scheduler_internal.router)
+    return app
+
+
 def specs() -> dict[str, FastAPI]:
     settings = placeholder_settings()
     return {
         "api": create_all(settings),
         "registry": create_registry(settings),
         "scheduler": create_scheduler(settings),
+        "internal": internal_api(),
     }
 
 

@@ -1,7 +1,8 @@
 """Which addresses a user-typed host may be dialled at: shared by the check and the senders.
 
-Only globally routable unicast addresses, in any spelling, and a name is refused whole when one
-of its answers is forbidden (DNS rebinding).
+Only globally routable unicast addresses: every spelling that embeds an IPv4 address (mapped,
+IPv4-compatible, 6to4, Teredo, NAT64) is refused whole, as is every special-purpose block, and a
+name is refused whole when one of its answers is forbidden (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -12,68 +13,79 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# Ranges the ipaddress module does not flag on its own, or flags only on some Python versions.
-_EXTRA_BLOCKED = tuple(
-    ipaddress.ip_network(net)
-    for net in (
-        "0.0.0.0/8",
-        "100.64.0.0/10",  # carrier-grade NAT
-        "192.0.0.0/24",
-        "198.18.0.0/15",
-        "224.0.0.0/4",
-        "240.0.0.0/4",
-        "64:ff9b::/96",  # NAT64: embeds an IPv4 address
-        "64:ff9b:1::/48",
-        "100::/64",
-        "fc00::/7",
-        "fe80::/10",
-        "ff00::/8",
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The one table of what may never be dialled, whatever `ipaddress.is_global` says on this
+# Python version (its own list lags the registries: 3.11 passes 192.88.99.0/24, 3fff::/20 and
+# the deprecated fec0::/10). It holds every block of the IANA IPv4 and IPv6 special-purpose
+# registries, the globally reachable ones included (anycast infrastructure, AS112, AMT, ORCHID:
+# no tenant's SMTP server lives there), and the blocks the registries leave to other documents.
+# tests/data holds the registries; a test checks every block of them against this table.
+DENIED_NETWORKS: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(block), name)
+    for block, name in (
+        # IANA IPv4 special-purpose registry
+        ("0.0.0.0/8", "this network"),
+        ("10.0.0.0/8", "private use"),
+        ("100.64.0.0/10", "shared address space (carrier-grade NAT; Alibaba's metadata)"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link local (cloud metadata at 169.254.169.254)"),
+        ("172.16.0.0/12", "private use"),
+        ("192.0.0.0/24", "IETF protocol assignments (PCP and TURN anycast included)"),
+        ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+        ("192.31.196.0/24", "AS112"),
+        ("192.52.193.0/24", "AMT"),
+        ("192.88.99.0/24", "6to4 relay anycast (deprecated)"),
+        ("192.168.0.0/16", "private use"),
+        ("192.175.48.0/24", "AS112 direct delegation"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+        ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+        ("240.0.0.0/4", "reserved, and the limited broadcast 255.255.255.255"),
+        # IPv4 beyond that registry
+        ("224.0.0.0/4", "multicast"),
+        # IANA IPv6 special-purpose registry
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::ffff:0:0/96", "IPv4-mapped: type the IPv4 address itself"),
+        ("64:ff9b::/96", "NAT64 well-known prefix: embeds an IPv4 address"),
+        ("64:ff9b:1::/48", "local-use NAT64"),
+        ("100::/64", "discard only"),
+        ("100:0:0:1::/64", "dummy prefix"),
+        ("2001::/23", "IETF protocol assignments (Teredo, anycast, AMT, AS112, ORCHID, DETs)"),
+        ("2001:db8::/32", "documentation"),
+        ("2002::/16", "6to4: embeds an IPv4 address"),
+        ("2620:4f:8000::/48", "AS112 direct delegation"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "segment routing (SRv6) SIDs"),
+        ("fc00::/7", "unique local (AWS metadata at fd00:ec2::254)"),
+        ("fe80::/10", "link local"),
+        # IPv6 beyond that registry
+        ("::/96", "IPv4-compatible (deprecated, RFC 4291)"),
+        ("fec0::/10", "site local (deprecated, RFC 3879)"),
+        ("ff00::/8", "multicast"),
     )
 )
-METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
-)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Global unicast is allocated from 2000::/3 only (RFC 4291 section 2.4); the rest is reserved.
+_IPV6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 
 
-def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 spelling carries (mapped, 6to4, Teredo, NAT64), if any."""
-    if isinstance(address, ipaddress.IPv4Address):
-        return None
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]
-    if address in ipaddress.ip_network("64:ff9b::/96"):
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    # IPv4-compatible (deprecated) ::a.b.c.d
-    if int(address) >> 32 == 0 and int(address) > 1:
-        return ipaddress.IPv4Address(int(address))
+def denied_by(address: IPAddress) -> str | None:
+    """Why `address` may not be dialled, or None when it may."""
+    for network, name in DENIED_NETWORKS:
+        if network.version == address.version and address in network:
+            return name
+    if isinstance(address, ipaddress.IPv6Address) and address not in _IPV6_GLOBAL_UNICAST:
+        return "outside 2000::/3, the IPv6 global unicast space"
+    if not address.is_global or address.is_reserved:
+        return "not globally reachable"
     return None
 
 
 def is_public_address(address: IPAddress) -> bool:
     """True when a user-typed host may be dialled: a globally routable unicast address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return is_public_address(address.ipv4_mapped)  # the same host, spelt in IPv6
-    inner = embedded_ipv4(address)
-    if inner is not None and not is_public_address(inner):
-        return False
-    if address in METADATA_ADDRESSES:
-        return False
-    if any(address in net for net in _EXTRA_BLOCKED if net.version == address.version):
-        return False
-    return address.is_global and not (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
+    return denied_by(address) is None
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.db import create_engine, session_factory
-from shared.errors import Problem, ServiceUnavailable, install_problem_handlers
+from shared.errors import ServiceUnavailable, install_problem_handlers, problem_doc
+from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
-from shared.settings import Settings
+from shared.migrate import private_sqlite_file
+from shared.settings import CommonSettings, DatabaseSettings
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -28,9 +30,10 @@ class Health(BaseModel):
     status: str
 
 
-def database(settings: Settings) -> Resource:
+def database(settings: DatabaseSettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
+        private_sqlite_file(settings.database_url)  # before the engine creates it 0644
         engine = create_engine(settings.database_url)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
@@ -53,7 +56,7 @@ def build_app(
     *,
     title: str,
     service: str,
-    settings: Settings,
+    settings: CommonSettings,
     resources: list[Resource],
     version: str = "0.1.0",
 ) -> FastAPI:
@@ -71,6 +74,11 @@ def build_app(
     app = FastAPI(title=title, version=version, lifespan=lifespan)
     install_problem_handlers(app)
     install_metrics(app, service)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_body_bytes,
+        large_limit=settings.max_messages_body_bytes,
+    )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> Health:
@@ -80,7 +88,7 @@ def build_app(
         "/readyz",
         tags=["health"],
         summary="Readiness: the database and the broker answer, the worker consumes",
-        responses={503: {"model": Problem, "description": "Not ready"}},
+        responses={503: problem_doc("Not ready")},
     )
     async def readyz() -> Health:
         for check in app.state.readiness_checks:

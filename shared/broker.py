@@ -46,6 +46,7 @@ EXCHANGE = "abl"
 DEAD_LETTER_EXCHANGE = "abl.dlx"
 DEFAULT_DELIVERY_LIMIT = 5
 CONNECT_BACKOFF_MAX_SECONDS = 15.0
+RECONNECT_INTERVAL_SECONDS = 1.0
 
 
 def dead_letter_queue(queue: str) -> str:
@@ -191,7 +192,10 @@ class RabbitBus:
 
     async def _connect_once(self) -> None:
         connection = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": "abl"}
+            self.url,
+            client_properties={"connection_name": "abl"},
+            # Consumers must be back within seconds of the broker's return.
+            reconnect_interval=RECONNECT_INTERVAL_SECONDS,
         )
         try:
             # on_return_raises: an unroutable message must fail the publish, not look delivered.

@@ -9,10 +9,10 @@ from fastapi import FastAPI
 
 from shared.app import Resource, add_readiness_check
 from shared.broker import Bus, InProcessBus, RabbitBus
-from shared.settings import Settings
+from shared.settings import BrokerSettings
 
 
-def rabbit_bus(settings: Settings) -> Resource:
+def rabbit_bus(settings: BrokerSettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         # Connects in the background: a service started before the broker serves /healthz and

@@ -14,8 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 logger = logging.getLogger("abl.errors")
 
@@ -136,12 +138,41 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
     )
 
 
+# Fields whose keys are the caller's own text (an email's `headers`): a path into one names the
+# position of the key, never the key.
+KEYED_FIELDS = frozenset({"headers"})
+# pydantic messages of these types quote part of the input (a UUID's bad character, ...).
+_QUOTING_TYPES = {"uuid_parsing": "must be a UUID", "uuid_type": "must be a UUID"}
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    parts: list[str] = []
+    for index, part in enumerate(loc):
+        if index and loc[index - 1] in KEYED_FIELDS and isinstance(part, str):
+            parts.append("*")
+        else:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def _message(error: Any) -> str:
+    kind = str(error.get("type", "value_error"))
+    message = str(error.get("msg", "invalid value"))
+    given = error.get("input")
+    if kind in _QUOTING_TYPES:
+        return _QUOTING_TYPES[kind]
+    if isinstance(given, str) and len(given) >= 3 and given in message:
+        return "invalid value"
+    return message
+
+
 def _field_errors(exc: RequestValidationError) -> list[FieldError]:
-    # The offending `input` is never echoed back: it may be a password.
+    # Nothing of the offending input is echoed back, not in the message nor in the path: it may
+    # be a password, and an echo is how reflected injection starts.
     return [
         FieldError(
-            field=".".join(str(part) for part in error.get("loc", ())),
-            message=str(error.get("msg", "invalid value")),
+            field=_field_path(error.get("loc", ())),
+            message=_message(error),
             type=str(error.get("type", "value_error")),
         )
         for error in exc.errors()
@@ -150,15 +181,50 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
 
 _STATUS_CODES = {
     HTTPStatus.NOT_FOUND: ("not_found", "Check the URL and the id; ids are per tenant."),
+    HTTPStatus.BAD_REQUEST: (
+        "malformed_body",
+        "Send a UTF-8 JSON body with `Content-Type: application/json`.",
+    ),
     HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", "See /docs for the allowed methods."),
     HTTPStatus.UNAUTHORIZED: ("unauthorized", "Send `Authorization: Bearer <token>`."),
+    HTTPStatus(413): (
+        "body_too_large",
+        "Send fewer emails per request (a batch holds up to 1,000), or smaller ones.",
+    ),
 }
+
+
+def status_problem(status: int, detail: str, instance: str | None = None) -> Problem:
+    """The problem for a status the framework (or a middleware) raises, with its code and hint."""
+    http_status = HTTPStatus(status)
+    code, hint = _STATUS_CODES.get(http_status, (http_status.name.lower(), None))
+    return AppError(detail, code=code, hint=hint, status=http_status).to_problem(instance)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of every route (included routers flattened) whose path matches."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for context in iter_route_contexts(request.app.router.routes):
+        if context.path is None:
+            continue
+        regex, _, _ = compile_path(context.path)
+        if regex.match(path):
+            methods |= set(context.methods or ())
+    return sorted(methods)
+
+
+def _instance(request: Request) -> str | None:
+    """The route template (`/v1/servers/{server_id}`), not the path: a path is the caller's
+    input, and no error repeats it. None when no route matched."""
+    template = getattr(request.scope.get("route"), "path", None)
+    return template if isinstance(template, str) else None
 
 
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_app_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
-        return problem_response(exc.to_problem(request.url.path), exc.headers)
+        return problem_response(exc.to_problem(_instance(request)), exc.headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -169,15 +235,19 @@ def install_problem_handlers(app: FastAPI) -> None:
             hint="Correct the fields listed in `errors` and send the request again.",
             errors=errors,
         )
-        return problem_response(error.to_problem(request.url.path))
+        return problem_response(error.to_problem(_instance(request)))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = HTTPStatus(exc.status_code)
-        code, hint = _STATUS_CODES.get(status, (status.name.lower(), None))
         detail = exc.detail if isinstance(exc.detail, str) else status.phrase
-        error = AppError(detail, code=code, hint=hint, status=status)
-        return problem_response(error.to_problem(request.url.path), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            # Starlette names the methods of the first route on the path only; a path served
+            # by several routes (GET and POST /v1/messages) allows the methods of all of them.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        problem = status_problem(status, detail, _instance(request))
+        return problem_response(problem, headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(
@@ -187,7 +257,7 @@ def install_problem_handlers(app: FastAPI) -> None:
             "The server failed to handle this request.",
             hint="Try again; if it keeps failing, report the time and the path.",
         )
-        return problem_response(error.to_problem(request.url.path))
+        return problem_response(error.to_problem(_instance(request)))
 
     app.add_exception_handler(AppError, on_app_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -195,11 +265,22 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def problem_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI response documented as problem+json, the media type errors are sent with."""
+    return {
+        "model": Problem,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "description": description,
+    }
+
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": desc}
-    for status, desc in (
+    status: problem_doc(description)
+    for status, description in (
+        (400, "The body is not UTF-8 JSON"),
         (401, "Missing or invalid credentials"),
         (404, "Not found"),
+        (413, "The request body is larger than the limit"),
         (422, "Invalid input"),
     )
 }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.engine import make_url
 
 logger = logging.getLogger("abl.migrate")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -21,8 +23,25 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def private_sqlite_file(url: str) -> Path | None:
+    """Create the SQLite file of `url` readable by its owner only (0600), or narrow an existing
+    one: it holds the encrypted passwords, the tenants' API key digests and every email.
+
+    SQLite gives its journal and WAL files the database file's permissions. Returns the path,
+    or None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+    return path
+
+
 def upgrade_database(url: str, revision: str = "head") -> None:
     """Bring the database at `url` up to `revision`. Synchronous: call it outside a loop."""
+    private_sqlite_file(url)
     command.upgrade(alembic_config(url), revision)
 
 

@@ -8,6 +8,10 @@ import uuid
 
 from shared.errors import Unprocessable
 
+# What `encode_cursor` writes: 16 bytes in unpadded URL-safe base64. Declared in the spec, so a
+# client (or a fuzzer) that follows the spec never sends a cursor the API refuses.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{22}$"
+
 
 def encode_cursor(last_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(last_id.bytes).decode().rstrip("=")

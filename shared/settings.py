@@ -1,5 +1,11 @@
 """Settings of every service, read from `ABL_` environment variables.
 
+Each service reads only what it needs (least privilege): the sender has no database URL, no
+admin token and no encryption keys; the scheduler no encryption keys; the gateway no secret at
+all. `Settings` is all of them together, for the one-process shape (`make run`), and code that
+takes one service's class accepts it. A service started with a secret it does not use says so at
+start-up (`unused_secrets`).
+
 Secrets have no usable default: a missing, placeholder or short secret stops the process at
 start-up rather than letting it run with a guessable key. In development, `make run` generates
 random ones into a git-ignored file first.
@@ -9,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,38 +52,116 @@ def decode_key(text: str) -> bytes:
     return raw
 
 
-class Settings(BaseSettings):
+def _refuse_weak_token(name: str, secret: SecretStr) -> None:
+    value = secret.get_secret_value()
+    if value.lower() in PLACEHOLDER_SECRETS or len(value) < MIN_TOKEN_LENGTH:
+        raise SettingsError(
+            f"ABL_{name.upper()} must be set to a random value of at least "
+            f"{MIN_TOKEN_LENGTH} characters (make run writes one for development)"
+        )
+
+
+class CommonSettings(BaseSettings):
+    """What every service reads: where it listens, and how it behaves as a process."""
+
     model_config = SettingsConfigDict(env_prefix="ABL_", extra="ignore", case_sensitive=False)
 
     env: Environment = Environment.production
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "INFO"
+    # Bounds on a whole request body, enforced while it is read (413 past them): a batch of
+    # emails may be large, every other request is a small JSON object.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_messages_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    # How long a sender waits, with backoff, for the registry or the scheduler before it gives
+    # a job back to the queue: someone else's outage must not burn the job's delivery limit.
+    dependency_wait_seconds: float = Field(default=300.0, ge=0)
+    # Every service drains on SIGTERM (the sender its SMTP transactions, the scheduler its
+    # results) for up to this long.
+    sender_drain_seconds: float = Field(default=30.0, ge=0)
 
+
+class DatabaseSettings(CommonSettings):
     database_url: str = "sqlite:///./abl.db"
+
+
+class BrokerSettings(CommonSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     queue_prefix: str = Field(default="abl", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
+    # How long a publish waits for an absent broker before the caller keeps the message itself.
+    broker_wait_seconds: float = Field(default=30.0, gt=0, le=600)
 
-    admin_token: SecretStr = SecretStr("")
+    @property
+    def send_jobs_queue(self) -> str:
+        return f"{self.queue_prefix}.send-jobs"
+
+    @property
+    def results_queue(self) -> str:
+        return f"{self.queue_prefix}.results"
+
+
+class InternalTokenSettings(CommonSettings):
     internal_token: SecretStr = SecretStr("")
-    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _refuse_weak_internal_token(self) -> Self:
+        _refuse_weak_token("internal_token", self.internal_token)
+        return self
+
+
+class AddressSettings(CommonSettings):
+    """Where a tenant's server may be dialled: the registry's check and the senders agree."""
 
     allow_private_hosts: bool = False
     allowed_smtp_ports: Annotated[tuple[int, ...], NoDecode] = DEFAULT_SMTP_PORTS
+
+    @field_validator("allowed_smtp_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
+
+
+class UpstreamSettings(CommonSettings):
+    registry_url: str = "http://127.0.0.1:8000"
+    scheduler_url: str = "http://127.0.0.1:8000"
+
+
+class RegistrySettings(DatabaseSettings, InternalTokenSettings, AddressSettings):
+    admin_token: SecretStr = SecretStr("")
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
     verify_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     verify_rate_per_minute: int = Field(default=10, ge=1)
     verify_burst: int = Field(default=5, ge=1)
 
-    # How long a publish waits for an absent broker before the caller keeps the message itself.
-    broker_wait_seconds: float = Field(default=30.0, gt=0, le=600)
-    # How long a sender waits, with backoff, for the registry or the scheduler before it gives
-    # a job back to the queue: someone else's outage must not burn the job's delivery limit.
-    dependency_wait_seconds: float = Field(default=300.0, ge=0)
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
-    registry_url: str = "http://127.0.0.1:8000"
-    scheduler_url: str = "http://127.0.0.1:8000"
+    @model_validator(mode="after")
+    def _refuse_unsafe_secrets(self) -> Self:
+        _refuse_weak_token("admin_token", self.admin_token)
+        if not self.encryption_keys:
+            raise SettingsError(
+                "ABL_ENCRYPTION_KEYS must hold at least one key: "
+                "python -m services.cli generate-key prints one"
+            )
+        for key in self.encryption_keys:
+            decode_key(key.get_secret_value())
+        return self
 
-    # Scheduler
+    @property
+    def keys(self) -> list[bytes]:
+        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
+
+
+class SchedulerSettings(DatabaseSettings, BrokerSettings, InternalTokenSettings):
     pacing: bool = True
     tick_seconds: float = Field(default=1.0, gt=0, le=60)
     publish_lease_seconds: float = Field(default=60.0, gt=0)
@@ -96,59 +182,59 @@ class Settings(BaseSettings):
     # that status is seen (or the case where the sender could not tell the registry).
     auth_park_seconds: float = Field(default=300.0, ge=0)
 
-    # Sender
+
+class SenderSettings(BrokerSettings, InternalTokenSettings, AddressSettings, UpstreamSettings):
     sender_prefetch: int = Field(default=64, ge=1, le=10_000)
     sender_connections_per_server: int = Field(default=2, ge=1, le=20)
-    sender_drain_seconds: float = Field(default=30.0, ge=0)
     sender_command_timeout_seconds: float = Field(default=60.0, gt=0)
     sender_data_timeout_seconds: float = Field(default=600.0, gt=0)
     sender_idle_seconds: float = Field(default=60.0, gt=0)
     credentials_ttl_seconds: float = Field(default=60.0, ge=0)
 
-    @field_validator("encryption_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
-    @field_validator("allowed_smtp_ports", mode="before")
-    @classmethod
-    def _split_ports(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(int(part) for part in value.split(",") if part.strip())
-        return value
+class GatewaySettings(UpstreamSettings):
+    """The gateway of `make stack` routes requests; it holds no secret."""
 
-    @model_validator(mode="after")
-    def _refuse_unsafe_secrets(self) -> Settings:
-        for name in ("admin_token", "internal_token"):
-            secret: SecretStr = getattr(self, name)
-            value = secret.get_secret_value()
-            if value.lower() in PLACEHOLDER_SECRETS or len(value) < MIN_TOKEN_LENGTH:
-                raise SettingsError(
-                    f"ABL_{name.upper()} must be set to a random value of at least "
-                    f"{MIN_TOKEN_LENGTH} characters (make run writes one for development)"
-                )
-        if not self.encryption_keys:
-            raise SettingsError(
-                "ABL_ENCRYPTION_KEYS must hold at least one key: "
-                "python -m services.cli generate-key prints one"
-            )
-        for key in self.encryption_keys:
-            decode_key(key.get_secret_value())
-        return self
 
-    @property
-    def send_jobs_queue(self) -> str:
-        return f"{self.queue_prefix}.send-jobs"
+class Settings(RegistrySettings, SchedulerSettings, SenderSettings, GatewaySettings):
+    """Every service's settings together: the one-process shape (`make run`)."""
 
-    @property
-    def results_queue(self) -> str:
-        return f"{self.queue_prefix}.results"
 
-    @property
-    def keys(self) -> list[bytes]:
-        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
+SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
+    "all": Settings,
+    "registry": RegistrySettings,
+    "scheduler": SchedulerSettings,
+    "sender": SenderSettings,
+    "gateway": GatewaySettings,
+}
+# Settings that are secrets (a database or broker URL may hold a password).
+SECRET_SETTINGS = ("database_url", "amqp_url", "admin_token", "internal_token", "encryption_keys")
+
+
+def unused_secrets(settings_class: type[CommonSettings], environ: Mapping[str, str]) -> list[str]:
+    """The `ABL_` secret variables set in `environ` that `settings_class` does not read."""
+    present = {name.upper() for name in environ}
+    return [
+        f"ABL_{name.upper()}"
+        for name in SECRET_SETTINGS
+        if name not in settings_class.model_fields and f"ABL_{name.upper()}" in present
+    ]
+
+
+def warn_unused_secrets(
+    service: str, settings_class: type[CommonSettings], environ: Mapping[str, str]
+) -> list[str]:
+    """Say at start-up which secrets this service was given but does not use: each is one
+    more thing a compromised process would leak."""
+    unused = unused_secrets(settings_class, environ)
+    for variable in unused:
+        logging.getLogger("abl.settings").warning(
+            "%s is set, but the %s service does not use it: remove it from this service's "
+            "environment (least privilege)",
+            variable,
+            service,
+        )
+    return unused
 
 
 @lru_cache(maxsize=1)

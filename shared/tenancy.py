@@ -12,7 +12,7 @@ import hmac
 import secrets
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,11 +22,12 @@ from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.errors import Unauthorized
-from shared.settings import Settings
+from shared.settings import CommonSettings, InternalTokenSettings, RegistrySettings
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import refuse_control_chars
 
 API_KEY_PREFIX = "abl_"
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
 
 bearer = HTTPBearer(auto_error=False, description="A tenant API key, or a service token.")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -38,7 +39,7 @@ class TenantBase(SQLModel):
     @field_validator("name")
     @classmethod
     def _clean_name(cls, value: str) -> str:
-        return refuse_control_chars(value.strip())
+        return refuse_control_chars(value).strip()
 
 
 class TenantCreate(TenantBase):
@@ -79,12 +80,19 @@ def tokens_equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def get_settings_dep(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
+def _settings_of(request: Request, kind: type[SettingsT]) -> SettingsT:
+    settings = request.app.state.settings
+    # A service's app holds its own settings class (or the combined one, which is all of them).
+    assert isinstance(settings, kind), f"{type(settings).__name__} has no {kind.__name__}"
     return settings
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+def get_registry_settings(request: Request) -> RegistrySettings:
+    return _settings_of(request, RegistrySettings)
+
+
+def get_internal_settings(request: Request) -> InternalTokenSettings:
+    return _settings_of(request, InternalTokenSettings)
 
 
 async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
@@ -102,13 +110,18 @@ async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
     return tenant
 
 
-def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
+def require_admin(
+    settings: Annotated[RegistrySettings, Depends(get_registry_settings)], credentials: BearerDep
+) -> None:
     expected = settings.admin_token.get_secret_value()
     if credentials is None or not tokens_equal(credentials.credentials, expected):
         raise Unauthorized("The admin token is required.", hint="Use ABL_ADMIN_TOKEN.")
 
 
-def require_internal(settings: SettingsDep, credentials: BearerDep) -> None:
+def require_internal(
+    settings: Annotated[InternalTokenSettings, Depends(get_internal_settings)],
+    credentials: BearerDep,
+) -> None:
     expected = settings.internal_token.get_secret_value()
     if credentials is None or not tokens_equal(credentials.credentials, expected):
         raise Unauthorized("The internal token is required.", hint="Use ABL_INTERNAL_TOKEN.")

@@ -135,6 +135,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
 
 
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite database alone, for tests whose subject does not depend on the
+    database kind (input rules, address rules)."""
+    url = f"sqlite:///{tmp_path / 'abl.db'}"
+    upgrade_database(url)
+    return url
+
+
 def make_settings(database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "test",

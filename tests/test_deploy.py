@@ -19,7 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from shared.settings import Settings
+from shared.settings import (
+    SECRET_SETTINGS,
+    SERVICE_SETTINGS,
+    CommonSettings,
+    DatabaseSettings,
+    Settings,
+)
 from tests.conftest import IN_CI, running
 from tests.support.smtp import SmtpTestServer
 from tests.test_scheduler_api import add_servers, emails
@@ -192,7 +198,63 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned() -> None:
 
 
 def test_environment_has_no_stray_secrets() -> None:
-    secret = next(d for _, d in RESOURCES if d["kind"] == "Secret")
-    for value in secret["stringData"].values():
-        assert "CHANGE-ME" in value or value == "changeme", "a real secret in the repo?"
+    secrets = [d for _, d in RESOURCES if d["kind"] == "Secret"]
+    assert len(secrets) == 5
+    for secret in secrets:
+        for value in secret["stringData"].values():
+            assert "CHANGE-ME" in value or value == "changeme", "a real secret in the repo?"
     assert os.path.exists(K8S / "crd-check" / "package-lock.json")
+
+
+def secret_keys_reachable(container: dict[str, Any]) -> set[str]:
+    """Every secret key a container can read: env entries from a Secret, and every key of each
+    Secret it takes whole with envFrom."""
+    secrets = {d["metadata"]["name"]: d for _, d in RESOURCES if d["kind"] == "Secret"}
+    keys = set()
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            keys.add(ref["key"])
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            keys |= set(secrets[source["secretRef"]["name"]]["stringData"])
+    for volume_mount in container.get("volumeMounts", []):
+        raise AssertionError(f"unexpected volume {volume_mount}: secrets come by environment")
+    return keys
+
+
+def workloads() -> list[tuple[str, dict[str, Any]]]:
+    """(service, container) of every Deployment and Job, the service read from its args."""
+    found = []
+    for _, doc in RESOURCES:
+        if doc["kind"] not in ("Deployment", "Job"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            args = container["args"]
+            service = args[args.index("--service") + 1] if "--service" in args else args[0]
+            found.append((service, container))
+    return found
+
+
+def test_the_sender_pod_references_no_key_no_admin_token_no_database() -> None:
+    [sender] = [c for service, c in workloads() if service == "sender"]
+    reachable = secret_keys_reachable(sender)
+    assert reachable == {"ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"}
+    assert not {"ABL_ENCRYPTION_KEYS", "ABL_ADMIN_TOKEN", "ABL_DATABASE_URL"} & reachable
+
+
+def test_no_workload_can_read_a_secret_its_service_does_not_use() -> None:
+    reads: dict[str, type[CommonSettings]] = {
+        "migrate": DatabaseSettings,
+        **{name: kind for name, kind in SERVICE_SETTINGS.items() if name != "all"},
+    }
+    seen = set()
+    for service, container in workloads():
+        declared = {f"ABL_{name.upper()}" for name in reads[service].model_fields}
+        reachable = secret_keys_reachable(container)
+        assert reachable <= declared, (service, reachable - declared)
+        # And nothing it needs is missing (the gateway is not deployed: the Ingress routes).
+        needed = {f"ABL_{n.upper()}" for n in SECRET_SETTINGS if n in reads[service].model_fields}
+        assert needed <= reachable, (service, needed - reachable)
+        seen.add(service)
+    assert seen == {"registry", "scheduler", "sender", "migrate"}

@@ -27,6 +27,36 @@ def test_committed_spec_matches_the_app(name: str) -> None:
     )
 
 
+PUBLIC_SPECS = ("api", "registry", "scheduler")
+
+
+@pytest.mark.parametrize("name", PUBLIC_SPECS)
+def test_public_specs_list_only_public_routes(name: str) -> None:
+    paths = json.loads((SPEC_DIR / f"{name}.json").read_text())["paths"]
+    assert paths
+    assert [path for path in paths if path.startswith("/internal")] == []
+
+
+def test_internal_routes_have_their_own_spec() -> None:
+    paths = json.loads((SPEC_DIR / "internal.json").read_text())["paths"]
+    assert paths
+    assert all(path.startswith("/internal/v1/") for path in paths)
+    assert "/internal/v1/servers/{server_id}/credentials" in paths
+
+
+def test_the_one_process_app_serves_internal_routes_without_advertising_them(
+    registry_client: TestClient,
+) -> None:
+    served = registry_client.get(
+        "/internal/v1/servers/01900000-0000-7000-8000-000000000000/credentials"
+    )
+    # Served, and behind the internal token: 401, not 404.
+    assert served.status_code == 401
+    assert served.json()["code"] == "unauthorized"
+    advertised = registry_client.get("/openapi.json").json()["paths"]
+    assert not [path for path in advertised if path.startswith("/internal")]
+
+
 def _registry_app(tmp: Path) -> TestClient:
     url = f"sqlite:///{tmp / 'fuzz.db'}"
     upgrade_database(url)
@@ -84,3 +114,36 @@ def test_api_has_no_5xx_and_keeps_its_schema(
         case.validate_response(response)
 
     exercise()
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/v1/messages", "GET, POST"),
+        ("/v1/sending-profile", "GET, PUT"),
+        ("/v1/servers/01900000-0000-7000-8000-000000000000", "DELETE, GET, PATCH"),
+    ],
+)
+def test_405_allows_every_method_of_the_path(
+    registry_client: TestClient, path: str, allowed: str
+) -> None:
+    # Each method is a route of its own; Starlette's 405 named only the first one's methods.
+    response = registry_client.request("OPTIONS", path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert response.json()["code"] == "method_not_allowed"
+
+
+def test_a_body_that_is_not_utf8_is_a_documented_400(
+    registry_client: TestClient, auth_headers: dict[str, str]
+) -> None:
+    response = registry_client.post(
+        "/v1/servers",
+        content=b"\xff\xfe{",
+        headers=auth_headers | {"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "malformed_body"
+    documented = json.loads((SPEC_DIR / "api.json").read_text())["paths"]["/v1/servers"]["post"]
+    assert "application/problem+json" in documented["responses"]["400"]["content"]

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from services.scheduler.main import create_app as create_scheduler
+from shared.broker import RabbitBus
 from shared.messages import Outcome, SendJob
 from shared.settings import Settings
 from tests.conftest import AMQP_URL, make_settings, require_service, running, truncate_postgres
@@ -33,6 +34,12 @@ def stack_settings(migrated_postgres: str) -> Settings:
 
 @pytest.fixture
 async def amqp(stack_settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    # The queues as the services declare them (a sender may not have started yet).
+    bus = RabbitBus(AMQP_URL)
+    await bus.connect()
+    for queue in (stack_settings.send_jobs_queue, stack_settings.results_queue):
+        await bus.declare(queue)
+    await bus.close()
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     yield channel

@@ -16,7 +16,7 @@ from shared.crypto import DecryptionError, Keyring, associated_data, generate_ke
 from shared.db import create_engine, session_factory
 from shared.settings import Settings, SettingsError, decode_key
 from tests.conftest import Api, make_settings, running
-from tests.support.smtp import SmtpTestServer
+from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 TENANT_ROUTES = [
     ("GET", "/v1/servers/{id}", None),
@@ -84,6 +84,82 @@ async def test_every_tenant_route_needs_a_valid_key(api: Api) -> None:
             response = await api.client.request(method, url, json=body, headers=headers)
             assert response.status_code == 401, (method, url, response.text)
             assert response.json()["code"] == "unauthorized"
+
+
+ENDPOINT_CHANGES = [
+    pytest.param("starttls", lambda new: {"port": new.port}, id="port"),
+    pytest.param("starttls", lambda new: {"host": "127.0.0.1", "port": new.port}, id="host"),
+    pytest.param("tls", lambda new: {"port": new.port, "security": "tls"}, id="security"),
+    pytest.param(
+        "starttls", lambda new: {"port": new.port, "username": "eve@example.com"}, id="username"
+    ),
+]
+
+
+@pytest.mark.parametrize(("security", "change"), ENDPOINT_CHANGES)
+async def test_stored_password_never_goes_to_a_new_endpoint(
+    api: Api,
+    starttls_server: SmtpTestServer,
+    certs: Certificates,
+    security: str,
+    change: Any,
+) -> None:
+    """A server that takes any login, on a port of the caller's choosing, sees no password
+    unless the request itself carries one, and then only that one."""
+    tenant = await api.new_tenant()
+    login = "carol@example.com"
+    stored = starttls_server.recorder.accounts[login]
+    server = await add_server(api, tenant, starttls_server, login)
+    url = f"/v1/servers/{server['id']}"
+    with smtp_server(certs, {}, security=security, accept_any=True) as harvester:
+        # aiosmtpd's controller connects once itself to see that the server is up.
+        connections_before = harvester.recorder.connections
+        body = change(harvester)
+        refused = await api.client.patch(url, json=body, headers=tenant)
+        assert refused.status_code == 422, refused.text
+        problem = refused.json()
+        assert problem["code"] == "password_required"
+        assert problem["hint"]
+        assert [e["field"] for e in problem["errors"]] == ["body.password"]
+        # Nothing was dialled, and the server is unchanged.
+        assert harvester.recorder.connections == connections_before
+        assert harvester.recorder.auth_attempts == []
+        assert (await api.client.get(url, headers=tenant)).json() == server
+
+        # With the password in the request, the check runs with that password only.
+        accepted = await api.client.patch(
+            url, json=body | {"password": "typed-again"}, headers=tenant
+        )
+        assert accepted.status_code == 200, accepted.text
+        assert [password for _, password in harvester.recorder.auth_attempts] == ["typed-again"]
+    assert stored not in {password for _, password in harvester.recorder.auth_attempts}
+
+
+async def test_a_new_username_alone_needs_the_password(
+    api: Api, starttls_server: SmtpTestServer
+) -> None:
+    tenant = await api.new_tenant()
+    server = await add_server(api, tenant, starttls_server)
+    attempts_before = len(starttls_server.recorder.auth_attempts)
+    response = await api.client.patch(
+        f"/v1/servers/{server['id']}", json={"username": "bob@example.com"}, headers=tenant
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "password_required"
+    assert len(starttls_server.recorder.auth_attempts) == attempts_before
+
+
+async def test_unchanged_endpoint_fields_need_no_password(
+    api: Api, starttls_server: SmtpTestServer
+) -> None:
+    tenant = await api.new_tenant()
+    server = await add_server(api, tenant, starttls_server)
+    same = {key: server[key] for key in ("host", "port", "security", "username")}
+    response = await api.client.patch(
+        f"/v1/servers/{server['id']}", json=same | {"label": "renamed"}, headers=tenant
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] == "renamed"
 
 
 async def test_tenant_creation_needs_the_admin_token(api: Api) -> None:

@@ -247,11 +247,13 @@ async def test_list_is_cursor_paginated(api: Api, starttls_server: SmtpTestServe
         if cursor is None:
             break
     assert seen == created
-    assert_problem(
+    # A cursor not of the documented shape is a validation error naming the parameter.
+    garbage = assert_problem(
         await api.client.get("/v1/servers", params={"cursor": "garbage!"}, headers=tenant),
         422,
-        "invalid_cursor",
+        "validation_failed",
     )
+    assert [e["field"] for e in garbage["errors"]] == ["query.cursor"]
 
 
 async def test_patch_rechecks_changed_credentials_before_saving(

@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,29 +51,40 @@ class Stack:
         return service
 
 
-@pytest.fixture
-def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterator[Stack]:
-    require_service("RabbitMQ", "127.0.0.1", 5672)
-    asyncio.run(truncate_postgres(migrated_postgres))
+@contextmanager
+def running_stack(
+    database_url: str, amqp_url: str, certs: Certificates, logs: Path, **env: str
+) -> Iterator[Stack]:
+    """A registry and a scheduler as processes on their own queues (a sender per test);
+    every process stopped and the queues removed afterwards."""
+    asyncio.run(truncate_postgres(database_url))
     settings = make_settings(
-        migrated_postgres, amqp_url=AMQP_URL, queue_prefix=f"abl-stack-{uuid.uuid4().hex[:8]}"
+        database_url, amqp_url=amqp_url, queue_prefix=f"abl-stack-{uuid.uuid4().hex[:8]}"
     )
-    env = service_env(
-        settings,
-        SSL_CERT_FILE=certs.ca_file,
-        ABL_TICK_SECONDS="0.2",
-        ABL_PUBLISH_LEASE_SECONDS="2",
-    )
-    registry = start("registry", "registry", env, tmp_path)
-    scheduler = start("scheduler", "scheduler", env, tmp_path)
-    env |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
-    running = Stack(settings, env, registry, scheduler, [], tmp_path)
+    defaults = {
+        "SSL_CERT_FILE": certs.ca_file,
+        "ABL_TICK_SECONDS": "0.2",
+        "ABL_PUBLISH_LEASE_SECONDS": "2",
+    }
+    environment = service_env(settings, **(defaults | env))
+    registry = start("registry", "registry", environment, logs)
+    scheduler = start("scheduler", "scheduler", environment, logs)
+    environment |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
+    running = Stack(settings, environment, registry, scheduler, [], logs)
     try:
         yield running
     finally:
         for service in [*running.senders, running.scheduler, registry]:
             service.stop()
-        asyncio.run(delete_queues(AMQP_URL, settings))
+        with suppress(OSError):  # a broker a fault test left stopped keeps its queues
+            asyncio.run(delete_queues(amqp_url, settings))
+
+
+@pytest.fixture
+def stack(migrated_postgres: str, certs: Certificates, tmp_path: Path) -> Iterator[Stack]:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    with running_stack(migrated_postgres, AMQP_URL, certs, tmp_path) as value:
+        yield value
 
 
 async def warm_up(url: str, server_ids: list[str]) -> None:
@@ -224,3 +236,57 @@ def test_scheduler_killed_between_commit_and_publish_loses_nothing(
             assert sum(smtp.recorder.accepted.values()) == 9
     finally:
         proxy.close()
+
+
+def test_services_started_before_the_broker_and_the_database_wait_for_them(
+    stack: Stack, certs: Certificates
+) -> None:
+    """A scheduler and a sender that start while RabbitMQ and PostgreSQL do not answer stay
+    alive, say what they wait for, report not ready, and serve once both are back."""
+    broker = CuttableProxy(("127.0.0.1", 5672))
+    database = CuttableProxy(("127.0.0.1", 5432))
+    broker.cut()
+    database.cut()
+    try:
+        stack.scheduler.stop()
+        url = stack.settings.database_url.replace(":5432/", f":{database.port}/")
+        away = stack.env | {
+            "ABL_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{broker.port}/",
+            "ABL_DATABASE_URL": url,
+        }
+        scheduler = start(
+            "scheduler-early",
+            "scheduler",
+            away,
+            stack.logs,
+            args=("--no-migrate",),
+            wait_ready=False,
+        )
+        sender = start("sender-early", "sender", away, stack.logs, wait_ready=False)
+        time.sleep(3)
+        for service in (scheduler, sender):
+            assert service.process.poll() is None, service.log.read_text()[-2000:]
+            assert httpx.get(f"{service.url}/readyz", timeout=5).status_code == 503
+        assert "waiting for RabbitMQ" in sender.log.read_text()
+        assert "waiting for RabbitMQ" in scheduler.log.read_text()
+
+        broker.restore()
+        database.restore()
+        wait_until(
+            lambda: all(
+                httpx.get(f"{s.url}/readyz", timeout=5).status_code == 200
+                for s in (scheduler, sender)
+            ),
+            seconds=60,
+        )
+        stack.scheduler = scheduler
+        stack.senders.append(sender)
+        with smtp_server(certs, LOGINS) as smtp:
+            client, tenant = tenant_with_servers(stack, smtp)
+            client = httpx.Client(base_url=scheduler.url, timeout=30)
+            queue(client, tenant, 3)
+            wait_until(lambda: statuses(client, tenant) == {"sent": 3}, seconds=60)
+            assert sum(smtp.recorder.accepted.values()) == 3
+    finally:
+        broker.close()
+        database.close()

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from services.gateway.domain import route
 from shared.app import Resource, build_app
 from shared.errors import NotFound, ServiceUnavailable
-from shared.settings import Settings, get_settings
+from shared.settings import GatewaySettings
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi" / "api.json"
 HOP_BY_HOP = frozenset(
@@ -23,7 +23,7 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def upstreams(settings: Settings) -> Resource:
+def upstreams(settings: GatewaySettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         async with (
@@ -36,8 +36,8 @@ def upstreams(settings: Settings) -> Resource:
     return resource
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    resolved = settings or get_settings()
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    resolved = settings or GatewaySettings()
     app = build_app(
         title="ABillionLeads gateway",
         service="gateway",

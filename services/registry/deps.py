@@ -12,7 +12,7 @@ from services.registry.domain import TokenBucket
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring
 from shared.errors import RateLimited
-from shared.settings import Settings
+from shared.settings import RegistrySettings
 
 
 class CheckLimiter:
@@ -21,7 +21,7 @@ class CheckLimiter:
     Held in memory per replica: with N registry replicas a tenant gets at most N times the rate.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: RegistrySettings) -> None:
         self.rate = settings.verify_rate_per_minute / 60.0
         self.burst = float(settings.verify_burst)
         self.buckets: dict[uuid.UUID, TokenBucket] = {}

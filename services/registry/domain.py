@@ -168,10 +168,11 @@ def connect_failed() -> CheckOutcome:
     )
 
 
-def dns_failed(host: str) -> CheckOutcome:
+def dns_failed() -> CheckOutcome:
+    # The host is not repeated: no error echoes the caller's input.
     return CheckOutcome(
         CheckCode.dns_failed,
-        f"The host name {host!r} does not resolve.",
+        "The host name does not resolve.",
         "Check the spelling of the host name.",
     )
 

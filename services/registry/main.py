@@ -12,10 +12,10 @@ from services.registry.deps import CheckLimiter
 from services.registry.verifier import Verifier
 from shared.app import Resource, build_app, database
 from shared.crypto import Keyring
-from shared.settings import Settings, get_settings
+from shared.settings import RegistrySettings
 
 
-def registry_resources(settings: Settings) -> Resource:
+def registry_resources(settings: RegistrySettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         app.state.keyring = Keyring.from_keys(settings.keys)
@@ -30,8 +30,8 @@ def install(app: FastAPI) -> None:
     app.include_router(router)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    resolved = settings or get_settings()
+def create_app(settings: RegistrySettings | None = None) -> FastAPI:
+    resolved = settings or RegistrySettings()
     app = build_app(
         title="ABillionLeads registry",
         service="registry",

@@ -5,32 +5,66 @@ A Public model never holds the password; the table holds it only encrypted.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid
 from datetime import datetime
 from typing import Literal, Self
 
-from pydantic import EmailStr, SecretStr, field_validator, model_validator
+import idna
+from pydantic import SecretStr, field_validator, model_validator
 from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.registry.domain import PRESETS, Security, ServerStatus
 from shared.timeutil import UtcDateTime, new_id, utcnow
-from shared.validation import refuse_control_chars
+from shared.validation import Address, refuse_control_chars
 
 MAX_DAILY_CAP = 500
 # Changing any of these re-runs the connection check before the change is saved.
 CONNECTION_FIELDS = frozenset({"host", "port", "security", "username", "password"})
+# Where (and as whom) the password is sent. Changing any of these needs the password in the
+# same request: the stored one is only ever sent to the endpoint it was verified against, or a
+# tenant (or a leaked API key) could point a server at a host of its choosing and read it.
+ENDPOINT_FIELDS = frozenset({"host", "port", "security", "username"})
 HOST_MAX = 253
 
 
 def _clean_text(value: str | None) -> str | None:
-    return None if value is None else refuse_control_chars(value.strip())
+    # Checked before the strip: a separator at either end is refused, not silently dropped.
+    return None if value is None else refuse_control_chars(value).strip()
 
 
 def _clean_lower(value: str | None) -> str | None:
     cleaned = _clean_text(value)
     return None if cleaned is None else cleaned.lower()
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def _clean_host(value: str | None) -> str | None:
+    """A host name (an internationalised one in its IDNA `xn--` form) or an IP address.
+
+    Anything else is refused here rather than handed to DNS."""
+    cleaned = _clean_lower(value)
+    if cleaned is None:
+        return None
+    try:
+        ipaddress.ip_address(cleaned)
+        return cleaned
+    except ValueError:
+        pass
+    if not cleaned.isascii():
+        try:
+            cleaned = idna.encode(cleaned, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ValueError("is not a valid internationalised host name") from exc
+    labels = cleaned.removesuffix(".").split(".")
+    if len(cleaned) > HOST_MAX or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError("must be a host name such as smtp.example.com, or an IP address")
+    return cleaned
 
 
 def _clean_secret(value: SecretStr | None) -> SecretStr | None:
@@ -41,7 +75,9 @@ def _clean_secret(value: SecretStr | None) -> SecretStr | None:
 
 class SmtpServerBase(SQLModel):
     label: str = Field(default="", max_length=100)
-    from_email: EmailStr = Field(max_length=320)
+    # A plain string here: checked on the way in (Create, Update) and stored in ASCII form,
+    # which EmailStr would turn back into Unicode on the way out.
+    from_email: str = Field(max_length=320)
     from_name: str = Field(default="", max_length=100)
     daily_cap: int = Field(default=MAX_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
 
@@ -50,6 +86,8 @@ class SmtpServerBase(SQLModel):
 
 class SmtpServerCreate(SmtpServerBase):
     model_config = SQLModelConfig(hide_input_in_errors=True)
+
+    from_email: Address = Field(max_length=320)
 
     preset: str | None = Field(
         default=None,
@@ -62,7 +100,8 @@ class SmtpServerCreate(SmtpServerBase):
     username: str = Field(min_length=1, max_length=320)
     password: SecretStr = Field(min_length=1, max_length=1024)
 
-    _clean_host = field_validator("host", "username")(_clean_lower)
+    _clean_host = field_validator("host")(_clean_host)
+    _clean_username = field_validator("username")(_clean_lower)
     _clean_password = field_validator("password")(_clean_secret)
 
     @field_validator("preset")
@@ -70,7 +109,7 @@ class SmtpServerCreate(SmtpServerBase):
     def _known_preset(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        key = value.strip().lower()
+        key = refuse_control_chars(value).strip().lower()
         if key not in PRESETS:
             raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
         return key
@@ -92,7 +131,7 @@ class SmtpServerUpdate(SQLModel):
     model_config = SQLModelConfig(hide_input_in_errors=True)
 
     label: str | None = Field(default=None, max_length=100)
-    from_email: EmailStr | None = Field(default=None, max_length=320)
+    from_email: Address | None = Field(default=None, max_length=320)
     from_name: str | None = Field(default=None, max_length=100)
     daily_cap: int | None = Field(default=None, ge=1, le=MAX_DAILY_CAP)
     host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
@@ -102,7 +141,8 @@ class SmtpServerUpdate(SQLModel):
     password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
-    _clean_host = field_validator("host", "username")(_clean_lower)
+    _clean_host = field_validator("host")(_clean_host)
+    _clean_username = field_validator("username")(_clean_lower)
     _clean_password = field_validator("password")(_clean_secret)
 
 

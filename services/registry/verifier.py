@@ -18,7 +18,7 @@ import aiosmtplib
 from services.registry import domain
 from services.registry.domain import CheckCode, CheckOutcome, Security
 from shared import addresses as addresses_module
-from shared.settings import Settings
+from shared.settings import RegistrySettings
 from shared.smtp_tls import smtp_client
 
 logger = logging.getLogger("abl.registry.verifier")
@@ -37,7 +37,7 @@ class Target:
 
 
 class Verifier:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: RegistrySettings) -> None:
         self.timeout = settings.verify_timeout_seconds
         self.allow_private = settings.allow_private_hosts
         self.allowed_ports = settings.allowed_smtp_ports
@@ -62,7 +62,7 @@ class Verifier:
         except addresses_module.ForbiddenAddress:
             return domain.blocked_host()
         except (socket.gaierror, UnicodeError):
-            return domain.dns_failed(target.host)
+            return domain.dns_failed()
 
         outcome = domain.connect_failed()
         for address in allowed:

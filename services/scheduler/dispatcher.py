@@ -35,7 +35,7 @@ from shared.metrics import (
     SCHEDULER_TICK_DURATION,
 )
 from shared.registry_read import tenant_servers
-from shared.settings import Settings
+from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.scheduler.dispatcher")
@@ -64,7 +64,7 @@ def _interleave(granted: dict[uuid.UUID, int]) -> list[uuid.UUID]:
     return order
 
 
-def schedule_from(settings: Settings) -> WarmupSchedule:
+def schedule_from(settings: SchedulerSettings) -> WarmupSchedule:
     return WarmupSchedule(
         first=settings.warmup_first,
         factor=settings.warmup_factor,
@@ -74,7 +74,7 @@ def schedule_from(settings: Settings) -> WarmupSchedule:
     )
 
 
-def retry_policy_from(settings: Settings) -> RetryPolicy:
+def retry_policy_from(settings: SchedulerSettings) -> RetryPolicy:
     return RetryPolicy(
         max_attempts=settings.max_attempts,
         base_seconds=settings.retry_base_seconds,
@@ -158,7 +158,7 @@ class TickReport:
 class Dispatcher:
     def __init__(
         self,
-        settings: Settings,
+        settings: SchedulerSettings,
         sessions: async_sessionmaker[AsyncSession],
         bus: Bus,
         rng: random.Random | None = None,

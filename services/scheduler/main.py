@@ -20,13 +20,13 @@ from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
 from shared.app import Resource, add_readiness_check, build_app, database
 from shared.bus_resource import rabbit_bus
-from shared.settings import Settings, get_settings
+from shared.settings import SchedulerSettings
 
 RESULT_PREFETCH = 64
 
 
 def scheduler_resources(
-    settings: Settings, *, run_loop: bool = True, recover_in_memory: bool = False
+    settings: SchedulerSettings, *, run_loop: bool = True, recover_in_memory: bool = False
 ) -> Resource:
     """Needs `app.state.sessions` and `app.state.bus` from resources opened before it.
 
@@ -108,8 +108,8 @@ def install(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    resolved = settings or get_settings()
+def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
+    resolved = settings or SchedulerSettings()
     app = build_app(
         title="ABillionLeads scheduler",
         service="scheduler",

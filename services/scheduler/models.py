@@ -9,12 +9,13 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import EmailStr, field_validator, model_validator
+from pydantic import field_validator, model_validator
 from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
+from sqlmodel._compat import SQLModelConfig
 
 from shared.timeutil import UtcDateTime, new_id, utcnow
-from shared.validation import refuse_control_chars
+from shared.validation import Address, refuse_control_chars, refuse_unencodable
 
 MAX_BATCH = 1000
 MAX_TEXT_BYTES = 512 * 1024
@@ -62,15 +63,29 @@ def _clean_line(value: str | None) -> str | None:
 
 
 class EmailBase(SQLModel):
-    to: EmailStr = Field(max_length=320)
+    # Plain strings here: the addresses were checked on the way in (EmailCreate) and are
+    # stored in ASCII form, which EmailStr would turn back into Unicode on the way out.
+    to: str = Field(max_length=320)
     subject: str = Field(max_length=998)
     text: str | None = Field(default=None)
     html: str | None = Field(default=None)
-    reply_to: EmailStr | None = Field(default=None, max_length=320)
+    reply_to: str | None = Field(default=None, max_length=320)
     campaign: str | None = Field(default=None, max_length=100)
 
 
 class EmailCreate(EmailBase):
+    # The spec says what `_has_body` checks: a non-empty `text` or `html`.
+    model_config = SQLModelConfig(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+                {"required": ["html"], "properties": {"html": {"type": "string", "minLength": 1}}},
+            ]
+        }
+    )
+    # Addresses in the form the sender puts on the wire: ASCII local part, IDNA domain.
+    to: Address = Field(max_length=320)
+    reply_to: Address | None = Field(default=None, max_length=320)
     headers: dict[str, str] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
@@ -79,30 +94,37 @@ class EmailCreate(EmailBase):
     @field_validator("text")
     @classmethod
     def _text_size(cls, value: str | None) -> str | None:
-        if value is not None and len(value.encode()) > MAX_TEXT_BYTES:
+        if value is not None and len(refuse_unencodable(value).encode()) > MAX_TEXT_BYTES:
             raise ValueError(f"must be at most {MAX_TEXT_BYTES} bytes")
         return value
 
     @field_validator("html")
     @classmethod
     def _html_size(cls, value: str | None) -> str | None:
-        if value is not None and len(value.encode()) > MAX_HTML_BYTES:
+        if value is not None and len(refuse_unencodable(value).encode()) > MAX_HTML_BYTES:
             raise ValueError(f"must be at most {MAX_HTML_BYTES} bytes")
         return value
 
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # Errors say which header by its position, never by its name: no error repeats input.
         if len(value) > MAX_HEADERS:
             raise ValueError(f"at most {MAX_HEADERS} headers")
-        for name, header_value in value.items():
+        for position, (name, header_value) in enumerate(value.items(), start=1):
             if not HEADER_NAME.match(name):
-                raise ValueError(f"header name {name[:40]!r} is not a valid field name")
+                raise ValueError(
+                    f"header {position}: the name must be 1 to 76 printable ASCII characters "
+                    "without ':'"
+                )
             if name.lower() in RESERVED_HEADERS:
-                raise ValueError(f"header {name!r} is set by the platform")
+                raise ValueError(f"header {position}: this header is set by the platform")
             if len(header_value) > 998:
-                raise ValueError(f"header {name!r} is longer than 998 characters")
-            refuse_control_chars(header_value.replace("\t", " "))
+                raise ValueError(f"header {position}: the value is longer than 998 characters")
+            try:
+                refuse_control_chars(header_value, allow_tab=True)
+            except ValueError as exc:
+                raise ValueError(f"header {position}: the value {exc}") from None
         return value
 
     @model_validator(mode="after")
@@ -220,6 +242,7 @@ class SendingProfileBase(SQLModel):
     @field_validator("time_zone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
+        refuse_control_chars(value)
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -33,11 +32,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.scheduler import repository
 from services.scheduler.repository import SendResultKey
 from services.scheduler.results import ResultApplier
+from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery, dead_letter_queue, queue_kind
 from shared.errors import TransientMessageError
 from shared.messages import Outcome, SendJob, SendResult
 from shared.metrics import DEAD_LETTERS_SETTLED, EMAILS_SWEPT
-from shared.settings import Settings
+from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.scheduler.settlement")
@@ -45,7 +45,6 @@ logger = logging.getLogger("abl.scheduler.settlement")
 DEAD_LETTER_PREFETCH = 32
 SWEEP_EVERY_SECONDS = 60.0
 SWEEP_BATCH = 500
-BACKOFF_MAX_SECONDS = 15.0
 
 
 def settlement(key: SendResultKey, attempt: int, reason: str, now: datetime) -> SendResult:
@@ -64,33 +63,23 @@ def settlement(key: SendResultKey, attempt: int, reason: str, now: datetime) -> 
     )
 
 
-async def patiently(
-    call: Callable[[], Awaitable[None]], *, limit_seconds: float, what: str
-) -> None:
-    """`call()`, tried again with backoff while the database is away, for a bounded time."""
-    deadline = time.monotonic() + limit_seconds
-    delay = 0.5
-    while True:
-        try:
-            await call()
-            return
-        except (DBAPIError, OSError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise TransientMessageError(f"{what}: database unavailable") from exc
-            logger.warning(
-                "%s: database unavailable (%s); waiting %.1f s", what, type(exc).__name__, delay
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
-
-
 def patient_handler(
-    handler: Callable[[Delivery], Awaitable[None]], settings: Settings, what: str
+    handler: Callable[[Delivery], Awaitable[None]], settings: SchedulerSettings, what: str
 ) -> Callable[[Delivery], Awaitable[None]]:
+    """`handler`, waiting for the database with backoff instead of returning the message to
+    its queue at once; past the bound the message goes back."""
+
     async def handle(delivery: Delivery) -> None:
-        await patiently(
-            lambda: handler(delivery), limit_seconds=settings.dependency_wait_seconds, what=what
-        )
+        try:
+            await patiently(
+                lambda: handler(delivery),
+                retry_on=(DBAPIError, OSError),
+                limit_seconds=settings.dependency_wait_seconds,
+                what=f"database ({what})",
+                logger=logger,
+            )
+        except GaveUp as exc:
+            raise TransientMessageError(str(exc)) from exc
 
     return handle
 
@@ -98,7 +87,7 @@ def patient_handler(
 class Settler:
     def __init__(
         self,
-        settings: Settings,
+        settings: SchedulerSettings,
         sessions: async_sessionmaker[AsyncSession],
         bus: Bus,
         applier: ResultApplier,

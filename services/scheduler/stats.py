@@ -25,7 +25,7 @@ from shared.metrics import (
     SERVERS_BY_STEP,
 )
 from shared.registry_read import server_status_counts
-from shared.settings import Settings
+from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.scheduler.stats")
@@ -33,7 +33,7 @@ STEPS = range(1, 15)
 
 
 async def refresh(
-    sessions: async_sessionmaker[AsyncSession], bus: Bus, settings: Settings, now: datetime
+    sessions: async_sessionmaker[AsyncSession], bus: Bus, settings: SchedulerSettings, now: datetime
 ) -> None:
     async with sessions() as session:
         rows = (
@@ -74,7 +74,7 @@ async def refresh(
 async def run(
     sessions: async_sessionmaker[AsyncSession],
     bus: Bus,
-    settings: Settings,
+    settings: SchedulerSettings,
     stop: asyncio.Event,
     interval: float = 15.0,
 ) -> None:

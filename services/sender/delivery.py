@@ -21,7 +21,7 @@ from services.sender.domain import Stage, Verdict
 from services.sender.message import build_wire
 from shared import addresses
 from shared.messages import Outcome, SendJob, SmtpCredentials
-from shared.settings import Settings
+from shared.settings import SenderSettings
 from shared.smtp_tls import smtp_client
 
 
@@ -60,7 +60,7 @@ def fingerprint(credentials: SmtpCredentials) -> str:
 
 
 class Deliverer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SenderSettings) -> None:
         self.settings = settings
         self.pools: dict[uuid.UUID, ServerConnections] = {}
 

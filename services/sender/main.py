@@ -23,7 +23,7 @@ from services.sender.worker import Worker
 from shared.app import Resource, add_readiness_check, build_app
 from shared.bus_resource import rabbit_bus
 from shared.messages import SmtpCredentials
-from shared.settings import Settings, get_settings
+from shared.settings import SenderSettings
 
 HTTP_TIMEOUT_SECONDS = 10.0
 
@@ -40,7 +40,7 @@ class Ports:
 PortsFactory = Callable[[FastAPI, AsyncExitStack], Awaitable[Ports]]
 
 
-def http_ports(settings: Settings) -> PortsFactory:
+def http_ports(settings: SenderSettings) -> PortsFactory:
     """The stack: the registry's and the scheduler's internal HTTP routes."""
 
     async def make(_: FastAPI, stack: AsyncExitStack) -> Ports:
@@ -57,7 +57,7 @@ def http_ports(settings: Settings) -> PortsFactory:
     return make
 
 
-def sender_resources(settings: Settings, ports: PortsFactory | None = None) -> Resource:
+def sender_resources(settings: SenderSettings, ports: PortsFactory | None = None) -> Resource:
     """Needs `app.state.bus`. `ports` defaults to HTTP; the one-process shape passes calls."""
 
     @asynccontextmanager
@@ -92,8 +92,8 @@ def sender_resources(settings: Settings, ports: PortsFactory | None = None) -> R
     return resource
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    resolved = settings or get_settings()
+def create_app(settings: SenderSettings | None = None) -> FastAPI:
+    resolved = settings or SenderSettings()
     return build_app(
         title="ABillionLeads sender",
         service="sender",

@@ -22,6 +22,7 @@ from typing import TypeVar
 from services.sender.clients import BatchedJobStates, CredentialsSource, DependencyUnavailable
 from services.sender.delivery import Attempt, Deliverer
 from services.sender.domain import ServerProblem, Verdict
+from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery
 from shared.errors import TransientMessageError
 from shared.messages import Outcome, SendJob, SendResult, parse
@@ -33,20 +34,18 @@ from shared.metrics import (
     SENDER_OUTCOMES,
     SMTP_REPLIES,
 )
-from shared.settings import Settings
+from shared.settings import SenderSettings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.sender")
 
 T = TypeVar("T")
-BACKOFF_FIRST_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 15.0
 
 
 class Worker:
     def __init__(
         self,
-        settings: Settings,
+        settings: SenderSettings,
         bus: Bus,
         registry: CredentialsSource,
         job_states: BatchedJobStates,
@@ -89,21 +88,20 @@ class Worker:
         call: Callable[[], Awaitable[T]],
         retry_on: tuple[type[Exception], ...] = (DependencyUnavailable,),
     ) -> T:
-        """`call()`, tried again with backoff while `what` is unavailable, for a bounded time."""
-        deadline = time.monotonic() + self.settings.dependency_wait_seconds
-        delay = BACKOFF_FIRST_SECONDS
-        while True:
-            try:
-                return await call()
-            except retry_on as exc:
-                if self.stopping.is_set() or time.monotonic() + delay > deadline:
-                    raise TransientMessageError(f"{what} unavailable: {exc}") from exc
-                DEPENDENCY_WAITS.labels(what).inc()
-                logger.warning(
-                    "%s unavailable (%s); waiting %.1f s", what, type(exc).__name__, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+        """`call()`, tried again while `what` is unavailable; past the bound (or when this
+        worker stops) the job goes back to the queue."""
+        try:
+            return await patiently(
+                call,
+                retry_on=retry_on,
+                limit_seconds=self.settings.dependency_wait_seconds,
+                what=what,
+                logger=logger,
+                stopping=self.stopping.is_set,
+                on_wait=DEPENDENCY_WAITS.labels(what).inc,
+            )
+        except GaveUp as exc:
+            raise TransientMessageError(str(exc)) from exc
 
     async def _handle(self, job: SendJob, *, maybe_seen: bool) -> None:
         if maybe_seen:

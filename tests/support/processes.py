@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.settings import Settings
+from shared.settings import SERVICE_SETTINGS, Settings, unused_secrets
 from tests.support.smtp import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,24 +66,39 @@ class Service:
 
 
 def start(
-    name: str, service: str, env: Mapping[str, str], log_dir: Path, *, ready_timeout: float = 30
+    name: str,
+    service: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    ready_timeout: float = 120,
+    port: int | None = None,
+    args: tuple[str, ...] = (),
+    wait_ready: bool = True,
 ) -> Service:
-    port = free_port()
+    """Start a service and wait until /readyz answers 200 (a loaded machine may take a while),
+    or with `wait_ready=False` until /healthz does; `port` restarts a service where its clients
+    expect it."""
+    port = port or free_port()
     log = log_dir / f"{name}.log"
+    # Each service gets only the secrets its settings read, as its Kubernetes Secret holds:
+    # every process test is also a test that the service starts with no more than that.
+    unused = set(unused_secrets(SERVICE_SETTINGS[service], env))
     process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-        [sys.executable, "-m", "services.cli", "serve", "--service", service],
+        [sys.executable, "-m", "services.cli", "serve", "--service", service, *args],
         cwd=ROOT,
-        env={**env, "ABL_PORT": str(port)},
-        stdout=log.open("wb"),
+        env={**{k: v for k, v in env.items() if k not in unused}, "ABL_PORT": str(port)},
+        stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
     running = Service(name, port, process, log)
+    probe = "readyz" if wait_ready else "healthz"
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"{running.url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{running.url}/{probe}", timeout=1).status_code == 200:
                 return running
         except httpx.HTTPError:
             pass
@@ -100,7 +115,7 @@ async def delete_queues(amqp_url: str, settings: Settings) -> None:
     async with connection:
         channel = await connection.channel()
         for queue in (settings.send_jobs_queue, settings.results_queue):
-            for name in (queue, f"{queue}.dead"):
+            for name in (queue, f"{queue}.dead", f"{queue}.dead.parked"):
                 await channel.queue_delete(name)
 
 

@@ -57,6 +57,10 @@ class CuttableProxy:
                 sock.close()
             self.sockets.clear()
 
+    def restore(self) -> None:
+        """Accept and forward connections again."""
+        self.open = True
+
     def close(self) -> None:
         self.cut()
         self.listener.close()

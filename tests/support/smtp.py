@@ -47,6 +47,11 @@ class Recorder:
 
     accounts: dict[str, str]
     data_delay: float = 0.0
+    # A hostile server: takes any login, as one set up to harvest passwords would.
+    accept_any: bool = False
+    # Every AUTH attempt, with the password it carried, successful or not.
+    auth_attempts: list[tuple[str, str]] = field(default_factory=list)
+    connections: int = 0
     logins: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     messages: list[Envelope] = field(default_factory=list)
@@ -63,7 +68,9 @@ class Recorder:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         login, password = auth_data.login.decode(), auth_data.password.decode()
-        ok = self.accounts.get(login) == password
+        with self.lock:
+            self.auth_attempts.append((login, password))
+        ok = self.accept_any or self.accounts.get(login) == password
         if ok:
             with self.lock:
                 self.logins[login] += 1
@@ -128,6 +135,13 @@ HANG_SECONDS = 30.0
 class ScriptedSMTP(SMTPProtocol):
     """Drops the line when DATA is asked for a `dropbefore` recipient: before the final '.'."""
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        recorder = self.event_handler
+        if isinstance(recorder, Recorder):
+            with recorder.lock:
+                recorder.connections += 1
+        super().connection_made(transport)
+
     async def smtp_DATA(self, arg: str) -> None:
         assert self.envelope is not None
         if any(rcpt.startswith("dropbefore") for rcpt in self.envelope.rcpt_tos):
@@ -158,8 +172,9 @@ def smtp_server(
     *,
     security: str = "starttls",
     data_delay: float = 0.0,
+    accept_any: bool = False,
 ) -> Iterator[SmtpTestServer]:
-    recorder = Recorder(accounts=dict(accounts), data_delay=data_delay)
+    recorder = Recorder(accounts=dict(accounts), data_delay=data_delay, accept_any=accept_any)
     port = free_port()
     context = certs.server_context()
     kwargs: dict[str, Any] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Collection
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
@@ -13,6 +14,7 @@ from services.registry.deps import KeyringDep, LimiterDep, VerifierDep
 from services.registry.domain import CheckOutcome, Security, ServerStatus
 from services.registry.models import (
     CONNECTION_FIELDS,
+    ENDPOINT_FIELDS,
     SmtpServer,
     SmtpServerCreate,
     SmtpServerPage,
@@ -21,17 +23,17 @@ from services.registry.models import (
 )
 from services.registry.verifier import Target, Verifier
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, FieldError, Problem, Unprocessable
+from shared.errors import PROBLEM_RESPONSES, FieldError, Unprocessable, problem_doc
 from shared.metrics import SERVER_VERIFICATION_DURATION, SERVER_VERIFICATIONS
-from shared.pagination import decode_cursor, encode_cursor
+from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 CHECK_RESPONSES = {
     **PROBLEM_RESPONSES,
-    409: {"model": Problem, "description": "Same host and username already added"},
-    422: {"model": Problem, "description": "Invalid input, or the connection check failed"},
-    429: {"model": Problem, "description": "Too many connection checks"},
+    409: problem_doc("Same host and username already added"),
+    422: problem_doc("Invalid input, or the connection check failed"),
+    429: problem_doc("Too many connection checks"),
 }
 
 router = APIRouter(prefix="/v1/servers", tags=["servers"], responses=PROBLEM_RESPONSES)
@@ -55,6 +57,25 @@ def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
     server.last_check_code = outcome.code.value if outcome.code else None
     server.last_check_reply = (outcome.reply or outcome.detail)[:512]
     server.last_checked_at = utcnow()
+
+
+def password_required(changed: Collection[str]) -> Unprocessable:
+    names = ", ".join(sorted(changed))
+    return Unprocessable(
+        f"Changing {names} needs the password in the same request.",
+        code="password_required",
+        hint=(
+            "Send `password` with the change: the stored password is only ever sent to the "
+            "server it was verified against."
+        ),
+        errors=[
+            FieldError(
+                field="body.password",
+                message=f"required when {names} changes",
+                type="missing",
+            )
+        ],
+    )
 
 
 def missing_fields(body: SmtpServerCreate) -> Unprocessable:
@@ -126,7 +147,7 @@ async def list_servers(
     tenant: TenantDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
 ) -> SmtpServerPage:
     after = decode_cursor(cursor) if cursor else None
     rows, next_after = await repository.list_servers(session, tenant.id, after=after, limit=limit)
@@ -146,7 +167,10 @@ async def get_server(
 @router.patch(
     "/{server_id}",
     responses=CHECK_RESPONSES,
-    summary="Change a server; a changed host, port, security or credential is checked first",
+    summary=(
+        "Change a server; a changed host, port, security or credential is checked first, "
+        "and a changed host, port, security or username needs the password again"
+    ),
 )
 async def update_server(
     server_id: uuid.UUID,
@@ -164,6 +188,10 @@ async def update_server(
         for name in CONNECTION_FIELDS & changes.keys()
         if name == "password" or changes[name] != getattr(server, name)
     }
+    endpoint_changed = ENDPOINT_FIELDS & connection_changed
+    if endpoint_changed and body.password is None:
+        # Refused before any connection: the stored password never leaves for a new endpoint.
+        raise password_required(endpoint_changed)
     host = body.host or server.host
     username = body.username or server.username
     if {"host", "username"} & connection_changed and await repository.login_taken(
@@ -171,18 +199,16 @@ async def update_server(
     ):
         raise repository.duplicate_login()
     if connection_changed:
+        # Only the password of this request is ever dialled here (the rule above): the stored
+        # one is not even decrypted.
+        assert body.password is not None
         limiter.take(tenant.id)
-        password = (
-            body.password.get_secret_value()
-            if body.password is not None
-            else repository.open_password(keyring, server)
-        )
         target = Target(
             host,
             body.port or server.port,
             body.security or Security(server.security),
             username,
-            password,
+            body.password.get_secret_value(),
         )
         outcome = await run_check(verifier, target)
         if not outcome.ok:

@@ -20,9 +20,9 @@ from services.scheduler.models import (
     MessageBatch,
 )
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, Conflict, Problem
+from shared.errors import PROBLEM_RESPONSES, Conflict, problem_doc
 from shared.metrics import EMAILS_ACCEPTED
-from shared.pagination import decode_cursor, encode_cursor
+from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.registry_read import tenant_servers
 from shared.tenancy import TenantDep
 from shared.timeutil import new_id, utcnow
@@ -58,7 +58,9 @@ def parse_payload(payload: Any) -> list[EmailCreate]:
     except ValidationError as exc:
         errors = [
             {
-                **{k: v for k, v in error.items() if k not in ("input", "ctx", "url")},
+                # `input` stays for the problem renderer, which never echoes it but checks
+                # that no message quotes it.
+                **{k: v for k, v in error.items() if k not in ("ctx", "url")},
                 "loc": ("body", *error["loc"]),
             }
             for error in exc.errors()
@@ -151,7 +153,7 @@ async def list_messages(
     campaign: Annotated[str | None, Query(max_length=100)] = None,
     server_id: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
 ) -> EmailPage:
     rows, next_after = await repository.list_emails(
         session,
@@ -175,7 +177,7 @@ async def get_message(email_id: uuid.UUID, tenant: TenantDep, session: SessionDe
 
 @router.post(
     "/{email_id}/cancel",
-    responses={409: {"model": Problem, "description": "Already sent or finished"}},
+    responses={409: problem_doc("Already sent or finished")},
     summary="Cancel an email that has not been sent yet",
 )
 async def cancel_message(

@@ -14,15 +14,15 @@ from services.scheduler.models import CapacityPublic, WarmupDay, WarmupPublic
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES
 from shared.registry_read import server_not_found, tenant_server, tenant_servers
-from shared.settings import Settings
+from shared.settings import SchedulerSettings
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 router = APIRouter(tags=["warmup"], responses=PROBLEM_RESPONSES)
 
 
-def app_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
+def app_settings(request: Request) -> SchedulerSettings:
+    settings: SchedulerSettings = request.app.state.settings
     return settings
 
 
