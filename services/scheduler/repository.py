@@ -326,8 +326,9 @@ async def _reserve_daily(
 
 async def _reserve_daily_bulk(
     session: AsyncSession, day: date, wanted: dict[uuid.UUID, int]
-) -> set[uuid.UUID]:
-    """PostgreSQL: the same guard for many servers in one statement; returns who got it all."""
+) -> dict[uuid.UUID, int]:
+    """PostgreSQL: the same guard for many servers in one statement; returns who got it all,
+    with the day's allowance of each."""
     table = table_of(ServerDay)
     wants = RowSet(session, {"server_id": Uuid(), "wanted": Integer()}, sorted(wanted.items()))
     statement = (
@@ -338,9 +339,11 @@ async def _reserve_daily_bulk(
             table.c.reserved + wants.c["wanted"] <= table.c.allowance,
         )
         .values(reserved=table.c.reserved + wants.c["wanted"])
-        .returning(table.c.server_id)
+        .returning(table.c.server_id, table.c.allowance)
     )
-    return set((await wants.execute(session, statement)).scalars().all())
+    return {
+        server_id: allowance for server_id, allowance in await wants.execute(session, statement)
+    }
 
 
 async def reserve_many(
@@ -353,29 +356,30 @@ async def reserve_many(
     """
     wanted = {server_id: n for server_id, n in wanted.items() if n > 0}
     granted: dict[uuid.UUID, int] = {}
+    allowances: dict[uuid.UUID, int] = {}
     if wanted and is_postgres(session):
-        for server_id in await _reserve_daily_bulk(session, day, wanted):
-            granted[server_id] = wanted[server_id]
+        allowances = await _reserve_daily_bulk(session, day, wanted)
+        granted = {server_id: wanted[server_id] for server_id in allowances}
     for server_id, n in sorted(wanted.items()):
         if server_id not in granted:
             granted[server_id] = await _reserve_daily(session, server_id, day, n)
     granted = {server_id: n for server_id, n in granted.items() if n > 0}
     if not granted:
         return {}
-    rows = {
-        row.server_id: row
-        for row in (
-            await session.exec(
-                select(ServerDay)
-                .where(col(ServerDay.server_id).in_(granted), ServerDay.day == day)
-                .execution_options(populate_existing=True)
+    missing = [server_id for server_id in granted if server_id not in allowances]
+    if missing:
+        d = _day_table
+        connection = await session.connection()
+        rows = await connection.execute(
+            sa_select(d.c.server_id, d.c.allowance).where(
+                d.c.server_id.in_(missing), d.c.day == day
             )
-        ).all()
-    }
+        )
+        allowances.update({server_id: allowance for server_id, allowance in rows})
     rolling = await rolling_usage(session, list(granted), now)
     table = table_of(ServerDay)
     for server_id, n in list(granted.items()):
-        excess = max(0, rolling.get(server_id, 0) + n - rows[server_id].allowance)
+        excess = max(0, rolling.get(server_id, 0) + n - allowances[server_id])
         if excess:
             await session.exec(
                 update(table)
