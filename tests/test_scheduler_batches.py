@@ -14,13 +14,14 @@ import pytest
 from sqlalchemy import Integer, column, table, text, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.scheduler import dispatcher as dispatcher_module
 from services.scheduler import repository
 from services.scheduler.models import Email
 from shared.db import RowSet, create_engine, session_factory, table_of
 from shared.messages import SendJob
 from shared.settings import Settings
 from shared.timeutil import new_id
-from tests.conftest import Api, running
+from tests.conftest import Api, make_settings, running, truncate_postgres
 from tests.support.smtp import SmtpTestServer
 from tests.test_scheduler_api import add_servers, dispatcher, published_jobs, warm_up
 
@@ -180,3 +181,26 @@ async def test_an_idempotency_key_stored_meanwhile_refuses_the_whole_batch(app: 
         assert await repository.add_emails(session, [other, racing]) is False
     async with app.app.state.sessions() as session:
         assert await session.get(Email, other["id"]) is None  # nothing of that batch stored
+
+
+@pytest.mark.postgres
+async def test_tables_filled_by_a_tick_get_fresh_planner_statistics(
+    migrated_postgres: str, starttls_server: SmtpTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await truncate_postgres(migrated_postgres)
+    monkeypatch.setattr(dispatcher_module, "ANALYZE_AFTER_ROWS", 1)
+    async with running(make_settings(migrated_postgres), combined=True) as api:
+        tenant = await api.new_tenant()
+        await add_servers(api, tenant, starttls_server)  # three fresh servers: no rows yet
+        message = {"to": "lead@example.org", "subject": "s", "text": "t"}
+        await api.client.post("/v1/messages", json=message, headers=tenant)
+        await dispatcher(api).tick()
+        async with api.app.state.sessions() as session:
+            estimates = await session.exec(
+                text(
+                    "SELECT relname, reltuples FROM pg_class "
+                    "WHERE relname IN ('server_warmup', 'server_days')"
+                )
+            )
+            # What ANALYZE wrote: the planner no longer takes them for empty tables.
+            assert dict(estimates.all()) == {"server_warmup": 3, "server_days": 3}

@@ -47,6 +47,8 @@ PUBLISH_WINDOW = 256
 # Tenants dispatched at once, each in its own transaction on its own connection: a tenant's
 # dozen round trips leave the database idle between them, and another tenant's fill the gaps.
 DISPATCH_CONCURRENCY = 4
+# New warmup and day rows after which their tables' planner statistics are refreshed.
+ANALYZE_AFTER_ROWS = 5000
 # Bounds one tenant's transaction; what is left over goes in the next tick.
 MAX_CLAIM_PER_TENANT = 20_000
 
@@ -170,6 +172,9 @@ class Dispatcher:
         self.rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
+        # Rows created in warmup and day tables since their statistics were last refreshed.
+        self.created_rows: Counter[str] = Counter()
+        self.analyzed_rows: Counter[str] = Counter()
 
     async def tick(self, now: datetime | None = None) -> TickReport:
         started = time.perf_counter()
@@ -187,6 +192,7 @@ class Dispatcher:
                 *(self._dispatch_tenant(tenant_id, moment, report) for tenant_id in group)
             ):
                 pending += jobs
+            await self._refresh_statistics()
             if len(pending) >= PUBLISH_BATCH:
                 await self._publish(pending, report)
                 pending = []
@@ -194,6 +200,20 @@ class Dispatcher:
         report.total_seconds = time.perf_counter() - started
         SCHEDULER_TICK_DURATION.observe(report.total_seconds)
         return report
+
+    async def _refresh_statistics(self) -> None:
+        # Each time a table has at least doubled (and by ANALYZE_AFTER_ROWS): a few ANALYZEs
+        # while 100,000 servers' rows are created, none once they exist.
+        grown = [
+            table
+            for table, n in self.created_rows.items()
+            if n >= max(ANALYZE_AFTER_ROWS, self.analyzed_rows[table])
+        ]
+        if grown:
+            async with self.sessions() as session, session.begin():
+                await repository.refresh_statistics(session, grown)
+            for table in grown:
+                self.analyzed_rows[table] += self.created_rows.pop(table)
 
     async def _dispatch_tenant(
         self, tenant_id: uuid.UUID, now: datetime, report: TickReport
@@ -207,11 +227,15 @@ class Dispatcher:
             # Only servers that may send get warmup and allowance rows; `domain.eligible` then
             # decides among them (own tenant, active, not parked).
             servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
-            warmups = await repository.warmup_states(session, servers, today, self.schedule)
+            warmups = await repository.warmup_states(
+                session, servers, today, self.schedule, created=self.created_rows
+            )
             allowances = {
                 s.id: self.schedule.allowance(warmups[s.id].step, s.daily_cap) for s in servers
             }
-            days = await repository.server_days(session, servers, today, allowances)
+            days = await repository.server_days(
+                session, servers, today, allowances, created=self.created_rows
+            )
             rolling = await repository.rolling_usage(session, [s.id for s in servers], now)
             candidates = [
                 domain.Candidate(
