@@ -169,6 +169,7 @@ class AddressSettings(CommonSettings):
 class UpstreamSettings(CommonSettings):
     registry_url: str = "http://127.0.0.1:8000"
     scheduler_url: str = "http://127.0.0.1:8000"
+    webhooks_url: str = "http://127.0.0.1:8000"
 
 
 class OAuthSettings(CommonSettings):
