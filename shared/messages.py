@@ -35,6 +35,11 @@ class EmailContent(BaseModel):
     reply_to: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     message_id: str = Field(description="Stays the same on every retry of the email.")
+    date: datetime | None = Field(
+        default=None,
+        description="The Date header: when the email was accepted, the same on every attempt "
+        "(RFC 5322 3.6.1: when it was ready to enter the mail system).",
+    )
 
 
 class SendJob(MessageBody):

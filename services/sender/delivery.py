@@ -18,7 +18,7 @@ import aiosmtplib
 
 from services.sender import domain
 from services.sender.domain import Stage, Verdict
-from services.sender.message import build_message, wire_bytes
+from services.sender.message import build_wire
 from shared import addresses
 from shared.messages import Outcome, SendJob, SmtpCredentials
 from shared.settings import SenderSettings
@@ -133,13 +133,12 @@ class Deliverer:
         pool = self._pool(job.server_id, credentials.host)
         key = fingerprint(credentials)
         try:
-            payload = wire_bytes(
-                build_message(
-                    job.content,
-                    from_email=credentials.from_email,
-                    from_name=credentials.from_name,
-                    now=now,
-                )
+            # Built once per attempt, and the same bytes on every attempt of the email.
+            payload = build_wire(
+                job.content,
+                from_email=credentials.from_email,
+                from_name=credentials.from_name,
+                now=now,
             )
         except Exception as exc:
             # Intake refuses what cannot be encoded; should something still slip through, the
