@@ -237,3 +237,39 @@ async def tenant_id(api: Api, tenant: dict[str, str]) -> uuid.UUID:
 def delivery_of(tenant: uuid.UUID, kind: str) -> Delivery:
     event = Event(type=EventType(kind), tenant_id=tenant, data={"server_id": str(uuid.uuid4())})
     return Delivery(event.encode(), event.id, 1)
+
+
+async def test_30_emails_give_30_email_sent_events_each_once_through_a_failing_receiver(
+    database_url: str, certs: Certificates, hook: Receiver
+) -> None:
+    # The receiver answers 500 for its first 40 requests, then 200: every event still arrives,
+    # each once by webhook-id (a retried event keeps its id).
+    calls = {"n": 0}
+
+    def flaky() -> int:
+        calls["n"] += 1
+        return 500 if calls["n"] <= 40 else 200
+
+    hook.answer = flaky
+    accounts = {"a1@example.com": "a1-pw", "a2@example.com": "a2-pw", "a3@example.com": "a3-pw"}
+    with smtp_server(certs, accounts) as smtp:
+        async with product(database_url) as api:
+            tenant = await api.new_tenant()
+            await register(api, tenant, hook, event_types=["email.sent", "email.failed"])
+            server_ids = await add_servers_of(api, tenant, smtp, accounts)
+            await warm_up(api, server_ids)
+            accepted = await api.client.post(
+                "/v1/messages", json=emails(30, campaign="nov"), headers=tenant
+            )
+            assert accepted.status_code == 202, accepted.text
+            ids = set(accepted.json()["ids"])
+            await wait_for(lambda: len(hook.of_type("email.sent")) >= 30, seconds=60)
+            await asyncio.sleep(0.5)  # time for a duplicate, were there one
+            sent = hook.of_type("email.sent")
+            assert len(sent) == 30
+            assert len({s.id for s in sent}) == 30
+            assert {s.data["email_id"] for s in sent} == ids
+            assert {s.data["campaign"] for s in sent} == {"nov"}
+            assert {s.data["server_id"] for s in sent} <= set(server_ids)
+            assert hook.answered[500] == 40
+            assert hook.bad_signatures == 0
