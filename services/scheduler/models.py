@@ -14,6 +14,7 @@ from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
+from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import Address, refuse_control_chars, refuse_unencodable
 
@@ -301,3 +302,10 @@ class CapacityPublic(SQLModel):
     steady_state_servers: int
     headroom: float
     active_servers: int
+
+
+class SchedulerOutbox(OutboxRecord, table=True):
+    """Events of the scheduler (an email's final status, a server parked or back, a warmup
+    step), written in the transaction that makes the change, published after commit."""
+
+    __tablename__ = "scheduler_outbox"

@@ -567,6 +567,7 @@ RESULT_COLUMNS = (
     _email_table.c.reserved_hour,
     _email_table.c.not_before,
     _email_table.c.sent_at,
+    _email_table.c.campaign,
 )
 
 
