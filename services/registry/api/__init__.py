@@ -3,8 +3,10 @@
 from fastapi import APIRouter
 
 from services.registry.api import internal, servers, tenants
+from shared.errors import KnownQueryOnly
 
-router = APIRouter()
+# Every route refuses query parameters its spec does not list.
+router = APIRouter(dependencies=[KnownQueryOnly])
 router.include_router(tenants.router)
 router.include_router(servers.router)
 # Served (token-protected) but not advertised: the public spec lists public routes only, and
