@@ -74,7 +74,10 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 ## bench: every benchmark; each prints its figures beside a baseline from the same run
+## (small sizes, about 5 minutes; `python -m bench.scheduler_tick --full` for 100k servers / 1M)
 bench: install
+	$(BIN)/python -m bench.encoding
 	$(BIN)/python -m bench.registry_check
-	$(BIN)/python -m bench.scheduler_tick --servers 10000 --emails 100000 --tenants 1000
+	$(BIN)/python -m bench.scheduler_tick
 	$(BIN)/python -m bench.sender
+	$(BIN)/python -m bench.e2e

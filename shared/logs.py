@@ -8,8 +8,11 @@ import re
 from urllib.parse import parse_qsl, quote, urlencode
 
 # A query parameter whose name holds one of these words has its value replaced in the access
-# log: api_key, token, access_token, password, client_secret, ...
-SECRET_PARAMETER = re.compile(r"api[-_]?key|token|passw|secret|auth|credential", re.IGNORECASE)
+# log: api_key, token, access_token, password, client_secret, ..., and the OAuth callback's
+# authorization `code` and `state`.
+SECRET_PARAMETER = re.compile(
+    r"api[-_]?key|token|passw|secret|auth|credential|\bcode\b|\bstate\b", re.IGNORECASE
+)
 REDACTED = "[redacted]"
 
 
@@ -23,13 +26,22 @@ def redact_path(path: str) -> str:
     return f"{base}?{urlencode(redacted, safe='[]', quote_via=quote)}"
 
 
+# Service-to-service and probe traffic: one line per email or per probe would drown the log
+# (and cost CPU per email); such requests are logged at DEBUG, failures by their callers.
+QUIET_PREFIXES = ("/internal/", "/healthz", "/readyz", "/metrics")
+
+
 class RedactQueryFilter(logging.Filter):
     """uvicorn's access log record is `%s - "%s %s HTTP/%s" %d` with the path third."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
-            record.args = (*args[:2], redact_path(args[2]), *args[3:])
+            path = args[2]
+            quiet = not logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            if quiet and path.startswith(QUIET_PREFIXES):
+                return False
+            record.args = (*args[:2], redact_path(path), *args[3:])
         return True
 
 

@@ -156,6 +156,10 @@ EMAILS_SWEPT = Counter(
     "abl_emails_swept_total",
     "Emails found `scheduled` with no result long after their publish, and settled.",
 )
+RESULTS_REPORTED_DIRECTLY = Counter(
+    "abl_sender_results_reported_directly_total",
+    "Results a sender gave the scheduler over HTTP because the broker was away.",
+)
 DEPENDENCY_WAITS = Counter(
     "abl_sender_dependency_waits_total",
     "Times a sender waited for a service that did not answer (registry, scheduler, broker).",

@@ -129,7 +129,64 @@ class UpstreamSettings(CommonSettings):
     scheduler_url: str = "http://127.0.0.1:8000"
 
 
-class RegistrySettings(DatabaseSettings, InternalTokenSettings, AddressSettings):
+class OAuthSettings(CommonSettings):
+    """The platform's OAuth clients ("Sign in with Google or Microsoft"), read by the registry.
+
+    A provider is configured when its client id and secret are set; every endpoint and SMTP
+    setting of the provider table (`services.registry.oauth.providers`) can be overridden, for
+    tests and for national clouds.
+    """
+
+    oauth_google_client_id: str = ""
+    oauth_google_client_secret: SecretStr = SecretStr("")
+    oauth_google_authorize_url: str | None = None
+    oauth_google_token_url: str | None = None
+    oauth_google_userinfo_url: str | None = None
+    oauth_google_smtp_host: str | None = None
+    oauth_google_smtp_port: int | None = Field(default=None, ge=1, le=65535)
+
+    oauth_microsoft_client_id: str = ""
+    oauth_microsoft_client_secret: SecretStr = SecretStr("")
+    # `common` lets work and personal accounts of any organisation sign in; an organisation
+    # that runs its own platform can name its Entra tenant id instead.
+    oauth_microsoft_tenant: str = Field(default="common", pattern=r"^[A-Za-z0-9.-]{1,100}$")
+    oauth_microsoft_authorize_url: str | None = None
+    oauth_microsoft_token_url: str | None = None
+    oauth_microsoft_userinfo_url: str | None = None
+    oauth_microsoft_smtp_host: str | None = None
+    oauth_microsoft_smtp_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # The public base URL of the API: the redirect URI is `{this}/v1/oauth/callback`, exactly as
+    # registered with each provider.
+    oauth_redirect_base_url: str = ""
+    # Where the callback sends the browser: `?server_id=...` or `?error=code`. Unset, the
+    # callback answers a short plain-text page instead.
+    oauth_frontend_redirect_url: str = ""
+    # How long a started connection may take to come back through the callback.
+    oauth_state_ttl_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # An access token is refreshed when it has less than this left, so that a sender never
+    # holds one that expires during its credentials cache (`ABL_CREDENTIALS_TTL_SECONDS`).
+    oauth_refresh_margin_seconds: float = Field(default=300.0, ge=0, le=1800)
+    oauth_http_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _complete_oauth_clients(self) -> Self:
+        for provider in ("google", "microsoft"):
+            client_id = getattr(self, f"oauth_{provider}_client_id")
+            secret: SecretStr = getattr(self, f"oauth_{provider}_client_secret")
+            if bool(client_id) != bool(secret.get_secret_value()):
+                name = f"ABL_OAUTH_{provider.upper()}"
+                raise SettingsError(f"{name}_CLIENT_ID and {name}_CLIENT_SECRET go together")
+            if client_id and not self.oauth_redirect_base_url:
+                raise SettingsError(
+                    "ABL_OAUTH_REDIRECT_BASE_URL must name the API's public base URL when an "
+                    "OAuth provider is configured (the redirect URI is "
+                    "{base}/v1/oauth/callback)"
+                )
+        return self
+
+
+class RegistrySettings(DatabaseSettings, InternalTokenSettings, AddressSettings, OAuthSettings):
     admin_token: SecretStr = SecretStr("")
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
@@ -208,7 +265,15 @@ SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
     "gateway": GatewaySettings,
 }
 # Settings that are secrets (a database or broker URL may hold a password).
-SECRET_SETTINGS = ("database_url", "amqp_url", "admin_token", "internal_token", "encryption_keys")
+SECRET_SETTINGS = (
+    "database_url",
+    "amqp_url",
+    "admin_token",
+    "internal_token",
+    "encryption_keys",
+    "oauth_google_client_secret",
+    "oauth_microsoft_client_secret",
+)
 
 
 def unused_secrets(settings_class: type[CommonSettings], environ: Mapping[str, str]) -> list[str]:

@@ -142,12 +142,16 @@ async def test_the_access_log_of_a_real_server_holds_no_query_secret(sqlite_url:
                     "limit": "5",
                 },
             )
+            # Probes and service-to-service calls stay out of the log at INFO.
+            await client.get("/healthz")
+            await client.post("/internal/v1/jobs/sendable", json={"jobs": []})
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
         logging.getLogger("uvicorn.access").removeHandler(capture)
     [line] = [line for line in capture.lines if "/v1/servers" in line]
     assert "LEAK" not in line
+    assert [line for line in capture.lines if "/internal/" in line or "/healthz" in line] == []
     assert "api_key=[redacted]" in line
     assert "limit=5" in line
 

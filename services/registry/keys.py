@@ -1,4 +1,5 @@
-"""Key rotation: re-encrypt every stored password under the first key of ABL_ENCRYPTION_KEYS."""
+"""Key rotation: re-encrypt every stored password and OAuth token under the first key of
+ABL_ENCRYPTION_KEYS."""
 
 from __future__ import annotations
 
@@ -25,10 +26,23 @@ async def rotate_keys(
     async with sessions() as session, session.begin():
         async for server in repository.iter_all_servers(session):
             examined += 1
-            if not keyring.needs_rotation(server.password_ciphertext):
+            changed = False
+            # An OAuth server has no password (an empty column).
+            if server.password_ciphertext and keyring.needs_rotation(server.password_ciphertext):
+                # Decrypting with the old key proves the row is intact before it is rewritten.
+                repository.seal_password(keyring, server, repository.open_password(keyring, server))
+                changed = True
+            for purpose, column in (
+                (repository.REFRESH_TOKEN, "refresh_token_ciphertext"),
+                (repository.ACCESS_TOKEN, "access_token_ciphertext"),
+            ):
+                sealed: str | None = getattr(server, column)
+                if sealed and keyring.needs_rotation(sealed):
+                    plain = repository.open_token(keyring, server, purpose, sealed)
+                    setattr(server, column, repository.seal_token(keyring, server, purpose, plain))
+                    changed = True
+            if not changed:
                 continue
-            # Decrypting with the old key proves the row is intact before it is rewritten.
-            repository.seal_password(keyring, server, repository.open_password(keyring, server))
             server.updated_at = utcnow()
             session.add(server)
             reencrypted += 1

@@ -9,6 +9,9 @@ from fastapi import FastAPI
 
 from services.registry.api import router
 from services.registry.deps import CheckLimiter
+from services.registry.oauth import providers as oauth_providers
+from services.registry.oauth.client import OAuthClient
+from services.registry.oauth.tokens import TokenKeeper
 from services.registry.verifier import Verifier
 from shared.app import Resource, build_app, database
 from shared.crypto import Keyring
@@ -18,9 +21,18 @@ from shared.settings import RegistrySettings
 def registry_resources(settings: RegistrySettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
-        app.state.keyring = Keyring.from_keys(settings.keys)
+        keyring = Keyring.from_keys(settings.keys)
+        app.state.keyring = keyring
         app.state.verifier = Verifier(settings)
         app.state.check_limiter = CheckLimiter(settings)
+        providers = oauth_providers.configured(settings)
+        client = OAuthClient(settings.oauth_http_timeout_seconds)
+        app.state.oauth_providers = providers
+        app.state.oauth_client = client
+        # Needs the database resource's session factory, which is entered first.
+        app.state.token_keeper = TokenKeeper(
+            app.state.sessions, keyring, client, providers, settings.oauth_refresh_margin_seconds
+        )
         yield
 
     return resource

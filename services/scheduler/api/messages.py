@@ -13,7 +13,6 @@ from services.scheduler import repository
 from services.scheduler.deps import DispatcherDep
 from services.scheduler.models import (
     Accepted,
-    Email,
     EmailCreate,
     EmailPage,
     EmailPublic,
@@ -26,7 +25,7 @@ from shared.metrics import EMAILS_ACCEPTED
 from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.registry_read import tenant_servers
 from shared.tenancy import TenantDep
-from shared.timeutil import utcnow
+from shared.timeutil import new_id, utcnow
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
 
@@ -97,29 +96,35 @@ async def accept_messages(
     known = await repository.emails_by_keys(session, tenant.id, keys)
     now = utcnow()
     ids: list[uuid.UUID] = []
-    fresh: list[Email] = []
+    fresh: list[dict[str, Any]] = []
     for item in items:
         if item.idempotency_key and item.idempotency_key in known:
             ids.append(known[item.idempotency_key])
             continue
-        email = Email(
-            tenant_id=tenant.id,
-            to=item.to,
-            subject=item.subject,
-            text=item.text,
-            html=item.html,
-            reply_to=item.reply_to,
-            campaign=item.campaign,
-            headers=item.headers,
-            idempotency_key=item.idempotency_key,
-            message_id="",
-            not_before=now,
-            created_at=now,
-            updated_at=now,
+        # Plain rows for one multi-row INSERT: an ORM object per email cost more CPU than the
+        # rest of the request.
+        email_id = new_id()
+        fresh.append(
+            {
+                "id": email_id,
+                "tenant_id": tenant.id,
+                "status": EmailStatus.queued,
+                "to": item.to,
+                "subject": item.subject,
+                "text": item.text,
+                "html": item.html,
+                "reply_to": item.reply_to,
+                "campaign": item.campaign,
+                "headers": item.headers,
+                "idempotency_key": item.idempotency_key,
+                "message_id": message_id_for(email_id),
+                "attempts": 0,
+                "not_before": now,
+                "created_at": now,
+                "updated_at": now,
+            }
         )
-        email.message_id = message_id_for(email.id)
-        fresh.append(email)
-        ids.append(email.id)
+        ids.append(email_id)
     if fresh and not await repository.add_emails(session, fresh):
         raise Conflict(
             "Another request with the same idempotency_key is being stored.",
