@@ -31,6 +31,7 @@ stack: install
 		$(BIN)/python -m services.cli ensure-database
 	ABL_ENV=$${ABL_ENV:-development} ABL_DATABASE_URL=$${ABL_DATABASE_URL:-$(STACK_DATABASE_URL)} \
 		ABL_REGISTRY_URL=http://127.0.0.1:8101 ABL_SCHEDULER_URL=http://127.0.0.1:8102 \
+		ABL_WEBHOOKS_URL=http://127.0.0.1:8105 \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/honcho start -f Procfile
 
 ## demo: a local SMTP server, a tenant, three servers, 30 emails: 10 leave through each

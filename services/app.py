@@ -21,6 +21,7 @@ from services.scheduler import main as scheduler
 from services.scheduler import repository as scheduler_repository
 from services.sender import main as sender
 from services.sender.clients import DependencyUnavailable, JobKey
+from services.webhooks import main as webhooks
 from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
 from shared.messages import SendResult, SmtpCredentials
@@ -83,11 +84,14 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
         resources=[
             database(resolved),
             in_process_bus(),
-            registry.registry_resources(resolved),
+            # Before the services whose events it consumes: it stops after their last publish.
+            webhooks.webhooks_resources(resolved, run_loop=run_loops),
+            registry.registry_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             *([sender.sender_resources(resolved, ports=in_process_ports)] if run_loops else []),
         ],
     )
     registry.install(app)
     scheduler.install(app)
+    webhooks.install(app)
     return app

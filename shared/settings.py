@@ -100,6 +100,53 @@ class BrokerSettings(CommonSettings):
     def results_queue(self) -> str:
         return f"{self.queue_prefix}.results"
 
+    @property
+    def cancels_topic(self) -> str:
+        """Where the scheduler tells every sender that a scheduled email was canceled."""
+        return f"{self.queue_prefix}.cancels"
+
+    @property
+    def events_queue(self) -> str:
+        """Where the registry's and the scheduler's outboxes publish, for the webhooks service."""
+        return f"{self.queue_prefix}.events"
+
+
+class OutboxSettings(DatabaseSettings, BrokerSettings):
+    # The relay publishes right after each commit that wrote events; this pass also catches
+    # rows left by a failed publish or written by another replica.
+    outbox_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Published rows are kept this long (the window `make run` publishes again at start-up,
+    # its in-process bus having lost what it held), then purged.
+    outbox_keep_seconds: float = Field(default=3600.0, ge=0)
+
+
+class EncryptionSettings(CommonSettings):
+    """The keyring (`shared/crypto.py`): the first key encrypts, every one decrypts."""
+
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_missing_keys(self) -> Self:
+        if not self.encryption_keys:
+            raise SettingsError(
+                "ABL_ENCRYPTION_KEYS must hold at least one key: "
+                "python -m services.cli generate-key prints one"
+            )
+        for key in self.encryption_keys:
+            decode_key(key.get_secret_value())
+        return self
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
+
 
 class InternalTokenSettings(CommonSettings):
     internal_token: SecretStr = SecretStr("")
@@ -127,6 +174,7 @@ class AddressSettings(CommonSettings):
 class UpstreamSettings(CommonSettings):
     registry_url: str = "http://127.0.0.1:8000"
     scheduler_url: str = "http://127.0.0.1:8000"
+    webhooks_url: str = "http://127.0.0.1:8000"
 
 
 class OAuthSettings(CommonSettings):
@@ -186,39 +234,22 @@ class OAuthSettings(CommonSettings):
         return self
 
 
-class RegistrySettings(DatabaseSettings, InternalTokenSettings, AddressSettings, OAuthSettings):
+class RegistrySettings(
+    OutboxSettings, EncryptionSettings, InternalTokenSettings, AddressSettings, OAuthSettings
+):
     admin_token: SecretStr = SecretStr("")
-    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     verify_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     verify_rate_per_minute: int = Field(default=10, ge=1)
     verify_burst: int = Field(default=5, ge=1)
 
-    @field_validator("encryption_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     @model_validator(mode="after")
     def _refuse_unsafe_secrets(self) -> Self:
         _refuse_weak_token("admin_token", self.admin_token)
-        if not self.encryption_keys:
-            raise SettingsError(
-                "ABL_ENCRYPTION_KEYS must hold at least one key: "
-                "python -m services.cli generate-key prints one"
-            )
-        for key in self.encryption_keys:
-            decode_key(key.get_secret_value())
         return self
 
-    @property
-    def keys(self) -> list[bytes]:
-        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
 
-
-class SchedulerSettings(DatabaseSettings, BrokerSettings, InternalTokenSettings):
+class SchedulerSettings(OutboxSettings, InternalTokenSettings):
     pacing: bool = True
     tick_seconds: float = Field(default=1.0, gt=0, le=60)
     publish_lease_seconds: float = Field(default=60.0, gt=0)
@@ -249,11 +280,33 @@ class SenderSettings(BrokerSettings, InternalTokenSettings, AddressSettings, Ups
     credentials_ttl_seconds: float = Field(default=60.0, ge=0)
 
 
+class WebhookSettings(DatabaseSettings, BrokerSettings, EncryptionSettings, AddressSettings):
+    """The webhooks service: tenants' endpoints, their signing secrets (encrypted with the
+    keyring), and delivery to URLs the tenants chose (the SSRF rules of server checks apply;
+    `ABL_ALLOW_PRIVATE_HOSTS` also allows plain http, for tests and local development)."""
+
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Attempts in flight at once, over all endpoints, per process.
+    webhook_concurrency: int = Field(default=32, ge=1, le=1000)
+    webhook_tick_seconds: float = Field(default=1.0, gt=0, le=60)
+    # A claimed delivery whose attempt did not finish (crash) is tried again after this.
+    webhook_lease_seconds: float = Field(default=60.0, gt=0)
+    # Retries wait base, 2 x base, 4 x base, ... up to the cap, with jitter; a delivery is
+    # abandoned once it has failed for the whole window (3 days: at least the promised 24 h).
+    webhook_retry_base_seconds: float = Field(default=5.0, ge=0)
+    webhook_retry_cap_seconds: float = Field(default=3600.0, ge=0)
+    webhook_retry_window_seconds: float = Field(default=3 * 86400.0, ge=0)
+    # An endpoint whose every attempt has failed for this long is disabled (and the tenant told).
+    webhook_disable_after_seconds: float = Field(default=3 * 86400.0, ge=0)
+
+
 class GatewaySettings(UpstreamSettings):
     """The gateway of `make stack` routes requests; it holds no secret."""
 
 
-class Settings(RegistrySettings, SchedulerSettings, SenderSettings, GatewaySettings):
+class Settings(
+    RegistrySettings, SchedulerSettings, SenderSettings, WebhookSettings, GatewaySettings
+):
     """Every service's settings together: the one-process shape (`make run`)."""
 
 
@@ -262,6 +315,7 @@ SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
     "registry": RegistrySettings,
     "scheduler": SchedulerSettings,
     "sender": SenderSettings,
+    "webhooks": WebhookSettings,
     "gateway": GatewaySettings,
 }
 # Settings that are secrets (a database or broker URL may hold a password).

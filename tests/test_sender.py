@@ -6,12 +6,16 @@ and in the email's status, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from services.scheduler.models import Email
 from shared.broker import Delivery, InProcessBus, dead_letter_queue, parked_queue
+from shared.db import table_of
 from shared.settings import Settings
 from tests.conftest import Api, make_settings, running
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
@@ -236,3 +240,62 @@ async def test_an_unparsable_job_is_dead_lettered_then_parked_for_an_operator(li
         return [e.body for e in bus.parked.get(parked, [])] == [b"{not json"]
 
     await eventually(dead)
+
+
+async def test_an_email_that_cannot_be_built_ends_failed_not_dead_lettered(
+    live: Api, smtp: SmtpTestServer
+) -> None:
+    """Intake refuses separators; an email stored before that rule (here: changed in the
+    database) must still end `failed` with the reason, with nothing sent and no dead letter."""
+    tenant = await live.new_tenant()
+    server_id = await add(live, tenant, smtp, "alice@example.com")
+    await live.client.post(f"/v1/servers/{server_id}/pause", headers=tenant)
+    (email_id,) = await send(live, tenant, "ok@example.org")
+    async with live.app.state.sessions() as session, session.begin():
+        emails = table_of(Email)
+        await session.exec(
+            update(emails)
+            .where(emails.c.id == uuid.UUID(email_id))
+            .values(to="ok@exa\u2028mple.org")
+        )
+    await live.client.post(f"/v1/servers/{server_id}/resume", headers=tenant)
+    await finished(live, tenant, [email_id], "failed")
+    final = await email(live, tenant, email_id)
+    assert "cannot be built" in final["last_smtp_reply"]
+    assert smtp.recorder.messages == []
+    bus: InProcessBus = live.app.state.bus
+    assert bus.dead_letters(live.settings.send_jobs_queue) == []
+
+
+async def test_canceling_a_scheduled_email_stops_the_sender_that_holds_its_job(
+    sender_settings: Settings, certs: Certificates
+) -> None:
+    settings = sender_settings.model_copy(update={"sender_connections_per_server": 1})
+    # One connection and a slow server: the last jobs wait at the sender while it sends.
+    with smtp_server(certs, LOGINS, security="starttls", data_delay=0.4) as slow:
+        async with running(settings, combined=True, loops=True) as live:
+            tenant = await live.new_tenant()
+            server_id = await add(live, tenant, slow, "alice@example.com")
+            ids = await send(live, tenant, *(f"ok+{i}@example.org" for i in range(5)))
+
+            async def first_accepted() -> bool:
+                return len(slow.recorder.messages) >= 1
+
+            await eventually(first_accepted)
+            assert (await email(live, tenant, ids[-1]))["status"] == "scheduled"
+            canceled = await live.client.post(f"/v1/messages/{ids[-1]}/cancel", headers=tenant)
+            assert canceled.json()["status"] == "canceled"
+            await finished(live, tenant, ids[:-1], "sent")
+            await finished(live, tenant, ids[-1:], "canceled")
+
+            async def reservation_back() -> bool:
+                url = f"/v1/servers/{server_id}/warmup"
+                reserved: int = (await live.client.get(url, headers=tenant)).json()[
+                    "reserved_today"
+                ]
+                return reserved == 4
+
+            await eventually(reservation_back)
+            assert sorted(e.rcpt_tos[0] for e in slow.recorder.messages) == [
+                f"ok+{i}@example.org" for i in range(4)
+            ]

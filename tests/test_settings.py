@@ -47,6 +47,7 @@ OAUTH_COMPANIONS = {
 READS = {
     "registry": {
         "ABL_DATABASE_URL",
+        "ABL_AMQP_URL",  # its outbox publishes server events
         "ABL_ADMIN_TOKEN",
         "ABL_INTERNAL_TOKEN",
         "ABL_ENCRYPTION_KEYS",
@@ -55,6 +56,7 @@ READS = {
     },
     "scheduler": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
     "sender": {"ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
+    "webhooks": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_ENCRYPTION_KEYS"},
     "gateway": set(),
     "all": set(ALL_SECRETS),
 }

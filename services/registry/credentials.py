@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.registry import repository
+from services.registry import events, repository
 from services.registry.domain import AuthMethod, Security, ServerStatus
 from services.registry.models import SmtpServer
 from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
+from shared.db import table_of
 from shared.messages import SmtpCredentials
 from shared.timeutil import utcnow
 
@@ -69,13 +71,28 @@ async def server_credentials(
 async def record_health(
     session: AsyncSession, server_id: uuid.UUID, status: ServerStatus, reply: str
 ) -> SmtpServer:
-    """A sender saw the server refuse its credentials; a paused server stays paused."""
+    """A sender saw the server refuse its credentials; a paused server stays paused.
+
+    The status changes in one conditional UPDATE: of several senders reporting the same server
+    at once, one changes it (and writes the one `server.status_changed` event), the others only
+    refresh the last check."""
     server = await repository.get_server_any_tenant(session, server_id)
-    server.last_check_code = status.value
-    server.last_check_reply = reply[:512]
-    server.last_checked_at = utcnow()
-    if server.status != ServerStatus.paused:
-        server.status = status
-    server.updated_at = utcnow()
-    session.add(server)
+    previous = str(server.status)
+    now = utcnow()
+    table = table_of(SmtpServer)
+    check = {"last_check_code": status.value, "last_check_reply": reply[:512]}
+    changed = await session.exec(
+        update(table)
+        .where(table.c.id == server_id, table.c.status.not_in([ServerStatus.paused, status]))
+        .values(status=status.value, last_checked_at=now, updated_at=now, **check)
+    )
+    if changed.rowcount:
+        await events.record_change(session, server, previous, status.value, status.value)
+    else:
+        await session.exec(
+            update(table)
+            .where(table.c.id == server_id)
+            .values(last_checked_at=now, updated_at=now, **check)
+        )
+    await session.refresh(server)
     return server

@@ -19,6 +19,7 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.registry.domain import PRESETS, AuthMethod, Security, ServerStatus, status_hint
+from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
     JSON_INTEGER,
@@ -367,3 +368,9 @@ class OAuthFlow(SQLModel, table=True):
     used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     result_server_id: uuid.UUID | None = None
     result_error: str | None = Field(default=None, max_length=64)
+
+
+class RegistryOutbox(OutboxRecord, table=True):
+    """Events of the registry (a server's status changed), published after commit."""
+
+    __tablename__ = "registry_outbox"

@@ -15,6 +15,7 @@ from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
+from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
     HEADER_VALUE_PATTERN,
@@ -369,3 +370,10 @@ class CapacityPublic(SQLModel):
     steady_state_servers: int
     headroom: float
     active_servers: int
+
+
+class SchedulerOutbox(OutboxRecord, table=True):
+    """Events of the scheduler (an email's final status, a server parked or back, a warmup
+    step), written in the transaction that makes the change, published after commit."""
+
+    __tablename__ = "scheduler_outbox"

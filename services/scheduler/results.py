@@ -16,6 +16,7 @@ import logging
 import random
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -23,11 +24,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import repository
+from services.scheduler import events, repository
 from services.scheduler.domain import RetryPolicy, SendingWindow
 from services.scheduler.models import EmailStatus
 from shared.broker import Delivery
 from shared.db import in_transaction
+from shared.events import EMAIL_EVENTS
 from shared.messages import Outcome, SendResult, parse
 from shared.metrics import EMAILS_FINISHED, RESULTS_APPLIED
 from shared.timeutil import utcnow
@@ -73,6 +75,8 @@ class EmailState:
     sent_at: datetime | None
     last_smtp_code: int | None = None
     last_smtp_reply: str | None = None
+    campaign: str | None = None
+    server_id: uuid.UUID | None = None
 
     def row(self) -> tuple[Any, ...]:
         """The values `repository.update_results` writes."""
@@ -86,6 +90,24 @@ class EmailState:
             self.last_smtp_reply,
             self.sent_at,
         )
+
+
+def finished(emails: Iterable[EmailState]) -> list[events.Finished]:
+    """The emails of a batch that reached a status announced by an event."""
+    return [
+        events.Finished(
+            email_id=e.id,
+            tenant_id=e.tenant_id,
+            status=e.status,
+            server_id=e.server_id,
+            campaign=e.campaign,
+            attempts=e.attempts,
+            smtp_code=e.last_smtp_code,
+            smtp_reply=e.last_smtp_reply,
+        )
+        for e in emails
+        if e.status in EMAIL_EVENTS
+    ]
 
 
 class ResultApplier:
@@ -155,6 +177,7 @@ class ResultApplier:
                     row.reserved_hour,
                     row.not_before,
                     row.sent_at,
+                    campaign=row.campaign,
                 )
                 for row in rows
             }
@@ -173,12 +196,16 @@ class ResultApplier:
                     applied.append(False)
                     continue
                 await self._apply(session, email, result, moment, changes, windows)
+                email.server_id = result.server_id
                 changed[email.id] = email
                 applied.append(True)
             await repository.update_results(
                 session, [email.row() for email in changed.values()], moment
             )
             await changes.write(session)
+            # email.sent / failed / unknown for the webhooks, in this transaction: written
+            # exactly when the status is, and published after the commit.
+            await events.write(session, events.email_events(finished(changed.values()), moment))
             return applied
 
         applied = await in_transaction(self.sessions, work)
@@ -225,7 +252,10 @@ class ResultApplier:
                 email.status = EmailStatus.queued
                 email.not_before = now + self.retry.delay(email.attempts, self.rng)
                 # server_id keeps the server that failed, so the retry prefers another one.
-        email.job_id = None if email.status == EmailStatus.queued else email.job_id
+        # The attempt is over for a queued (retried) or canceled email: a repeated result for
+        # it must not give the reservation back twice.
+        over = email.status in (EmailStatus.queued, EmailStatus.canceled)
+        email.job_id = None if over else email.job_id
         if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM):
             window = windows.get(email.tenant_id)
             if window is None:
