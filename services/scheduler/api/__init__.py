@@ -3,8 +3,10 @@
 from fastapi import APIRouter
 
 from services.scheduler.api import internal, messages, sending_profile, warmup
+from shared.errors import KnownQueryOnly
 
-router = APIRouter()
+# Every route refuses query parameters its spec does not list.
+router = APIRouter(dependencies=[KnownQueryOnly])
 router.include_router(messages.router)
 router.include_router(warmup.router)
 router.include_router(sending_profile.router)
