@@ -82,6 +82,13 @@ EMAILS_FINISHED = Counter(
     "Emails by final or intermediate outcome reported by the senders.",
     ["outcome"],
 )
+SUPPRESSED = Counter(
+    "abl_suppressed_total",
+    "Emails stopped because their recipient is on the tenant's suppression list, by where "
+    "(`intake`: refused by POST /v1/messages; `dispatch`: caught when claimed; `queued`: "
+    "stopped in the queue when the address was suppressed).",
+    ["stage"],
+)
 JOBS_PUBLISHED = Counter("abl_send_jobs_published_total", "Send jobs confirmed by the broker.")
 PUBLISH_CONFIRM_DURATION = Histogram(
     "abl_publish_confirm_duration_seconds",

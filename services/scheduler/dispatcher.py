@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, repository
+from services.scheduler import domain, repository, suppression
 from services.scheduler.domain import RetryPolicy, WarmupSchedule
 from services.scheduler.models import Email, EmailStatus
 from shared.broker import Bus
@@ -192,6 +192,8 @@ class Dispatcher:
             if capacity == 0:
                 return []
             emails = await repository.claim_due(session, tenant_id, capacity, now)
+            # Suppressed since it was queued (a bounce, an unsubscribe): never sent.
+            emails = await suppression.drop_suppressed(session, tenant_id, emails, now)
             plan = domain.plan_share(loads, len(emails), self.rng)
             wanted = {uuid.UUID(server_id): n for server_id, n in plan.items()}
             granted = await repository.reserve_many(session, today, wanted, now)

@@ -9,8 +9,9 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import idna
 from pydantic import field_validator, model_validator
-from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Date, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
@@ -51,10 +52,24 @@ class EmailStatus(StrEnum):
     failed = "failed"
     unknown = "unknown"
     canceled = "canceled"
+    # Deliverability states: `bounced` and `replied` follow `sent` (the mailbox reader saw a
+    # bounce or a reply); `suppressed` means the recipient is on the tenant's suppression list
+    # and the email was never sent.
+    bounced = "bounced"
+    replied = "replied"
+    suppressed = "suppressed"
 
 
 FINAL_STATUSES = frozenset(
-    {EmailStatus.sent, EmailStatus.failed, EmailStatus.unknown, EmailStatus.canceled}
+    {
+        EmailStatus.sent,
+        EmailStatus.failed,
+        EmailStatus.unknown,
+        EmailStatus.canceled,
+        EmailStatus.bounced,
+        EmailStatus.replied,
+        EmailStatus.suppressed,
+    }
 )
 
 
@@ -138,10 +153,29 @@ class MessageBatch(SQLModel):
     messages: list[EmailCreate] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class ItemStatus(StrEnum):
+    queued = "queued"
+    duplicate = "duplicate"
+    suppressed = "suppressed"
+
+
+class AcceptedItem(SQLModel):
+    id: uuid.UUID
+    status: ItemStatus = Field(
+        description="`queued`; `duplicate` (the idempotency key was seen before: the first "
+        "email's id); `suppressed` (the recipient is on the suppression list: stored with "
+        "status `suppressed`, never sent)."
+    )
+
+
 class Accepted(SQLModel):
     ids: list[uuid.UUID]
+    items: list[AcceptedItem] = Field(description="One per item of the request, in order.")
     queued: int
     duplicates: int = Field(description="Items whose idempotency key was seen before.")
+    suppressed: int = Field(
+        default=0, description="Items refused because their recipient is suppressed."
+    )
     active_servers: int
     warning: str | None = None
 
@@ -301,3 +335,97 @@ class CapacityPublic(SQLModel):
     steady_state_servers: int
     headroom: float
     active_servers: int
+
+
+# --- suppression list -----------------------------------------------------------------------
+
+
+class SuppressionSource(StrEnum):
+    bounce = "bounce"
+    complaint = "complaint"
+    unsubscribe = "unsubscribe"
+    manual = "manual"
+
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def clean_domain(value: str) -> str:
+    """A domain in the form emails carry it: lower case, IDNA (`xn--`) for a Unicode one."""
+    cleaned = refuse_control_chars(value).strip().lower().removesuffix(".")
+    if not cleaned.isascii():
+        try:
+            cleaned = idna.encode(cleaned, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ValueError("is not a valid internationalised domain") from exc
+    labels = cleaned.split(".")
+    if len(cleaned) > 253 or len(labels) < 2 or not all(map(_DOMAIN_LABEL.match, labels)):
+        raise ValueError("must be a domain such as example.com")
+    return cleaned
+
+
+class SuppressionBase(SQLModel):
+    address: str | None = Field(default=None, max_length=320)
+    domain: str | None = Field(default=None, max_length=253)
+    reason: str = Field(default="", max_length=500)
+    source: SuppressionSource = SuppressionSource.manual
+
+
+class SuppressionCreate(SuppressionBase):
+    """One address or one whole domain; matching ignores case."""
+
+    address: Address | None = Field(default=None, max_length=320)
+
+    _clean_reason = field_validator("reason")(_clean_line)
+
+    @field_validator("address")
+    @classmethod
+    def _lower_address(cls, value: str | None) -> str | None:
+        return None if value is None else value.lower()
+
+    @field_validator("domain")
+    @classmethod
+    def _clean_domain(cls, value: str | None) -> str | None:
+        return None if value is None else clean_domain(value)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SuppressionCreate:
+        if (self.address is None) == (self.domain is None):
+            raise ValueError("give exactly one of `address` or `domain`")
+        return self
+
+
+class SuppressionBatch(SQLModel):
+    items: list[SuppressionCreate] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class SuppressionImported(SQLModel):
+    added: int
+    already_known: int
+
+
+class SuppressionPublic(SuppressionBase):
+    id: uuid.UUID
+    source: SuppressionSource
+    created_at: datetime
+
+
+class SuppressionPage(SQLModel):
+    items: list[SuppressionPublic]
+    next_cursor: str | None
+
+
+class Suppression(SuppressionBase, table=True):
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "address", name="uq_suppressions_address"),
+        UniqueConstraint("tenant_id", "domain", name="uq_suppressions_domain"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID = Field(index=True)
+    source: SuppressionSource = Field(default=SuppressionSource.manual, sa_type=String(16))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+    def to_public(self) -> SuppressionPublic:
+        return SuppressionPublic.model_validate(self, from_attributes=True)

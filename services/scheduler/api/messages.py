@@ -9,20 +9,22 @@ from fastapi import APIRouter, Body, Query, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from services.scheduler import repository
+from services.scheduler import repository, suppression
 from services.scheduler.deps import DispatcherDep
 from services.scheduler.models import (
     Accepted,
+    AcceptedItem,
     Email,
     EmailCreate,
     EmailPage,
     EmailPublic,
     EmailStatus,
+    ItemStatus,
     MessageBatch,
 )
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES, Conflict, problem_doc
-from shared.metrics import EMAILS_ACCEPTED
+from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
 from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.registry_read import tenant_servers
 from shared.tenancy import TenantDep
@@ -95,13 +97,17 @@ async def accept_messages(
             hint="Give each email of a batch its own idempotency_key.",
         )
     known = await repository.emails_by_keys(session, tenant.id, keys)
+    blocked = await suppression.suppressed_among(session, tenant.id, (i.to for i in items))
     now = utcnow()
     ids: list[uuid.UUID] = []
+    results: list[AcceptedItem] = []
     fresh: list[Email] = []
     for item in items:
         if item.idempotency_key and item.idempotency_key in known:
             ids.append(known[item.idempotency_key])
+            results.append(AcceptedItem(id=ids[-1], status=ItemStatus.duplicate))
             continue
+        refused = item.to.lower() in blocked
         email = Email(
             tenant_id=tenant.id,
             to=item.to,
@@ -113,6 +119,8 @@ async def accept_messages(
             headers=item.headers,
             idempotency_key=item.idempotency_key,
             message_id="",
+            # Stored all the same, so that its id answers and the refusal is on record.
+            status=EmailStatus.suppressed if refused else EmailStatus.queued,
             not_before=now,
             created_at=now,
             updated_at=now,
@@ -120,6 +128,11 @@ async def accept_messages(
         email.message_id = message_id_for(email.id)
         fresh.append(email)
         ids.append(email.id)
+        results.append(
+            AcceptedItem(
+                id=email.id, status=ItemStatus.suppressed if refused else ItemStatus.queued
+            )
+        )
     if fresh and not await repository.add_emails(session, fresh):
         raise Conflict(
             "Another request with the same idempotency_key is being stored.",
@@ -127,12 +140,17 @@ async def accept_messages(
             hint="Send the request again: it will return the first request's ids.",
         )
     servers = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
-    EMAILS_ACCEPTED.inc(len(fresh))
+    suppressed = sum(1 for r in results if r.status == ItemStatus.suppressed)
+    EMAILS_ACCEPTED.inc(len(fresh) - suppressed)
+    if suppressed:
+        SUPPRESSED.labels("intake").inc(suppressed)
     dispatcher.wake.set()
     return Accepted(
         ids=ids,
-        queued=len(fresh),
+        items=results,
+        queued=len(fresh) - suppressed,
         duplicates=len(items) - len(fresh),
+        suppressed=suppressed,
         active_servers=len(servers),
         warning=None
         if servers
