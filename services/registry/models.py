@@ -18,10 +18,14 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.registry.domain import PRESETS, Security, ServerStatus
+from shared.providers import detect
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import Address, refuse_control_chars
 
-MAX_DAILY_CAP = 500
+# The largest any known provider allows one mailbox (Microsoft 365: 10,000 recipients a day);
+# a server added without `daily_cap` gets its provider's limit, or DEFAULT_DAILY_CAP.
+MAX_DAILY_CAP = 10_000
+DEFAULT_DAILY_CAP = 500
 # Changing any of these re-runs the connection check before the change is saved.
 CONNECTION_FIELDS = frozenset({"host", "port", "security", "username", "password"})
 # Where (and as whom) the password is sent. Changing any of these needs the password in the
@@ -79,7 +83,7 @@ class SmtpServerBase(SQLModel):
     # which EmailStr would turn back into Unicode on the way out.
     from_email: str = Field(max_length=320)
     from_name: str = Field(default="", max_length=100)
-    daily_cap: int = Field(default=MAX_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
+    daily_cap: int = Field(default=DEFAULT_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
 
@@ -88,6 +92,13 @@ class SmtpServerCreate(SmtpServerBase):
     model_config = SQLModelConfig(hide_input_in_errors=True)
 
     from_email: Address = Field(max_length=320)
+    daily_cap: int | None = Field(  # type: ignore[assignment]
+        default=None,
+        ge=1,
+        le=MAX_DAILY_CAP,
+        description="Defaults to the provider's daily limit (Gmail 500, Google Workspace "
+        "2,000, Microsoft 365 10,000, ...), or 500 for a server of unknown provider.",
+    )
 
     preset: str | None = Field(
         default=None,
@@ -121,6 +132,9 @@ class SmtpServerCreate(SmtpServerBase):
             self.host = self.host or preset.host
             self.port = self.port or preset.port
             self.security = self.security or preset.security
+        if self.daily_cap is None:
+            provider = detect(self.host or "", self.username)
+            self.daily_cap = provider.daily if provider else DEFAULT_DAILY_CAP
         return self
 
     def missing_connection_fields(self) -> list[str]:

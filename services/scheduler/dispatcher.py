@@ -159,8 +159,9 @@ class Dispatcher:
             # decides among them (own tenant, active, not parked).
             servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
             warmups = await repository.warmup_states(session, servers, today, self.schedule)
+            limits = {s.id: repository.limits_of(s, self.schedule) for s in servers}
             allowances = {
-                s.id: self.schedule.allowance(warmups[s.id].step, s.daily_cap) for s in servers
+                s.id: self.schedule.allowance(warmups[s.id].step, limits[s.id].top) for s in servers
             }
             days = await repository.server_days(session, servers, today, allowances)
             rolling = await repository.rolling_usage(session, [s.id for s in servers], now)
@@ -175,14 +176,17 @@ class Dispatcher:
                 domain.ServerLoad(
                     str(s.id),
                     days[s.id].reserved,
-                    domain.sendable_now(
-                        now=now,
-                        window=window,
-                        allowance=days[s.id].allowance,
-                        used_today=days[s.id].reserved,
-                        rolling_used=rolling.get(s.id, 0),
-                        pacing=self.settings.pacing,
-                        jitter_key=str(s.id),
+                    min(
+                        domain.sendable_now(
+                            now=now,
+                            window=window,
+                            allowance=days[s.id].allowance,
+                            used_today=days[s.id].reserved,
+                            rolling_used=rolling.get(s.id, 0),
+                            pacing=self.settings.pacing,
+                            jitter_key=str(s.id),
+                        ),
+                        domain.minute_budget(warmups[s.id].pace_at, now, limits[s.id].per_minute),
                     ),
                 )
                 for s in servers
@@ -200,6 +204,12 @@ class Dispatcher:
             refused = sum(wanted.values()) - sum(granted.values())
             if refused:
                 RESERVATIONS_REFUSED.inc(refused)
+            for server_id, n in granted.items():
+                per_minute = limits[server_id].per_minute
+                if per_minute is not None:
+                    warmup = warmups[server_id]
+                    warmup.pace_at = domain.next_pace(warmup.pace_at, now, n, per_minute)
+                    session.add(warmup)
             chosen = emails[: sum(granted.values())]
             assigned = domain.avoid_previous_server(
                 [str(email.server_id) if email.server_id else None for email in chosen],

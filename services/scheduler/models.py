@@ -266,6 +266,8 @@ class ServerWarmup(SQLModel, table=True):
     idle_days: int = 0
     parked_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
     park_reason: str | None = Field(default=None, max_length=200)
+    # The next slot of a server whose provider limits sends per minute (domain.minute_budget).
+    pace_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class SendingProfileBase(SQLModel):
@@ -315,6 +317,16 @@ class WarmupPublic(SQLModel):
     status: str
     step: int
     top_step: int
+    provider: str | None = Field(
+        description="The provider detected from the SMTP host (gmail, google_workspace, "
+        "office365, outlook, zoho, yahoo, icloud, fastmail), or null for an unknown server."
+    )
+    daily_limit: int = Field(
+        description="The top of the ramp: the lowest of daily_cap and the provider's limit."
+    )
+    per_minute_limit: int | None = Field(
+        description="The provider's per-minute limit, enforced by spacing sends."
+    )
     allowance_today: int
     sent_today: int
     reserved_today: int

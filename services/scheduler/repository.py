@@ -107,6 +107,10 @@ async def sending_window(session: AsyncSession, tenant_id: uuid.UUID) -> Sending
 # --- warmup and allowances ----------------------------------------------------------------
 
 
+def limits_of(server: ServerView, schedule: WarmupSchedule) -> domain.ServerLimits:
+    return domain.server_limits(server.host, server.username, server.daily_cap, schedule)
+
+
 async def warmup_states(
     session: AsyncSession,
     servers: Sequence[ServerView],
@@ -158,7 +162,7 @@ async def warmup_states(
                 delivered={d.day: d.sent for d in days},
                 allowances={d.day: d.allowance for d in days},
                 schedule=schedule,
-                daily_cap=by_id[row.server_id].daily_cap,
+                daily_cap=limits_of(by_id[row.server_id], schedule).top,
             )
             row.step, row.state_day, row.idle_days = state.step, state.day, state.idle_days
             session.add(row)

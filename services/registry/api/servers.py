@@ -111,6 +111,7 @@ async def add_server(
     assert body.host is not None
     assert body.port is not None
     assert body.security is not None
+    assert body.daily_cap is not None  # the model gives the provider's default
     limiter.take(tenant.id)
     outcome = await run_check(
         verifier,
