@@ -181,6 +181,9 @@ class SchedulerSettings(DatabaseSettings, BrokerSettings, InternalTokenSettings)
     # The registry marks the server auth_failed; this short park only covers the time until
     # that status is seen (or the case where the sender could not tell the registry).
     auth_park_seconds: float = Field(default=300.0, ge=0)
+    # Where recipients reach the public API: one-click unsubscribe links start with it
+    # (RFC 8058 wants HTTPS; plain http is accepted for development).
+    public_url: str = Field(default="http://127.0.0.1:8000", pattern=r"^https?://[^\s/]+(/\S*)?$")
 
 
 class SenderSettings(BrokerSettings, InternalTokenSettings, AddressSettings, UpstreamSettings):

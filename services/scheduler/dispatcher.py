@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, repository, suppression
+from services.scheduler import domain, repository, suppression, unsubscribe
 from services.scheduler.domain import RetryPolicy, WarmupSchedule
 from services.scheduler.models import Email, EmailStatus
 from shared.broker import Bus
@@ -73,7 +73,22 @@ def retry_policy_from(settings: SchedulerSettings) -> RetryPolicy:
     )
 
 
-def job_for(email: Email, *, republished: bool = False) -> SendJob:
+@dataclass(frozen=True)
+class UnsubscribeLinks:
+    key: bytes
+    public_url: str
+
+    def for_email(self, email: Email) -> tuple[str, str] | tuple[None, None]:
+        if not email.unsubscribe:
+            return None, None
+        token = unsubscribe.sign(self.key, email.id, email.tenant_id, email.to)
+        return unsubscribe.url(self.public_url, token), token
+
+
+def job_for(
+    email: Email, *, republished: bool = False, links: UnsubscribeLinks | None = None
+) -> SendJob:
+    unsubscribe_url, unsubscribe_token = links.for_email(email) if links else (None, None)
     assert email.job_id is not None
     assert email.server_id is not None
     assert email.reserved_day is not None
@@ -92,6 +107,8 @@ def job_for(email: Email, *, republished: bool = False) -> SendJob:
             reply_to=email.reply_to,
             headers=dict(email.headers),
             message_id=email.message_id,
+            unsubscribe_url=unsubscribe_url,
+            unsubscribe_token=unsubscribe_token,
         ),
         republished=republished,
     )
@@ -127,6 +144,10 @@ class Dispatcher:
         self.rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
+        self.links = UnsubscribeLinks(
+            unsubscribe.derive_key(settings.internal_token.get_secret_value()),
+            settings.public_url,
+        )
 
     async def tick(self, now: datetime | None = None) -> TickReport:
         started = time.perf_counter()
@@ -225,7 +246,7 @@ class Dispatcher:
                 email.published_at = None
                 email.updated_at = now
                 session.add(email)
-            jobs = [job_for(email) for email in chosen]
+            jobs = [job_for(email, links=self.links) for email in chosen]
         report.dispatched += len(jobs)
         for server_id, n in granted.items():
             report.by_server[server_id] = report.by_server.get(server_id, 0) + n
@@ -237,7 +258,7 @@ class Dispatcher:
             for email in emails:
                 email.lease_until = now + self.lease
                 session.add(email)
-            jobs = [job_for(email, republished=True) for email in emails]
+            jobs = [job_for(email, republished=True, links=self.links) for email in emails]
         if jobs:
             logger.warning("publishing %d jobs again after their lease ran out", len(jobs))
         report.republished += len(jobs)

@@ -88,6 +88,13 @@ class EmailBase(SQLModel):
     campaign: str | None = Field(default=None, max_length=100)
 
 
+def _refuse_own_unsubscribe_header(headers: dict[str, str]) -> None:
+    if any(name.lower() in ("list-unsubscribe", "list-unsubscribe-post") for name in headers):
+        raise ValueError(
+            "`unsubscribe: true` sets List-Unsubscribe itself: drop the header or the flag"
+        )
+
+
 class EmailCreate(EmailBase):
     # The spec says what `_has_body` checks: a non-empty `text` or `html`.
     model_config = SQLModelConfig(
@@ -103,6 +110,11 @@ class EmailCreate(EmailBase):
     reply_to: Address | None = Field(default=None, max_length=320)
     headers: dict[str, str] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    unsubscribe: bool = Field(
+        default=False,
+        description="Add a one-click List-Unsubscribe (RFC 8058) with a link signed for this "
+        "recipient, and a mailto: variant to the sending mailbox.",
+    )
 
     _clean = field_validator("subject", "campaign", "idempotency_key")(_clean_line)
 
@@ -146,11 +158,24 @@ class EmailCreate(EmailBase):
     def _has_body(self) -> EmailCreate:
         if not self.text and not self.html:
             raise ValueError("give `text`, `html` or both")
+        if self.unsubscribe:
+            _refuse_own_unsubscribe_header(self.headers)
         return self
 
 
 class MessageBatch(SQLModel):
     messages: list[EmailCreate] = Field(min_length=1, max_length=MAX_BATCH)
+    unsubscribe: bool = Field(
+        default=False, description="One-click unsubscribe on every email of the batch."
+    )
+
+    @model_validator(mode="after")
+    def _unsubscribe_header(self) -> MessageBatch:
+        if self.unsubscribe:
+            for message in self.messages:
+                message.unsubscribe = True
+                _refuse_own_unsubscribe_header(message.headers)
+        return self
 
 
 class ItemStatus(StrEnum):
@@ -191,6 +216,8 @@ class EmailPublic(EmailBase):
     not_before: datetime
     last_smtp_code: int | None
     last_smtp_reply: str | None
+    unsubscribe: bool
+    unsubscribed_at: datetime | None
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
@@ -225,6 +252,8 @@ class Email(EmailBase, table=True):
     published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     last_smtp_code: int | None = None
     last_smtp_reply: str | None = Field(default=None, max_length=1000)
+    unsubscribe: bool = False
+    unsubscribed_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     sent_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

@@ -31,6 +31,12 @@ def build_message(
         message["Reply-To"] = content.reply_to
     for name, value in content.headers.items():
         message[name] = value
+    if content.unsubscribe_url and content.unsubscribe_token:
+        # RFC 8058 one-click (the POST a mailbox provider makes), and RFC 2369's mailto: to
+        # the sending mailbox itself, where the mailbox reader recognises the token.
+        mailto = f"mailto:{from_email}?subject=unsubscribe%20{content.unsubscribe_token}"
+        message["List-Unsubscribe"] = f"<{content.unsubscribe_url}>, <{mailto}>"
+        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     if content.text is not None:
         message.set_content(content.text)
         if content.html is not None:

@@ -2,13 +2,21 @@
 
 from fastapi import APIRouter
 
-from services.scheduler.api import internal, messages, sending_profile, suppressions, warmup
+from services.scheduler.api import (
+    internal,
+    messages,
+    sending_profile,
+    suppressions,
+    unsubscribe,
+    warmup,
+)
 
 router = APIRouter()
 router.include_router(messages.router)
 router.include_router(warmup.router)
 router.include_router(sending_profile.router)
 router.include_router(suppressions.router)
+router.include_router(unsubscribe.router)
 # Served (token-protected) but not advertised: the public spec lists public routes only, and
 # openapi/internal.json documents these for the other services.
 router.include_router(internal.router, include_in_schema=False)

@@ -118,6 +118,7 @@ async def accept_messages(
             campaign=item.campaign,
             headers=item.headers,
             idempotency_key=item.idempotency_key,
+            unsubscribe=item.unsubscribe,
             message_id="",
             # Stored all the same, so that its id answers and the refusal is on record.
             status=EmailStatus.suppressed if refused else EmailStatus.queued,
