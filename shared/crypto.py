@@ -34,8 +34,12 @@ def generate_key() -> str:
     return base64.urlsafe_b64encode(AESGCM.generate_key(bit_length=256)).decode().rstrip("=")
 
 
-def associated_data(tenant_id: uuid.UUID, server_id: uuid.UUID) -> bytes:
-    return f"abl/smtp-password/{FORMAT_VERSION}/{tenant_id}/{server_id}".encode()
+def associated_data(
+    tenant_id: uuid.UUID, server_id: uuid.UUID, purpose: str = "smtp-password"
+) -> bytes:
+    # The purpose binds a ciphertext to its column too: an SMTP password copied into the IMAP
+    # column (or back) fails to decrypt.
+    return f"abl/{purpose}/{FORMAT_VERSION}/{tenant_id}/{server_id}".encode()
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 MIN_TOKEN_LENGTH = 24
 DEFAULT_SMTP_PORTS = (25, 465, 587, 2525)
+DEFAULT_IMAP_PORTS = (143, 993)
 
 
 class Environment(StrEnum):
@@ -115,8 +116,9 @@ class AddressSettings(CommonSettings):
 
     allow_private_hosts: bool = False
     allowed_smtp_ports: Annotated[tuple[int, ...], NoDecode] = DEFAULT_SMTP_PORTS
+    allowed_imap_ports: Annotated[tuple[int, ...], NoDecode] = DEFAULT_IMAP_PORTS
 
-    @field_validator("allowed_smtp_ports", mode="before")
+    @field_validator("allowed_smtp_ports", "allowed_imap_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: object) -> object:
         if isinstance(value, str):

@@ -26,6 +26,7 @@ from services.registry.main import create_app
 from shared.crypto import generate_key
 from shared.migrate import upgrade_database
 from shared.settings import Settings
+from tests.support.dovecot import DOVECOT, DovecotServer, dovecot_server
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 POSTGRES_URL = os.environ.get("ABL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -74,6 +75,19 @@ def trust_test_ca(certs: Certificates, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def starttls_server(certs: Certificates) -> Iterator[SmtpTestServer]:
     with smtp_server(certs, ACCOUNTS, security="starttls") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dovecot(certs: Certificates) -> Iterator[DovecotServer]:
+    """A real IMAP server (Dovecot) with the same accounts as the SMTP test servers."""
+    if not Path(DOVECOT).exists():
+        pytest.fail(
+            "dovecot is not installed: `make test` installs dovecot-imapd (as root), or run "
+            "`apt-get install -y dovecot-imapd`",
+            pytrace=False,
+        )
+    with dovecot_server(certs, ACCOUNTS) as server:
         yield server
 
 

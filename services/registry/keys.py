@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.registry import repository
+from services.registry import mailbox, repository
 from shared.crypto import Keyring
 from shared.timeutil import utcnow
 
@@ -25,10 +25,16 @@ async def rotate_keys(
     async with sessions() as session, session.begin():
         async for server in repository.iter_all_servers(session):
             examined += 1
-            if not keyring.needs_rotation(server.password_ciphertext):
+            imap_stale = server.imap_password_ciphertext is not None and keyring.needs_rotation(
+                server.imap_password_ciphertext
+            )
+            if not keyring.needs_rotation(server.password_ciphertext) and not imap_stale:
                 continue
             # Decrypting with the old key proves the row is intact before it is rewritten.
             repository.seal_password(keyring, server, repository.open_password(keyring, server))
+            endpoint = mailbox.stored_endpoint(keyring, server)
+            if endpoint is not None:
+                mailbox.store_password(keyring, server, endpoint.password)
             server.updated_at = utcnow()
             session.add(server)
             reencrypted += 1

@@ -18,6 +18,7 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.registry.domain import PRESETS, Security, ServerStatus
+from shared.imap import ImapSecurity
 from shared.providers import detect
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import Address, refuse_control_chars
@@ -88,6 +89,35 @@ class SmtpServerBase(SQLModel):
     _clean_label = field_validator("label", "from_name")(_clean_text)
 
 
+class ImapCreate(SQLModel):
+    """Mailbox access for the mailbox reader; every field optional: host and port from the
+    preset or the provider of the SMTP host, username and password the SMTP ones."""
+
+    model_config = SQLModelConfig(hide_input_in_errors=True)
+
+    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: ImapSecurity | None = Field(
+        default=None, description="`tls` (port 993, the default) or `starttls` (143)."
+    )
+    username: str | None = Field(default=None, min_length=1, max_length=320)
+    password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
+
+    _clean_host = field_validator("host")(_clean_host)
+    _clean_username = field_validator("username")(_clean_lower)
+    _clean_password = field_validator("password")(_clean_secret)
+
+
+class ImapPublic(SQLModel):
+    host: str
+    port: int
+    security: ImapSecurity
+    username: str
+    has_password: bool = True
+    last_poll_at: datetime | None = Field(description="When the mailbox reader last read it.")
+    last_poll_error: str | None = Field(description="Why the last read failed, if it did.")
+
+
 class SmtpServerCreate(SmtpServerBase):
     model_config = SQLModelConfig(hide_input_in_errors=True)
 
@@ -110,6 +140,9 @@ class SmtpServerCreate(SmtpServerBase):
     security: Security | None = None
     username: str = Field(min_length=1, max_length=320)
     password: SecretStr = Field(min_length=1, max_length=1024)
+    imap: ImapCreate | None = Field(
+        default=None, description="Mailbox access, so bounces and replies can be read."
+    )
 
     _clean_host = field_validator("host")(_clean_host)
     _clean_username = field_validator("username")(_clean_lower)
@@ -153,6 +186,11 @@ class SmtpServerUpdate(SQLModel):
     security: Security | None = None
     username: str | None = Field(default=None, min_length=1, max_length=320)
     password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
+    imap: ImapCreate | None = Field(
+        default=None,
+        description="Add or change mailbox access (checked first). A host, port, security or "
+        "username other than the stored ones needs `imap.password`.",
+    )
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
     _clean_host = field_validator("host")(_clean_host)
@@ -176,6 +214,7 @@ class SmtpServerPublic(SmtpServerBase):
     status: ServerStatus
     has_password: bool = True
     last_check: LastCheck
+    imap: ImapPublic | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -220,6 +259,13 @@ class SmtpServer(SmtpServerBase, table=True):
         default=None,
         sa_type=UtcDateTime,
     )
+    imap_host: str | None = Field(default=None, max_length=HOST_MAX)
+    imap_port: int | None = None
+    imap_security: str | None = Field(default=None, max_length=16)
+    imap_username: str | None = Field(default=None, max_length=320)
+    imap_password_ciphertext: str | None = Field(default=None, max_length=4096)
+    imap_last_poll_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    imap_last_poll_error: str | None = Field(default=None, max_length=512)
     created_at: datetime = Field(
         default_factory=utcnow,
         sa_type=UtcDateTime,
@@ -228,6 +274,18 @@ class SmtpServer(SmtpServerBase, table=True):
         default_factory=utcnow,
         sa_type=UtcDateTime,
     )
+
+    def imap_public(self) -> ImapPublic | None:
+        if self.imap_host is None or self.imap_port is None or self.imap_username is None:
+            return None
+        return ImapPublic(
+            host=self.imap_host,
+            port=self.imap_port,
+            security=ImapSecurity(self.imap_security or "tls"),
+            username=self.imap_username,
+            last_poll_at=self.imap_last_poll_at,
+            last_poll_error=self.imap_last_poll_error,
+        )
 
     def to_public(self) -> SmtpServerPublic:
         return SmtpServerPublic(
@@ -247,6 +305,7 @@ class SmtpServer(SmtpServerBase, table=True):
                 reply=self.last_check_reply,
                 at=self.last_checked_at,
             ),
+            imap=self.imap_public(),
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
