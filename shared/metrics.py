@@ -89,6 +89,18 @@ SUPPRESSED = Counter(
     "stopped in the queue when the address was suppressed).",
     ["stage"],
 )
+BOUNCES = Counter(
+    "abl_bounces_total",
+    "Bounces and complaints read from the sending mailboxes, by kind (`hard`, `soft`, "
+    "`complaint`).",
+    ["kind"],
+)
+REPLIES = Counter("abl_replies_total", "Replies from recipients read from the sending mailboxes.")
+MAILBOX_POLLS = Counter(
+    "abl_mailbox_polls_total",
+    "Reads of a sending mailbox, by result (`ok`, `failed`, `timeout`).",
+    ["result"],
+)
 JOBS_PUBLISHED = Counter("abl_send_jobs_published_total", "Send jobs confirmed by the broker.")
 PUBLISH_CONFIRM_DURATION = Histogram(
     "abl_publish_confirm_duration_seconds",

@@ -132,7 +132,7 @@ async def truncate_postgres(url: str) -> None:
     await _pg_execute(
         url,
         "TRUNCATE tenants, smtp_servers, emails, server_days, server_usage_hours, "
-        "server_warmup, sending_profiles, suppressions CASCADE",
+        "server_warmup, sending_profiles, suppressions, mailbox_cursors, mailbox_events CASCADE",
     )
 
 

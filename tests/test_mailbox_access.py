@@ -13,19 +13,12 @@ from services.registry import mailbox
 from services.registry.models import ImapCreate, SmtpServer
 from shared.crypto import Keyring, associated_data
 from shared.imap import ImapEndpoint, ImapProblem, ImapSecurity, check
-from shared.settings import Settings
-from tests.conftest import ACCOUNTS, Api, make_settings
+from tests.conftest import ACCOUNTS, Api
 from tests.support.dovecot import DovecotServer
-from tests.support.smtp import SmtpTestServer
+from tests.support.smtp import Certificates, SmtpTestServer
+from tests.test_mailbox_reader import refusing_imap
 
 LOGIN = "alice@example.com"
-
-
-@pytest.fixture
-def settings(database_url: str) -> Settings:
-    # Dovecot answers a repeated failed login from one address only after a penalty of a few
-    # seconds (as real providers do); the check's bound must be longer than that.
-    return make_settings(database_url, verify_timeout_seconds=20.0)
 
 
 def server_body(smtp: SmtpTestServer, imap: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,17 +107,23 @@ async def test_imap_is_checked_stored_encrypted_and_shown_without_password(
 
 
 async def test_a_refused_imap_login_stores_nothing(
-    api: Api, starttls_server: SmtpTestServer, dovecot: DovecotServer
+    api: Api, starttls_server: SmtpTestServer, certs: Certificates
 ) -> None:
+    # A server that refuses the login (not Dovecot: a refused login there delays every later
+    # login from this address, other tests' included).
+    refuser = await refusing_imap(certs)
+    port = refuser.sockets[0].getsockname()[1]
     tenant = await api.new_tenant()
-    refused = await api.client.post(
-        "/v1/servers",
-        json=server_body(
-            starttls_server,
-            {"host": "localhost", "port": dovecot.tls_port, "password": "wrong-password"},
-        ),
-        headers=tenant,
-    )
+    try:
+        refused = await api.client.post(
+            "/v1/servers",
+            json=server_body(
+                starttls_server, {"host": "localhost", "port": port, "password": "wrong-password"}
+            ),
+            headers=tenant,
+        )
+    finally:
+        refuser.close()
     assert refused.status_code == 422
     assert refused.json()["code"] == "imap_auth_failed"
     assert "wrong-password" not in refused.text

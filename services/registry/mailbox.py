@@ -9,6 +9,12 @@ the verified SMTP account (the same account at the same provider).
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
 from services.registry import repository
 from services.registry.models import ImapCreate, SmtpServer
 from services.registry.verifier import Verifier
@@ -161,3 +167,18 @@ async def update(
     await verify(verifier, endpoint)
     store(keyring, server, endpoint)
     server.updated_at = utcnow()
+
+
+async def servers_with_mailbox(session: AsyncSession) -> list[SmtpServer]:
+    query = select(SmtpServer).where(col(SmtpServer.imap_host).is_not(None))
+    return list((await session.exec(query)).all())
+
+
+async def record_poll(
+    session: AsyncSession, server_id: uuid.UUID, at: datetime, error: str | None
+) -> None:
+    server = await session.get(SmtpServer, server_id)
+    if server is not None:
+        server.imap_last_poll_at = at
+        server.imap_last_poll_error = error[:512] if error else None
+        session.add(server)

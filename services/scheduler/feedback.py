@@ -133,7 +133,10 @@ def classify(raw: bytes) -> Feedback:
     report_type = str(message.get_param("report-type", "") or "").lower()
     if content_type == "multipart/report" and report_type == "feedback-report":
         return Feedback(Kind.complaint, key, email_ids=our_ids(_attached_headers(message)))
-    temporary, permanent = all_failures(message)
+    try:
+        temporary, permanent = all_failures(message)
+    except Exception:  # a detector tripping on an odd message must not stop the mailbox
+        temporary, permanent = frozenset(), frozenset()
     if temporary or permanent or content_type == "multipart/report":
         status, diagnostic = _delivery_status(message)
         hard = bool(permanent) or (status or "").startswith("5")

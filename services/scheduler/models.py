@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import idna
 from pydantic import field_validator, model_validator
-from sqlalchemy import JSON, Column, Date, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Date, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
@@ -86,6 +86,12 @@ class EmailBase(SQLModel):
     html: str | None = Field(default=None)
     reply_to: str | None = Field(default=None, max_length=320)
     campaign: str | None = Field(default=None, max_length=100)
+    sequence: str | None = Field(
+        default=None,
+        max_length=100,
+        description="Emails of one sequence to one recipient: a reply or a bounce cancels "
+        "the ones still queued.",
+    )
 
 
 def _refuse_own_unsubscribe_header(headers: dict[str, str]) -> None:
@@ -116,7 +122,7 @@ class EmailCreate(EmailBase):
         "recipient, and a mailto: variant to the sending mailbox.",
     )
 
-    _clean = field_validator("subject", "campaign", "idempotency_key")(_clean_line)
+    _clean = field_validator("subject", "campaign", "idempotency_key", "sequence")(_clean_line)
 
     @field_validator("text")
     @classmethod
@@ -218,6 +224,9 @@ class EmailPublic(EmailBase):
     last_smtp_reply: str | None
     unsubscribe: bool
     unsubscribed_at: datetime | None
+    bounce_status: str | None = Field(description="The DSN's status code, e.g. 5.1.1.")
+    bounce_diagnostic: str | None
+    replied_at: datetime | None
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
@@ -254,6 +263,9 @@ class Email(EmailBase, table=True):
     last_smtp_reply: str | None = Field(default=None, max_length=1000)
     unsubscribe: bool = False
     unsubscribed_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    bounce_status: str | None = Field(default=None, max_length=16)
+    bounce_diagnostic: str | None = Field(default=None, max_length=1000)
+    replied_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     sent_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
@@ -470,3 +482,37 @@ class Suppression(SuppressionBase, table=True):
 
     def to_public(self) -> SuppressionPublic:
         return SuppressionPublic.model_validate(self, from_attributes=True)
+
+
+# --- mailbox reading --------------------------------------------------------------------------
+
+
+class MailboxCursor(SQLModel, table=True):
+    """Where the mailbox reader stands in one server's INBOX."""
+
+    __tablename__ = "mailbox_cursors"
+
+    server_id: uuid.UUID = Field(primary_key=True)
+    tenant_id: uuid.UUID = Field(index=True)
+    uidvalidity: int = Field(default=0, sa_type=BigInteger)
+    last_uid: int = Field(default=0, sa_type=BigInteger)
+
+
+class MailboxEvent(SQLModel, table=True):
+    """One notification read from a mailbox, recorded once whatever re-reads it."""
+
+    __tablename__ = "mailbox_events"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "key", name="uq_mailbox_events_key"),
+        Index("ix_mailbox_events_address", "tenant_id", "address", "kind", "at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID = Field(index=True)
+    key: str = Field(max_length=255)
+    kind: str = Field(max_length=16)
+    email_id: uuid.UUID | None = None
+    address: str | None = Field(default=None, max_length=320)
+    status: str | None = Field(default=None, max_length=16)
+    at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)

@@ -116,6 +116,7 @@ async def accept_messages(
             html=item.html,
             reply_to=item.reply_to,
             campaign=item.campaign,
+            sequence=item.sequence,
             headers=item.headers,
             idempotency_key=item.idempotency_key,
             unsubscribe=item.unsubscribe,
