@@ -31,6 +31,7 @@ stack: install
 		$(BIN)/python -m services.cli ensure-database
 	ABL_ENV=$${ABL_ENV:-development} ABL_DATABASE_URL=$${ABL_DATABASE_URL:-$(STACK_DATABASE_URL)} \
 		ABL_REGISTRY_URL=http://127.0.0.1:8101 ABL_SCHEDULER_URL=http://127.0.0.1:8102 \
+		ABL_WEBHOOKS_URL=http://127.0.0.1:8105 \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/honcho start -f Procfile
 
 ## demo: a local SMTP server, a tenant, three servers, 30 emails: 10 leave through each
@@ -82,7 +83,10 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 ## bench: every benchmark; each prints its figures beside a baseline from the same run
+## (small sizes, about 5 minutes; `python -m bench.scheduler_tick --full` for 100k servers / 1M)
 bench: install
+	$(BIN)/python -m bench.encoding
 	$(BIN)/python -m bench.registry_check
-	$(BIN)/python -m bench.scheduler_tick --servers 10000 --emails 100000 --tenants 1000
+	$(BIN)/python -m bench.scheduler_tick
 	$(BIN)/python -m bench.sender
+	$(BIN)/python -m bench.e2e

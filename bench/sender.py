@@ -38,7 +38,7 @@ from services.sender.delivery import Deliverer
 from services.sender.worker import Worker
 from shared.broker import Delivery, InProcessBus
 from shared.crypto import generate_key
-from shared.messages import EmailContent, SendJob, SmtpCredentials
+from shared.messages import EmailContent, SendJob, SendResult, SmtpCredentials
 from shared.settings import Settings
 from tests.support.smtp import free_port
 
@@ -58,6 +58,9 @@ def memory_registry(known: dict[uuid.UUID, SmtpCredentials]) -> CachedCredential
 class AlwaysSendable:
     async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
         return {job_id for _, job_id in jobs}
+
+    async def report(self, result: SendResult) -> None:
+        raise AssertionError("the in-process bus is never away")
 
 
 def credentials_for(server_id: uuid.UUID, port: int) -> SmtpCredentials:

@@ -20,28 +20,41 @@ from services.registry import credentials as registry_use_cases
 from services.registry import mailbox as registry_mailbox
 from services.registry import main as registry
 from services.registry.domain import ServerStatus
+from services.registry.oauth.tokens import TokenUnavailable
 from services.scheduler import inbox
 from services.scheduler import main as scheduler
 from services.scheduler import repository as scheduler_repository
 from services.sender import main as sender
 from services.sender.clients import DependencyUnavailable, JobKey
+from services.webhooks import main as webhooks
 from shared.app import Resource, build_app, database
 from shared.bus_resource import in_process_bus
-from shared.messages import SmtpCredentials
+from shared.messages import SendResult, SmtpCredentials
 from shared.settings import Settings, get_settings
 
 
 async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
     sessions = app.state.sessions
 
-    async def fetch(server_id: uuid.UUID) -> SmtpCredentials | None:
+    async def fetch(
+        server_id: uuid.UUID, rejected_token: str | None = None
+    ) -> SmtpCredentials | None:
         try:
             async with sessions() as session:
                 return await registry_use_cases.server_credentials(
-                    session, app.state.keyring, server_id
+                    session,
+                    app.state.keyring,
+                    app.state.token_keeper,
+                    server_id,
+                    rejected_token=rejected_token,
                 )
         except DBAPIError as exc:
             raise DependencyUnavailable("database unavailable") from exc
+        except TokenUnavailable as exc:
+            raise DependencyUnavailable("OAuth provider unavailable") from exc
+
+    async def refresh(server_id: uuid.UUID, rejected_token: str) -> SmtpCredentials | None:
+        return await fetch(server_id, rejected_token)
 
     async def report(server_id: uuid.UUID, reply: str) -> None:
         async with sessions() as session, session.begin():
@@ -57,7 +70,13 @@ async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
             except DBAPIError as exc:
                 raise DependencyUnavailable("database unavailable") from exc
 
-    return sender.Ports(fetch, report, InProcessJobStates())
+        async def report(self, result: SendResult) -> None:
+            try:
+                await app.state.result_applier.apply_many([result])
+            except DBAPIError as exc:
+                raise DependencyUnavailable("database unavailable") from exc
+
+    return sender.Ports(fetch, report, InProcessJobStates(), refresh)
 
 
 def mailbox_reader(settings: Settings, *, run_loop: bool) -> Resource:
@@ -113,7 +132,9 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
         resources=[
             database(resolved),
             in_process_bus(),
-            registry.registry_resources(resolved),
+            # Before the services whose events it consumes: it stops after their last publish.
+            webhooks.webhooks_resources(resolved, run_loop=run_loops),
+            registry.registry_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             *([sender.sender_resources(resolved, ports=in_process_ports)] if run_loops else []),
             mailbox_reader(resolved, run_loop=run_loops),
@@ -121,4 +142,5 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
     )
     registry.install(app)
     scheduler.install(app)
+    webhooks.install(app)
     return app

@@ -29,6 +29,7 @@ from shared.settings import (
     SenderSettings,
     Settings,
     SettingsError,
+    WebhookSettings,
     warn_unused_secrets,
 )
 
@@ -120,6 +121,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         settings = sender = load_settings(SenderSettings)
         app = create_sender(sender)
+    elif args.service == "webhooks":
+        from services.webhooks.main import create_app as create_webhooks
+
+        settings = webhooks = load_settings(WebhookSettings)
+        app = create_webhooks(webhooks)
     else:
         from services.gateway.main import create_app as create_gateway
 
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="migrate, then serve the API")
     serve.add_argument(
         "--service",
-        choices=("all", "registry", "scheduler", "sender", "gateway"),
+        choices=("all", "registry", "scheduler", "sender", "webhooks", "gateway"),
         default="all",
         help="all: every service in one process on the in-process bus (make run)",
     )

@@ -2,6 +2,7 @@
 
 export ABL_API_URL=http://127.0.0.1:8000 ABL_API_KEY=abl_...
 ablctl servers add --preset gmail --username me@gmail.com --from-email me@gmail.com
+ablctl servers connect google       # or microsoft: OAuth, no password
 ablctl send leads.csv --campaign november
 ablctl watch
 """
@@ -9,9 +10,13 @@ ablctl watch
 from __future__ import annotations
 
 import csv
+import queue
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import typer
@@ -116,6 +121,95 @@ def server_add(
         url, key, "POST", "/v1/servers", json={k: v for k, v in body.items() if v not in (None, "")}
     )
     console.print(f"[green]added[/] {server['label']} {server['id']} ({server['status']})")
+
+
+def _outcome_of(pasted: str, url: str) -> dict[str, str]:
+    """What a URL pasted back from the browser says: the frontend's `?server_id=`/`?error=`,
+    or the provider's redirect to the callback (`?code=&state=`), which is forwarded to the
+    API's callback here, for a browser that could not reach the API itself."""
+    query = {k: v[0] for k, v in parse_qs(urlsplit(pasted.strip()).query).items()}
+    if "server_id" in query or ("error" in query and "state" not in query):
+        return query
+    if "state" not in query:
+        return {"error": "not_a_callback_url"}
+    try:
+        response = httpx.get(
+            f"{url.rstrip('/')}/v1/oauth/callback",
+            params={k: v for k, v in query.items() if k in ("code", "state", "error")},
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        errors.print(f"[bold red]Error[/]: cannot reach {url} ({type(exc).__name__})")
+        raise typer.Exit(2) from exc
+    landed = urlsplit(response.headers.get("location", ""))
+    return {k: v[0] for k, v in parse_qs(landed.query).items()} or {"error": "no_answer"}
+
+
+def _stdin_lines() -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+@servers.command("connect")
+def server_connect(
+    provider: Annotated[str, typer.Argument(help="google or microsoft")],
+    label: str = "",
+    from_name: str = "",
+    daily_cap: int | None = None,
+    server_id: Annotated[
+        str | None, typer.Option(help="Reconnect this server (after auth_failed).")
+    ] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the browser.")] = 600.0,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Connect a Google or Microsoft mailbox with OAuth: open the printed URL in a browser and
+    allow access. The command waits for the connection to complete, or takes the URL the
+    browser ended on, pasted here."""
+    body = {"label": label, "from_name": from_name, "daily_cap": daily_cap, "server_id": server_id}
+    started = call(
+        url,
+        key,
+        "POST",
+        f"/v1/servers/oauth/{provider}/start",
+        json={k: v for k, v in body.items() if v not in (None, "")},
+    )
+    console.print("Open this URL in a browser, sign in and allow access:")
+    typer.echo(started["authorize_url"])  # unwrapped, so it can be copied whole
+    console.print(
+        "Waiting for the connection... If the browser cannot reach the API, paste the URL it "
+        "ended on here."
+    )
+    state = started["state"]
+    pasted = _stdin_lines()
+    deadline = time.monotonic() + wait
+    outcome: dict[str, str] = {}
+    while not outcome:
+        flow = call(url, key, "GET", f"/v1/servers/oauth/flows/{state}")
+        if flow["status"] == "connected":
+            outcome = {"server_id": flow["server_id"]}
+        elif flow["status"] in ("failed", "expired"):
+            outcome = {"error": flow["error"]}
+        elif time.monotonic() > deadline:
+            outcome = {"error": "timed_out"}
+        else:
+            try:
+                outcome = _outcome_of(pasted.get(timeout=1.0), url)
+            except queue.Empty:
+                continue
+    if "server_id" in outcome:
+        server = call(url, key, "GET", f"/v1/servers/{outcome['server_id']}")
+        console.print(f"[green]connected[/] {server['label']} {server['id']} ({server['status']})")
+        return
+    errors.print(f"[bold red]Error[/] ({outcome.get('error')}): the mailbox was not connected.")
+    raise typer.Exit(1)
 
 
 @servers.command("list")

@@ -17,6 +17,7 @@ from services.registry.api import internal as registry_internal
 from services.registry.main import create_app as create_registry
 from services.scheduler.api import internal as scheduler_internal
 from services.scheduler.main import create_app as create_scheduler
+from services.webhooks.main import create_app as create_webhooks
 from shared.crypto import generate_key
 from shared.settings import Settings
 
@@ -50,6 +51,7 @@ def specs() -> dict[str, FastAPI]:
         "api": create_all(settings),
         "registry": create_registry(settings),
         "scheduler": create_scheduler(settings),
+        "webhooks": create_webhooks(settings),
         "internal": internal_api(),
     }
 

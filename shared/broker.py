@@ -265,6 +265,10 @@ class RabbitBus:
     ) -> None:
         await self.declare(queue)
         assert self.exchange is not None
+        if not self.broker_up():
+            # Known to be away (the robust connection is reconnecting): say so at once, so the
+            # caller can take another way (the lease, a direct report) instead of waiting.
+            raise BrokerUnavailable("the connection to RabbitMQ is down")
         message = aio_pika.Message(
             body,
             message_id=message_id,

@@ -12,7 +12,10 @@ from shared.broker import Bus, InProcessBus, RabbitBus
 from shared.settings import BrokerSettings
 
 
-def rabbit_bus(settings: BrokerSettings) -> Resource:
+def rabbit_bus(settings: BrokerSettings, *, needed_for_readiness: bool = True) -> Resource:
+    """`needed_for_readiness=False`: a service that only publishes from its outbox keeps
+    serving while the broker is away (the outbox holds the events), so it stays ready."""
+
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         # Connects in the background: a service started before the broker serves /healthz and
@@ -26,7 +29,8 @@ def rabbit_bus(settings: BrokerSettings) -> Resource:
         async def broker_connected() -> bool:
             return bus.broker_up()
 
-        add_readiness_check(app, broker_connected)
+        if needed_for_readiness:
+            add_readiness_check(app, broker_connected)
         try:
             yield
         finally:

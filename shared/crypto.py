@@ -37,8 +37,8 @@ def generate_key() -> str:
 def associated_data(
     tenant_id: uuid.UUID, server_id: uuid.UUID, purpose: str = "smtp-password"
 ) -> bytes:
-    # The purpose binds a ciphertext to its column too: an SMTP password copied into the IMAP
-    # column (or back) fails to decrypt.
+    """Binds a ciphertext to its tenant, its server and what it is: an OAuth refresh token
+    copied into the password column (or the reverse) fails to decrypt too."""
     return f"abl/{purpose}/{FORMAT_VERSION}/{tenant_id}/{server_id}".encode()
 
 

@@ -7,17 +7,29 @@ and rolls back when it raises.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
-from sqlalchemy import Table, event
+from sqlalchemy import Executable, Table, bindparam, column, event, func
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+logger = logging.getLogger("abl.db")
+
+T = TypeVar("T")
+
+# A pooled connection older than this is closed and opened again before use: it outlives no
+# idle timeout of a proxy, a firewall or a failover, without a round trip at every checkout.
+POOL_RECYCLE_SECONDS = 1800
 
 ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
@@ -53,10 +65,41 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(target, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping: it costs a BEGIN/SELECT/ROLLBACK round trip at every checkout, on every
+    # email. A connection the server dropped fails its first statement instead; SQLAlchemy then
+    # invalidates the whole pool, and `in_transaction` runs the hot paths' work again.
+    kwargs.setdefault("pool_recycle", POOL_RECYCLE_SECONDS)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
     return create_async_engine(target, **kwargs)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """The database connection was lost (server restart, failover, proxy timeout)."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+async def in_transaction(
+    sessions: async_sessionmaker[AsyncSession],
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = 3,
+) -> T:
+    """Run `work` in one transaction, again on a fresh connection when the connection died.
+
+    A transaction whose connection was lost did not commit, except when the line died during
+    COMMIT itself; `work` must therefore be safe to repeat, as every hot path here is (its
+    statements are guarded by the state they change).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with sessions() as session, session.begin():
+                return await work(session)
+        except DBAPIError as exc:
+            if not is_disconnect(exc) or attempt == attempts:
+                raise
+            logger.warning("database connection lost; running the transaction again")
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -82,27 +125,41 @@ def is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def upsert_increment(
+async def upsert_increment(
     session: AsyncSession,
     table: Table,
     rows: list[dict[str, Any]],
     *,
     keys: tuple[str, ...],
     column: str,
-) -> Any:
-    """INSERT rows … ON CONFLICT (keys) DO UPDATE column = column + the row's value."""
+) -> None:
+    """INSERT rows … ON CONFLICT (keys) DO UPDATE column = column + the row's value.
+
+    The rows go as executemany parameters, not in the statement, so its compiled form is
+    cached; SQLAlchemy still sends them as one multi-row INSERT.
+    """
     insert = postgresql_insert if is_postgres(session) else sqlite_insert
-    statement = insert(table).values(rows)
-    return statement.on_conflict_do_update(
+    statement = insert(table)
+    statement = statement.on_conflict_do_update(
         index_elements=list(keys),
         set_={column: getattr(table.c, column) + statement.excluded[column]},
     )
+    connection = await session.connection()
+    await connection.execute(statement, rows)
 
 
-def insert_ignore(
+async def insert_ignore(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL (cached, as above)."""
+    insert = postgresql_insert if is_postgres(session) else sqlite_insert
+    connection = await session.connection()
+    await connection.execute(insert(table).on_conflict_do_nothing(), rows)
+
+
+def insert_ignore_statement(
     session: AsyncSession, table: Table, rows: dict[str, Any] | list[dict[str, Any]]
 ) -> Any:
-    """INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL."""
+    """The same INSERT … ON CONFLICT DO NOTHING as a statement, for callers that need its
+    rowcount (how many rows were new)."""
     insert = postgresql_insert if is_postgres(session) else sqlite_insert
     return insert(table).values(rows).on_conflict_do_nothing()
 
@@ -111,3 +168,53 @@ def table_of(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel table class, for bulk and guarded statements."""
     table: Table = getattr(model, "__table__")  # noqa: B009 - SQLModel does not type it
     return table
+
+
+class RowSet:
+    """Many rows of values for one set-based statement, on either database.
+
+    PostgreSQL: the rows travel as one array per column and are read back with `unnest(...) AS
+    v(...)`, so a statement such as `UPDATE t SET ... FROM v WHERE t.id = v.id RETURNING ...`
+    touches every row in one round trip, with three parameters however many rows there are
+    (a VALUES list would need one per value, and asyncpg allows 32,767). SQLite: the same
+    statement is run once per row with `executemany`, which the sqlite3 module loops in C.
+    Build the statement with `rows.c["name"]` wherever a row's value goes.
+    """
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        columns: dict[str, TypeEngine[Any]],
+        rows: Sequence[Sequence[Any]],
+    ) -> None:
+        self.postgres = is_postgres(session)
+        self.size = len(rows)
+        names = list(columns)
+        if self.postgres:
+            arrays = [list(values) for values in zip(*rows, strict=True)] or [[] for _ in names]
+            source = (
+                func.unnest(
+                    *(
+                        bindparam(f"v_{name}", array, type_=postgresql.ARRAY(columns[name]))
+                        for name, array in zip(names, arrays, strict=True)
+                    )
+                )
+                .table_valued(*(column(name, columns[name]) for name in names))
+                .render_derived(name="v")
+            )
+            self.c: dict[str, Any] = {name: source.c[name] for name in names}
+            self.params: list[dict[str, Any]] = []
+        else:
+            self.c = {name: bindparam(f"v_{name}", type_=columns[name]) for name in names}
+            self.params = [
+                {f"v_{name}": value for name, value in zip(names, row, strict=True)} for row in rows
+            ]
+
+    async def execute(self, session: AsyncSession, statement: Executable) -> Any:
+        """Run `statement` over every row (nothing when there are none)."""
+        if not self.size:
+            return None
+        connection = await session.connection()
+        if self.postgres:
+            return await connection.execute(statement)
+        return await connection.execute(statement, self.params)

@@ -8,8 +8,11 @@ import re
 from urllib.parse import parse_qsl, quote, urlencode
 
 # A query parameter whose name holds one of these words has its value replaced in the access
-# log: api_key, token, access_token, password, client_secret, ...
-SECRET_PARAMETER = re.compile(r"api[-_]?key|token|passw|secret|auth|credential", re.IGNORECASE)
+# log: api_key, token, access_token, password, client_secret, ..., and the OAuth callback's
+# authorization `code` and `state`.
+SECRET_PARAMETER = re.compile(
+    r"api[-_]?key|token|passw|secret|auth|credential|\bcode\b|\bstate\b", re.IGNORECASE
+)
 REDACTED = "[redacted]"
 
 

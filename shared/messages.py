@@ -41,6 +41,11 @@ class EmailContent(BaseModel):
     unsubscribe_token: str | None = Field(
         default=None, description="The same token, for the mailto: variant's subject."
     )
+    date: datetime | None = Field(
+        default=None,
+        description="The Date header: when the email was accepted, the same on every attempt "
+        "(RFC 5322 3.6.1: when it was ready to enter the mail system).",
+    )
 
 
 class SendJob(MessageBody):
@@ -87,7 +92,9 @@ class SendResult(MessageBody):
 class SmtpCredentials(BaseModel):
     """One server's credentials, as the registry's internal endpoint gives them to a sender.
 
-    HTTP only, never on the broker; the repr never shows the password.
+    HTTP only, never on the broker; the repr never shows the password or the token. A server
+    connected with OAuth (`auth: xoauth2`) comes with a short-lived access token only: the
+    refresh token never leaves the registry.
     """
 
     id: uuid.UUID
@@ -96,7 +103,10 @@ class SmtpCredentials(BaseModel):
     port: int
     security: Literal["starttls", "tls"]
     username: str
-    password: str = Field(repr=False)
+    auth: Literal["password", "xoauth2"] = "password"
+    password: str = Field(default="", repr=False)
+    access_token: str | None = Field(default=None, repr=False)
+    access_token_expires_at: datetime | None = None
     from_email: str
     from_name: str
     status: str = Field(description="The registry's status; only `active` servers send.")

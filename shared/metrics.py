@@ -175,8 +175,42 @@ EMAILS_SWEPT = Counter(
     "abl_emails_swept_total",
     "Emails found `scheduled` with no result long after their publish, and settled.",
 )
+RESULTS_REPORTED_DIRECTLY = Counter(
+    "abl_sender_results_reported_directly_total",
+    "Results a sender gave the scheduler over HTTP because the broker was away.",
+)
 DEPENDENCY_WAITS = Counter(
     "abl_sender_dependency_waits_total",
     "Times a sender waited for a service that did not answer (registry, scheduler, broker).",
     ["dependency"],
+)
+OUTBOX_PUBLISHED = Counter(
+    "abl_outbox_published_total",
+    "Events published from a service's outbox and confirmed by the broker.",
+    ["service"],
+)
+WEBHOOK_EVENTS = Counter(
+    "abl_webhook_events_total",
+    "Events the webhooks service received, by event type.",
+    ["type"],
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "abl_webhook_attempts_total",
+    "Delivery attempts to tenants' endpoints, by outcome: delivered, http_error (a non-2xx "
+    "answer), timeout, connect_failed, blocked_host.",
+    ["outcome"],
+)
+WEBHOOK_ATTEMPT_DURATION = Histogram(
+    "abl_webhook_attempt_duration_seconds",
+    "Time one delivery attempt took, up to the endpoint's answer or the timeout.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
+)
+WEBHOOK_GIVEN_UP = Counter(
+    "abl_webhook_given_up_total",
+    "Deliveries abandoned after the retry window, and endpoints disabled after failing for days.",
+    ["what"],
+)
+WEBHOOK_BACKLOG = Gauge(
+    "abl_webhook_backlog",
+    "Deliveries waiting (due now or later) on enabled endpoints.",
 )

@@ -101,6 +101,48 @@ class BrokerSettings(CommonSettings):
     def results_queue(self) -> str:
         return f"{self.queue_prefix}.results"
 
+    @property
+    def events_queue(self) -> str:
+        """Where the registry's and the scheduler's outboxes publish, for the webhooks service."""
+        return f"{self.queue_prefix}.events"
+
+
+class OutboxSettings(DatabaseSettings, BrokerSettings):
+    # The relay publishes right after each commit that wrote events; this pass also catches
+    # rows left by a failed publish or written by another replica.
+    outbox_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Published rows are kept this long (the window `make run` publishes again at start-up,
+    # its in-process bus having lost what it held), then purged.
+    outbox_keep_seconds: float = Field(default=3600.0, ge=0)
+
+
+class EncryptionSettings(CommonSettings):
+    """The keyring (`shared/crypto.py`): the first key encrypts, every one decrypts."""
+
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_missing_keys(self) -> Self:
+        if not self.encryption_keys:
+            raise SettingsError(
+                "ABL_ENCRYPTION_KEYS must hold at least one key: "
+                "python -m services.cli generate-key prints one"
+            )
+        for key in self.encryption_keys:
+            decode_key(key.get_secret_value())
+        return self
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
+
 
 class InternalTokenSettings(CommonSettings):
     internal_token: SecretStr = SecretStr("")
@@ -129,41 +171,82 @@ class AddressSettings(CommonSettings):
 class UpstreamSettings(CommonSettings):
     registry_url: str = "http://127.0.0.1:8000"
     scheduler_url: str = "http://127.0.0.1:8000"
+    webhooks_url: str = "http://127.0.0.1:8000"
 
 
-class RegistrySettings(DatabaseSettings, InternalTokenSettings, AddressSettings):
+class OAuthSettings(CommonSettings):
+    """The platform's OAuth clients ("Sign in with Google or Microsoft"), read by the registry.
+
+    A provider is configured when its client id and secret are set; every endpoint and SMTP
+    setting of the provider table (`services.registry.oauth.providers`) can be overridden, for
+    tests and for national clouds.
+    """
+
+    oauth_google_client_id: str = ""
+    oauth_google_client_secret: SecretStr = SecretStr("")
+    oauth_google_authorize_url: str | None = None
+    oauth_google_token_url: str | None = None
+    oauth_google_userinfo_url: str | None = None
+    oauth_google_smtp_host: str | None = None
+    oauth_google_smtp_port: int | None = Field(default=None, ge=1, le=65535)
+
+    oauth_microsoft_client_id: str = ""
+    oauth_microsoft_client_secret: SecretStr = SecretStr("")
+    # `common` lets work and personal accounts of any organisation sign in; an organisation
+    # that runs its own platform can name its Entra tenant id instead.
+    oauth_microsoft_tenant: str = Field(default="common", pattern=r"^[A-Za-z0-9.-]{1,100}$")
+    oauth_microsoft_authorize_url: str | None = None
+    oauth_microsoft_token_url: str | None = None
+    oauth_microsoft_userinfo_url: str | None = None
+    oauth_microsoft_smtp_host: str | None = None
+    oauth_microsoft_smtp_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # The public base URL of the API: the redirect URI is `{this}/v1/oauth/callback`, exactly as
+    # registered with each provider.
+    oauth_redirect_base_url: str = ""
+    # Where the callback sends the browser: `?server_id=...` or `?error=code`. Unset, the
+    # callback answers a short plain-text page instead.
+    oauth_frontend_redirect_url: str = ""
+    # How long a started connection may take to come back through the callback.
+    oauth_state_ttl_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # An access token is refreshed when it has less than this left, so that a sender never
+    # holds one that expires during its credentials cache (`ABL_CREDENTIALS_TTL_SECONDS`).
+    oauth_refresh_margin_seconds: float = Field(default=300.0, ge=0, le=1800)
+    oauth_http_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _complete_oauth_clients(self) -> Self:
+        for provider in ("google", "microsoft"):
+            client_id = getattr(self, f"oauth_{provider}_client_id")
+            secret: SecretStr = getattr(self, f"oauth_{provider}_client_secret")
+            if bool(client_id) != bool(secret.get_secret_value()):
+                name = f"ABL_OAUTH_{provider.upper()}"
+                raise SettingsError(f"{name}_CLIENT_ID and {name}_CLIENT_SECRET go together")
+            if client_id and not self.oauth_redirect_base_url:
+                raise SettingsError(
+                    "ABL_OAUTH_REDIRECT_BASE_URL must name the API's public base URL when an "
+                    "OAuth provider is configured (the redirect URI is "
+                    "{base}/v1/oauth/callback)"
+                )
+        return self
+
+
+class RegistrySettings(
+    OutboxSettings, EncryptionSettings, InternalTokenSettings, AddressSettings, OAuthSettings
+):
     admin_token: SecretStr = SecretStr("")
-    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     verify_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     verify_rate_per_minute: int = Field(default=10, ge=1)
     verify_burst: int = Field(default=5, ge=1)
 
-    @field_validator("encryption_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     @model_validator(mode="after")
     def _refuse_unsafe_secrets(self) -> Self:
         _refuse_weak_token("admin_token", self.admin_token)
-        if not self.encryption_keys:
-            raise SettingsError(
-                "ABL_ENCRYPTION_KEYS must hold at least one key: "
-                "python -m services.cli generate-key prints one"
-            )
-        for key in self.encryption_keys:
-            decode_key(key.get_secret_value())
         return self
 
-    @property
-    def keys(self) -> list[bytes]:
-        return [decode_key(key.get_secret_value()) for key in self.encryption_keys]
 
-
-class SchedulerSettings(DatabaseSettings, BrokerSettings, InternalTokenSettings):
+class SchedulerSettings(OutboxSettings, InternalTokenSettings):
     pacing: bool = True
     tick_seconds: float = Field(default=1.0, gt=0, le=60)
     publish_lease_seconds: float = Field(default=60.0, gt=0)
@@ -202,11 +285,33 @@ class SenderSettings(BrokerSettings, InternalTokenSettings, AddressSettings, Ups
     credentials_ttl_seconds: float = Field(default=60.0, ge=0)
 
 
+class WebhookSettings(DatabaseSettings, BrokerSettings, EncryptionSettings, AddressSettings):
+    """The webhooks service: tenants' endpoints, their signing secrets (encrypted with the
+    keyring), and delivery to URLs the tenants chose (the SSRF rules of server checks apply;
+    `ABL_ALLOW_PRIVATE_HOSTS` also allows plain http, for tests and local development)."""
+
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Attempts in flight at once, over all endpoints, per process.
+    webhook_concurrency: int = Field(default=32, ge=1, le=1000)
+    webhook_tick_seconds: float = Field(default=1.0, gt=0, le=60)
+    # A claimed delivery whose attempt did not finish (crash) is tried again after this.
+    webhook_lease_seconds: float = Field(default=60.0, gt=0)
+    # Retries wait base, 2 x base, 4 x base, ... up to the cap, with jitter; a delivery is
+    # abandoned once it has failed for the whole window (3 days: at least the promised 24 h).
+    webhook_retry_base_seconds: float = Field(default=5.0, ge=0)
+    webhook_retry_cap_seconds: float = Field(default=3600.0, ge=0)
+    webhook_retry_window_seconds: float = Field(default=3 * 86400.0, ge=0)
+    # An endpoint whose every attempt has failed for this long is disabled (and the tenant told).
+    webhook_disable_after_seconds: float = Field(default=3 * 86400.0, ge=0)
+
+
 class GatewaySettings(UpstreamSettings):
     """The gateway of `make stack` routes requests; it holds no secret."""
 
 
-class Settings(RegistrySettings, SchedulerSettings, SenderSettings, GatewaySettings):
+class Settings(
+    RegistrySettings, SchedulerSettings, SenderSettings, WebhookSettings, GatewaySettings
+):
     """Every service's settings together: the one-process shape (`make run`)."""
 
 
@@ -215,10 +320,19 @@ SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
     "registry": RegistrySettings,
     "scheduler": SchedulerSettings,
     "sender": SenderSettings,
+    "webhooks": WebhookSettings,
     "gateway": GatewaySettings,
 }
 # Settings that are secrets (a database or broker URL may hold a password).
-SECRET_SETTINGS = ("database_url", "amqp_url", "admin_token", "internal_token", "encryption_keys")
+SECRET_SETTINGS = (
+    "database_url",
+    "amqp_url",
+    "admin_token",
+    "internal_token",
+    "encryption_keys",
+    "oauth_google_client_secret",
+    "oauth_microsoft_client_secret",
+)
 
 
 def unused_secrets(settings_class: type[CommonSettings], environ: Mapping[str, str]) -> list[str]:

@@ -27,7 +27,7 @@ def test_committed_spec_matches_the_app(name: str) -> None:
     )
 
 
-PUBLIC_SPECS = ("api", "registry", "scheduler")
+PUBLIC_SPECS = ("api", "registry", "scheduler", "webhooks")
 
 
 @pytest.mark.parametrize("name", PUBLIC_SPECS)

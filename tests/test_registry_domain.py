@@ -24,7 +24,7 @@ from services.registry.domain import CheckCode, Security, ServerStatus, TokenBuc
             "smtp.office365.com",
             "5.7.139 Authentication unsuccessful, SmtpClientAuthentication "
             "is disabled for the Tenant",
-            "SMTP AUTH",
+            "/v1/servers/oauth/microsoft/start",
         ),
         ("mail.example.net", "5.7.8 Authentication credentials invalid", "username and password"),
     ],
@@ -35,6 +35,38 @@ def test_auth_failure_hints(host: str, reply: str, needle: str) -> None:
     assert outcome.hint is not None
     assert needle in outcome.hint
     assert outcome.reply == f"535 {reply}"
+
+
+@pytest.mark.parametrize(
+    ("code", "reply"),
+    [
+        (535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"),
+        (550, "5.7.30 Basic authentication is not supported for Client Submission"),
+    ],
+)
+def test_microsoft_365_password_refusals_point_to_the_oauth_route(code: int, reply: str) -> None:
+    outcome = domain.auth_failure("smtp.office365.com", code, reply)
+    assert outcome.hint is not None
+    assert "/v1/servers/oauth/microsoft/start" in outcome.hint
+    # The same hint on the server's status after a sender saw the refusal.
+    hint = domain.status_hint("auth_failed", f"{code} {reply}", domain.AuthMethod.password, None)
+    assert hint == outcome.hint
+    # An ordinary wrong password does not send the tenant to OAuth.
+    other = domain.status_hint(
+        "auth_failed", "535 5.7.8 bad credentials", domain.AuthMethod.password, None
+    )
+    assert other is not None
+    assert "oauth" not in other
+
+
+def test_an_oauth_server_whose_grant_is_gone_is_told_to_reconnect() -> None:
+    hint = domain.status_hint(
+        "auth_failed", "invalid_grant: refused", domain.AuthMethod.xoauth2, "google"
+    )
+    assert hint is not None
+    assert "reconnect this account" in hint
+    assert "/v1/servers/oauth/google/start" in hint
+    assert domain.status_hint(None, None, domain.AuthMethod.xoauth2, "google") is None
 
 
 @pytest.mark.parametrize(

@@ -418,3 +418,27 @@ async def test_a_batch_of_results_applies_each_once_and_sums_the_counters(
     assert sum(w["sent_today"] for w in warmups) == 6
     assert sum(w["reserved_today"] for w in warmups) == 6  # 9 reserved, 3 given back
     assert sum(w["rolling_24h_used"] for w in warmups) == 6
+
+
+async def test_a_result_reported_directly_while_the_broker_is_away_is_applied_once(
+    app: Api, starttls_server: SmtpTestServer
+) -> None:
+    tenant = await app.new_tenant()
+    await add_servers(app, tenant, starttls_server)
+    await app.client.post("/v1/messages", json=emails(2), headers=tenant)
+    await dispatcher(app).tick()
+    jobs = published_jobs(app)
+    report = {
+        "results": [
+            result_for(job, Outcome.sent, data_completed=True).model_dump(mode="json")
+            for job in jobs
+        ]
+    }
+    first = await app.client.post("/internal/v1/results", json=report, headers=app.internal())
+    assert first.json() == {"applied": [True, True]}
+    assert (await statuses(app, tenant)) == {"sent": 2}
+    # The same results through the broker later, or reported again, change nothing.
+    again = await app.client.post("/internal/v1/results", json=report, headers=app.internal())
+    assert again.json() == {"applied": [False, False]}
+    unauthenticated = await app.client.post("/internal/v1/results", json=report)
+    assert unauthenticated.status_code == 401

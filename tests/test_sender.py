@@ -6,12 +6,16 @@ and in the email's status, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from services.scheduler.models import Email
 from shared.broker import Delivery, InProcessBus, dead_letter_queue, parked_queue
+from shared.db import table_of
 from shared.settings import Settings
 from tests.conftest import Api, make_settings, running
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
@@ -216,7 +220,12 @@ async def test_a_redelivered_job_of_a_sent_email_is_not_sent_again(
     bus.publish = spy  # type: ignore[method-assign]
     (email_id,) = await send(live, tenant, "ok+once@example.org")
     await finished(live, tenant, [email_id], "sent")
-    await live.app.state.worker.handle(Delivery(captured[0], "again", 2, redelivered=True))
+    worker = live.app.state.worker
+    # Back at the sender that reported it: known without asking.
+    await worker.handle(Delivery(captured[0], "again", 2, redelivered=True))
+    # At another sender (one that does not remember it): the scheduler says it was sent.
+    worker.reported.clear()
+    await worker.handle(Delivery(captured[0], "again", 3, redelivered=True))
     assert len(smtp.recorder.messages) == 1
 
 
@@ -231,3 +240,28 @@ async def test_an_unparsable_job_is_dead_lettered_then_parked_for_an_operator(li
         return [e.body for e in bus.parked.get(parked, [])] == [b"{not json"]
 
     await eventually(dead)
+
+
+async def test_an_email_that_cannot_be_built_ends_failed_not_dead_lettered(
+    live: Api, smtp: SmtpTestServer
+) -> None:
+    """Intake refuses separators; an email stored before that rule (here: changed in the
+    database) must still end `failed` with the reason, with nothing sent and no dead letter."""
+    tenant = await live.new_tenant()
+    server_id = await add(live, tenant, smtp, "alice@example.com")
+    await live.client.post(f"/v1/servers/{server_id}/pause", headers=tenant)
+    (email_id,) = await send(live, tenant, "ok@example.org")
+    async with live.app.state.sessions() as session, session.begin():
+        emails = table_of(Email)
+        await session.exec(
+            update(emails)
+            .where(emails.c.id == uuid.UUID(email_id))
+            .values(to="ok@exa\u2028mple.org")
+        )
+    await live.client.post(f"/v1/servers/{server_id}/resume", headers=tenant)
+    await finished(live, tenant, [email_id], "failed")
+    final = await email(live, tenant, email_id)
+    assert "cannot be built" in final["last_smtp_reply"]
+    assert smtp.recorder.messages == []
+    bus: InProcessBus = live.app.state.bus
+    assert bus.dead_letters(live.settings.send_jobs_queue) == []

@@ -35,16 +35,28 @@ ALL_SECRETS = {
     "ABL_ADMIN_TOKEN": "a" * 32,
     "ABL_INTERNAL_TOKEN": "i" * 32,
     "ABL_ENCRYPTION_KEYS": generate_key(),
+    "ABL_OAUTH_GOOGLE_CLIENT_SECRET": "google-client-secret",
+    "ABL_OAUTH_MICROSOFT_CLIENT_SECRET": "microsoft-client-secret",
+}
+# An OAuth client secret is only valid with its client id and the redirect base URL.
+OAUTH_COMPANIONS = {
+    "ABL_OAUTH_GOOGLE_CLIENT_ID": "google-client-id",
+    "ABL_OAUTH_MICROSOFT_CLIENT_ID": "microsoft-client-id",
+    "ABL_OAUTH_REDIRECT_BASE_URL": "https://api.example.com",
 }
 READS = {
     "registry": {
         "ABL_DATABASE_URL",
+        "ABL_AMQP_URL",  # its outbox publishes server events
         "ABL_ADMIN_TOKEN",
         "ABL_INTERNAL_TOKEN",
         "ABL_ENCRYPTION_KEYS",
+        "ABL_OAUTH_GOOGLE_CLIENT_SECRET",
+        "ABL_OAUTH_MICROSOFT_CLIENT_SECRET",
     },
     "scheduler": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
     "sender": {"ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
+    "webhooks": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_ENCRYPTION_KEYS"},
     "gateway": set(),
     "all": set(ALL_SECRETS),
 }
@@ -74,6 +86,9 @@ def test_each_service_starts_with_only_its_own_secrets(monkeypatch: pytest.Monke
         with monkeypatch.context() as env:
             for name in reads:
                 env.setenv(name, ALL_SECRETS[name])
+            if "ABL_OAUTH_GOOGLE_CLIENT_SECRET" in reads:
+                for name, value in OAUTH_COMPANIONS.items():
+                    env.setenv(name, value)
             SERVICE_SETTINGS[service]()  # no error: nothing else is required
 
 
@@ -88,9 +103,15 @@ def test_a_secret_a_service_does_not_use_is_named_at_start(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="abl.settings")
     unused = warn_unused_secrets("sender", SenderSettings, ALL_SECRETS)
-    assert unused == ["ABL_DATABASE_URL", "ABL_ADMIN_TOKEN", "ABL_ENCRYPTION_KEYS"]
+    assert unused == [
+        "ABL_DATABASE_URL",
+        "ABL_ADMIN_TOKEN",
+        "ABL_ENCRYPTION_KEYS",
+        "ABL_OAUTH_GOOGLE_CLIENT_SECRET",
+        "ABL_OAUTH_MICROSOFT_CLIENT_SECRET",
+    ]
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3
+    assert len(lines) == 5
     assert all("sender" in line and "does not use" in line for line in lines)
     # The warning names the variable, never its value.
     assert not any(value in " ".join(lines) for value in ALL_SECRETS.values())

@@ -13,13 +13,16 @@ SCHEDULER_PATHS = (
     re.compile(r"^/v1/servers/[^/]+/warmup$"),
 )
 REGISTRY_PATHS = (re.compile(r"^/v1/(tenants|servers)(/.*)?$"),)
+WEBHOOK_PATHS = (re.compile(r"^/v1/webhooks(/.*)?$"),)
 
 
 def route(path: str) -> str | None:
-    """`scheduler`, `registry`, or None for a path the public API does not have (internal
-    endpoints included: they are never routed from outside)."""
+    """`scheduler`, `registry`, `webhooks`, or None for a path the public API does not have
+    (internal endpoints included: they are never routed from outside)."""
     if any(p.match(path) for p in SCHEDULER_PATHS):
         return "scheduler"
     if any(p.match(path) for p in REGISTRY_PATHS):
         return "registry"
+    if any(p.match(path) for p in WEBHOOK_PATHS):
+        return "webhooks"
     return None

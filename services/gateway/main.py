@@ -29,8 +29,9 @@ def upstreams(settings: GatewaySettings) -> Resource:
         async with (
             httpx.AsyncClient(base_url=settings.registry_url, timeout=60) as registry,
             httpx.AsyncClient(base_url=settings.scheduler_url, timeout=60) as sched,
+            httpx.AsyncClient(base_url=settings.webhooks_url, timeout=60) as hooks,
         ):
-            app.state.upstreams = {"registry": registry, "scheduler": sched}
+            app.state.upstreams = {"registry": registry, "scheduler": sched, "webhooks": hooks}
             yield
 
     return resource

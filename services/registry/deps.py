@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from services.registry.domain import TokenBucket
+from services.registry.oauth.tokens import TokenKeeper
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring
 from shared.errors import RateLimited
@@ -51,6 +52,12 @@ def get_limiter(request: Request) -> CheckLimiter:
     return limiter
 
 
+def get_token_keeper(request: Request) -> TokenKeeper:
+    keeper: TokenKeeper = request.app.state.token_keeper
+    return keeper
+
+
 KeyringDep = Annotated[Keyring, Depends(get_keyring)]
 VerifierDep = Annotated[Verifier, Depends(get_verifier)]
 LimiterDep = Annotated[CheckLimiter, Depends(get_limiter)]
+TokenKeeperDep = Annotated[TokenKeeper, Depends(get_token_keeper)]

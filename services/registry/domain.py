@@ -25,6 +25,11 @@ class ServerStatus(StrEnum):
     protocol_error = "protocol_error"
 
 
+class AuthMethod(StrEnum):
+    password = "password"  # noqa: S105  # AUTH PLAIN or LOGIN with the stored password
+    xoauth2 = "xoauth2"  # SASL XOAUTH2 with an access token from the OAuth provider
+
+
 class CheckCode(StrEnum):
     auth_failed = "auth_failed"
     auth_unsupported = "auth_unsupported"
@@ -104,14 +109,50 @@ def auth_failure(host: str, reply_code: int, reply: str) -> CheckOutcome:
             "create an app password (Google Account → Security → App passwords) and use that "
             "16-character password here, not the account password."
         )
-    elif "5.7.139" in reply or "SmtpClientAuthentication" in reply:
-        hint = (
-            "Microsoft 365 has SMTP AUTH turned off for this mailbox: an administrator must "
-            "enable 'Authenticated SMTP' for it, or the tenant's security defaults block it."
-        )
+    elif microsoft_basic_auth_refused(reply_code, reply):
+        hint = MICROSOFT_OAUTH_HINT
     else:
         hint = "Check the username and password; many providers require an app password."
     return CheckOutcome(CheckCode.auth_failed, "The server refused the credentials.", hint, text)
+
+
+MICROSOFT_OAUTH_HINT = (
+    "Microsoft 365 refuses passwords for SMTP on this mailbox (SMTP AUTH with basic "
+    "authentication is off, as Microsoft now sets it by default). Connect the mailbox with "
+    "Microsoft instead, no password needed: POST /v1/servers/oauth/microsoft/start (or "
+    "`ablctl servers connect microsoft`), with this server's id as `server_id` to keep it."
+)
+OAUTH_RECONNECT_HINT = (
+    "{title} no longer accepts this connection (consent revoked, password changed or the "
+    "grant expired): reconnect this account with POST /v1/servers/oauth/{provider}/start and "
+    "this server's id as `server_id` (or `ablctl servers connect {provider} --server-id ...`)."
+)
+
+
+def microsoft_basic_auth_refused(reply_code: int | None, reply: str) -> bool:
+    """`535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled` or
+    `550 5.7.30 Basic authentication is not supported for Client Submission`: Microsoft 365
+    refuses passwords for this mailbox; only OAuth works."""
+    return (
+        "5.7.139" in reply
+        or "5.7.30" in reply
+        or "SmtpClientAuthentication" in reply
+        or (reply_code in (535, 550) and "basic authentication" in reply.lower())
+    )
+
+
+def status_hint(
+    code: str | None, reply: str | None, auth: AuthMethod, provider: str | None
+) -> str | None:
+    """What a person can do about a server's last failure, as `GET /v1/servers/{id}` shows."""
+    if code != CheckCode.auth_failed:
+        return None
+    if auth is AuthMethod.xoauth2 and provider:
+        title = {"google": "Google", "microsoft": "Microsoft"}.get(provider, provider)
+        return OAUTH_RECONNECT_HINT.format(title=title, provider=provider)
+    if reply and microsoft_basic_auth_refused(None, reply):
+        return MICROSOFT_OAUTH_HINT
+    return "Check the password (many providers require an app password), then verify again."
 
 
 def tls_failure(port: int, security: Security, reason: str) -> CheckOutcome:
@@ -143,6 +184,15 @@ def auth_missing() -> CheckOutcome:
         CheckCode.auth_unsupported,
         "The server does not offer authentication (no AUTH in its EHLO reply).",
         "Use the provider's submission port (587 or 465), which accepts AUTH.",
+    )
+
+
+def xoauth2_missing() -> CheckOutcome:
+    return CheckOutcome(
+        CheckCode.auth_unsupported,
+        "The server does not offer XOAUTH2 (OAuth) authentication.",
+        "Check ABL_OAUTH_<PROVIDER>_SMTP_HOST and _SMTP_PORT: they must name the provider's "
+        "submission server.",
     )
 
 

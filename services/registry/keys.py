@@ -1,4 +1,5 @@
-"""Key rotation: re-encrypt every stored password under the first key of ABL_ENCRYPTION_KEYS."""
+"""Key rotation: re-encrypt every stored password and OAuth token under the first key of
+ABL_ENCRYPTION_KEYS."""
 
 from __future__ import annotations
 
@@ -25,16 +26,29 @@ async def rotate_keys(
     async with sessions() as session, session.begin():
         async for server in repository.iter_all_servers(session):
             examined += 1
-            imap_stale = server.imap_password_ciphertext is not None and keyring.needs_rotation(
-                server.imap_password_ciphertext
-            )
-            if not keyring.needs_rotation(server.password_ciphertext) and not imap_stale:
-                continue
-            # Decrypting with the old key proves the row is intact before it is rewritten.
-            repository.seal_password(keyring, server, repository.open_password(keyring, server))
+            changed = False
+            # An OAuth server has no password (an empty column).
+            if server.password_ciphertext and keyring.needs_rotation(server.password_ciphertext):
+                # Decrypting with the old key proves the row is intact before it is rewritten.
+                repository.seal_password(keyring, server, repository.open_password(keyring, server))
+                changed = True
+            for purpose, column in (
+                (repository.REFRESH_TOKEN, "refresh_token_ciphertext"),
+                (repository.ACCESS_TOKEN, "access_token_ciphertext"),
+            ):
+                sealed: str | None = getattr(server, column)
+                if sealed and keyring.needs_rotation(sealed):
+                    plain = repository.open_token(keyring, server, purpose, sealed)
+                    setattr(server, column, repository.seal_token(keyring, server, purpose, plain))
+                    changed = True
             endpoint = mailbox.stored_endpoint(keyring, server)
-            if endpoint is not None:
+            if endpoint is not None and keyring.needs_rotation(
+                server.imap_password_ciphertext or ""
+            ):
                 mailbox.store_password(keyring, server, endpoint.password)
+                changed = True
+            if not changed:
+                continue
             server.updated_at = utcnow()
             session.add(server)
             reencrypted += 1

@@ -2,26 +2,73 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.registry import events
 from services.registry.api import router
 from services.registry.deps import CheckLimiter
+from services.registry.models import RegistryOutbox
+from services.registry.oauth import providers as oauth_providers
+from services.registry.oauth.client import OAuthClient
+from services.registry.oauth.tokens import TokenKeeper
 from services.registry.verifier import Verifier
 from shared.app import Resource, build_app, database
+from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
+from shared.outbox import Outbox
 from shared.settings import RegistrySettings
 
 
-def registry_resources(settings: RegistrySettings) -> Resource:
+def registry_resources(
+    settings: RegistrySettings, *, run_loop: bool = True, recover_in_memory: bool = False
+) -> Resource:
+    """Needs `app.state.sessions` and `app.state.bus` from resources opened before it.
+
+    `recover_in_memory`: the in-process bus lost its messages with the last process, so the
+    outbox publishes again what it published within its keep window.
+    """
+
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
-        app.state.keyring = Keyring.from_keys(settings.keys)
+        keyring = Keyring.from_keys(settings.keys)
+        app.state.keyring = keyring
         app.state.verifier = Verifier(settings)
         app.state.check_limiter = CheckLimiter(settings)
-        yield
+        providers = oauth_providers.configured(settings)
+        client = OAuthClient(settings.oauth_http_timeout_seconds)
+        app.state.oauth_providers = providers
+        app.state.oauth_client = client
+        # Needs the database resource's session factory, which is entered first.
+        app.state.token_keeper = TokenKeeper(
+            app.state.sessions, keyring, client, providers, settings.oauth_refresh_margin_seconds
+        )
+        events.install()
+        relay = Outbox(
+            RegistryOutbox,
+            app.state.sessions,
+            app.state.bus,
+            settings.events_queue,
+            service="registry",
+            poll_seconds=settings.outbox_poll_seconds,
+            keep_seconds=settings.outbox_keep_seconds,
+        )
+        app.state.registry_outbox = relay
+        if recover_in_memory:
+            await relay.republish_recent()
+        stop = asyncio.Event()
+        task = asyncio.create_task(relay.run(stop)) if run_loop else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, timeout=30)
 
     return resource
 
@@ -36,7 +83,11 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         title="ABillionLeads registry",
         service="registry",
         settings=resolved,
-        resources=[database(resolved), registry_resources(resolved)],
+        resources=[
+            database(resolved),
+            rabbit_bus(resolved, needed_for_readiness=False),
+            registry_resources(resolved),
+        ],
     )
     install(app)
     return app

@@ -17,8 +17,9 @@ from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
-from services.registry.domain import PRESETS, Security, ServerStatus
+from services.registry.domain import PRESETS, AuthMethod, Security, ServerStatus, status_hint
 from shared.imap import ImapSecurity
+from shared.outbox import OutboxRecord
 from shared.providers import detect
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import Address, refuse_control_chars
@@ -203,6 +204,7 @@ class LastCheck(SQLModel):
     code: str | None
     reply: str | None
     at: datetime | None
+    hint: str | None = Field(default=None, description="What a person can do about a failure.")
 
 
 class SmtpServerPublic(SmtpServerBase):
@@ -212,6 +214,10 @@ class SmtpServerPublic(SmtpServerBase):
     security: Security
     username: str
     status: ServerStatus
+    auth: AuthMethod = AuthMethod.password
+    oauth_provider: str | None = Field(
+        default=None, description="`google` or `microsoft` for a server connected with OAuth."
+    )
     has_password: bool = True
     last_check: LastCheck
     imap: ImapPublic | None = None
@@ -251,7 +257,18 @@ class SmtpServer(SmtpServerBase, table=True):
     security: Security = Field(sa_type=String(16))
     username: str = Field(max_length=320)
     from_email: str = Field(max_length=320)
+    # Empty for a server connected with OAuth, which has a refresh token instead.
     password_ciphertext: str = Field(max_length=4096)
+    auth: AuthMethod = Field(
+        default=AuthMethod.password,
+        sa_column=Column(String(16), nullable=False, server_default=AuthMethod.password.value),
+    )
+    oauth_provider: str | None = Field(default=None, max_length=32)
+    # Encrypted like the password (same keyring, associated data naming tenant, server and
+    # purpose); the refresh token never leaves the registry.
+    refresh_token_ciphertext: str | None = Field(default=None, max_length=8192)
+    access_token_ciphertext: str | None = Field(default=None, max_length=16384)
+    access_token_expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     status: ServerStatus = Field(default=ServerStatus.active, sa_type=String(32), index=True)
     last_check_code: str | None = Field(default=None, max_length=32)
     last_check_reply: str | None = Field(default=None, max_length=512)
@@ -299,13 +316,82 @@ class SmtpServer(SmtpServerBase, table=True):
             from_name=self.from_name,
             daily_cap=self.daily_cap,
             status=ServerStatus(self.status),
+            auth=AuthMethod(self.auth),
+            oauth_provider=self.oauth_provider,
+            has_password=AuthMethod(self.auth) is AuthMethod.password,
             last_check=LastCheck(
                 ok=self.last_check_code is None and self.last_checked_at is not None,
                 code=self.last_check_code,
                 reply=self.last_check_reply,
                 at=self.last_checked_at,
+                hint=status_hint(
+                    self.last_check_code,
+                    self.last_check_reply,
+                    AuthMethod(self.auth),
+                    self.oauth_provider,
+                ),
             ),
             imap=self.imap_public(),
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
+
+
+class OAuthStart(SQLModel):
+    """What the tenant may set on the server it connects; the rest comes from the provider."""
+
+    model_config = SQLModelConfig(hide_input_in_errors=True)
+
+    label: str = Field(default="", max_length=100)
+    from_name: str = Field(default="", max_length=100)
+    daily_cap: int = Field(default=DEFAULT_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
+    server_id: uuid.UUID | None = Field(
+        default=None,
+        description="Reconnect this existing server (after `auth_failed`) instead of adding one.",
+    )
+
+    _clean_label = field_validator("label", "from_name")(_clean_text)
+
+
+class OAuthStarted(SQLModel):
+    authorize_url: str = Field(description="Send the tenant's browser here.")
+    state: str = Field(description="Ties the callback to this start; single use, short-lived.")
+    expires_at: datetime
+
+
+class OAuthFlowStatus(SQLModel):
+    status: Literal["pending", "connected", "failed", "expired"]
+    server_id: uuid.UUID | None = None
+    error: str | None = None
+
+
+class OAuthFlow(SQLModel, table=True):
+    """One started connection, until its callback: single use, bound to its tenant.
+
+    The PKCE verifier is kept here (encrypted), never in the browser; the row is kept after use
+    with its outcome, so `ablctl` can learn it and a replayed state is refused.
+    """
+
+    __tablename__ = "oauth_flows"
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID = Field(
+        sa_column=Column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    provider: str = Field(max_length=32)
+    verifier_ciphertext: str = Field(max_length=512)
+    server_id: uuid.UUID | None = None
+    label: str = Field(default="", max_length=100)
+    from_name: str = Field(default="", max_length=100)
+    daily_cap: int = Field(default=MAX_DAILY_CAP)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    expires_at: datetime = Field(sa_type=UtcDateTime, index=True)
+    used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    result_server_id: uuid.UUID | None = None
+    result_error: str | None = Field(default=None, max_length=64)
+
+
+class RegistryOutbox(OutboxRecord, table=True):
+    """Events of the registry (a server's status changed), published after commit."""
+
+    __tablename__ = "registry_outbox"

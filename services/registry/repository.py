@@ -87,6 +87,19 @@ def open_password(keyring: Keyring, server: SmtpServer) -> str:
     return keyring.decrypt(server.password_ciphertext, associated_data(server.tenant_id, server.id))
 
 
+# What a ciphertext holds, named in its associated data (not secrets).
+REFRESH_TOKEN = "oauth-refresh-token"  # noqa: S105
+ACCESS_TOKEN = "oauth-access-token"  # noqa: S105
+
+
+def seal_token(keyring: Keyring, server: SmtpServer, purpose: str, token: str) -> str:
+    return keyring.encrypt(token, associated_data(server.tenant_id, server.id, purpose))
+
+
+def open_token(keyring: Keyring, server: SmtpServer, purpose: str, sealed: str) -> str:
+    return keyring.decrypt(sealed, associated_data(server.tenant_id, server.id, purpose))
+
+
 async def add_tenant(session: AsyncSession, tenant: Tenant) -> Tenant:
     session.add(tenant)
     await session.flush()

@@ -1,5 +1,6 @@
 """The connection check: resolve once, refuse forbidden addresses, connect to the address that
-was checked, say EHLO, set up TLS with verified certificates, authenticate, and quit.
+was checked, say EHLO, set up TLS with verified certificates, authenticate (with the password,
+or with SASL XOAUTH2 and an access token for OAuth servers), and quit.
 
 No email is sent. The whole check is bounded by `ABL_VERIFY_TIMEOUT_SECONDS`.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from services.registry import domain
-from services.registry.domain import CheckCode, CheckOutcome, Security
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, Security
 from shared import addresses as addresses_module
 from shared import imap
 from shared.settings import RegistrySettings
@@ -31,7 +32,8 @@ class Target:
     port: int
     security: Security
     username: str
-    password: str
+    password: str  # the access token when `auth` is xoauth2
+    auth: AuthMethod = AuthMethod.password
 
     def __repr__(self) -> str:  # the password must never reach a log or a traceback
         return f"Target(host={self.host!r}, port={self.port}, security={self.security.value})"
@@ -110,7 +112,12 @@ class Verifier:
             if not client.supports_extension("auth"):
                 return domain.auth_missing()
             stage[0] = "AUTH reply"
-            await client.login(target.username, target.password)
+            if target.auth is AuthMethod.xoauth2:
+                if "xoauth2" not in client.server_auth_methods:
+                    return domain.xoauth2_missing()
+                await client.auth_xoauth2(target.username, target.password)
+            else:
+                await client.login(target.username, target.password)
             stage[0] = "QUIT reply"
             # The check already passed; a rude goodbye changes nothing.
             with contextlib.suppress(aiosmtplib.SMTPException):

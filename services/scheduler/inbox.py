@@ -42,7 +42,7 @@ from services.scheduler.models import (
     SuppressionSource,
 )
 from shared import imap
-from shared.db import insert_ignore, table_of
+from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
 from shared.metrics import BOUNCES, MAILBOX_POLLS, REPLIES
 from shared.settings import SchedulerSettings
@@ -194,7 +194,7 @@ class MailboxReader:
         emails = await _emails_named(session, box.tenant_id, verdict)
         address = emails[0].to.lower() if emails else (verdict.recipients or (None,))[0]
         inserted = await session.exec(
-            insert_ignore(
+            insert_ignore_statement(
                 session,
                 table_of(MailboxEvent),
                 {

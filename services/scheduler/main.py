@@ -15,11 +15,12 @@ from pydantic import TypeAdapter
 from services.scheduler import repository, stats
 from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
-from services.scheduler.models import MessageBatch
+from services.scheduler.models import MessageBatch, SchedulerOutbox
 from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
 from shared.app import Resource, add_readiness_check, build_app, database
 from shared.bus_resource import rabbit_bus
+from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
 
 RESULT_PREFETCH = 64
@@ -45,9 +46,22 @@ def scheduler_resources(
         )
         app.state.dispatcher = dispatcher
         app.state.result_applier = applier
+        # Email and server events for the webhooks service, written with the change they
+        # describe (`services.scheduler.events`).
+        relay = Outbox(
+            SchedulerOutbox,
+            app.state.sessions,
+            bus,
+            settings.events_queue,
+            service="scheduler",
+            poll_seconds=settings.outbox_poll_seconds,
+            keep_seconds=settings.outbox_keep_seconds,
+        )
+        app.state.scheduler_outbox = relay
         if recover_in_memory:
             async with app.state.sessions() as session, session.begin():
                 await repository.expire_all_leases(session)
+            await relay.republish_recent()
         settler = Settler(settings, app.state.sessions, bus, applier)
         app.state.settler = settler
         # Up to this many results wait together; the applier writes them in one transaction.
@@ -69,6 +83,7 @@ def scheduler_resources(
                 asyncio.create_task(dispatcher.run(stop)),
                 asyncio.create_task(stats.run(app.state.sessions, bus, settings, stop)),
                 asyncio.create_task(settler.run_sweeps(stop)),
+                asyncio.create_task(relay.run(stop)),
             ]
             if run_loop
             else []

@@ -15,6 +15,7 @@ from sqlalchemy import JSON, BigInteger, Column, Date, Index, String, UniqueCons
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
+from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import Address, refuse_control_chars, refuse_unencodable
 
@@ -516,3 +517,10 @@ class MailboxEvent(SQLModel, table=True):
     address: str | None = Field(default=None, max_length=320)
     status: str | None = Field(default=None, max_length=16)
     at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class SchedulerOutbox(OutboxRecord, table=True):
+    """Events of the scheduler (an email's final status, a server parked or back, a warmup
+    step), written in the transaction that makes the change, published after commit."""
+
+    __tablename__ = "scheduler_outbox"

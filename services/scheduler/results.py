@@ -16,18 +16,20 @@ import logging
 import random
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import repository
-from services.scheduler.domain import RetryPolicy
-from services.scheduler.models import Email, EmailStatus
+from services.scheduler import events, repository
+from services.scheduler.domain import RetryPolicy, SendingWindow
+from services.scheduler.models import EmailStatus
 from shared.broker import Delivery
-from shared.db import is_postgres
+from shared.db import in_transaction
+from shared.events import EMAIL_EVENTS
 from shared.messages import Outcome, SendResult, parse
 from shared.metrics import EMAILS_FINISHED, RESULTS_APPLIED
 from shared.timeutil import utcnow
@@ -49,14 +51,63 @@ class CounterChanges:
     parks: dict[uuid.UUID, tuple[datetime, str]] = field(default_factory=dict)
 
     async def write(self, session: AsyncSession) -> None:
-        for (server_id, day), n in sorted(self.released.items()):
-            await repository.release_many(session, server_id, day=day, hour=None, count=n)
-        for (server_id, hour), n in sorted(self.released_hours.items()):
-            await repository.release_many(session, server_id, day=None, hour=hour, count=n)
-        for (server_id, day), n in sorted(self.delivered.items()):
-            await repository.count_delivered(session, server_id, day, n)
-        for server_id, (until, reason) in sorted(self.parks.items()):
-            await repository.park(session, server_id, until, reason)
+        days = {
+            key: (self.released[key], self.delivered[key])
+            for key in self.released.keys() | self.delivered.keys()
+        }
+        await repository.write_counters(session, days=days, hours=dict(self.released_hours))
+        if self.parks:
+            await repository.park_many(session, self.parks)
+
+
+@dataclass(slots=True)
+class EmailState:
+    """What the applier reads and changes of one email: a plain record, not an ORM object."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID | None
+    status: str
+    attempts: int
+    reserved_day: date | None
+    reserved_hour: datetime | None
+    not_before: datetime
+    sent_at: datetime | None
+    last_smtp_code: int | None = None
+    last_smtp_reply: str | None = None
+    campaign: str | None = None
+    server_id: uuid.UUID | None = None
+
+    def row(self) -> tuple[Any, ...]:
+        """The values `repository.update_results` writes."""
+        return (
+            self.id,
+            self.status,
+            self.attempts,
+            self.not_before,
+            self.job_id,
+            self.last_smtp_code,
+            self.last_smtp_reply,
+            self.sent_at,
+        )
+
+
+def finished(emails: Iterable[EmailState]) -> list[events.Finished]:
+    """The emails of a batch that reached a status announced by an event."""
+    return [
+        events.Finished(
+            email_id=e.id,
+            tenant_id=e.tenant_id,
+            status=e.status,
+            server_id=e.server_id,
+            campaign=e.campaign,
+            attempts=e.attempts,
+            smtp_code=e.last_smtp_code,
+            smtp_reply=e.last_smtp_reply,
+        )
+        for e in emails
+        if e.status in EMAIL_EVENTS
+    ]
 
 
 class ResultApplier:
@@ -112,17 +163,28 @@ class ResultApplier:
         self, results: list[SendResult], now: datetime | None = None
     ) -> list[bool]:
         moment = now or utcnow()
-        changes = CounterChanges()
-        applied: list[bool] = []
-        async with self.sessions() as session, session.begin():
-            query = (
-                select(Email)
-                .where(col(Email.id).in_({r.email_id for r in results}))
-                .order_by(col(Email.id))
-            )
-            if is_postgres(session):
-                query = query.with_for_update()
-            emails = {email.id: email for email in (await session.exec(query)).all()}
+
+        async def work(session: AsyncSession) -> list[bool]:
+            rows = await repository.emails_for_results(session, {r.email_id for r in results})
+            emails = {
+                row.id: EmailState(
+                    row.id,
+                    row.tenant_id,
+                    row.job_id,
+                    row.status,
+                    row.attempts,
+                    row.reserved_day,
+                    row.reserved_hour,
+                    row.not_before,
+                    row.sent_at,
+                    campaign=row.campaign,
+                )
+                for row in rows
+            }
+            changes = CounterChanges()
+            windows: dict[uuid.UUID, SendingWindow] = {}
+            changed: dict[uuid.UUID, EmailState] = {}
+            applied: list[bool] = []
             for result in results:
                 email = emails.get(result.email_id)
                 current = (
@@ -133,9 +195,20 @@ class ResultApplier:
                 if email is None or not current:
                     applied.append(False)
                     continue
-                await self._apply(session, email, result, moment, changes)
+                await self._apply(session, email, result, moment, changes, windows)
+                email.server_id = result.server_id
+                changed[email.id] = email
                 applied.append(True)
+            await repository.update_results(
+                session, [email.row() for email in changed.values()], moment
+            )
             await changes.write(session)
+            # email.sent / failed / unknown for the webhooks, in this transaction: written
+            # exactly when the status is, and published after the commit.
+            await events.write(session, events.email_events(finished(changed.values()), moment))
+            return applied
+
+        applied = await in_transaction(self.sessions, work)
         for result, ok in zip(results, applied, strict=True):
             RESULTS_APPLIED.labels(result.outcome.value if ok else "duplicate").inc()
             if ok:
@@ -145,15 +218,15 @@ class ResultApplier:
     async def _apply(
         self,
         session: AsyncSession,
-        email: Email,
+        email: EmailState,
         result: SendResult,
         now: datetime,
         changes: CounterChanges,
+        windows: dict[uuid.UUID, SendingWindow],
     ) -> None:
         server_id = result.server_id
         email.last_smtp_code = result.smtp_code
         email.last_smtp_reply = (result.smtp_reply or "")[:1000] or None
-        email.updated_at = now
         if not result.data_completed:
             if email.reserved_day is not None:
                 changes.released[(server_id, email.reserved_day)] += 1
@@ -181,7 +254,10 @@ class ResultApplier:
                 # server_id keeps the server that failed, so the retry prefers another one.
         email.job_id = None if email.status == EmailStatus.queued else email.job_id
         if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM):
-            window = await repository.sending_window(session, email.tenant_id)
+            window = windows.get(email.tenant_id)
+            if window is None:
+                window = await repository.sending_window(session, email.tenant_id)
+                windows[email.tenant_id] = window
             until = (
                 window.next_day_start(now)
                 if result.server_problem == QUOTA_PROBLEM
@@ -190,4 +266,3 @@ class ResultApplier:
             changes.parks[server_id] = (until, result.server_problem)
             if email.status == EmailStatus.queued:
                 email.not_before = now  # another server may take it at once
-        session.add(email)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import func, or_, update
 from sqlmodel import col, select
@@ -24,10 +25,12 @@ from services.scheduler.models import (
     SuppressionCreate,
     SuppressionSource,
 )
-from shared.db import insert_ignore, table_of
+from shared.db import insert_ignore_statement, table_of
 from shared.errors import NotFound
 from shared.metrics import SUPPRESSED
 from shared.timeutil import new_id
+
+RowT = TypeVar("RowT", bound=Any)  # a claimed row: has `id` and `to`
 
 
 def address_key(address: str) -> tuple[str, str]:
@@ -70,7 +73,7 @@ async def add(
     table = table_of(Suppression)
     before = await _count(session, tenant_id)
     await session.exec(
-        insert_ignore(
+        insert_ignore_statement(
             session,
             table,
             [
@@ -146,22 +149,21 @@ async def stop_queued_to(
 
 
 async def drop_suppressed(
-    session: AsyncSession, tenant_id: uuid.UUID, emails: list[Email], now: datetime
-) -> list[Email]:
+    session: AsyncSession, tenant_id: uuid.UUID, emails: Sequence[RowT], now: datetime
+) -> list[RowT]:
     """Mark the claimed emails whose recipient became suppressed; return the others."""
     suppressed = await suppressed_among(session, tenant_id, (e.to for e in emails))
     if not suppressed:
-        return emails
-    kept = []
-    for email in emails:
-        if email.to.lower() in suppressed:
-            email.status = EmailStatus.suppressed
-            email.updated_at = now
-            session.add(email)
-        else:
-            kept.append(email)
-    SUPPRESSED.labels("dispatch").inc(len(emails) - len(kept))
-    return kept
+        return list(emails)
+    stopped = [e.id for e in emails if e.to.lower() in suppressed]
+    table = table_of(Email)
+    await session.exec(
+        update(table)
+        .where(table.c.id.in_(stopped), table.c.status == EmailStatus.queued)
+        .values(status=EmailStatus.suppressed, updated_at=now)
+    )
+    SUPPRESSED.labels("dispatch").inc(len(stopped))
+    return [e for e in emails if e.to.lower() not in suppressed]
 
 
 def suppression_not_found(suppression_id: uuid.UUID) -> NotFound:

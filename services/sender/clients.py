@@ -6,14 +6,16 @@ the services' internal routes; in the one-process shape they are function calls,
 `services.app`. Either raises `DependencyUnavailable` when the other side cannot answer now: the
 worker then waits and tries again, it does not fail the job.
 
-Credentials live in memory only, for a short time; concurrent look-ups of one server share one
-request (single flight).
+Credentials live in memory only, for a short time (never past an OAuth access token's expiry);
+concurrent look-ups of one server share one request (single flight), and so do the requests for
+a new access token after an OAuth server refused one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,7 +26,8 @@ import httpx
 from pydantic import BaseModel
 
 from shared.errors import TransientMessageError
-from shared.messages import SmtpCredentials
+from shared.messages import SendResult, SmtpCredentials
+from shared.timeutil import utcnow
 
 
 class DependencyUnavailable(TransientMessageError):
@@ -42,6 +45,12 @@ class CredentialsSource(Protocol):
 
     def forget(self, server_id: uuid.UUID) -> None: ...
 
+    async def refreshed(
+        self, server_id: uuid.UUID, rejected: SmtpCredentials
+    ) -> SmtpCredentials | None:
+        """Credentials with another access token than `rejected`'s (an OAuth server refused
+        it), or the server's current state when the registry could not get one."""
+
     async def report_auth_failure(self, server_id: uuid.UUID, reply: str) -> None: ...
 
 
@@ -49,11 +58,24 @@ class JobStates(Protocol):
     async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
         """The job ids, among `jobs`, that are still their email's current attempt."""
 
+    async def report(self, result: SendResult) -> None:
+        """Give a result to the scheduler directly (while the broker is away)."""
+
 
 @dataclass
 class _Cached:
     value: SmtpCredentials | None
     expires: float
+
+
+def token_digest(token: str) -> str:
+    """How a refused access token is named to the registry, without sending it back."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# An access token is not handed to a job with less than this left: the SMTP session that uses
+# it starts within seconds.
+TOKEN_SAFETY_SECONDS = 30.0
 
 
 class CachedCredentials:
@@ -65,24 +87,61 @@ class CachedCredentials:
         fetch: Callable[[uuid.UUID], Awaitable[SmtpCredentials | None]],
         report: Callable[[uuid.UUID, str], Awaitable[None]],
         ttl_seconds: float,
+        refresh: Callable[[uuid.UUID, str], Awaitable[SmtpCredentials | None]] | None = None,
     ) -> None:
         self.fetch = fetch
         self.report = report
+        self.refresh = refresh
         self.ttl = ttl_seconds
         self.cache: dict[uuid.UUID, _Cached] = {}
         self.in_flight: dict[uuid.UUID, asyncio.Future[SmtpCredentials | None]] = {}
+
+    def _expiry(self, value: SmtpCredentials) -> float:
+        expires = time.monotonic() + self.ttl
+        if value.access_token_expires_at is not None:
+            left = (value.access_token_expires_at - utcnow()).total_seconds()
+            expires = min(expires, time.monotonic() + left - TOKEN_SAFETY_SECONDS)
+        return expires
 
     async def credentials(self, server_id: uuid.UUID) -> SmtpCredentials | None:
         cached = self.cache.get(server_id)
         if cached is not None and cached.expires > time.monotonic():
             return cached.value
+        return await self._single_flight(server_id, lambda: self.fetch(server_id))
+
+    async def refreshed(
+        self, server_id: uuid.UUID, rejected: SmtpCredentials
+    ) -> SmtpCredentials | None:
+        cached = self.cache.get(server_id)
+        if (
+            cached is not None
+            and cached.value is not None
+            and cached.value.access_token != rejected.access_token
+            and cached.expires > time.monotonic()
+        ):
+            return cached.value  # another job of this server already got a new token
+        pending = self.in_flight.get(server_id)
+        if pending is not None:
+            # A look-up or a refresh is under way: its answer is newer than the rejected token.
+            value = await asyncio.shield(pending)
+            if value is None or value.access_token != rejected.access_token:
+                return value
+        if self.refresh is None or rejected.access_token is None:
+            return await self._single_flight(server_id, lambda: self.fetch(server_id))
+        digest = token_digest(rejected.access_token)
+        refresh = self.refresh
+        return await self._single_flight(server_id, lambda: refresh(server_id, digest))
+
+    async def _single_flight(
+        self, server_id: uuid.UUID, call: Callable[[], Awaitable[SmtpCredentials | None]]
+    ) -> SmtpCredentials | None:
         pending = self.in_flight.get(server_id)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[SmtpCredentials | None] = asyncio.get_running_loop().create_future()
         self.in_flight[server_id] = future
         try:
-            value = await self.fetch(server_id)
+            value = await call()
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -95,7 +154,7 @@ class CachedCredentials:
             if value is None:
                 self.cache.pop(server_id, None)
             else:
-                self.cache[server_id] = _Cached(value, time.monotonic() + self.ttl)
+                self.cache[server_id] = _Cached(value, self._expiry(value))
             return value
         finally:
             self.in_flight.pop(server_id, None)
@@ -128,6 +187,21 @@ class HttpRegistry:
             raise DependencyUnavailable(f"registry answered {response.status_code}")
         return SmtpCredentials.model_validate_json(response.content)
 
+    async def refresh(self, server_id: uuid.UUID, rejected_sha256: str) -> SmtpCredentials | None:
+        try:
+            response = await self.client.post(
+                f"/internal/v1/servers/{server_id}/credentials/refresh",
+                json={"rejected_token_sha256": rejected_sha256},
+                headers=self.headers,
+            )
+        except httpx.HTTPError as exc:
+            raise DependencyUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise DependencyUnavailable(f"registry answered {response.status_code}")
+        return SmtpCredentials.model_validate_json(response.content)
+
     async def report(self, server_id: uuid.UUID, reply: str) -> None:
         # If the registry cannot be told, the scheduler still parks the server from the result.
         with contextlib.suppress(httpx.HTTPError):
@@ -151,6 +225,10 @@ class SendableAnswer(BaseModel):
     sendable: list[uuid.UUID]
 
 
+class ResultsReport(BaseModel):
+    results: list[SendResult]
+
+
 class HttpJobStates:
     """The scheduler's internal route, asked for many jobs at once."""
 
@@ -172,6 +250,18 @@ class HttpJobStates:
             raise DependencyUnavailable(f"scheduler answered {response.status_code}")
         return set(SendableAnswer.model_validate_json(response.content).sendable)
 
+    async def report(self, result: SendResult) -> None:
+        try:
+            response = await self.client.post(
+                "/internal/v1/results",
+                content=ResultsReport(results=[result]).model_dump_json(),
+                headers={**self.headers, "Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise DependencyUnavailable(f"scheduler unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise DependencyUnavailable(f"scheduler answered {response.status_code}")
+
 
 class BatchedJobStates:
     """Collects the questions asked within a few milliseconds into one call: after a broker
@@ -183,6 +273,9 @@ class BatchedJobStates:
         self.linger = linger
         self.waiting: list[tuple[JobKey, asyncio.Future[bool]]] = []
         self.flusher: asyncio.Task[None] | None = None
+
+    async def report(self, result: SendResult) -> None:
+        await self.source.report(result)
 
     async def is_sendable(self, email_id: uuid.UUID, job_id: uuid.UUID) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

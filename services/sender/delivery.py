@@ -18,7 +18,7 @@ import aiosmtplib
 
 from services.sender import domain
 from services.sender.domain import Stage, Verdict
-from services.sender.message import build_message, wire_bytes
+from services.sender.message import build_wire
 from shared import addresses
 from shared.messages import Outcome, SendJob, SmtpCredentials
 from shared.settings import SenderSettings
@@ -46,17 +46,33 @@ class ServerConnections:
 
 
 def fingerprint(credentials: SmtpCredentials) -> str:
-    # Changed credentials must not reuse a session opened with the old ones.
+    # Changed credentials must not reuse a session opened with the old ones; nor may a session
+    # opened with an access token outlive it (a revoked grant must stop sending soon).
     raw = "\0".join(
         (
             credentials.host,
             str(credentials.port),
             credentials.security,
             credentials.username,
+            credentials.auth,
             credentials.password,
+            credentials.access_token or "",
         )
     )
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+async def authenticate(client: aiosmtplib.SMTP, credentials: SmtpCredentials) -> None:
+    """AUTH with the password, or SASL XOAUTH2 with the access token: base64("user=" user
+    "\x01auth=Bearer " token "\x01\x01"). A refused token answers a 334 challenge holding a
+    JSON error (`{"status":"401",...}`), which aiosmtplib answers with an empty line to get the
+    final 535: either way the refusal arrives as SMTPAuthenticationError."""
+    if credentials.auth == "xoauth2":
+        if not credentials.access_token:
+            raise aiosmtplib.SMTPAuthenticationError(535, "no access token for this server")
+        await client.auth_xoauth2(credentials.username, credentials.access_token)
+    else:
+        await client.login(credentials.username, credentials.password)
 
 
 class Deliverer:
@@ -117,13 +133,12 @@ class Deliverer:
         pool = self._pool(job.server_id, credentials.host)
         key = fingerprint(credentials)
         try:
-            payload = wire_bytes(
-                build_message(
-                    job.content,
-                    from_email=credentials.from_email,
-                    from_name=credentials.from_name,
-                    now=now,
-                )
+            # Built once per attempt, and the same bytes on every attempt of the email.
+            payload = build_wire(
+                job.content,
+                from_email=credentials.from_email,
+                from_name=credentials.from_name,
+                now=now,
             )
         except Exception as exc:
             # Intake refuses what cannot be encoded; should something still slip through, the
@@ -141,7 +156,7 @@ class Deliverer:
                 if client is None:
                     client = await self._open(credentials)
                     stage = Stage.auth
-                    await client.login(credentials.username, credentials.password)
+                    await authenticate(client, credentials)
                 stage = Stage.mail
                 await client.mail(credentials.from_email)
                 stage = Stage.rcpt

@@ -57,6 +57,10 @@ def classify_reply(stage: Stage, code: int, text: str) -> Verdict:
         return Verdict(Outcome.sent, True, reason="accepted")
     if code == 535 or (stage is Stage.auth and code in (534, 530)):
         return Verdict(Outcome.retry, False, ServerProblem.auth_failed, "authentication failed")
+    if stage is Stage.auth and code >= 500:
+        # Microsoft 365 refuses passwords with `550 5.7.30 Basic authentication is not
+        # supported`: the account, not this email, is at fault, and only OAuth helps.
+        return Verdict(Outcome.retry, False, ServerProblem.auth_failed, "authentication refused")
     if is_quota_reply(code, text):
         return Verdict(Outcome.retry, after_dot, ServerProblem.quota, "sending quota reached")
     if 400 <= code < 500:

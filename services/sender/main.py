@@ -35,6 +35,8 @@ class Ports:
     fetch_credentials: Callable[[uuid.UUID], Awaitable[SmtpCredentials | None]]
     report_auth_failure: Callable[[uuid.UUID, str], Awaitable[None]]
     job_states: JobStates
+    # A new access token for an OAuth server that refused one: (server, SHA-256 of the token).
+    refresh_credentials: Callable[[uuid.UUID, str], Awaitable[SmtpCredentials | None]]
 
 
 PortsFactory = Callable[[FastAPI, AsyncExitStack], Awaitable[Ports]]
@@ -52,7 +54,9 @@ def http_ports(settings: SenderSettings) -> PortsFactory:
             httpx.AsyncClient(base_url=settings.scheduler_url, timeout=HTTP_TIMEOUT_SECONDS)
         )
         registry = HttpRegistry(registry_http, token)
-        return Ports(registry.fetch, registry.report, HttpJobStates(scheduler_http, token))
+        return Ports(
+            registry.fetch, registry.report, HttpJobStates(scheduler_http, token), registry.refresh
+        )
 
     return make
 
@@ -72,6 +76,7 @@ def sender_resources(settings: SenderSettings, ports: PortsFactory | None = None
                     wired.fetch_credentials,
                     wired.report_auth_failure,
                     settings.credentials_ttl_seconds,
+                    wired.refresh_credentials,
                 ),
                 BatchedJobStates(wired.job_states),
                 deliverer,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -25,12 +27,13 @@ from services.sender.domain import ServerProblem, Verdict
 from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery
 from shared.errors import TransientMessageError
-from shared.messages import Outcome, SendJob, SendResult, parse
+from shared.messages import Outcome, SendJob, SendResult, SmtpCredentials, parse
 from shared.metrics import (
     DELIVERY_DURATION,
     DEPENDENCY_WAITS,
     JOBS_IN_FLIGHT,
     JOBS_SKIPPED,
+    RESULTS_REPORTED_DIRECTLY,
     SENDER_OUTCOMES,
     SMTP_REPLIES,
 )
@@ -40,6 +43,13 @@ from shared.timeutil import utcnow
 logger = logging.getLogger("abl.sender")
 
 T = TypeVar("T")
+
+
+class ResultNotReported(Exception):
+    """Neither the broker nor the scheduler took the result yet."""
+
+
+REMEMBERED_RESULTS = 10_000
 
 
 class Worker:
@@ -60,6 +70,10 @@ class Worker:
         self.idle = asyncio.Event()
         self.idle.set()
         self.stopping = asyncio.Event()
+        # Jobs whose result this worker got confirmed. A broker restart can return such a job
+        # (its ack was lost with the channel) before the scheduler has applied the result, when
+        # asking the scheduler would still say "sendable"; if it comes back here, it is known.
+        self.reported: OrderedDict[uuid.UUID, None] = OrderedDict()
 
     async def start(self) -> None:
         await self.bus.consume(
@@ -104,6 +118,9 @@ class Worker:
             raise TransientMessageError(str(exc)) from exc
 
     async def _handle(self, job: SendJob, *, maybe_seen: bool) -> None:
+        if maybe_seen and job.job_id in self.reported:
+            JOBS_SKIPPED.inc()
+            return
         if maybe_seen:
             sendable = await self._patiently(
                 "scheduler", lambda: self.job_states.is_sendable(job.email_id, job.job_id)
@@ -114,16 +131,38 @@ class Worker:
         credentials = await self._patiently(
             "registry", lambda: self.registry.credentials(job.server_id)
         )
+        report = True
         if credentials is None or credentials.status != "active":
             attempt = Attempt(Verdict(Outcome.retry, False, reason="server not active"))
         else:
-            started = time.perf_counter()
-            attempt = await self.deliverer.deliver(job, credentials, utcnow())
-            DELIVERY_DURATION.observe(time.perf_counter() - started)
+            attempt = await self._deliver(job, credentials)
+            if (
+                attempt.verdict.server_problem is ServerProblem.auth_failed
+                and credentials.auth == "xoauth2"
+            ):
+                # Most likely the access token expired or was revoked early: one new token
+                # (refreshed once for every job of this server) and one more try.
+                fresh = await self._patiently(
+                    "registry", lambda: self.registry.refreshed(job.server_id, credentials)
+                )
+                if fresh is not None and fresh.status == "active" and fresh.access_token:
+                    attempt = await self._deliver(job, fresh)
+                else:
+                    # The refresh was refused (invalid_grant): the registry has marked the
+                    # server auth_failed with its reason, which a report would overwrite.
+                    report = False
+                    attempt = Attempt(
+                        Verdict(
+                            Outcome.retry,
+                            False,
+                            ServerProblem.auth_failed,
+                            "OAuth grant revoked: reconnect this account",
+                        )
+                    )
         verdict = attempt.verdict
         if attempt.code is not None:
             SMTP_REPLIES.labels(f"{attempt.code // 100}xx").inc()
-        if verdict.server_problem is ServerProblem.auth_failed:
+        if verdict.server_problem is ServerProblem.auth_failed and report:
             await self.registry.report_auth_failure(
                 job.server_id, f"{attempt.code} {attempt.reply or ''}".strip()
             )
@@ -140,19 +179,41 @@ class Worker:
             server_problem=verdict.server_problem.value if verdict.server_problem else None,
             finished_at=utcnow(),
         )
-        body = result.model_dump_json().encode()
-        # The SMTP transaction is done: its result must get out, so a broker that is away is
-        # waited for. Should it stay away past the bound, the job goes back to the queue and
-        # its redelivery is checked with the scheduler before anything is sent again.
         await self._patiently(
-            "broker",
-            lambda: self.bus.publish(
-                self.settings.results_queue, body, message_id=f"{job.job_id}:result"
-            ),
-            # Whatever the client library raises while the broker is away or reconnecting.
-            retry_on=(Exception,),
+            "broker and scheduler", lambda: self._report(result), retry_on=(ResultNotReported,)
         )
+        self.reported[job.job_id] = None
+        if len(self.reported) > REMEMBERED_RESULTS:
+            self.reported.popitem(last=False)
         SENDER_OUTCOMES.labels(verdict.outcome.value).inc()
+
+    async def _report(self, result: SendResult) -> None:
+        """Get the result of a finished SMTP transaction to the scheduler: through the broker,
+        or, while the broker is away, straight to the scheduler's internal route. Otherwise the
+        job, redelivered after the broker's return, could reach a sender that asks the scheduler
+        before the result arrived, and be sent twice."""
+        try:
+            await self.bus.publish(
+                self.settings.results_queue,
+                result.model_dump_json().encode(),
+                message_id=f"{result.job_id}:result",
+            )
+            return
+        except Exception as exc:  # whatever the client library raises while the broker is away
+            broker_error = exc
+        try:
+            await self.job_states.report(result)
+        except DependencyUnavailable as exc:
+            raise ResultNotReported(
+                f"broker ({type(broker_error).__name__}) and scheduler unavailable"
+            ) from exc
+        RESULTS_REPORTED_DIRECTLY.inc()
+
+    async def _deliver(self, job: SendJob, credentials: SmtpCredentials) -> Attempt:
+        started = time.perf_counter()
+        attempt = await self.deliverer.deliver(job, credentials, utcnow())
+        DELIVERY_DURATION.observe(time.perf_counter() - started)
+        return attempt
 
     async def drain(self, grace_seconds: float) -> bool:
         """Stop taking jobs and wait for those in flight; True when all finished in time."""

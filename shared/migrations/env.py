@@ -11,7 +11,8 @@ from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
 import services.registry.models
-import services.scheduler.models  # noqa: F401  (registers the scheduler's tables)
+import services.scheduler.models
+import services.webhooks.models  # noqa: F401  (registers the scheduler's and webhooks' tables)
 import shared.tenancy  # noqa: F401  (registers the tenants table)
 from shared.db import create_engine
 

@@ -55,6 +55,7 @@ class Recorder:
     logins: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     messages: list[Envelope] = field(default_factory=list)
+    basic_auth_off: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def authenticate(
@@ -70,6 +71,9 @@ class Recorder:
         login, password = auth_data.login.decode(), auth_data.password.decode()
         with self.lock:
             self.auth_attempts.append((login, password))
+        if login in self.basic_auth_off:
+            # Microsoft 365 with basic authentication turned off for the mailbox.
+            return AuthResult(success=False, handled=False, message=BASIC_AUTH_OFF)
         ok = self.accept_any or self.accounts.get(login) == password
         if ok:
             with self.lock:
@@ -130,6 +134,7 @@ RCPT_REPLIES = {
     "msquota": "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
 }
 HANG_SECONDS = 30.0
+BASIC_AUTH_OFF = "550 5.7.30 Basic authentication is not supported for Client Submission."
 
 
 class ScriptedSMTP(SMTPProtocol):
@@ -173,8 +178,14 @@ def smtp_server(
     security: str = "starttls",
     data_delay: float = 0.0,
     accept_any: bool = False,
+    recorder: Recorder | None = None,
+    exclude_auth: tuple[str, ...] = (),
 ) -> Iterator[SmtpTestServer]:
-    recorder = Recorder(accounts=dict(accounts), data_delay=data_delay, accept_any=accept_any)
+    """`recorder` replaces the password one (e.g. an XOAUTH2 one); `exclude_auth` withdraws
+    mechanisms from the EHLO answer."""
+    recorder = recorder or Recorder(
+        accounts=dict(accounts), data_delay=data_delay, accept_any=accept_any
+    )
     port = free_port()
     context = certs.server_context()
     kwargs: dict[str, Any] = {
@@ -184,6 +195,7 @@ def smtp_server(
         "hostname": "127.0.0.1",
         "port": port,
         "server_hostname": "smtp.test",
+        "auth_exclude_mechanism": list(exclude_auth),
     }
     if security == "tls":
         kwargs["ssl_context"] = context

@@ -5,13 +5,15 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
 
 from services.registry import credentials as use_cases
-from services.registry.deps import KeyringDep
+from services.registry.deps import KeyringDep, TokenKeeperDep
 from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
+from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES
+from shared.errors import PROBLEM_RESPONSES, ServiceUnavailable
 from shared.messages import SmtpCredentials
 from shared.registry_read import server_not_found
 from shared.tenancy import InternalDep
@@ -24,18 +26,67 @@ router = APIRouter(
 )
 
 
-@router.get(
-    "/servers/{server_id}/credentials",
-    summary="One server's decrypted credentials, for the senders",
-)
-async def server_credentials(
-    server_id: uuid.UUID, session: SessionDep, keyring: KeyringDep, response: Response
+class TokenRejected(BaseModel):
+    rejected_token_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 (hex) of the access token the SMTP server refused.",
+    )
+
+
+async def _credentials(
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    server_id: uuid.UUID,
+    response: Response,
+    rejected: str | None,
 ) -> SmtpCredentials:
     response.headers["Cache-Control"] = "no-store"
-    credentials = await use_cases.server_credentials(session, keyring, server_id)
+    try:
+        credentials = await use_cases.server_credentials(
+            session, keyring, tokens, server_id, rejected_token=rejected
+        )
+    except TokenUnavailable:
+        # The sender waits with backoff and asks again; the server is not at fault.
+        raise ServiceUnavailable(
+            "The OAuth provider could not refresh this server's access token now.",
+            code="oauth_provider_unavailable",
+            hint="Try again shortly.",
+        ) from None
     if credentials is None:
         raise server_not_found(server_id)
     return credentials
+
+
+@router.get(
+    "/servers/{server_id}/credentials",
+    summary="One server's credentials for the senders: its password, or a fresh access token",
+)
+async def server_credentials(
+    server_id: uuid.UUID,
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    response: Response,
+) -> SmtpCredentials:
+    return await _credentials(session, keyring, tokens, server_id, response, None)
+
+
+@router.post(
+    "/servers/{server_id}/credentials/refresh",
+    summary="An OAuth server refused this access token: a new one (refreshed once for all)",
+)
+async def refresh_credentials(
+    server_id: uuid.UUID,
+    body: TokenRejected,
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    response: Response,
+) -> SmtpCredentials:
+    return await _credentials(
+        session, keyring, tokens, server_id, response, body.rejected_token_sha256
+    )
 
 
 @router.post(

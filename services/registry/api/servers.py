@@ -8,10 +8,18 @@ from collections.abc import Collection
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import domain, mailbox, repository
-from services.registry.deps import KeyringDep, LimiterDep, VerifierDep
-from services.registry.domain import CheckOutcome, Security, ServerStatus
+from services.registry.deps import KeyringDep, LimiterDep, TokenKeeperDep, VerifierDep
+from services.registry.domain import (
+    AuthMethod,
+    CheckCode,
+    CheckOutcome,
+    Security,
+    ServerStatus,
+    status_hint,
+)
 from services.registry.models import (
     CONNECTION_FIELDS,
     ENDPOINT_FIELDS,
@@ -21,6 +29,7 @@ from services.registry.models import (
     SmtpServerPublic,
     SmtpServerUpdate,
 )
+from services.registry.oauth.tokens import TokenKeeper, TokenUnavailable, token_digest
 from services.registry.verifier import Target, Verifier
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES, FieldError, Unprocessable, problem_doc
@@ -74,6 +83,20 @@ def password_required(changed: Collection[str]) -> Unprocessable:
                 message=f"required when {names} changes",
                 type="missing",
             )
+        ],
+    )
+
+
+def oauth_connection_fixed(provider: str, fields: set[str]) -> Unprocessable:
+    return Unprocessable(
+        "This server is connected with OAuth: its host, port, security, address and "
+        "credentials come from the provider.",
+        code="oauth_server",
+        hint=f"Reconnect it with POST /v1/servers/oauth/{provider}/start and its id as "
+        "`server_id`, or add a password server separately.",
+        errors=[
+            FieldError(field=f"body.{name}", message="set by the OAuth provider", type="oauth")
+            for name in sorted(fields)
         ],
     )
 
@@ -201,6 +224,8 @@ async def update_server(
         for name in CONNECTION_FIELDS & changes.keys()
         if name == "password" or changes[name] != getattr(server, name)
     }
+    if connection_changed and AuthMethod(server.auth) is AuthMethod.xoauth2:
+        raise oauth_connection_fixed(server.oauth_provider or "google", connection_changed)
     endpoint_changed = ENDPOINT_FIELDS & connection_changed
     if endpoint_changed and body.password is None:
         # Refused before any connection: the stored password never leaves for a new endpoint.
@@ -270,23 +295,69 @@ async def verify_server(
     keyring: KeyringDep,
     verifier: VerifierDep,
     limiter: LimiterDep,
+    tokens: TokenKeeperDep,
 ) -> SmtpServerPublic:
     server = await repository.get_server(session, tenant.id, server_id)
     limiter.take(tenant.id)
-    target = Target(
-        server.host,
-        server.port,
-        Security(server.security),
-        server.username,
-        repository.open_password(keyring, server),
-    )
-    outcome = await run_check(verifier, target)
+    if AuthMethod(server.auth) is AuthMethod.xoauth2:
+        outcome = await _verify_oauth(session, server, verifier, tokens)
+    else:
+        target = Target(
+            server.host,
+            server.port,
+            Security(server.security),
+            server.username,
+            repository.open_password(keyring, server),
+        )
+        outcome = await run_check(verifier, target)
     record_check(server, outcome)
     if server.status != ServerStatus.paused:
         server.status = domain.status_after_check(outcome)
     server.updated_at = utcnow()
     session.add(server)
     return server.to_public()
+
+
+async def _verify_oauth(
+    session: AsyncSession, server: SmtpServer, verifier: Verifier, tokens: TokenKeeper
+) -> CheckOutcome:
+    """The XOAUTH2 check with a current access token (refreshed if needed)."""
+    # The refresh writes the row in a transaction of its own; this request's read transaction
+    # ends first, so that (on SQLite) its later write does not meet a newer snapshot.
+    await session.commit()
+    outcome: CheckOutcome | None = None
+    rejected: str | None = None
+    # As the senders do: a refused token gets one refresh and one more try.
+    for _ in range(2):
+        try:
+            token = await tokens.token(server, rejected)
+        except TokenUnavailable:
+            return CheckOutcome(
+                CheckCode.connect_failed,
+                "The OAuth provider could not be reached to refresh the access token.",
+                "Try again shortly.",
+            )
+        if token is None:
+            return CheckOutcome(
+                CheckCode.auth_failed,
+                "The OAuth provider refused to refresh the access token.",
+                status_hint("auth_failed", None, AuthMethod.xoauth2, server.oauth_provider),
+                "invalid_grant: the provider refused the refresh",
+            )
+        target = Target(
+            server.host,
+            server.port,
+            Security(server.security),
+            server.username,
+            token.value,
+            AuthMethod.xoauth2,
+        )
+        outcome = await run_check(verifier, target)
+        if outcome.code is not CheckCode.auth_failed:
+            return outcome
+        rejected = token_digest(token.value)
+    assert outcome is not None
+    return outcome
 
 
 @router.post("/{server_id}/pause", summary="Stop sending through this server")

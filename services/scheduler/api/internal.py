@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlmodel import Field, SQLModel
 
 from services.scheduler import repository
+from services.scheduler.results import ResultApplier
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES
+from shared.messages import SendResult
 from shared.tenancy import InternalDep
 
 router = APIRouter(
@@ -33,6 +35,25 @@ class SendableQuery(SQLModel):
 
 class SendableAnswer(SQLModel):
     sendable: list[uuid.UUID]
+
+
+class ResultsReport(SQLModel):
+    results: list[SendResult] = Field(max_length=MAX_JOBS_PER_QUESTION)
+
+
+class ResultsApplied(SQLModel):
+    applied: list[bool]
+
+
+@router.post(
+    "/results",
+    summary="Results a sender could not publish while the broker was away",
+)
+async def report_results(report: ResultsReport, request: Request) -> ResultsApplied:
+    # Applied like the broker's result events: only to the attempt each one names, so a copy
+    # that also arrives through the broker later changes nothing.
+    applier: ResultApplier = request.app.state.result_applier
+    return ResultsApplied(applied=await applier.apply_many(report.results))
 
 
 @router.post(

@@ -14,7 +14,6 @@ from services.scheduler.deps import DispatcherDep
 from services.scheduler.models import (
     Accepted,
     AcceptedItem,
-    Email,
     EmailCreate,
     EmailPage,
     EmailPublic,
@@ -28,7 +27,7 @@ from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
 from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.registry_read import tenant_servers
 from shared.tenancy import TenantDep
-from shared.timeutil import utcnow
+from shared.timeutil import new_id, utcnow
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
 
@@ -101,38 +100,43 @@ async def accept_messages(
     now = utcnow()
     ids: list[uuid.UUID] = []
     results: list[AcceptedItem] = []
-    fresh: list[Email] = []
+    fresh: list[dict[str, Any]] = []
     for item in items:
         if item.idempotency_key and item.idempotency_key in known:
             ids.append(known[item.idempotency_key])
             results.append(AcceptedItem(id=ids[-1], status=ItemStatus.duplicate))
             continue
+        # Plain rows for one multi-row INSERT: an ORM object per email cost more CPU than the
+        # rest of the request.
         refused = item.to.lower() in blocked
-        email = Email(
-            tenant_id=tenant.id,
-            to=item.to,
-            subject=item.subject,
-            text=item.text,
-            html=item.html,
-            reply_to=item.reply_to,
-            campaign=item.campaign,
-            sequence=item.sequence,
-            headers=item.headers,
-            idempotency_key=item.idempotency_key,
-            unsubscribe=item.unsubscribe,
-            message_id="",
-            # Stored all the same, so that its id answers and the refusal is on record.
-            status=EmailStatus.suppressed if refused else EmailStatus.queued,
-            not_before=now,
-            created_at=now,
-            updated_at=now,
+        email_id = new_id()
+        fresh.append(
+            {
+                "id": email_id,
+                "tenant_id": tenant.id,
+                # Stored all the same, so that its id answers and the refusal is on record.
+                "status": EmailStatus.suppressed if refused else EmailStatus.queued,
+                "to": item.to,
+                "subject": item.subject,
+                "text": item.text,
+                "html": item.html,
+                "reply_to": item.reply_to,
+                "campaign": item.campaign,
+                "sequence": item.sequence,
+                "unsubscribe": item.unsubscribe,
+                "headers": item.headers,
+                "idempotency_key": item.idempotency_key,
+                "message_id": message_id_for(email_id),
+                "attempts": 0,
+                "not_before": now,
+                "created_at": now,
+                "updated_at": now,
+            }
         )
-        email.message_id = message_id_for(email.id)
-        fresh.append(email)
-        ids.append(email.id)
+        ids.append(email_id)
         results.append(
             AcceptedItem(
-                id=email.id, status=ItemStatus.suppressed if refused else ItemStatus.queued
+                id=email_id, status=ItemStatus.suppressed if refused else ItemStatus.queued
             )
         )
     if fresh and not await repository.add_emails(session, fresh):

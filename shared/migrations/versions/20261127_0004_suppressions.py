@@ -1,7 +1,7 @@
 """suppressions
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0010
 Create Date: 2026-11-27 11:01:55.011859
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0002"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

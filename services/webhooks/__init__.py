@@ -1,0 +1,1 @@
+"""The webhooks service: tenants' endpoints, and events delivered to them, signed."""

@@ -1,0 +1,245 @@
+"""A tenant's webhook endpoints and their delivery log."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import socket
+import uuid
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.webhooks import delivery as engine
+from services.webhooks import domain
+from services.webhooks.models import (
+    DeliveryStatus,
+    WebhookDelivery,
+    WebhookDeliveryPage,
+    WebhookDeliveryPublic,
+    WebhookEndpoint,
+    WebhookEndpointCreate,
+    WebhookEndpointCreated,
+    WebhookEndpointPage,
+    WebhookEndpointPublic,
+    WebhookEndpointUpdate,
+)
+from shared import addresses
+from shared.crypto import Keyring
+from shared.db import SessionDep
+from shared.errors import PROBLEM_RESPONSES, NotFound, problem_doc
+from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from shared.settings import WebhookSettings
+from shared.tenancy import TenantDep
+from shared.timeutil import utcnow
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEM_RESPONSES)
+
+URL_RESPONSES = {
+    **PROBLEM_RESPONSES,
+    422: problem_doc(
+        "Invalid input, or a URL that may not receive webhooks (`insecure_url`, `invalid_url`, "
+        "`blocked_host`, `dns_failed`)"
+    ),
+}
+LimitQuery = Annotated[int, Query(ge=1, le=200)]
+CursorQuery = Annotated[str | None, Query(pattern=CURSOR_PATTERN)]
+
+
+def _settings(request: Request) -> WebhookSettings:
+    settings = request.app.state.settings
+    assert isinstance(settings, WebhookSettings)
+    return settings
+
+
+def new_secret() -> str:
+    # 32 random bytes, in the `whsec_` + base64 form Standard Webhooks libraries read.
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def check_url(url: str, settings: WebhookSettings) -> None:
+    """The SSRF rules of server checks: every address the host resolves to must be public,
+    unless ABL_ALLOW_PRIVATE_HOSTS (which also allows plain http)."""
+    target = domain.parse_target(url, allow_insecure=settings.allow_private_hosts)
+    try:
+        await addresses.checked_addresses(
+            target.host, target.port, allow_private=settings.allow_private_hosts
+        )
+    except addresses.ForbiddenAddress as exc:
+        raise domain.blocked_host() from exc
+    except (socket.gaierror, UnicodeError) as exc:
+        raise domain.dns_failed() from exc
+
+
+def public(endpoint: WebhookEndpoint) -> WebhookEndpointPublic:
+    return WebhookEndpointPublic.model_validate(endpoint, from_attributes=True)
+
+
+async def owned(
+    session: AsyncSession, tenant_id: uuid.UUID, endpoint_id: uuid.UUID
+) -> WebhookEndpoint:
+    endpoint = await session.get(WebhookEndpoint, endpoint_id)
+    # Another tenant's endpoint answers exactly like one that does not exist.
+    if endpoint is None or endpoint.tenant_id != tenant_id:
+        raise NotFound("No such webhook endpoint.", code="webhook_not_found")
+    return endpoint
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register an endpoint; its signing secret is returned once",
+    responses=URL_RESPONSES,
+)
+async def add_webhook(
+    body: WebhookEndpointCreate, tenant: TenantDep, session: SessionDep, request: Request
+) -> WebhookEndpointCreated:
+    settings = _settings(request)
+    await check_url(body.url, settings)
+    keyring: Keyring = request.app.state.keyring
+    secret = new_secret()
+    endpoint = WebhookEndpoint(
+        tenant_id=tenant.id,
+        url=body.url,
+        description=body.description,
+        enabled=body.enabled,
+        event_types=[t.value for t in body.event_types],
+        secret_ciphertext="",
+    )
+    endpoint.secret_ciphertext = keyring.encrypt(secret, engine.secret_aad(tenant.id, endpoint.id))
+    session.add(endpoint)
+    await session.flush()
+    return WebhookEndpointCreated(**public(endpoint).model_dump(), secret=secret)
+
+
+@router.get("", summary="List the tenant's endpoints, oldest first")
+async def list_webhooks(
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: LimitQuery = 50,
+    cursor: CursorQuery = None,
+) -> WebhookEndpointPage:
+    query = select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant.id)
+    if cursor is not None:
+        query = query.where(col(WebhookEndpoint.id) > decode_cursor(cursor))
+    rows = list(
+        (await session.exec(query.order_by(col(WebhookEndpoint.id)).limit(limit + 1))).all()
+    )
+    page = rows[:limit]
+    return WebhookEndpointPage(
+        items=[public(e) for e in page],
+        next_cursor=encode_cursor(page[-1].id) if len(rows) > limit else None,
+    )
+
+
+@router.get("/{endpoint_id}", summary="One endpoint")
+async def get_webhook(
+    endpoint_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> WebhookEndpointPublic:
+    return public(await owned(session, tenant.id, endpoint_id))
+
+
+@router.patch(
+    "/{endpoint_id}",
+    summary="Change the URL, the event types, or enable and disable; enabling resumes the "
+    "deliveries waiting for it",
+    responses=URL_RESPONSES,
+)
+async def update_webhook(
+    endpoint_id: uuid.UUID,
+    body: WebhookEndpointUpdate,
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
+) -> WebhookEndpointPublic:
+    endpoint = await owned(session, tenant.id, endpoint_id)
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    if "url" in changes:
+        await check_url(changes["url"], _settings(request))
+        endpoint.url = changes["url"]
+    if "description" in changes:
+        endpoint.description = changes["description"]
+    if "event_types" in changes:
+        endpoint.event_types = [str(t) for t in changes["event_types"]]
+    if "enabled" in changes:
+        if changes["enabled"] and not endpoint.enabled:
+            endpoint.disabled_reason = None
+            endpoint.failing_since = None
+        endpoint.enabled = changes["enabled"]
+    endpoint.updated_at = utcnow()
+    session.add(endpoint)
+    await session.flush()
+    if endpoint.enabled:
+        request.app.state.webhook_deliverer.wake()
+    return public(endpoint)
+
+
+@router.delete(
+    "/{endpoint_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Remove an endpoint and its delivery log",
+)
+async def delete_webhook(
+    endpoint_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> Response:
+    endpoint = await owned(session, tenant.id, endpoint_id)
+    await session.delete(endpoint)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def delivery_public(row: WebhookDelivery) -> WebhookDeliveryPublic:
+    return WebhookDeliveryPublic.model_validate(row, from_attributes=True)
+
+
+@router.get(
+    "/{endpoint_id}/deliveries",
+    summary="The endpoint's delivery log, newest first: status, attempts, last status code",
+)
+async def list_deliveries(
+    endpoint_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    status_filter: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
+    limit: LimitQuery = 50,
+    cursor: CursorQuery = None,
+) -> WebhookDeliveryPage:
+    await owned(session, tenant.id, endpoint_id)
+    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+    if status_filter is not None:
+        query = query.where(WebhookDelivery.status == status_filter)
+    if cursor is not None:
+        query = query.where(col(WebhookDelivery.id) < decode_cursor(cursor))
+    rows = list(
+        (await session.exec(query.order_by(col(WebhookDelivery.id).desc()).limit(limit + 1))).all()
+    )
+    page = rows[:limit]
+    return WebhookDeliveryPage(
+        items=[delivery_public(d) for d in page],
+        next_cursor=encode_cursor(page[-1].id) if len(rows) > limit else None,
+    )
+
+
+@router.post(
+    "/{endpoint_id}/deliveries/{delivery_id}/redeliver",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Send a delivery again now (same `webhook-id`), with a new retry window",
+)
+async def redeliver(
+    endpoint_id: uuid.UUID,
+    delivery_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
+) -> WebhookDeliveryPublic:
+    await owned(session, tenant.id, endpoint_id)
+    window = timedelta(seconds=_settings(request).webhook_retry_window_seconds)
+    if not await engine.redeliver(session, delivery_id, endpoint_id, window):
+        raise NotFound("No such delivery.", code="delivery_not_found")
+    row = await session.get(WebhookDelivery, delivery_id, populate_existing=True)
+    assert row is not None
+    await session.commit()
+    request.app.state.webhook_deliverer.wake()
+    return delivery_public(row)

@@ -1,0 +1,67 @@
+"""The webhooks service: create_app, the events consumer and the delivery loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.webhooks.api import router
+from services.webhooks.delivery import Deliverer, Intake
+from shared.app import Resource, add_readiness_check, build_app, database
+from shared.bus_resource import rabbit_bus
+from shared.crypto import Keyring
+from shared.settings import WebhookSettings
+
+EVENT_PREFETCH = 64
+
+
+def webhooks_resources(settings: WebhookSettings, *, run_loop: bool = True) -> Resource:
+    """Needs `app.state.sessions` and `app.state.bus` from resources opened before it."""
+
+    @asynccontextmanager
+    async def resource(app: FastAPI) -> AsyncIterator[None]:
+        bus = app.state.bus
+        app.state.keyring = Keyring.from_keys(settings.keys)
+        deliverer = Deliverer(app.state.sessions, app.state.keyring, settings)
+        intake = Intake(app.state.sessions, settings, deliverer)
+        app.state.webhook_deliverer = deliverer
+        app.state.webhook_intake = intake
+        await bus.consume(settings.events_queue, intake.handle, prefetch=EVENT_PREFETCH)
+
+        async def consuming() -> bool:
+            return bool(bus.consuming(settings.events_queue))
+
+        add_readiness_check(app, consuming)
+        stop = asyncio.Event()
+        task = asyncio.create_task(deliverer.run(stop)) if run_loop else None
+        try:
+            yield
+        finally:
+            await bus.stop_consuming(settings.events_queue)
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, timeout=30)
+            await deliverer.close()
+
+    return resource
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+
+
+def create_app(settings: WebhookSettings | None = None) -> FastAPI:
+    resolved = settings or WebhookSettings()
+    app = build_app(
+        title="ABillionLeads webhooks",
+        service="webhooks",
+        settings=resolved,
+        resources=[database(resolved), rabbit_bus(resolved), webhooks_resources(resolved)],
+    )
+    install(app)
+    return app

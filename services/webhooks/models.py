@@ -1,0 +1,193 @@
+"""Webhook endpoints, the events they are sent, and each delivery's state: the webhooks
+service's own tables, and the shapes its API reads and writes.
+
+A Public model never holds the signing secret; the table holds it only encrypted. It is shown
+once, in `WebhookEndpointCreated`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import field_validator
+from sqlalchemy import JSON, Column, ForeignKey, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from shared.events import EventType
+from shared.timeutil import UtcDateTime, new_id, utcnow
+from shared.validation import refuse_control_chars
+
+URL_MAX = 2048
+# What a tenant may subscribe to; the service's own notices (endpoint disabled) go to every
+# enabled endpoint of the tenant whatever it chose, as a status change of its own setup.
+SUBSCRIBABLE = tuple(t for t in EventType if t is not EventType.webhook_endpoint_disabled)
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"  # waiting for its next attempt
+    delivered = "delivered"  # the endpoint answered 2xx
+    failed = "failed"  # every attempt failed for the whole retry window; redeliver by hand
+
+
+def clean_url(value: str | None) -> str | None:
+    return None if value is None else refuse_control_chars(value).strip()
+
+
+def unique_types(value: list[EventType] | None) -> list[EventType] | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must name at least one event type")
+    return list(dict.fromkeys(value))
+
+
+class WebhookEndpointBase(SQLModel):
+    url: str = Field(max_length=URL_MAX, description="HTTPS URL that receives the events.")
+    description: str = Field(default="", max_length=200)
+    enabled: bool = True
+
+
+class WebhookEndpointCreate(WebhookEndpointBase):
+    event_types: list[EventType] = Field(
+        default_factory=lambda: list(SUBSCRIBABLE),
+        description="The event types this endpoint receives; every type when omitted.",
+    )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _clean_url(cls, value: str) -> str | None:
+        return clean_url(value)
+
+    @field_validator("event_types")
+    @classmethod
+    def _unique_types(cls, value: list[EventType]) -> list[EventType] | None:
+        return unique_types(value)
+
+    @field_validator("description")
+    @classmethod
+    def _clean_description(cls, value: str) -> str:
+        return refuse_control_chars(value).strip()
+
+
+class WebhookEndpointUpdate(SQLModel):
+    url: str | None = Field(default=None, max_length=URL_MAX)
+    description: str | None = Field(default=None, max_length=200)
+    enabled: bool | None = None
+    event_types: list[EventType] | None = None
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _clean_url(cls, value: str | None) -> str | None:
+        return clean_url(value)
+
+    @field_validator("event_types")
+    @classmethod
+    def _unique_types(cls, value: list[EventType] | None) -> list[EventType] | None:
+        return unique_types(value)
+
+    @field_validator("description")
+    @classmethod
+    def _clean_description(cls, value: str | None) -> str | None:
+        return None if value is None else refuse_control_chars(value).strip()
+
+
+class WebhookEndpointPublic(WebhookEndpointBase):
+    id: uuid.UUID
+    event_types: list[EventType]
+    disabled_reason: str | None = Field(
+        default=None, description="Why the service disabled the endpoint (it failed for days)."
+    )
+    failing_since: datetime | None = Field(
+        default=None, description="First failed attempt since the last success."
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookEndpointCreated(WebhookEndpointPublic):
+    secret: str = Field(
+        description="The signing secret (`whsec_...`), shown once: verify `webhook-signature` "
+        "with it (Standard Webhooks)."
+    )
+
+
+class WebhookEndpointPage(SQLModel):
+    items: list[WebhookEndpointPublic]
+    next_cursor: str | None = None
+
+
+class WebhookEndpoint(WebhookEndpointBase, table=True):
+    __tablename__ = "webhook_endpoints"
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    # No foreign key to the registry's tenants table: each service owns its tables.
+    tenant_id: uuid.UUID = Field(index=True)
+    event_types: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    secret_ciphertext: str = Field(max_length=512)
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    failing_since: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class WebhookMessage(SQLModel, table=True):
+    """One event, with the exact bytes every endpoint receives (the signature covers them)."""
+
+    __tablename__ = "webhook_messages"
+
+    id: str = Field(primary_key=True, max_length=64)
+    tenant_id: uuid.UUID = Field(index=True)
+    type: str = Field(max_length=64)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class WebhookDeliveryBase(SQLModel):
+    status: DeliveryStatus = DeliveryStatus.pending
+    attempts: int = 0
+    last_status_code: int | None = Field(default=None, description="The endpoint's last answer.")
+    last_error: str | None = Field(
+        default=None, max_length=200, description="`timeout`, `connect_failed`, ... or null."
+    )
+    last_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    delivered_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+
+class WebhookDeliveryPublic(WebhookDeliveryBase):
+    id: uuid.UUID
+    endpoint_id: uuid.UUID
+    message_id: str = Field(description="The `webhook-id` header: the same on every attempt.")
+    event_type: str
+
+
+class WebhookDeliveryPage(SQLModel):
+    items: list[WebhookDeliveryPublic]
+    next_cursor: str | None = None
+
+
+class WebhookDelivery(WebhookDeliveryBase, table=True):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "message_id", name="uq_webhook_deliveries_once"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    # A plain string column (as the emails' status): no database enum type to migrate.
+    status: str = Field(default=DeliveryStatus.pending, max_length=16)  # type: ignore[assignment]
+    endpoint_id: uuid.UUID = Field(
+        sa_column=Column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False)
+    )
+    message_id: str = Field(
+        sa_column=Column(ForeignKey("webhook_messages.id", ondelete="CASCADE"), nullable=False)
+    )
+    tenant_id: uuid.UUID
+    event_type: str = Field(max_length=64)
+    # Past this, a failing delivery is abandoned (`failed`); a manual redeliver opens a new
+    # window.
+    retry_until: datetime = Field(sa_type=UtcDateTime)

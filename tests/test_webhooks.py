@@ -1,0 +1,275 @@
+"""Webhooks in one process, on SQLite and PostgreSQL: endpoints and their secret, the SSRF rules
+of server checks applied to URLs, and events delivered to a receiver on loopback that verifies
+every signature with the published algorithm."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from sqlmodel import select
+
+from shared.broker import Delivery
+from shared.events import Event, EventType
+from shared.tenancy import Tenant, hash_api_key
+from tests.conftest import Api, make_settings, running
+from tests.support.receiver import Receiver, receiver
+from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
+from tests.test_scheduler_api import emails, warm_up
+
+FAST = {
+    "tick_seconds": 0.05,
+    "outbox_poll_seconds": 0.1,
+    "webhook_tick_seconds": 0.05,
+    "webhook_retry_base_seconds": 0.05,
+    "webhook_retry_cap_seconds": 0.2,
+    "retry_base_seconds": 0,
+    "retry_cap_seconds": 0,
+}
+
+
+@asynccontextmanager
+async def product(database_url: str, **overrides: Any) -> AsyncIterator[Api]:
+    settings = make_settings(database_url, **(FAST | overrides))
+    async with running(settings, combined=True, loops=True) as api:
+        yield api
+
+
+@pytest.fixture
+def hook() -> Iterator[Receiver]:
+    with receiver() as state:
+        yield state
+
+
+async def wait_for(check: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def register(api: Api, tenant: dict[str, str], hook: Receiver, **body: Any) -> dict[str, Any]:
+    response = await api.client.post("/v1/webhooks", json={"url": hook.url} | body, headers=tenant)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    hook.secret = created["secret"]
+    return created
+
+
+async def test_an_endpoint_shows_its_secret_once_and_only_to_its_tenant(
+    database_url: str, hook: Receiver
+) -> None:
+    async with product(database_url) as api:
+        acme, other = await api.new_tenant("acme"), await api.new_tenant("other")
+        created = await register(api, acme, hook, event_types=["email.sent", "email.sent"])
+        assert created["secret"].startswith("whsec_")
+        assert created["event_types"] == ["email.sent"]
+        path = f"/v1/webhooks/{created['id']}"
+        read = (await api.client.get(path, headers=acme)).json()
+        assert "secret" not in read
+        assert "secret_ciphertext" not in read
+        assert created["secret"] not in (await api.client.get("/v1/webhooks", headers=acme)).text
+        assert (await api.client.get(path, headers=other)).status_code == 404
+        assert (await api.client.get("/v1/webhooks", headers=other)).json()["items"] == []
+        patched = await api.client.patch(
+            path, json={"enabled": False, "event_types": ["server.status_changed"]}, headers=acme
+        )
+        assert patched.status_code == 200, patched.text
+        assert patched.json()["enabled"] is False
+        assert patched.json()["event_types"] == ["server.status_changed"]
+        assert (await api.client.delete(path, headers=other)).status_code == 404
+        assert (await api.client.delete(path, headers=acme)).status_code == 204
+        assert (await api.client.get(path, headers=acme)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("https://127.0.0.1/hooks", "blocked_host"),
+        ("https://169.254.169.254/latest/meta-data", "blocked_host"),
+        ("https://[fd00:ec2::254]/", "blocked_host"),
+        ("https://10.1.2.3:8443/x", "blocked_host"),
+        ("https://100.100.100.200/", "blocked_host"),
+        ("https://[::ffff:127.0.0.1]/", "blocked_host"),
+        ("https://localhost/hooks", "blocked_host"),
+        ("https://no-such-host.invalid/hooks", "dns_failed"),
+        ("http://example.com/hooks", "insecure_url"),
+        ("https://user:pw@example.com/hooks", "invalid_url"),
+        ("ftp://example.com/hooks", "invalid_url"),
+    ],
+)
+async def test_private_metadata_and_insecure_urls_are_refused(
+    sqlite_url: str, url: str, code: str
+) -> None:
+    async with product(sqlite_url, allow_private_hosts=False) as api:
+        tenant = await api.new_tenant()
+        response = await api.client.post("/v1/webhooks", json={"url": url}, headers=tenant)
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert problem["code"] == code
+        assert problem["hint"]
+        assert url not in response.text  # no error echoes the input
+        if code in ("blocked_host", "dns_failed"):
+            # The same code a server check gives for the same host.
+            host = urlsplit(url).hostname
+            server = await api.client.post(
+                "/v1/servers",
+                json={
+                    "host": host,
+                    "port": 587,
+                    "security": "starttls",
+                    "username": "u@example.com",
+                    "password": "p",
+                    "from_email": "u@example.com",
+                },
+                headers=tenant,
+            )
+            assert server.status_code == 422, server.text
+            assert server.json()["code"] == code, server.text
+
+
+async def test_an_auth_failure_sends_one_server_status_changed(
+    database_url: str, certs: Certificates, hook: Receiver
+) -> None:
+    accounts = {"a1@example.com": "a1-pw"}
+    with smtp_server(certs, accounts) as smtp:
+        async with product(database_url) as api:
+            tenant = await api.new_tenant()
+            await register(api, tenant, hook, event_types=["server.status_changed"])
+            server_id = (await add_servers_of(api, tenant, smtp, accounts))[0]
+            await warm_up(api, [server_id])
+            smtp.recorder.accounts["a1@example.com"] = "changed"  # the mailbox's password changed
+            response = await api.client.post("/v1/messages", json=emails(10), headers=tenant)
+            assert response.status_code == 202
+            await wait_for(lambda: len(hook.of_type("server.status_changed")) >= 1)
+            await asyncio.sleep(1.0)  # time for a second event, were there one
+            changes = hook.of_type("server.status_changed")
+            assert [c.data["status"] for c in changes] == ["auth_failed"]
+            assert changes[0].data["server_id"] == server_id
+            assert changes[0].data["previous_status"] == "active"
+            # Pause and resume are status changes too: one event each.
+            for action in ("pause", "resume"):
+                done = await api.client.post(f"/v1/servers/{server_id}/{action}", headers=tenant)
+                assert done.status_code == 200, done.text
+            await wait_for(lambda: len(hook.of_type("server.status_changed")) == 3)
+            assert [c.data["status"] for c in hook.of_type("server.status_changed")] == [
+                "auth_failed",
+                "paused",
+                "auth_failed",
+            ]
+            assert hook.bad_signatures == 0
+
+
+async def add_servers_of(
+    api: Api, tenant: dict[str, str], smtp: SmtpTestServer, accounts: dict[str, str]
+) -> list[str]:
+    ids = []
+    for login, password in accounts.items():
+        body = {
+            "host": "localhost",
+            "port": smtp.port,
+            "security": "starttls",
+            "username": login,
+            "password": password,
+            "from_email": login,
+        }
+        response = await api.client.post("/v1/servers", json=body, headers=tenant)
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+async def test_an_endpoint_failing_for_days_is_disabled_and_the_tenant_told(
+    sqlite_url: str,
+) -> None:
+    with receiver() as broken, receiver() as healthy:
+        broken.answer = lambda: 500
+        async with product(sqlite_url, webhook_disable_after_seconds=0.5) as api:
+            tenant = await api.new_tenant()
+            failing = await register(api, tenant, broken)
+            await register(api, tenant, healthy, event_types=["server.status_changed"])
+            await api.app.state.webhook_intake.handle(
+                delivery_of(await tenant_id(api, tenant), "server.warmup_step")
+            )
+            path = f"/v1/webhooks/{failing['id']}"
+
+            async def disabled() -> bool:
+                body = (await api.client.get(path, headers=tenant)).json()
+                return body["enabled"] is False
+
+            deadline = time.monotonic() + 30
+            while not await disabled():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            endpoint = (await api.client.get(path, headers=tenant)).json()
+            assert endpoint["disabled_reason"].startswith("every delivery failed since")
+            await wait_for(lambda: len(healthy.of_type("webhook.endpoint_disabled")) == 1)
+            notice = healthy.of_type("webhook.endpoint_disabled")[0]
+            assert notice.data["endpoint_id"] == failing["id"]
+            assert notice.data["status"] == "disabled"
+            # The log says what the endpoint answered.
+            log = (await api.client.get(f"{path}/deliveries", headers=tenant)).json()["items"]
+            assert log
+            assert log[0]["last_status_code"] == 500
+            assert log[0]["attempts"] >= 2
+            # Enabled again with a working receiver, the waiting delivery goes out.
+            broken.answer = lambda: 200
+            again = await api.client.patch(path, json={"enabled": True}, headers=tenant)
+            assert again.json()["disabled_reason"] is None
+            await wait_for(lambda: len(broken.accepted) == 1)
+            assert broken.bad_signatures == healthy.bad_signatures == 0
+
+
+async def tenant_id(api: Api, tenant: dict[str, str]) -> uuid.UUID:
+    digest = hash_api_key(tenant["Authorization"].removeprefix("Bearer "))
+    async with api.app.state.sessions() as session:
+        found = (await session.exec(select(Tenant).where(Tenant.api_key_hash == digest))).one()
+    value: uuid.UUID = found.id
+    return value
+
+
+def delivery_of(tenant: uuid.UUID, kind: str) -> Delivery:
+    event = Event(type=EventType(kind), tenant_id=tenant, data={"server_id": str(uuid.uuid4())})
+    return Delivery(event.encode(), event.id, 1)
+
+
+async def test_30_emails_give_30_email_sent_events_each_once_through_a_failing_receiver(
+    database_url: str, certs: Certificates, hook: Receiver
+) -> None:
+    # The receiver answers 500 for its first 40 requests, then 200: every event still arrives,
+    # each once by webhook-id (a retried event keeps its id).
+    calls = {"n": 0}
+
+    def flaky() -> int:
+        calls["n"] += 1
+        return 500 if calls["n"] <= 40 else 200
+
+    hook.answer = flaky
+    accounts = {"a1@example.com": "a1-pw", "a2@example.com": "a2-pw", "a3@example.com": "a3-pw"}
+    with smtp_server(certs, accounts) as smtp:
+        async with product(database_url) as api:
+            tenant = await api.new_tenant()
+            await register(api, tenant, hook, event_types=["email.sent", "email.failed"])
+            server_ids = await add_servers_of(api, tenant, smtp, accounts)
+            await warm_up(api, server_ids)
+            accepted = await api.client.post(
+                "/v1/messages", json=emails(30, campaign="nov"), headers=tenant
+            )
+            assert accepted.status_code == 202, accepted.text
+            ids = set(accepted.json()["ids"])
+            await wait_for(lambda: len(hook.of_type("email.sent")) >= 30, seconds=60)
+            await asyncio.sleep(0.5)  # time for a duplicate, were there one
+            sent = hook.of_type("email.sent")
+            assert len(sent) == 30
+            assert len({s.id for s in sent}) == 30
+            assert {s.data["email_id"] for s in sent} == ids
+            assert {s.data["campaign"] for s in sent} == {"nov"}
+            assert {s.data["server_id"] for s in sent} <= set(server_ids)
+            assert hook.answered[500] == 40
+            assert hook.bad_signatures == 0
