@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 UV_VERSION := 0.13.9
 
-.PHONY: install deploy-deps run stack demo test lint format openapi lock rotate-keys clean bench
+.PHONY: install deploy-deps imap-deps run stack demo test lint format openapi lock rotate-keys clean bench
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -47,8 +47,16 @@ $(CRD_CHECK)/node_modules/.installed: $(CRD_CHECK)/package-lock.json
 
 deploy-deps: $(CRD_CHECK)/node_modules/.installed
 
+## imap-deps: Dovecot, the real IMAP server the mailbox tests start (Debian's dovecot-imapd)
+imap-deps:
+	@test -x /usr/sbin/dovecot || command -v dovecot >/dev/null || \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q dovecot-imapd || \
+			{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dovecot-imapd; }; \
+		else echo "dovecot not found: run 'sudo apt-get install -y dovecot-imapd' (the IMAP tests need it)"; fi
+
 ## test: the whole suite; with CI=true, PostgreSQL and RabbitMQ tests fail instead of skipping
-test: install deploy-deps
+test: install deploy-deps imap-deps
 	$(BIN)/pytest
 
 lint: install

@@ -6,23 +6,28 @@ registry's and the scheduler's use cases as plain function calls, not HTTP to it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Iterable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 
 from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError
 
 from services.registry import credentials as registry_use_cases
+from services.registry import mailbox as registry_mailbox
 from services.registry import main as registry
 from services.registry.domain import ServerStatus
 from services.registry.oauth.tokens import TokenUnavailable
+from services.scheduler import inbox
 from services.scheduler import main as scheduler
 from services.scheduler import repository as scheduler_repository
 from services.sender import main as sender
 from services.sender.clients import DependencyUnavailable, JobKey
 from services.webhooks import main as webhooks
-from shared.app import build_app, database
+from shared.app import Resource, build_app, database
 from shared.bus_resource import in_process_bus
 from shared.messages import SendResult, SmtpCredentials
 from shared.settings import Settings, get_settings
@@ -74,6 +79,49 @@ async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
     return sender.Ports(fetch, report, InProcessJobStates(), refresh)
 
 
+def mailbox_reader(settings: Settings, *, run_loop: bool) -> Resource:
+    """The scheduler's mailbox reader, fed with the registry's IMAP credentials directly."""
+
+    @asynccontextmanager
+    async def resource(app: FastAPI) -> AsyncIterator[None]:
+        sessions = app.state.sessions
+
+        async def mailboxes() -> list[inbox.Mailbox]:
+            async with sessions() as session:
+                servers = await registry_mailbox.servers_with_mailbox(session)
+                return [
+                    inbox.Mailbox(server.id, server.tenant_id, endpoint)
+                    for server in servers
+                    if (endpoint := registry_mailbox.stored_endpoint(app.state.keyring, server))
+                ]
+
+        async def report(server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+            async with sessions() as session, session.begin():
+                await registry_mailbox.record_poll(session, server_id, at, error)
+
+        reader = inbox.MailboxReader(
+            settings,
+            sessions,
+            mailboxes,
+            report,
+            allow_private=settings.allow_private_hosts,
+            allowed_ports=settings.allowed_imap_ports,
+        )
+        app.state.mailbox_reader = reader
+        stop = asyncio.Event()
+        task = asyncio.create_task(inbox.run(reader, stop)) if run_loop else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, timeout=10)
+            reader.close()
+
+    return resource
+
+
 def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> FastAPI:
     """Every service in one app; `run_loops=False` leaves dispatching and sending to a test."""
     resolved = settings or get_settings()
@@ -89,6 +137,7 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
             registry.registry_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             *([sender.sender_resources(resolved, ports=in_process_ports)] if run_loops else []),
+            mailbox_reader(resolved, run_loop=run_loops),
         ],
     )
     registry.install(app)

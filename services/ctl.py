@@ -28,8 +28,10 @@ from rich.table import Table
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 servers = typer.Typer(help="A tenant's SMTP servers.", no_args_is_help=True)
 tenants = typer.Typer(help="Tenants (admin token).", no_args_is_help=True)
+suppressions = typer.Typer(help="The tenant's suppression list.", no_args_is_help=True)
 app.add_typer(servers, name="servers")
 app.add_typer(tenants, name="tenants")
+app.add_typer(suppressions, name="suppressions")
 console = Console()
 errors = Console(stderr=True)
 
@@ -281,7 +283,7 @@ def send(
     if campaign:
         for row in rows:
             row.setdefault("campaign", campaign)
-    queued = duplicates = 0
+    queued = duplicates = suppressed = 0
     warning = None
     with Progress(console=console) as progress:
         task = progress.add_task("queueing", total=len(rows))
@@ -290,9 +292,10 @@ def send(
             answer = call(url, key, "POST", "/v1/messages", json={"messages": batch})
             queued += answer["queued"]
             duplicates += answer["duplicates"]
+            suppressed += answer.get("suppressed", 0)
             progress.advance(task, len(batch))
             warning = answer.get("warning")
-    console.print(f"queued {queued}, already known {duplicates}")
+    console.print(f"queued {queued}, already known {duplicates}, suppressed {suppressed}")
     if rows and warning:
         console.print(f"[yellow]{warning}[/]")
 
@@ -316,9 +319,109 @@ def _counts(url: str, key: str, campaign: str | None) -> dict[str, int]:
 
 def _table(counts: dict[str, int]) -> Table:
     table = Table("status", "emails")
-    for status in ("queued", "scheduled", "sent", "failed", "unknown", "canceled"):
+    for status in (
+        "queued",
+        "scheduled",
+        "sent",
+        "failed",
+        "unknown",
+        "canceled",
+        "bounced",
+        "replied",
+        "suppressed",
+    ):
         table.add_row(status, str(counts.get(status, 0)))
     return table
+
+
+@suppressions.command("import")
+def suppressions_import(
+    csv_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    source: Annotated[str, typer.Option(help="bounce, complaint, unsubscribe or manual")] = (
+        "manual"
+    ),
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Suppress the addresses or domains of a CSV (columns: address or domain, reason,
+    source; a file with one unnamed column is read as addresses), in batches."""
+    with csv_file.open(newline="") as handle:
+        lines = [line for line in csv.reader(handle) if any(cell.strip() for cell in line)]
+    if not lines:
+        console.print("nothing to import")
+        return
+    header = [cell.strip().lower() for cell in lines[0]]
+    if {"address", "domain"} & set(header):
+        rows = [dict(zip(header, line, strict=False)) for line in lines[1:]]
+    else:  # a bare list of addresses, one a line
+        rows = [{"address": line[0]} for line in lines]
+    items = []
+    for row in rows:
+        item = {k: v.strip() for k, v in row.items() if k and v and v.strip()}
+        item.setdefault("source", source)
+        items.append(item)
+    added = known = 0
+    for start in range(0, len(items), BATCH):
+        answer = call(
+            url,
+            key,
+            "POST",
+            "/v1/suppressions/import",
+            json={"items": items[start : start + BATCH]},
+        )
+        added += answer["added"]
+        known += answer["already_known"]
+    console.print(f"suppressed {added} new, already on the list {known}")
+
+
+@suppressions.command("add")
+def suppressions_add(
+    address: Annotated[str | None, typer.Option()] = None,
+    domain: Annotated[str | None, typer.Option()] = None,
+    reason: str = "",
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Suppress one address or one domain."""
+    body = {"address": address, "domain": domain, "reason": reason, "source": "manual"}
+    entry = call(
+        url, key, "POST", "/v1/suppressions", json={k: v for k, v in body.items() if v is not None}
+    )
+    console.print(f"suppressed {entry['address'] or entry['domain']} ({entry['id']})")
+
+
+@suppressions.command("list")
+def suppressions_list(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Every entry of the list."""
+    table = Table("id", "address or domain", "source", "reason", "since")
+    cursor = None
+    count = 0
+    while True:
+        params: dict[str, Any] = {"limit": 500} | ({"cursor": cursor} if cursor else {})
+        page = call(url, key, "GET", "/v1/suppressions", params=params)
+        for item in page["items"]:
+            table.add_row(
+                item["id"],
+                item["address"] or f"@{item['domain']}",
+                item["source"],
+                item["reason"],
+                item["created_at"],
+            )
+            count += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    console.print(table)
+    console.print(f"{count} entries")
+
+
+@suppressions.command("remove")
+def suppressions_remove(
+    suppression_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = ""
+) -> None:
+    """Take an entry off the list."""
+    call(url, key, "DELETE", f"/v1/suppressions/{suppression_id}")
+    console.print(f"removed {suppression_id}")
 
 
 @app.command("watch")

@@ -155,6 +155,15 @@ async def insert_ignore(session: AsyncSession, table: Table, rows: list[dict[str
     await connection.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
+def insert_ignore_statement(
+    session: AsyncSession, table: Table, rows: dict[str, Any] | list[dict[str, Any]]
+) -> Any:
+    """The same INSERT … ON CONFLICT DO NOTHING as a statement, for callers that need its
+    rowcount (how many rows were new)."""
+    insert = postgresql_insert if is_postgres(session) else sqlite_insert
+    return insert(table).values(rows).on_conflict_do_nothing()
+
+
 def table_of(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel table class, for bulk and guarded statements."""
     table: Table = getattr(model, "__table__")  # noqa: B009 - SQLModel does not type it

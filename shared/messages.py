@@ -35,6 +35,12 @@ class EmailContent(BaseModel):
     reply_to: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     message_id: str = Field(description="Stays the same on every retry of the email.")
+    unsubscribe_url: str | None = Field(
+        default=None, description="One-click unsubscribe link (RFC 8058), signed per recipient."
+    )
+    unsubscribe_token: str | None = Field(
+        default=None, description="The same token, for the mailto: variant's subject."
+    )
     date: datetime | None = Field(
         default=None,
         description="The Date header: when the email was accepted, the same on every attempt "

@@ -82,6 +82,25 @@ EMAILS_FINISHED = Counter(
     "Emails by final or intermediate outcome reported by the senders.",
     ["outcome"],
 )
+SUPPRESSED = Counter(
+    "abl_suppressed_total",
+    "Emails stopped because their recipient is on the tenant's suppression list, by where "
+    "(`intake`: refused by POST /v1/messages; `dispatch`: caught when claimed; `queued`: "
+    "stopped in the queue when the address was suppressed).",
+    ["stage"],
+)
+BOUNCES = Counter(
+    "abl_bounces_total",
+    "Bounces and complaints read from the sending mailboxes, by kind (`hard`, `soft`, "
+    "`complaint`).",
+    ["kind"],
+)
+REPLIES = Counter("abl_replies_total", "Replies from recipients read from the sending mailboxes.")
+MAILBOX_POLLS = Counter(
+    "abl_mailbox_polls_total",
+    "Reads of a sending mailbox, by result (`ok`, `failed`, `timeout`).",
+    ["result"],
+)
 JOBS_PUBLISHED = Counter("abl_send_jobs_published_total", "Send jobs confirmed by the broker.")
 PUBLISH_CONFIRM_DURATION = Histogram(
     "abl_publish_confirm_duration_seconds",

@@ -24,6 +24,8 @@ _servers = table(
     column("status", String),
     column("daily_cap", Integer),
     column("label", String),
+    column("host", String),
+    column("username", String),
 )
 
 
@@ -42,6 +44,9 @@ class ServerView:
     status: str
     daily_cap: int
     label: str
+    # Where it submits, so that the scheduler can tell its provider's limits.
+    host: str = ""
+    username: str = ""
 
     @property
     def sendable(self) -> bool:
@@ -55,6 +60,8 @@ def _select_servers() -> Any:  # Any: sqlmodel's exec() is typed for its own sel
         _servers.c.status,
         _servers.c.daily_cap,
         _servers.c.label,
+        _servers.c.host,
+        _servers.c.username,
     )
 
 

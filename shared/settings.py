@@ -29,6 +29,7 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 MIN_TOKEN_LENGTH = 24
 DEFAULT_SMTP_PORTS = (25, 465, 587, 2525)
+DEFAULT_IMAP_PORTS = (143, 993)
 
 
 class Environment(StrEnum):
@@ -162,8 +163,9 @@ class AddressSettings(CommonSettings):
 
     allow_private_hosts: bool = False
     allowed_smtp_ports: Annotated[tuple[int, ...], NoDecode] = DEFAULT_SMTP_PORTS
+    allowed_imap_ports: Annotated[tuple[int, ...], NoDecode] = DEFAULT_IMAP_PORTS
 
-    @field_validator("allowed_smtp_ports", mode="before")
+    @field_validator("allowed_smtp_ports", "allowed_imap_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: object) -> object:
         if isinstance(value, str):
@@ -269,6 +271,14 @@ class SchedulerSettings(OutboxSettings, InternalTokenSettings):
     # The registry marks the server auth_failed; this short park only covers the time until
     # that status is seen (or the case where the sender could not tell the registry).
     auth_park_seconds: float = Field(default=300.0, ge=0)
+    # The mailbox reader: how often each server's INBOX is read, how long one read may take
+    # (a mailbox that hangs is given up on for this round; the others go on), how many at once.
+    inbox_poll_seconds: float = Field(default=60.0, gt=0)
+    inbox_timeout_seconds: float = Field(default=30.0, gt=0)
+    inbox_concurrency: int = Field(default=32, ge=1, le=1000)
+    # Where recipients reach the public API: one-click unsubscribe links start with it
+    # (RFC 8058 wants HTTPS; plain http is accepted for development).
+    public_url: str = Field(default="http://127.0.0.1:8000", pattern=r"^https?://[^\s/]+(/\S*)?$")
 
 
 class SenderSettings(BrokerSettings, InternalTokenSettings, AddressSettings, UpstreamSettings):

@@ -39,7 +39,12 @@ class TenantBase(SQLModel):
     @field_validator("name")
     @classmethod
     def _clean_name(cls, value: str) -> str:
-        return refuse_control_chars(value).strip()
+        # min_length is checked before this strip: a name of spaces would pass it and then be
+        # stored empty (and fail the response model with a 500).
+        cleaned = refuse_control_chars(value).strip()
+        if not cleaned:
+            raise ValueError("must not be blank")
+        return cleaned
 
 
 class TenantCreate(TenantBase):

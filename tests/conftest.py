@@ -26,6 +26,7 @@ from services.registry.main import create_app
 from shared.crypto import generate_key
 from shared.migrate import upgrade_database
 from shared.settings import Settings
+from tests.support.dovecot import DOVECOT, DovecotServer, dovecot_server
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 POSTGRES_URL = os.environ.get("ABL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -78,6 +79,19 @@ def starttls_server(certs: Certificates) -> Iterator[SmtpTestServer]:
 
 
 @pytest.fixture(scope="session")
+def dovecot(certs: Certificates) -> Iterator[DovecotServer]:
+    """A real IMAP server (Dovecot) with the same accounts as the SMTP test servers."""
+    if not Path(DOVECOT).exists():
+        pytest.fail(
+            "dovecot is not installed: `make test` installs dovecot-imapd (as root), or run "
+            "`apt-get install -y dovecot-imapd`",
+            pytrace=False,
+        )
+    with dovecot_server(certs, ACCOUNTS) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tls_server(certs: Certificates) -> Iterator[SmtpTestServer]:
     with smtp_server(certs, ACCOUNTS, security="tls") as server:
         yield server
@@ -118,7 +132,7 @@ async def truncate_postgres(url: str) -> None:
     await _pg_execute(
         url,
         "TRUNCATE tenants, smtp_servers, emails, server_days, server_usage_hours, "
-        "server_warmup, sending_profiles CASCADE",
+        "server_warmup, sending_profiles, suppressions, mailbox_cursors, mailbox_events CASCADE",
     )
 
 

@@ -106,3 +106,41 @@ def test_ctl_from_tenant_to_sent_emails(
     refused = runner.invoke(app, ["send", str(bad_csv)], env=env)
     assert refused.exit_code == 1
     assert "body.messages.0.to" in refused.output
+
+
+def test_ctl_imports_a_suppression_csv_and_send_reports_the_refused(
+    service: tuple[Service, str], tmp_path: Path
+) -> None:
+    running, admin = service
+    env = {"ABL_API_URL": running.url, "ABL_ADMIN_TOKEN": admin}
+    created = runner.invoke(app, ["tenants", "create", "suppressing"], env=env)
+    match = re.search(r"API key: (abl_\S+)", created.output)
+    assert match is not None
+    env["ABL_API_KEY"] = match.group(1)
+
+    listed_csv = tmp_path / "suppress.csv"
+    listed_csv.write_text(
+        "address,domain,reason\ngone@example.org,,hard bounce\n,blocked.example,asked\n"
+    )
+    imported = runner.invoke(app, ["suppressions", "import", str(listed_csv)], env=env)
+    assert imported.exit_code == 0, imported.output
+    assert "suppressed 2 new, already on the list 0" in imported.output
+    bare = tmp_path / "bare.csv"
+    bare.write_text("gone@example.org\nother@example.org\n")
+    again = runner.invoke(app, ["suppressions", "import", str(bare)], env=env)
+    assert "suppressed 1 new, already on the list 1" in again.output, again.output
+    listed = runner.invoke(app, ["suppressions", "list"], env=env)
+    assert "3 entries" in listed.output, listed.output
+
+    leads = tmp_path / "leads.csv"
+    leads.write_text(
+        "to,subject,text\ngone@example.org,Hi,x\nx@blocked.example,Hi,x\nnew@example.org,Hi,x\n"
+    )
+    sent = runner.invoke(app, ["send", str(leads)], env=env)
+    assert "queued 1, already known 0, suppressed 2" in sent.output, sent.output
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("address\nnot-an-address\n")
+    refused = runner.invoke(app, ["suppressions", "import", str(bad)], env=env)
+    assert refused.exit_code == 1
+    assert "body.items.0.address" in refused.output

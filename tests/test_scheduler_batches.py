@@ -58,7 +58,13 @@ async def test_a_published_job_is_the_send_job_pydantic_would_write(
     assert str(job.server_id) == email["server_id"]
     assert job.attempt == email["attempts"] + 1
     assert job.content.model_dump(exclude={"message_id", "date"}) == {
-        key: message.get(key) for key in ("to", "subject", "text", "html", "reply_to", "headers")
+        **{
+            key: message.get(key)
+            for key in ("to", "subject", "text", "html", "reply_to", "headers")
+        },
+        # No one-click unsubscribe was asked for (tests/test_unsubscribe.py covers it).
+        "unsubscribe_url": None,
+        "unsubscribe_token": None,
     }
     assert job.content.message_id == email["message_id"]
     # The email's Date: when it was accepted, the same on every attempt.

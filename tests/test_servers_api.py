@@ -213,7 +213,7 @@ async def test_preset_fills_host_port_and_security(api: Api) -> None:
         ({"from_name": "Evil\r\nBcc: victim@example.com"}, "body.from_name"),
         ({"username": "a\nb"}, "body.username"),
         ({"password": "pa\r\nss"}, "body.password"),
-        ({"daily_cap": 501}, "body.daily_cap"),
+        ({"daily_cap": 10_001}, "body.daily_cap"),
         ({"host": None, "port": None}, "body.host"),
     ],
 )

@@ -8,6 +8,8 @@ SCHEDULER_PATHS = (
     re.compile(r"^/v1/messages(/.*)?$"),
     re.compile(r"^/v1/capacity$"),
     re.compile(r"^/v1/sending-profile$"),
+    re.compile(r"^/v1/suppressions(/.*)?$"),
+    re.compile(r"^/v1/unsubscribe/[^/]+$"),
     re.compile(r"^/v1/servers/[^/]+/warmup$"),
 )
 REGISTRY_PATHS = (re.compile(r"^/v1/(tenants|servers)(/.*)?$"),)

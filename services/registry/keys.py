@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.registry import repository
+from services.registry import mailbox, repository
 from shared.crypto import Keyring
 from shared.timeutil import utcnow
 
@@ -41,6 +41,12 @@ async def rotate_keys(
                     plain = repository.open_token(keyring, server, purpose, sealed)
                     setattr(server, column, repository.seal_token(keyring, server, purpose, plain))
                     changed = True
+            endpoint = mailbox.stored_endpoint(keyring, server)
+            if endpoint is not None and keyring.needs_rotation(
+                server.imap_password_ciphertext or ""
+            ):
+                mailbox.store_password(keyring, server, endpoint.password)
+                changed = True
             if not changed:
                 continue
             server.updated_at = utcnow()

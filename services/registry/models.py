@@ -19,7 +19,9 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.registry.domain import PRESETS, AuthMethod, Security, ServerStatus, status_hint
+from shared.imap import ImapSecurity
 from shared.outbox import OutboxRecord
+from shared.providers import detect
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
     JSON_INTEGER,
@@ -30,7 +32,10 @@ from shared.validation import (
     refuse_control_chars,
 )
 
-MAX_DAILY_CAP = 500
+# The largest any known provider allows one mailbox (Microsoft 365: 10,000 recipients a day);
+# a server added without `daily_cap` gets its provider's limit, or DEFAULT_DAILY_CAP.
+MAX_DAILY_CAP = 10_000
+DEFAULT_DAILY_CAP = 500
 # Changing any of these re-runs the connection check before the change is saved.
 CONNECTION_FIELDS = frozenset({"host", "port", "security", "username", "password"})
 # Where (and as whom) the password is sent. Changing any of these needs the password in the
@@ -113,9 +118,38 @@ class SmtpServerBase(SQLModel):
     from_email: str = Field(max_length=320)
     from_name: OneLineText = Field(default="", max_length=100)
     # JSON integers only: `true` or `"5"` is not a number of emails.
-    daily_cap: DailyCap = Field(default=MAX_DAILY_CAP)
+    daily_cap: DailyCap = Field(default=DEFAULT_DAILY_CAP)
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
+
+
+class ImapCreate(SQLModel):
+    """Mailbox access for the mailbox reader; every field optional: host and port from the
+    preset or the provider of the SMTP host, username and password the SMTP ones."""
+
+    model_config = SQLModelConfig(hide_input_in_errors=True)
+
+    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: ImapSecurity | None = Field(
+        default=None, description="`tls` (port 993, the default) or `starttls` (143)."
+    )
+    username: str | None = Field(default=None, min_length=1, max_length=320)
+    password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
+
+    _clean_host = field_validator("host")(_clean_host)
+    _clean_username = field_validator("username")(_clean_lower)
+    _clean_password = field_validator("password")(_clean_secret)
+
+
+class ImapPublic(SQLModel):
+    host: str
+    port: int
+    security: ImapSecurity
+    username: str
+    has_password: bool = True
+    last_poll_at: datetime | None = Field(description="When the mailbox reader last read it.")
+    last_poll_error: str | None = Field(description="Why the last read failed, if it did.")
 
 
 class SmtpServerCreate(SmtpServerBase):
@@ -142,6 +176,13 @@ class SmtpServerCreate(SmtpServerBase):
     )
 
     from_email: Address = Field(max_length=320)
+    daily_cap: int | None = Field(  # type: ignore[assignment]
+        default=None,
+        ge=1,
+        le=MAX_DAILY_CAP,
+        description="Defaults to the provider's daily limit (Gmail 500, Google Workspace "
+        "2,000, Microsoft 365 10,000, ...), or 500 for a server of unknown provider.",
+    )
 
     preset: PresetName | None = Field(
         default=None,
@@ -152,6 +193,9 @@ class SmtpServerCreate(SmtpServerBase):
     security: Security | None = None
     username: OneLineText = Field(min_length=1, max_length=320)
     password: Password = Field(min_length=1, max_length=1024)
+    imap: ImapCreate | None = Field(
+        default=None, description="Mailbox access, so bounces and replies can be read."
+    )
 
     _clean_host = field_validator("host")(_clean_host)
     _clean_username = field_validator("username")(_clean_lower)
@@ -164,6 +208,9 @@ class SmtpServerCreate(SmtpServerBase):
             self.host = self.host or preset.host
             self.port = self.port or preset.port
             self.security = self.security or preset.security
+        if self.daily_cap is None:
+            provider = detect(self.host or "", self.username)
+            self.daily_cap = provider.daily if provider else DEFAULT_DAILY_CAP
         return self
 
     def missing_connection_fields(self) -> list[str]:
@@ -192,6 +239,11 @@ class SmtpServerUpdate(SQLModel):
     security: Security | None = None
     username: OneLineText | None = Field(default=None, min_length=1, max_length=320)
     password: Password | None = Field(default=None, min_length=1, max_length=1024)
+    imap: ImapCreate | None = Field(
+        default=None,
+        description="Add or change mailbox access (checked first). A host, port, security or "
+        "username other than the stored ones needs `imap.password`.",
+    )
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
     _clean_host = field_validator("host")(_clean_host)
@@ -220,6 +272,7 @@ class SmtpServerPublic(SmtpServerBase):
     )
     has_password: bool = True
     last_check: LastCheck
+    imap: ImapPublic | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -275,6 +328,13 @@ class SmtpServer(SmtpServerBase, table=True):
         default=None,
         sa_type=UtcDateTime,
     )
+    imap_host: str | None = Field(default=None, max_length=HOST_MAX)
+    imap_port: int | None = None
+    imap_security: str | None = Field(default=None, max_length=16)
+    imap_username: str | None = Field(default=None, max_length=320)
+    imap_password_ciphertext: str | None = Field(default=None, max_length=4096)
+    imap_last_poll_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    imap_last_poll_error: str | None = Field(default=None, max_length=512)
     created_at: datetime = Field(
         default_factory=utcnow,
         sa_type=UtcDateTime,
@@ -283,6 +343,18 @@ class SmtpServer(SmtpServerBase, table=True):
         default_factory=utcnow,
         sa_type=UtcDateTime,
     )
+
+    def imap_public(self) -> ImapPublic | None:
+        if self.imap_host is None or self.imap_port is None or self.imap_username is None:
+            return None
+        return ImapPublic(
+            host=self.imap_host,
+            port=self.imap_port,
+            security=ImapSecurity(self.imap_security or "tls"),
+            username=self.imap_username,
+            last_poll_at=self.imap_last_poll_at,
+            last_poll_error=self.imap_last_poll_error,
+        )
 
     def to_public(self) -> SmtpServerPublic:
         return SmtpServerPublic(
@@ -311,6 +383,7 @@ class SmtpServer(SmtpServerBase, table=True):
                     self.oauth_provider,
                 ),
             ),
+            imap=self.imap_public(),
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
@@ -323,7 +396,7 @@ class OAuthStart(SQLModel):
 
     label: OneLineText = Field(default="", max_length=100)
     from_name: OneLineText = Field(default="", max_length=100)
-    daily_cap: DailyCap = Field(default=MAX_DAILY_CAP)
+    daily_cap: DailyCap = Field(default=DEFAULT_DAILY_CAP)
     server_id: uuid.UUID | None = Field(
         default=None,
         description="Reconnect this existing server (after `auth_failed`) instead of adding one.",

@@ -19,6 +19,7 @@ import aiosmtplib
 from services.registry import domain
 from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, Security
 from shared import addresses as addresses_module
+from shared import imap
 from shared.settings import RegistrySettings
 from shared.smtp_tls import smtp_client
 
@@ -43,6 +44,16 @@ class Verifier:
         self.timeout = settings.verify_timeout_seconds
         self.allow_private = settings.allow_private_hosts
         self.allowed_ports = settings.allowed_smtp_ports
+        self.allowed_imap_ports = settings.allowed_imap_ports
+
+    async def check_imap(self, endpoint: imap.ImapEndpoint) -> imap.ImapCheck:
+        """LOGIN, SELECT INBOX (read-only), LOGOUT under the same address rules as SMTP."""
+        return await imap.check(
+            endpoint,
+            allow_private=self.allow_private,
+            allowed_ports=self.allowed_imap_ports,
+            bound_seconds=self.timeout,
+        )
 
     async def check(self, target: Target) -> CheckOutcome:
         stage = ["greeting"]

@@ -23,7 +23,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, repository
+from services.scheduler import domain, repository, suppression, unsubscribe
 from services.scheduler.domain import RetryPolicy, WarmupSchedule
 from shared.broker import Bus
 from shared.db import in_transaction
@@ -84,6 +84,26 @@ def retry_policy_from(settings: SchedulerSettings) -> RetryPolicy:
     )
 
 
+# The fields as pydantic writes them when absent: the job's bytes match `SendJob`'s own dump.
+NO_LINKS: dict[str, str | None] = {"unsubscribe_url": None, "unsubscribe_token": None}
+
+
+@dataclass(frozen=True)
+class UnsubscribeLinks:
+    key: bytes
+    public_url: str
+
+    def for_row(self, row: Row[Any]) -> dict[str, str | None]:
+        """The one-click link and its token, for an email that asked for them."""
+        if not row.unsubscribe:
+            return NO_LINKS
+        token = unsubscribe.sign(self.key, row.id, row.tenant_id, row.to)
+        return {
+            "unsubscribe_url": unsubscribe.url(self.public_url, token),
+            "unsubscribe_token": token,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A send job ready to publish: its body is a `SendJob` in JSON."""
@@ -107,6 +127,7 @@ def encode_job(
     server_id: uuid.UUID,
     reserved_day: date,
     republished: bool = False,
+    links: UnsubscribeLinks | None = None,
 ) -> Job:
     """The `SendJob` of a row of `repository.JOB_COLUMNS`, written with orjson.
 
@@ -132,6 +153,7 @@ def encode_job(
                 "headers": row.headers,
                 "message_id": row.message_id,
                 "date": row.created_at,
+                **(links.for_row(row) if links else NO_LINKS),
             },
             "not_before": None,
             "republished": republished,
@@ -172,6 +194,10 @@ class Dispatcher:
         self.rng = rng or random.Random()  # noqa: S311 - tie-breaking, not security
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
+        self.links = UnsubscribeLinks(
+            unsubscribe.derive_key(settings.internal_token.get_secret_value()),
+            settings.public_url,
+        )
         # Rows created in warmup and day tables since their statistics were last refreshed.
         self.created_rows: Counter[str] = Counter()
         self.analyzed_rows: Counter[str] = Counter()
@@ -230,8 +256,9 @@ class Dispatcher:
             warmups = await repository.warmup_states(
                 session, servers, today, self.schedule, created=self.created_rows
             )
+            limits = {s.id: repository.limits_of(s, self.schedule) for s in servers}
             allowances = {
-                s.id: self.schedule.allowance(warmups[s.id].step, s.daily_cap) for s in servers
+                s.id: self.schedule.allowance(warmups[s.id].step, limits[s.id].top) for s in servers
             }
             days = await repository.server_days(
                 session, servers, today, allowances, created=self.created_rows
@@ -248,14 +275,17 @@ class Dispatcher:
                 domain.ServerLoad(
                     str(s.id),
                     days[s.id].reserved,
-                    domain.sendable_now(
-                        now=now,
-                        window=window,
-                        allowance=days[s.id].allowance,
-                        used_today=days[s.id].reserved,
-                        rolling_used=rolling.get(s.id, 0),
-                        pacing=self.settings.pacing,
-                        jitter_key=str(s.id),
+                    min(
+                        domain.sendable_now(
+                            now=now,
+                            window=window,
+                            allowance=days[s.id].allowance,
+                            used_today=days[s.id].reserved,
+                            rolling_used=rolling.get(s.id, 0),
+                            pacing=self.settings.pacing,
+                            jitter_key=str(s.id),
+                        ),
+                        domain.minute_budget(warmups[s.id].pace_at, now, limits[s.id].per_minute),
                     ),
                 )
                 for s in servers
@@ -265,12 +295,20 @@ class Dispatcher:
             if capacity == 0:
                 return []
             emails = await repository.claim_due(session, tenant_id, capacity, now)
+            # Suppressed since it was queued (a bounce, an unsubscribe): never sent.
+            emails = await suppression.drop_suppressed(session, tenant_id, emails, now)
             plan = domain.plan_share(loads, len(emails), self.rng)
             wanted = {uuid.UUID(server_id): n for server_id, n in plan.items()}
             granted = await repository.reserve_many(session, today, wanted, now)
             refused = sum(wanted.values()) - sum(granted.values())
             if refused:
                 RESERVATIONS_REFUSED.inc(refused)
+            paces = {
+                server_id: domain.next_pace(warmups[server_id].pace_at, now, n, per_minute)
+                for server_id, n in granted.items()
+                if (per_minute := limits[server_id].per_minute) is not None
+            }
+            await repository.set_pace(session, paces)
             chosen = emails[: sum(granted.values())]
             assigned = domain.avoid_previous_server(
                 [str(email.server_id) if email.server_id else None for email in chosen],
@@ -298,7 +336,13 @@ class Dispatcher:
                     hours={(s, hour): n for s, n in unmarked.items()},
                 )
             jobs = [
-                encode_job(email, job_id=job_id, server_id=server_id, reserved_day=today)
+                encode_job(
+                    email,
+                    job_id=job_id,
+                    server_id=server_id,
+                    reserved_day=today,
+                    links=self.links,
+                )
                 for email, (email_id, server_id, job_id) in zip(chosen, assignments, strict=True)
                 if email_id in marked
             ]
@@ -321,6 +365,7 @@ class Dispatcher:
                     server_id=row.server_id,
                     reserved_day=row.reserved_day,
                     republished=True,
+                    links=self.links,
                 )
                 for row in rows
             ]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from shared.providers import Provider, detect
+
 
 @dataclass(frozen=True)
 class WarmupSchedule:
@@ -25,7 +27,9 @@ class WarmupSchedule:
 
     def steps(self, daily_cap: int | None = None) -> list[int]:
         """Allowance of each step, from step 1 to the first that reaches the cap."""
-        cap = min(self.cap, daily_cap or self.cap)
+        # `daily_cap` is the top of this server's ramp (see `ramp_top`): it may pass
+        # `self.cap` for a provider known to allow more, such as Microsoft 365.
+        cap = daily_cap or self.cap
         values = [min(self.first, cap)]
         while values[-1] < cap:
             values.append(min(cap, math.ceil(values[-1] * self.factor)))
@@ -37,6 +41,52 @@ class WarmupSchedule:
 
     def top_step(self, daily_cap: int | None = None) -> int:
         return len(self.steps(daily_cap))
+
+
+def ramp_top(provider: Provider | None, daily_cap: int, schedule: WarmupSchedule) -> int:
+    """The most a server may send in a day once warm: the lowest of the tenant's `daily_cap`
+    and the provider's daily limit; for a server whose provider is unknown (an own MTA, a
+    small host), `ABL_WARMUP_CAP` stands in for the provider's limit."""
+    limit = provider.daily if provider is not None else schedule.cap
+    return max(1, min(daily_cap, limit))
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    provider: str | None
+    top: int  # the most a day, once warm
+    per_minute: int | None
+
+
+def server_limits(
+    host: str, username: str, daily_cap: int, schedule: WarmupSchedule
+) -> ServerLimits:
+    provider = detect(host, username)
+    return ServerLimits(
+        provider=provider.key if provider else None,
+        top=ramp_top(provider, daily_cap, schedule),
+        per_minute=provider.per_minute if provider else None,
+    )
+
+
+def pace_spacing(per_minute: int) -> timedelta:
+    return timedelta(seconds=60 / per_minute)
+
+
+def minute_budget(pace_at: datetime | None, now: datetime, per_minute: int | None) -> int:
+    """How many emails a server with a per-minute limit may take at `now`: one when its next
+    slot has come, none before. Slots are `60 / per_minute` seconds apart, so no 60 seconds
+    ever hold more than `per_minute` sends (Microsoft 365: 30 a minute)."""
+    if per_minute is None:
+        return 1 << 30
+    return 1 if pace_at is None or pace_at <= now else 0
+
+
+def next_pace(pace_at: datetime | None, now: datetime, taken: int, per_minute: int) -> datetime:
+    """The server's next slot after `taken` sends at `now` (a missed slot is not saved up:
+    an idle server does not earn a burst)."""
+    start = now if pace_at is None or pace_at < now else pace_at
+    return start + pace_spacing(per_minute) * taken
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from enum import StrEnum
 from importlib.resources import files
 from typing import Annotated, Any
 
+import idna
 from annotated_types import Interval
-from pydantic import JsonValue, WithJsonSchema, field_validator, model_validator
-from sqlalchemy import JSON, Column, Date, Index, UniqueConstraint
+from pydantic import JsonValue, StrictBool, WithJsonSchema, field_validator, model_validator
+from sqlalchemy import JSON, BigInteger, Column, Date, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
@@ -111,10 +112,24 @@ class EmailStatus(StrEnum):
     failed = "failed"
     unknown = "unknown"
     canceled = "canceled"
+    # Deliverability states: `bounced` and `replied` follow `sent` (the mailbox reader saw a
+    # bounce or a reply); `suppressed` means the recipient is on the tenant's suppression list
+    # and the email was never sent.
+    bounced = "bounced"
+    replied = "replied"
+    suppressed = "suppressed"
 
 
 FINAL_STATUSES = frozenset(
-    {EmailStatus.sent, EmailStatus.failed, EmailStatus.unknown, EmailStatus.canceled}
+    {
+        EmailStatus.sent,
+        EmailStatus.failed,
+        EmailStatus.unknown,
+        EmailStatus.canceled,
+        EmailStatus.bounced,
+        EmailStatus.replied,
+        EmailStatus.suppressed,
+    }
 )
 
 
@@ -131,6 +146,19 @@ class EmailBase(SQLModel):
     html: BodyText | None = Field(default=None)
     reply_to: str | None = Field(default=None, max_length=320)
     campaign: OneLineText | None = Field(default=None, max_length=100)
+    sequence: OneLineText | None = Field(
+        default=None,
+        max_length=100,
+        description="Emails of one sequence to one recipient: a reply or a bounce cancels "
+        "the ones still queued.",
+    )
+
+
+def _refuse_own_unsubscribe_header(headers: dict[str, str]) -> None:
+    if any(name.lower() in ("list-unsubscribe", "list-unsubscribe-post") for name in headers):
+        raise ValueError(
+            "`unsubscribe: true` sets List-Unsubscribe itself: drop the header or the flag"
+        )
 
 
 class EmailCreate(EmailBase):
@@ -148,8 +176,13 @@ class EmailCreate(EmailBase):
     reply_to: Address | None = Field(default=None, max_length=320)
     headers: HeaderMap = Field(default_factory=dict)
     idempotency_key: OneLineText | None = Field(default=None, min_length=1, max_length=200)
+    unsubscribe: StrictBool = Field(
+        default=False,
+        description="Add a one-click List-Unsubscribe (RFC 8058) with a link signed for this "
+        "recipient, and a mailto: variant to the sending mailbox.",
+    )
 
-    _clean = field_validator("subject", "campaign", "idempotency_key")(_clean_line)
+    _clean = field_validator("subject", "campaign", "idempotency_key", "sequence")(_clean_line)
 
     @field_validator("text")
     @classmethod
@@ -191,17 +224,49 @@ class EmailCreate(EmailBase):
     def _has_body(self) -> EmailCreate:
         if not self.text and not self.html:
             raise ValueError("give `text`, `html` or both")
+        if self.unsubscribe:
+            _refuse_own_unsubscribe_header(self.headers)
         return self
 
 
 class MessageBatch(SQLModel):
     messages: list[EmailCreate] = Field(min_length=1, max_length=MAX_BATCH)
+    unsubscribe: bool = Field(
+        default=False, description="One-click unsubscribe on every email of the batch."
+    )
+
+    @model_validator(mode="after")
+    def _unsubscribe_header(self) -> MessageBatch:
+        if self.unsubscribe:
+            for message in self.messages:
+                message.unsubscribe = True
+                _refuse_own_unsubscribe_header(message.headers)
+        return self
+
+
+class ItemStatus(StrEnum):
+    queued = "queued"
+    duplicate = "duplicate"
+    suppressed = "suppressed"
+
+
+class AcceptedItem(SQLModel):
+    id: uuid.UUID
+    status: ItemStatus = Field(
+        description="`queued`; `duplicate` (the idempotency key was seen before: the first "
+        "email's id); `suppressed` (the recipient is on the suppression list: stored with "
+        "status `suppressed`, never sent)."
+    )
 
 
 class Accepted(SQLModel):
     ids: list[uuid.UUID]
+    items: list[AcceptedItem] = Field(description="One per item of the request, in order.")
     queued: int
     duplicates: int = Field(description="Items whose idempotency key was seen before.")
+    suppressed: int = Field(
+        default=0, description="Items refused because their recipient is suppressed."
+    )
     active_servers: int
     warning: str | None = None
 
@@ -217,6 +282,11 @@ class EmailPublic(EmailBase):
     not_before: datetime
     last_smtp_code: int | None
     last_smtp_reply: str | None
+    unsubscribe: bool
+    unsubscribed_at: datetime | None
+    bounce_status: str | None = Field(description="The DSN's status code, e.g. 5.1.1.")
+    bounce_diagnostic: str | None
+    replied_at: datetime | None
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
@@ -251,6 +321,11 @@ class Email(EmailBase, table=True):
     published_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     last_smtp_code: int | None = None
     last_smtp_reply: str | None = Field(default=None, max_length=1000)
+    unsubscribe: bool = False
+    unsubscribed_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    bounce_status: str | None = Field(default=None, max_length=16)
+    bounce_diagnostic: str | None = Field(default=None, max_length=1000)
+    replied_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     sent_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
@@ -292,6 +367,8 @@ class ServerWarmup(SQLModel, table=True):
     idle_days: int = 0
     parked_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
     park_reason: str | None = Field(default=None, max_length=200)
+    # The next slot of a server whose provider limits sends per minute (domain.minute_budget).
+    pace_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 def _hours_in_order() -> list[JsonValue]:
@@ -350,6 +427,16 @@ class WarmupPublic(SQLModel):
     status: str
     step: int
     top_step: int
+    provider: str | None = Field(
+        description="The provider detected from the SMTP host (gmail, google_workspace, "
+        "office365, outlook, zoho, yahoo, icloud, fastmail), or null for an unknown server."
+    )
+    daily_limit: int = Field(
+        description="The top of the ramp: the lowest of daily_cap and the provider's limit."
+    )
+    per_minute_limit: int | None = Field(
+        description="The provider's per-minute limit, enforced by spacing sends."
+    )
     allowance_today: int
     sent_today: int
     reserved_today: int
@@ -370,6 +457,134 @@ class CapacityPublic(SQLModel):
     steady_state_servers: int
     headroom: float
     active_servers: int
+
+
+# --- suppression list -----------------------------------------------------------------------
+
+
+class SuppressionSource(StrEnum):
+    bounce = "bounce"
+    complaint = "complaint"
+    unsubscribe = "unsubscribe"
+    manual = "manual"
+
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def clean_domain(value: str) -> str:
+    """A domain in the form emails carry it: lower case, IDNA (`xn--`) for a Unicode one."""
+    cleaned = refuse_control_chars(value).strip().lower().removesuffix(".")
+    if not cleaned.isascii():
+        try:
+            cleaned = idna.encode(cleaned, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ValueError("is not a valid internationalised domain") from exc
+    labels = cleaned.split(".")
+    if len(cleaned) > 253 or len(labels) < 2 or not all(map(_DOMAIN_LABEL.match, labels)):
+        raise ValueError("must be a domain such as example.com")
+    return cleaned
+
+
+class SuppressionBase(SQLModel):
+    address: str | None = Field(default=None, max_length=320)
+    domain: str | None = Field(default=None, max_length=253)
+    reason: str = Field(default="", max_length=500)
+    source: SuppressionSource = SuppressionSource.manual
+
+
+class SuppressionCreate(SuppressionBase):
+    """One address or one whole domain; matching ignores case."""
+
+    address: Address | None = Field(default=None, max_length=320)
+
+    _clean_reason = field_validator("reason")(_clean_line)
+
+    @field_validator("address")
+    @classmethod
+    def _lower_address(cls, value: str | None) -> str | None:
+        return None if value is None else value.lower()
+
+    @field_validator("domain")
+    @classmethod
+    def _clean_domain(cls, value: str | None) -> str | None:
+        return None if value is None else clean_domain(value)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SuppressionCreate:
+        if (self.address is None) == (self.domain is None):
+            raise ValueError("give exactly one of `address` or `domain`")
+        return self
+
+
+class SuppressionBatch(SQLModel):
+    items: list[SuppressionCreate] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class SuppressionImported(SQLModel):
+    added: int
+    already_known: int
+
+
+class SuppressionPublic(SuppressionBase):
+    id: uuid.UUID
+    source: SuppressionSource
+    created_at: datetime
+
+
+class SuppressionPage(SQLModel):
+    items: list[SuppressionPublic]
+    next_cursor: str | None
+
+
+class Suppression(SuppressionBase, table=True):
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "address", name="uq_suppressions_address"),
+        UniqueConstraint("tenant_id", "domain", name="uq_suppressions_domain"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID = Field(index=True)
+    source: SuppressionSource = Field(default=SuppressionSource.manual, sa_type=String(16))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
+
+    def to_public(self) -> SuppressionPublic:
+        return SuppressionPublic.model_validate(self, from_attributes=True)
+
+
+# --- mailbox reading --------------------------------------------------------------------------
+
+
+class MailboxCursor(SQLModel, table=True):
+    """Where the mailbox reader stands in one server's INBOX."""
+
+    __tablename__ = "mailbox_cursors"
+
+    server_id: uuid.UUID = Field(primary_key=True)
+    tenant_id: uuid.UUID = Field(index=True)
+    uidvalidity: int = Field(default=0, sa_type=BigInteger)
+    last_uid: int = Field(default=0, sa_type=BigInteger)
+
+
+class MailboxEvent(SQLModel, table=True):
+    """One notification read from a mailbox, recorded once whatever re-reads it."""
+
+    __tablename__ = "mailbox_events"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "key", name="uq_mailbox_events_key"),
+        Index("ix_mailbox_events_address", "tenant_id", "address", "kind", "at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID = Field(index=True)
+    key: str = Field(max_length=255)
+    kind: str = Field(max_length=16)
+    email_id: uuid.UUID | None = None
+    address: str | None = Field(default=None, max_length=320)
+    status: str | None = Field(default=None, max_length=16)
+    at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
 
 
 class SchedulerOutbox(OutboxRecord, table=True):

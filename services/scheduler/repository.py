@@ -116,6 +116,10 @@ async def sending_window(session: AsyncSession, tenant_id: uuid.UUID) -> Sending
 # --- warmup and allowances ----------------------------------------------------------------
 
 
+def limits_of(server: ServerView, schedule: WarmupSchedule) -> domain.ServerLimits:
+    return domain.server_limits(server.host, server.username, server.daily_cap, schedule)
+
+
 @dataclass(frozen=True, slots=True)
 class WarmupRow:
     """A server's warmup state as the dispatcher reads it (no ORM object per server)."""
@@ -125,6 +129,7 @@ class WarmupRow:
     state_day: date
     idle_days: int
     parked_until: datetime | None
+    pace_at: datetime | None = None  # the next per-minute slot (domain.minute_budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +150,19 @@ async def _warmup_rows(
     session: AsyncSession, server_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, WarmupRow]:
     t = _warmup_table
-    query = sa_select(t.c.server_id, t.c.step, t.c.state_day, t.c.idle_days, t.c.parked_until)
+    query = sa_select(
+        t.c.server_id, t.c.step, t.c.state_day, t.c.idle_days, t.c.parked_until, t.c.pace_at
+    )
     connection = await session.connection()
     rows = await connection.execute(query.where(t.c.server_id.in_(server_ids)))
     return {row.server_id: WarmupRow(*row) for row in rows}
+
+
+async def set_pace(session: AsyncSession, paces: dict[uuid.UUID, datetime]) -> None:
+    """Record the next per-minute slot of servers whose provider limits sends per minute."""
+    w = _warmup_table
+    for server_id, pace_at in sorted(paces.items()):
+        await session.exec(update(w).where(w.c.server_id == server_id).values(pace_at=pace_at))
 
 
 async def warmup_states(
@@ -207,11 +221,11 @@ async def warmup_states(
                 delivered=delivered.get(row.server_id, {}),
                 allowances=allowances.get(row.server_id, {}),
                 schedule=schedule,
-                daily_cap=by_id[row.server_id].daily_cap,
+                daily_cap=limits_of(by_id[row.server_id], schedule).top,
             )
             folded.append((row.server_id, state.step, state.day, state.idle_days))
             rows[row.server_id] = WarmupRow(
-                row.server_id, state.step, state.day, state.idle_days, row.parked_until
+                row.server_id, state.step, state.day, state.idle_days, row.parked_until, row.pace_at
             )
         values = RowSet(
             session,
@@ -646,6 +660,7 @@ JOB_COLUMNS = (
     _email.c.headers,
     _email.c.message_id,
     _email.c.created_at,
+    _email.c.unsubscribe,
 )
 
 

@@ -162,6 +162,18 @@ def _boundary(message_id: str, parts: list[bytes]) -> str:
     return boundary
 
 
+def unsubscribe_headers(content: EmailContent, from_email: str) -> list[tuple[str, str]]:
+    """RFC 8058 one-click (the POST a mailbox provider makes), and RFC 2369's mailto: to the
+    sending mailbox itself, where the mailbox reader recognises the token."""
+    if not (content.unsubscribe_url and content.unsubscribe_token):
+        return []
+    mailto = f"mailto:{from_email}?subject=unsubscribe%20{content.unsubscribe_token}"
+    return [
+        ("List-Unsubscribe", f"<{content.unsubscribe_url}>, <{mailto}>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    ]
+
+
 def build_wire(content: EmailContent, *, from_email: str, from_name: str, now: datetime) -> bytes:
     """The DATA of the email: CRLF lines, leading dots doubled, ending with the final '.'.
 
@@ -186,6 +198,7 @@ def build_wire(content: EmailContent, *, from_email: str, from_name: str, now: d
     if reply_to:
         headers.append("Reply-To: " + reply_to)
     headers.extend(_unstructured(name, value) for name, value in content.headers.items())
+    headers.extend(_unstructured(n, v) for n, v in unsubscribe_headers(content, sender))
     headers.append("MIME-Version: 1.0")
     if content.text is not None and content.html is not None:
         text_headers, text_body = _body_part(content.text, "plain")
@@ -230,6 +243,8 @@ def build_message(
     if content.reply_to:
         message["Reply-To"] = content.reply_to
     for name, value in content.headers.items():
+        message[name] = value
+    for name, value in unsubscribe_headers(content, from_email):
         message[name] = value
     if content.text is not None:
         message.set_content(content.text)

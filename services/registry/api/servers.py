@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.registry import domain, repository
+from services.registry import domain, mailbox, repository
 from services.registry.deps import KeyringDep, LimiterDep, TokenKeeperDep, VerifierDep
 from services.registry.domain import (
     AuthMethod,
@@ -134,6 +134,7 @@ async def add_server(
     assert body.host is not None
     assert body.port is not None
     assert body.security is not None
+    assert body.daily_cap is not None  # the model gives the provider's default
     limiter.take(tenant.id)
     outcome = await run_check(
         verifier,
@@ -143,6 +144,16 @@ async def add_server(
     )
     if not outcome.ok:
         raise check_failed(outcome)
+    imap_endpoint = None
+    if body.imap is not None:
+        imap_endpoint = mailbox.endpoint_for(
+            body.imap,
+            preset=body.preset,
+            smtp_host=body.host,
+            smtp_username=body.username,
+            password=body.password.get_secret_value(),
+        )
+        await mailbox.verify(verifier, imap_endpoint)
     if await repository.login_taken(session, tenant.id, body.host, body.username):
         raise repository.duplicate_login()
     server = SmtpServer(
@@ -159,6 +170,8 @@ async def add_server(
         status=ServerStatus.active,
     )
     repository.seal_password(keyring, server, body.password.get_secret_value())
+    if imap_endpoint is not None:
+        mailbox.store(keyring, server, imap_endpoint)
     record_check(server, outcome)
     session.add(server)
     await repository.flush_unique(session)
@@ -257,6 +270,8 @@ async def update_server(
             setattr(server, name, changes[name])
     if body.password is not None:
         repository.seal_password(keyring, server, body.password.get_secret_value())
+    if body.imap is not None:
+        await mailbox.update(verifier, keyring, server, body.imap)
     server.updated_at = utcnow()
     session.add(server)
     await repository.flush_unique(session)

@@ -2,7 +2,14 @@
 
 from fastapi import APIRouter
 
-from services.scheduler.api import internal, messages, sending_profile, warmup
+from services.scheduler.api import (
+    internal,
+    messages,
+    sending_profile,
+    suppressions,
+    unsubscribe,
+    warmup,
+)
 from shared.errors import KnownQueryOnly
 
 # Every route refuses query parameters its spec does not list.
@@ -10,6 +17,8 @@ router = APIRouter(dependencies=[KnownQueryOnly])
 router.include_router(messages.router)
 router.include_router(warmup.router)
 router.include_router(sending_profile.router)
+router.include_router(suppressions.router)
+router.include_router(unsubscribe.router)
 # Served (token-protected) but not advertised: the public spec lists public routes only, and
 # openapi/internal.json documents these for the other services.
 router.include_router(internal.router, include_in_schema=False)

@@ -10,21 +10,23 @@ from fastapi import APIRouter, BackgroundTasks, Body, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from services.scheduler import repository
+from services.scheduler import repository, suppression
 from services.scheduler.deps import DispatcherDep
 from services.scheduler.models import (
     Accepted,
+    AcceptedItem,
     EmailCreate,
     EmailPage,
     EmailPublic,
     EmailStatus,
+    ItemStatus,
     MessageBatch,
 )
 from shared.broker import Bus
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES, Conflict, problem_doc
 from shared.messages import CancelNotice
-from shared.metrics import EMAILS_ACCEPTED
+from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
 from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.registry_read import tenant_servers
 from shared.settings import BrokerSettings
@@ -100,27 +102,34 @@ async def accept_messages(
             hint="Give each email of a batch its own idempotency_key.",
         )
     known = await repository.emails_by_keys(session, tenant.id, keys)
+    blocked = await suppression.suppressed_among(session, tenant.id, (i.to for i in items))
     now = utcnow()
     ids: list[uuid.UUID] = []
+    results: list[AcceptedItem] = []
     fresh: list[dict[str, Any]] = []
     for item in items:
         if item.idempotency_key and item.idempotency_key in known:
             ids.append(known[item.idempotency_key])
+            results.append(AcceptedItem(id=ids[-1], status=ItemStatus.duplicate))
             continue
         # Plain rows for one multi-row INSERT: an ORM object per email cost more CPU than the
         # rest of the request.
+        refused = item.to.lower() in blocked
         email_id = new_id()
         fresh.append(
             {
                 "id": email_id,
                 "tenant_id": tenant.id,
-                "status": EmailStatus.queued,
+                # Stored all the same, so that its id answers and the refusal is on record.
+                "status": EmailStatus.suppressed if refused else EmailStatus.queued,
                 "to": item.to,
                 "subject": item.subject,
                 "text": item.text,
                 "html": item.html,
                 "reply_to": item.reply_to,
                 "campaign": item.campaign,
+                "sequence": item.sequence,
+                "unsubscribe": item.unsubscribe,
                 "headers": item.headers,
                 "idempotency_key": item.idempotency_key,
                 "message_id": message_id_for(email_id),
@@ -131,6 +140,11 @@ async def accept_messages(
             }
         )
         ids.append(email_id)
+        results.append(
+            AcceptedItem(
+                id=email_id, status=ItemStatus.suppressed if refused else ItemStatus.queued
+            )
+        )
     if fresh and not await repository.add_emails(session, fresh):
         raise Conflict(
             "Another request with the same idempotency_key is being stored.",
@@ -138,12 +152,17 @@ async def accept_messages(
             hint="Send the request again: it will return the first request's ids.",
         )
     servers = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
-    EMAILS_ACCEPTED.inc(len(fresh))
+    suppressed = sum(1 for r in results if r.status == ItemStatus.suppressed)
+    EMAILS_ACCEPTED.inc(len(fresh) - suppressed)
+    if suppressed:
+        SUPPRESSED.labels("intake").inc(suppressed)
     dispatcher.wake.set()
     return Accepted(
         ids=ids,
-        queued=len(fresh),
+        items=results,
+        queued=len(fresh) - suppressed,
         duplicates=len(items) - len(fresh),
+        suppressed=suppressed,
         active_servers=len(servers),
         warning=None
         if servers

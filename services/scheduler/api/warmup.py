@@ -41,7 +41,8 @@ async def server_warmup(
     window = await repository.sending_window(session, tenant.id)
     today = window.local_day(now)
     warmup = await repository.warmup_state(session, server, today, schedule)
-    allowance = schedule.allowance(warmup.step, server.daily_cap)
+    limits = repository.limits_of(server, schedule)
+    allowance = schedule.allowance(warmup.step, limits.top)
     day = await repository.server_day(session, server, today, allowance)
     rolling = (await repository.rolling_usage(session, [server.id], now)).get(server.id, 0)
     parked = warmup.parked_until if warmup.parked_until and warmup.parked_until > now else None
@@ -65,7 +66,10 @@ async def server_warmup(
         server_id=server.id,
         status=server.status,
         step=warmup.step,
-        top_step=schedule.top_step(server.daily_cap),
+        top_step=schedule.top_step(limits.top),
+        provider=limits.provider,
+        daily_limit=limits.top,
+        per_minute_limit=limits.per_minute,
         allowance_today=day.allowance,
         sent_today=day.sent,
         reserved_today=day.reserved,
@@ -75,7 +79,7 @@ async def server_warmup(
         next_send_at=next_at,
         projection=[
             WarmupDay(day=d, step=s, allowance=a)
-            for d, s, a in domain.projection(state, 30, schedule, server.daily_cap)
+            for d, s, a in domain.projection(state, 30, schedule, limits.top)
         ],
     )
 

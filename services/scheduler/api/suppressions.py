@@ -1,0 +1,98 @@
+"""The tenant's suppression list: addresses and domains that are never sent to."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from services.scheduler import suppression
+from services.scheduler.models import (
+    SuppressionBatch,
+    SuppressionCreate,
+    SuppressionImported,
+    SuppressionPage,
+    SuppressionPublic,
+    SuppressionSource,
+)
+from shared.db import SessionDep
+from shared.errors import PROBLEM_RESPONSES
+from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from shared.tenancy import TenantDep
+from shared.timeutil import utcnow
+
+router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"], responses=PROBLEM_RESPONSES)
+
+
+@router.get("", summary="The suppression list, oldest first")
+async def list_suppressions(
+    tenant: TenantDep,
+    session: SessionDep,
+    source: SuppressionSource | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
+) -> SuppressionPage:
+    rows, next_after = await suppression.page(
+        session,
+        tenant.id,
+        source=source,
+        after=decode_cursor(cursor) if cursor else None,
+        limit=limit,
+    )
+    return SuppressionPage(
+        items=[row.to_public() for row in rows],
+        next_cursor=encode_cursor(next_after) if next_after else None,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"description": "Already on the list: the existing entry"}},
+    summary="Suppress an address or a whole domain; queued emails to it stop",
+)
+async def add_suppression(
+    body: SuppressionCreate, tenant: TenantDep, session: SessionDep, response: Response
+) -> SuppressionPublic:
+    now = utcnow()
+    if not await suppression.add(session, tenant.id, [body], now):
+        response.status_code = status.HTTP_200_OK
+    await suppression.stop_queued_to(session, tenant.id, body.address, now, domain=body.domain)
+    row = await suppression.find(session, tenant.id, body)
+    assert row is not None
+    return row.to_public()
+
+
+@router.post(
+    "/import",
+    summary="Suppress up to 1,000 addresses or domains at once (what ablctl's CSV import sends)",
+)
+async def import_suppressions(
+    body: SuppressionBatch, tenant: TenantDep, session: SessionDep
+) -> SuppressionImported:
+    now = utcnow()
+    added = await suppression.add(session, tenant.id, body.items, now)
+    for item in body.items:
+        await suppression.stop_queued_to(session, tenant.id, item.address, now, domain=item.domain)
+    return SuppressionImported(added=added, already_known=len(body.items) - added)
+
+
+@router.get("/{suppression_id}", summary="One entry of the suppression list")
+async def get_suppression(
+    suppression_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> SuppressionPublic:
+    return (await suppression.get(session, tenant.id, suppression_id)).to_public()
+
+
+@router.delete(
+    "/{suppression_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Take an entry off the list: emails to it may be sent again",
+)
+async def delete_suppression(
+    suppression_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+) -> Response:
+    row = await suppression.get(session, tenant.id, suppression_id)
+    await session.delete(row)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

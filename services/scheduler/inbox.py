@@ -1,0 +1,328 @@
+"""The mailbox reader: reads each sending mailbox's INBOX and turns what came back into
+statuses, suppressions and canceled sequence emails.
+
+It runs as a loop in the scheduler, not as a service of its own: everything it learns is
+written to tables the scheduler owns (emails, suppressions), in the same transaction as the
+event that caused it, and the work is small next to the SMTP side (one IMAP session per
+mailbox per `ABL_INBOX_POLL_SECONDS`). Scaling it out would only need the mailboxes split
+between replicas; today every replica that runs it reads every mailbox, and the events' unique
+key keeps a double read from counting twice.
+
+Rules of reading: only INBOX, opened read-only (EXAMINE) and fetched with BODY.PEEK, so
+nothing is marked read, moved or deleted; only UIDs above the last one seen, and everything
+again when UIDVALIDITY changes (the event key, the notification's own Message-ID, makes that
+safe). Each mailbox is read in a thread of the reader's own pool, under a time bound, so a
+mailbox that hangs or refuses the login delays none of the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import imaplib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.scheduler import feedback, suppression, unsubscribe
+from services.scheduler.feedback import Feedback, Kind
+from services.scheduler.models import (
+    Email,
+    EmailStatus,
+    MailboxCursor,
+    MailboxEvent,
+    SuppressionSource,
+)
+from shared import imap
+from shared.db import insert_ignore_statement, table_of
+from shared.errors import AppError
+from shared.metrics import BOUNCES, MAILBOX_POLLS, REPLIES
+from shared.settings import SchedulerSettings
+from shared.timeutil import new_id, utcnow
+
+logger = logging.getLogger("abl.scheduler.inbox")
+
+FETCH_BATCH = 50
+SOFT_BOUNCE_LIMIT = 3
+SOFT_BOUNCE_WINDOW = timedelta(days=30)
+# A bounce or reply can only follow a send; a canceled or suppressed email stays what it is.
+AFTER_SEND = (EmailStatus.sent, EmailStatus.unknown)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    server_id: uuid.UUID
+    tenant_id: uuid.UUID
+    endpoint: imap.ImapEndpoint
+
+
+MailboxLister = Callable[[], Awaitable[Sequence[Mailbox]]]
+PollReporter = Callable[[uuid.UUID, datetime, str | None], Awaitable[None]]
+
+
+def fetch_new(
+    address: str, endpoint: imap.ImapEndpoint, uidvalidity: int, last_uid: int, timeout: float
+) -> tuple[int, list[tuple[int, bytes]]]:
+    """(UIDVALIDITY, [(uid, message)]) of INBOX's messages after `last_uid`. Blocking."""
+    client = imap.connect(address, endpoint, timeout)
+    try:
+        typ, _ = client.select("INBOX", readonly=True)
+        if typ != "OK":
+            raise imaplib.IMAP4.error("INBOX cannot be selected")
+        _, values = client.response("UIDVALIDITY")
+        current = int(values[0]) if values and values[0] else 0
+        if current != uidvalidity:
+            last_uid = 0  # a new mailbox as far as UIDs go: read it all again
+        _, found = client.uid("SEARCH", None, f"UID {last_uid + 1}:*")  # type: ignore[arg-type]
+        # "n:*" also names the last message when every UID is below n: filter.
+        uids = sorted(int(u) for u in (found[0] or b"").split() if int(u) > last_uid)
+        messages: list[tuple[int, bytes]] = []
+        for start in range(0, len(uids), FETCH_BATCH):
+            batch = ",".join(str(u) for u in uids[start : start + FETCH_BATCH])
+            _, data = client.uid("FETCH", batch, "(UID BODY.PEEK[])")
+            for item in data:
+                if isinstance(item, tuple):
+                    meta, body = item
+                    uid = int(meta.split(b"UID ")[1].split()[0].rstrip(b")"))
+                    messages.append((uid, body))
+        return current, sorted(messages)
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+
+
+class MailboxReader:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        sessions: async_sessionmaker[AsyncSession],
+        mailboxes: MailboxLister,
+        report: PollReporter,
+        *,
+        allow_private: bool = False,
+        allowed_ports: tuple[int, ...] = imap.DEFAULT_IMAP_PORTS,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.mailboxes = mailboxes
+        self.report = report
+        self.allow_private = allow_private
+        self.allowed_ports = allowed_ports
+        self.key = unsubscribe.derive_key(settings.internal_token.get_secret_value())
+        # Its own threads: a mailbox that hangs holds one of these, never the event loop's
+        # default pool, and never more than `inbox_concurrency` of them.
+        self.pool = ThreadPoolExecutor(
+            max_workers=settings.inbox_concurrency, thread_name_prefix="abl-inbox"
+        )
+        self.slots = asyncio.Semaphore(settings.inbox_concurrency)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def poll_all(self) -> dict[uuid.UUID, str | None]:
+        """Read every mailbox once, concurrently; each one's error (or None)."""
+        boxes = await self.mailboxes()
+        results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
+        return {box.server_id: error for box, error in zip(boxes, results, strict=True)}
+
+    async def _poll_bounded(self, box: Mailbox) -> str | None:
+        async with self.slots:
+            error: str | None
+            try:
+                async with asyncio.timeout(self.settings.inbox_timeout_seconds):
+                    await self.poll(box)
+                error = None
+                MAILBOX_POLLS.labels("ok").inc()
+            except TimeoutError:
+                error = "timeout: the IMAP server did not answer in time"
+                MAILBOX_POLLS.labels("timeout").inc()
+            except (imaplib.IMAP4.error, OSError) as exc:
+                error = _describe(exc)
+                MAILBOX_POLLS.labels("failed").inc()
+            except Exception:
+                logger.exception("reading mailbox of server %s failed", box.server_id)
+                error = "internal error while reading the mailbox"
+                MAILBOX_POLLS.labels("failed").inc()
+            try:
+                await self.report(box.server_id, utcnow(), error)
+            except Exception:
+                logger.warning("could not record the poll of server %s", box.server_id)
+            return error
+
+    async def poll(self, box: Mailbox) -> int:
+        """Read one mailbox's new messages and apply them; how many were new events."""
+        target = await imap.checked_address(
+            box.endpoint, allow_private=self.allow_private, allowed_ports=self.allowed_ports
+        )
+        if isinstance(target, imap.ImapCheck):
+            raise OSError(target.detail)
+        async with self.sessions() as session:
+            cursor = await session.get(MailboxCursor, box.server_id)
+            validity, last = (cursor.uidvalidity, cursor.last_uid) if cursor else (0, 0)
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.inbox_timeout_seconds * 0.9
+        current, messages = await loop.run_in_executor(
+            self.pool, fetch_new, target, box.endpoint, validity, last, timeout
+        )
+        verdicts = [feedback.classify(raw) for _, raw in messages]
+        applied = 0
+        async with self.sessions() as session, session.begin():
+            for verdict in verdicts:
+                applied += await self.apply(session, box, verdict)
+            row = await session.get(MailboxCursor, box.server_id) or MailboxCursor(
+                server_id=box.server_id, tenant_id=box.tenant_id
+            )
+            row.uidvalidity = current
+            row.last_uid = max(
+                [uid for uid, _ in messages], default=0 if current != validity else last
+            )
+            session.add(row)
+        return applied
+
+    async def apply(self, session: AsyncSession, box: Mailbox, verdict: Feedback) -> int:
+        if verdict.kind is Kind.other:
+            return 0
+        now = utcnow()
+        emails = await _emails_named(session, box.tenant_id, verdict)
+        address = emails[0].to.lower() if emails else (verdict.recipients or (None,))[0]
+        inserted = await session.exec(
+            insert_ignore_statement(
+                session,
+                table_of(MailboxEvent),
+                {
+                    "id": new_id(),
+                    "tenant_id": box.tenant_id,
+                    "server_id": box.server_id,
+                    "key": verdict.key[:255],
+                    "kind": verdict.kind.value,
+                    "email_id": emails[0].id if emails else None,
+                    "address": address,
+                    "status": verdict.status,
+                    "at": now,
+                },
+            )
+        )
+        if not inserted.rowcount:
+            return 0  # read before (a second replica, or a UIDVALIDITY change)
+        if verdict.kind is Kind.unsubscribe and verdict.token:
+            with contextlib.suppress(AppError):  # tampered or used: nothing more to do
+                await unsubscribe.use(session, self.key, verdict.token, now, via="mailto")
+            return 1
+        if verdict.kind is Kind.auto_reply:
+            return 1  # recorded, not a reply: an out-of-office does not stop a sequence
+        if not emails:
+            # Names none of this tenant's emails (an older mailbox's mail, another sender's
+            # bounce): kept on record, acted on never.
+            return 1
+        for email in emails:
+            if verdict.kind is Kind.hard_bounce and email.status in AFTER_SEND:
+                email.status = EmailStatus.bounced
+                email.bounce_status = verdict.status
+                email.bounce_diagnostic = verdict.diagnostic
+            elif verdict.kind is Kind.soft_bounce:
+                email.bounce_status = verdict.status
+                email.bounce_diagnostic = verdict.diagnostic
+            elif verdict.kind is Kind.reply and email.status in AFTER_SEND:
+                email.status = EmailStatus.replied
+                email.replied_at = now
+            email.updated_at = now
+            session.add(email)
+            if verdict.kind in (Kind.hard_bounce, Kind.soft_bounce, Kind.reply):
+                await _stop_sequence(session, email, now)
+        if verdict.kind is Kind.reply:
+            REPLIES.inc()
+            return 1
+        BOUNCES.labels(
+            {Kind.hard_bounce: "hard", Kind.soft_bounce: "soft"}.get(verdict.kind, "complaint")
+        ).inc()
+        if address is None:
+            return 1
+        if verdict.kind is Kind.complaint:
+            source, reason = SuppressionSource.complaint, "complaint (ARF report)"
+        elif verdict.kind is Kind.hard_bounce:
+            source, reason = SuppressionSource.bounce, f"hard bounce {verdict.status or ''}"
+        elif await _soft_bounces(session, box.tenant_id, address, now) >= SOFT_BOUNCE_LIMIT:
+            source, reason = SuppressionSource.bounce, "3 soft bounces in 30 days"
+        else:
+            return 1
+        await suppression.suppress_address(
+            session, box.tenant_id, address, source, reason.strip(), now
+        )
+        return 1
+
+
+async def _emails_named(
+    session: AsyncSession, tenant_id: uuid.UUID, verdict: Feedback
+) -> list[Email]:
+    """Our emails a notification names: by Message-ID, or else the latest one sent to the
+    failed recipient."""
+    if verdict.email_ids:
+        query = select(Email).where(
+            Email.tenant_id == tenant_id, col(Email.id).in_(verdict.email_ids)
+        )
+        return list((await session.exec(query)).all())
+    if not verdict.recipients:
+        return []
+    query = (
+        select(Email)
+        .where(
+            Email.tenant_id == tenant_id,
+            func.lower(Email.to) == verdict.recipients[0],
+            col(Email.status).in_(AFTER_SEND),
+        )
+        .order_by(col(Email.sent_at).desc())
+        .limit(1)
+    )
+    return list((await session.exec(query)).all())
+
+
+async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> None:
+    if email.sequence is None:
+        return
+    table = table_of(Email)
+    await session.exec(
+        update(table)
+        .where(
+            table.c.tenant_id == email.tenant_id,
+            table.c.sequence == email.sequence,
+            func.lower(table.c.to) == email.to.lower(),
+            table.c.status == EmailStatus.queued,
+        )
+        .values(status=EmailStatus.canceled, updated_at=now)
+    )
+
+
+async def _soft_bounces(
+    session: AsyncSession, tenant_id: uuid.UUID, address: str, now: datetime
+) -> int:
+    query = select(func.count()).where(
+        MailboxEvent.tenant_id == tenant_id,
+        MailboxEvent.address == address,
+        MailboxEvent.kind == Kind.soft_bounce.value,
+        col(MailboxEvent.at) >= now - SOFT_BOUNCE_WINDOW,
+    )
+    return int((await session.exec(query)).one())
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, imaplib.IMAP4.error):
+        return "the IMAP server refused the login or the command"
+    return f"could not read the mailbox ({type(exc).__name__})"
+
+
+async def run(reader: MailboxReader, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await reader.poll_all()
+        except Exception:
+            logger.exception("reading the mailboxes failed; trying again")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=reader.settings.inbox_poll_seconds)

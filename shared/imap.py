@@ -1,0 +1,189 @@
+"""IMAP connections to a tenant's mailbox, under the same rules as SMTP.
+
+The host is resolved once and every answer must pass `shared/addresses.py`; the connection goes
+to the address that was checked while TLS verifies the certificate against the typed host name
+(SNI and hostname pinned), so DNS rebinding cannot point a stored password elsewhere. Only
+IMAPS (993, implicit TLS) and IMAP with STARTTLS (143) are dialled; LOGIN never travels in
+plain text.
+
+The standard library's `imaplib` is used, in a worker thread per mailbox: it is the best-kept
+IMAP client for Python, it takes a socket timeout, and a thread per connection keeps one slow
+mailbox from holding up any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import imaplib
+import socket
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared import addresses
+
+DEFAULT_IMAP_PORTS = (143, 993)
+
+
+class ImapSecurity(StrEnum):
+    tls = "tls"
+    starttls = "starttls"
+
+
+@dataclass(frozen=True)
+class ImapEndpoint:
+    host: str
+    port: int
+    security: ImapSecurity
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # the password must never reach a log or a traceback
+        return f"ImapEndpoint(host={self.host!r}, port={self.port}, {self.security.value})"
+
+
+class _PinnedImap(imaplib.IMAP4):
+    """Plain IMAP to a checked address; STARTTLS verifies against the typed host name."""
+
+    def __init__(self, address: str, host: str, port: int, timeout: float) -> None:
+        self._address = address
+        self._server_hostname = host
+        super().__init__(host, port, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self._address, self.port), timeout)
+
+    def pinned_starttls(self, context: ssl.SSLContext) -> None:
+        # imaplib's starttls() would verify against `self.host`; it is the typed host too, but
+        # say so explicitly rather than depend on that.
+        typ, _ = self._simple_command("STARTTLS")
+        if typ != "OK":
+            raise imaplib.IMAP4.error("STARTTLS refused")
+        self.sock = context.wrap_socket(self.sock, server_hostname=self._server_hostname)
+        self.file = self.sock.makefile("rb")
+        self._tls_established = True
+        self._get_capabilities()
+
+
+class _PinnedImapSsl(imaplib.IMAP4_SSL):
+    def __init__(
+        self, address: str, host: str, port: int, context: ssl.SSLContext, timeout: float
+    ) -> None:
+        self._address = address
+        super().__init__(host, port, ssl_context=context, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        raw = socket.create_connection((self._address, self.port), timeout)
+        return self.ssl_context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[no-any-return]
+
+
+def connect(address: str, endpoint: ImapEndpoint, timeout: float) -> imaplib.IMAP4:
+    """A logged-in connection to `address` (already checked). Blocking: run it in a thread."""
+    context = ssl.create_default_context()
+    client: imaplib.IMAP4
+    if endpoint.security is ImapSecurity.tls:
+        client = _PinnedImapSsl(address, endpoint.host, endpoint.port, context, timeout)
+    else:
+        plain = _PinnedImap(address, endpoint.host, endpoint.port, timeout)
+        try:
+            plain.pinned_starttls(context)
+        except BaseException:
+            plain.shutdown()
+            raise
+        client = plain
+    try:
+        client.login(endpoint.username, endpoint.password)
+    except BaseException:
+        client.shutdown()
+        raise
+    return client
+
+
+class ImapProblem(StrEnum):
+    auth_failed = "auth_failed"
+    tls_failed = "tls_failed"
+    connect_failed = "connect_failed"
+    timeout = "timeout"
+    dns_failed = "dns_failed"
+    blocked_host = "blocked_host"
+    blocked_port = "blocked_port"
+    no_inbox = "no_inbox"
+    protocol_error = "protocol_error"
+
+
+@dataclass(frozen=True)
+class ImapCheck:
+    problem: ImapProblem | None
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+IMAP_PASSED = ImapCheck(None, "LOGIN, SELECT INBOX and LOGOUT passed.")
+
+
+async def checked_address(
+    endpoint: ImapEndpoint, *, allow_private: bool, allowed_ports: tuple[int, ...]
+) -> str | ImapCheck:
+    """The address to dial, or why none may be."""
+    if not allow_private and endpoint.port not in allowed_ports:
+        return ImapCheck(ImapProblem.blocked_port, "Only IMAP ports 993 and 143 may be used.")
+    try:
+        allowed = await addresses.checked_addresses(
+            endpoint.host, endpoint.port, allow_private=allow_private
+        )
+    except addresses.ForbiddenAddress:
+        return ImapCheck(ImapProblem.blocked_host, "The IMAP host is not a public address.")
+    except (socket.gaierror, UnicodeError):
+        return ImapCheck(ImapProblem.dns_failed, "The IMAP host name does not resolve.")
+    return str(allowed[0])
+
+
+def _check_blocking(address: str, endpoint: ImapEndpoint, timeout: float) -> ImapCheck:
+    try:
+        client = connect(address, endpoint, timeout)
+    except imaplib.IMAP4.error as exc:
+        if "STARTTLS" in str(exc):
+            return ImapCheck(ImapProblem.tls_failed, "The server did not offer STARTTLS.")
+        return ImapCheck(ImapProblem.auth_failed, "The IMAP server refused the credentials.")
+    except ssl.SSLError as exc:
+        reason = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
+        return ImapCheck(ImapProblem.tls_failed, f"TLS failed: {reason}.")
+    except TimeoutError:
+        return ImapCheck(ImapProblem.timeout, "The IMAP server did not answer in time.")
+    except OSError:
+        return ImapCheck(ImapProblem.connect_failed, "Could not connect to the IMAP server.")
+    try:
+        # EXAMINE (read-only SELECT): the check must change nothing, not even \Recent.
+        typ, _ = client.select("INBOX", readonly=True)
+        if typ != "OK":
+            return ImapCheck(ImapProblem.no_inbox, "The mailbox has no INBOX to read.")
+        return IMAP_PASSED
+    except (imaplib.IMAP4.error, OSError):
+        return ImapCheck(ImapProblem.protocol_error, "The IMAP server broke off the session.")
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+
+
+async def check(
+    endpoint: ImapEndpoint,
+    *,
+    allow_private: bool,
+    allowed_ports: tuple[int, ...] = DEFAULT_IMAP_PORTS,
+    bound_seconds: float = 10.0,
+) -> ImapCheck:
+    """LOGIN, SELECT INBOX (read-only), LOGOUT; bounded by `bound_seconds` as a whole."""
+    target = await checked_address(
+        endpoint, allow_private=allow_private, allowed_ports=allowed_ports
+    )
+    if isinstance(target, ImapCheck):
+        return target
+    try:
+        async with asyncio.timeout(bound_seconds):
+            return await asyncio.to_thread(_check_blocking, target, endpoint, bound_seconds * 0.9)
+    except TimeoutError:
+        return ImapCheck(ImapProblem.timeout, "The IMAP server did not answer in time.")

@@ -1,0 +1,307 @@
+"""The mailbox reader against a real Dovecot: a campaign through three servers whose recipients
+bounce (standard and non-standard DSNs placed in the sending mailboxes), reply and auto-reply;
+suppressions and sequences follow; nothing in the mailboxes is changed; re-reads (and a
+UIDVALIDITY change) count nothing twice; a mailbox that hangs or refuses the login delays no
+other."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlmodel import select
+
+from services.scheduler.inbox import Mailbox, MailboxReader
+from services.scheduler.models import MailboxCursor, MailboxEvent
+from shared.imap import ImapEndpoint, ImapSecurity
+from shared.messages import Outcome
+from shared.settings import Settings
+from tests.conftest import ACCOUNTS, Api, make_settings, running
+from tests.support import mailbox_messages as mail
+from tests.support.dovecot import DovecotServer
+from tests.support.smtp import Certificates, SmtpTestServer, silent_server
+from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url, inbox_timeout_seconds=3.0, verify_timeout_seconds=20.0)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Api]:
+    async with running(settings, combined=True) as api:
+        yield api
+
+
+def reader(api: Api) -> MailboxReader:
+    value: MailboxReader = api.app.state.mailbox_reader
+    return value
+
+
+def bounces(kind: str) -> float:
+    return REGISTRY.get_sample_value("abl_bounces_total", {"kind": kind}) or 0.0
+
+
+async def add_servers_with_mailboxes(
+    api: Api, tenant: dict[str, str], smtp: SmtpTestServer, dovecot: DovecotServer
+) -> dict[str, str]:
+    """server id → the account (and mailbox) it sends from."""
+    accounts = {}
+    for login, password in ACCOUNTS.items():
+        body = {
+            "host": "localhost",
+            "port": smtp.port,
+            "security": "starttls",
+            "username": login,
+            "password": password,
+            "from_email": login,
+            "imap": {"host": "localhost", "port": dovecot.tls_port},
+        }
+        response = await api.client.post("/v1/servers", json=body, headers=tenant)
+        assert response.status_code == 201, response.text
+        accounts[response.json()["id"]] = login
+    return accounts
+
+
+async def statuses(api: Api, tenant: dict[str, str], ids: list[str]) -> list[str]:
+    return [
+        (await api.client.get(f"/v1/messages/{i}", headers=tenant)).json()["status"] for i in ids
+    ]
+
+
+async def test_a_campaign_through_three_servers_reads_back_bounces_and_replies(
+    app: Api, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    tenant = await app.new_tenant()
+    accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+    await warm_up(app, list(accounts))
+    run = uuid.uuid4().hex[:6]
+    leads = [f"lead{i}.{run}@example.org" for i in range(9)]
+    first = await app.client.post(
+        "/v1/messages",
+        json={
+            "messages": [
+                {"to": lead, "subject": "Hi", "text": "x", "sequence": "intro", "campaign": "c1"}
+                for lead in leads
+            ]
+        },
+        headers=tenant,
+    )
+    ids = first.json()["ids"]
+    await dispatcher(app).tick()
+    jobs = {str(job.email_id): job for job in published_jobs(app)}
+    assert len({job.server_id for job in jobs.values()}) == 3  # through all three servers
+    for job in jobs.values():
+        assert await app.app.state.result_applier.apply(
+            result_for(job, Outcome.sent, data_completed=True)
+        )
+    # The follow-ups of the sequence wait in the queue (no tick runs).
+    follow = await app.client.post(
+        "/v1/messages",
+        json={
+            "messages": [
+                {"to": lead, "subject": "Again", "text": "x", "sequence": "intro"} for lead in leads
+            ]
+        },
+        headers=tenant,
+    )
+    follow_ids = follow.json()["ids"]
+
+    def mailbox_of(index: int) -> str:
+        return accounts[str(jobs[ids[index]].server_id)]
+
+    def our_id(index: int) -> str:
+        return mail.our_message_id(ids[index], "example.com")
+
+    dovecot.append(mailbox_of(0), mail.dsn(leads[0], our_id(0)))  # hard, RFC 3464
+    dovecot.append(mailbox_of(1), mail.qmail_bounce(leads[1]))  # hard, non-standard
+    for _ in range(3):  # soft, three times: suppressed, the email stays sent
+        dovecot.append(
+            mailbox_of(2), mail.dsn(leads[2], our_id(2), status="4.2.2", action="delayed")
+        )
+    dovecot.append(mailbox_of(3), mail.reply(leads[3], our_id(3)))
+    dovecot.append(mailbox_of(4), mail.reply(leads[4], our_id(4), auto=True))
+    dovecot.append(mailbox_of(5), b"From: news@x.org\r\nSubject: Weekly\r\n\r\nNews\r\n")
+    flags_before = {login: dovecot.flags(login) for login in ACCOUNTS}
+    hard_before = bounces("hard")
+
+    errors = await reader(app).poll_all()
+    assert errors == dict.fromkeys(map(uuid.UUID, accounts))
+    assert await statuses(app, tenant, ids) == [
+        "bounced",
+        "bounced",
+        "sent",
+        "replied",
+        "sent",
+        "sent",
+        "sent",
+        "sent",
+        "sent",
+    ]
+    bounced = (await app.client.get(f"/v1/messages/{ids[0]}", headers=tenant)).json()
+    assert bounced["bounce_status"] == "5.1.1"
+    assert "User unknown" in bounced["bounce_diagnostic"]
+    assert bounces("hard") - hard_before == 2
+    listed = (await app.client.get("/v1/suppressions", headers=tenant)).json()["items"]
+    assert {(e["address"], e["source"]) for e in listed} == {
+        (leads[0], "bounce"),
+        (leads[1], "bounce"),
+        (leads[2], "bounce"),
+    }
+    # The sequence stops for the bounced and the replier; the auto-replier's goes on.
+    assert await statuses(app, tenant, follow_ids) == [
+        "canceled",
+        "canceled",
+        "canceled",
+        "canceled",
+        "queued",
+        "queued",
+        "queued",
+        "queued",
+        "queued",
+    ]
+    # Suppressed addresses are refused on the next campaign.
+    again = await app.client.post(
+        "/v1/messages",
+        json={"messages": [{"to": lead, "subject": "Hi", "text": "x"} for lead in leads[:4]]},
+        headers=tenant,
+    )
+    assert [item["status"] for item in again.json()["items"]] == [
+        "suppressed",
+        "suppressed",
+        "suppressed",
+        "queued",
+    ]
+    # Nothing in the mailboxes was marked read, moved or deleted.
+    assert {login: dovecot.flags(login) for login in ACCOUNTS} == flags_before
+    server = (await app.client.get(f"/v1/servers/{next(iter(accounts))}", headers=tenant)).json()
+    assert server["imap"]["last_poll_at"] is not None
+    assert server["imap"]["last_poll_error"] is None
+
+    # Read again, and again after the mailbox is re-created (a new UIDVALIDITY) with the same
+    # notifications in it: nothing counts twice.
+    async with app.app.state.sessions() as session:
+        events = len((await session.exec(select(MailboxEvent))).all())
+        cursor = await session.get(MailboxCursor, jobs[ids[0]].server_id)
+        assert cursor is not None
+        validity = cursor.uidvalidity
+    await reader(app).poll_all()
+    login = mailbox_of(0)
+    dovecot.recreate_inbox(login)
+    await asyncio.sleep(1.1)  # UIDVALIDITY is a time stamp in seconds in Dovecot
+    dovecot.append(login, mail.dsn(leads[0], our_id(0)))
+    assert await reader(app).poll_all() == dict.fromkeys(map(uuid.UUID, accounts))
+    async with app.app.state.sessions() as session:
+        assert len((await session.exec(select(MailboxEvent))).all()) == events + 1
+        cursor = await session.get(MailboxCursor, jobs[ids[0]].server_id)
+        assert cursor is not None
+        assert cursor.uidvalidity != validity
+    # The re-appended DSN has a new Message-ID of its own: one more event, but the email and
+    # the suppression list are as they were.
+    assert bounces("hard") - hard_before == 3
+    assert len((await app.client.get("/v1/suppressions", headers=tenant)).json()["items"]) == 3
+
+
+async def test_the_same_notification_read_twice_counts_once(
+    app: Api, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    tenant = await app.new_tenant()
+    accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+    login = next(iter(accounts.values()))
+    raw = mail.dsn("someone@example.org", "<abl." + "0" * 32 + "@example.com>")
+    dovecot.append(login, raw)
+    dovecot.append(login, raw)  # delivered twice, as a retried DSN can be
+    await reader(app).poll_all()
+    dovecot.recreate_inbox(login)
+    await asyncio.sleep(1.1)
+    dovecot.append(login, raw)
+    await reader(app).poll_all()
+    async with app.app.state.sessions() as session:
+        rows = (
+            await session.exec(select(MailboxEvent).where(MailboxEvent.key.startswith("id:<dsn")))
+        ).all()
+        key = mail_key(raw)
+        assert [row.key for row in rows if row.key == key] == [key]
+
+
+def mail_key(raw: bytes) -> str:
+    from services.scheduler.feedback import classify
+
+    return classify(raw).key
+
+
+async def refusing_imap(certs: Certificates) -> asyncio.Server:
+    """An IMAPS server that refuses every login at once. (Not Dovecot: after a refused login
+    Dovecot delays every login from the same address for a while, the good one's too.)"""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        while line := await reader.readline():
+            tag, _, command = line.decode().partition(" ")
+            if command.upper().startswith("CAPABILITY"):
+                writer.write(f"* CAPABILITY IMAP4rev1\r\n{tag} OK done\r\n".encode())
+            elif command.upper().startswith("LOGOUT"):
+                writer.write(f"* BYE\r\n{tag} OK bye\r\n".encode())
+                break
+            else:
+                writer.write(f"{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n".encode())
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(session, "127.0.0.1", 0, ssl=certs.server_context())
+
+
+async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
+    app: Api, dovecot: DovecotServer, certs: Certificates
+) -> None:
+    tenant_id = uuid.uuid4()
+    good = ImapEndpoint("localhost", dovecot.tls_port, ImapSecurity.tls, "carol@example.com", "")
+    good = ImapEndpoint(good.host, good.port, good.security, good.username, ACCOUNTS[good.username])
+    refuser = await refusing_imap(certs)
+    refused_port = refuser.sockets[0].getsockname()[1]
+    refused = ImapEndpoint("localhost", refused_port, ImapSecurity.tls, "bob@example.com", "no")
+    reports: dict[uuid.UUID, tuple[datetime, str | None]] = {}
+
+    async def report(server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        reports[server_id] = (at, error)
+
+    dovecot.append("carol@example.com", mail.reply("x@example.org", "<abl." + "1" * 32 + "@e.com>"))
+    with silent_server() as port:
+        hanging = ImapEndpoint("localhost", port, ImapSecurity.tls, "a", "b")
+        boxes = {uuid.uuid4(): e for e in (hanging, refused, good)}
+
+        async def mailboxes() -> list[Mailbox]:
+            return [Mailbox(server_id, tenant_id, e) for server_id, e in boxes.items()]
+
+        settings: Any = app.settings
+        subject = MailboxReader(
+            settings, app.app.state.sessions, mailboxes, report, allow_private=True
+        )
+        try:
+            started = time.monotonic()
+            results = await subject.poll_all()
+            took = time.monotonic() - started
+        finally:
+            subject.close()
+            refuser.close()
+    hang_id, refused_id, good_id = boxes
+    assert results[good_id] is None
+    hang_error, refused_error = results[hang_id], results[refused_id]
+    assert hang_error is not None
+    assert hang_error.startswith("timeout")
+    assert refused_error is not None
+    assert "refused" in refused_error
+    # The hanging one was given up on at its bound; the good one finished long before it.
+    assert took < app.settings.inbox_timeout_seconds + 2
+    first = min(at for at, _ in reports.values())
+    assert (reports[good_id][0] - first).total_seconds() < 0.1 or reports[good_id][0] < reports[
+        hang_id
+    ][0]
+    assert (reports[hang_id][0] - reports[good_id][0]).total_seconds() > 1.5
