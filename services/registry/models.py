@@ -129,13 +129,14 @@ class ImapCreate(SQLModel):
 
     model_config = SQLModelConfig(hide_input_in_errors=True)
 
-    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    # The same types as the SMTP fields, so the spec says what is accepted.
+    host: HostName | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: Port | None = None
     security: ImapSecurity | None = Field(
         default=None, description="`tls` (port 993, the default) or `starttls` (143)."
     )
-    username: str | None = Field(default=None, min_length=1, max_length=320)
-    password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
+    username: OneLineText | None = Field(default=None, min_length=1, max_length=320)
+    password: Password | None = Field(default=None, min_length=1, max_length=1024)
 
     _clean_host = field_validator("host")(_clean_host)
     _clean_username = field_validator("username")(_clean_lower)

@@ -231,7 +231,7 @@ class EmailCreate(EmailBase):
 
 class MessageBatch(SQLModel):
     messages: list[EmailCreate] = Field(min_length=1, max_length=MAX_BATCH)
-    unsubscribe: bool = Field(
+    unsubscribe: StrictBool = Field(
         default=False, description="One-click unsubscribe on every email of the batch."
     )
 

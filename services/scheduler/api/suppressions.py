@@ -78,7 +78,7 @@ async def import_suppressions(
     return SuppressionImported(added=added, already_known=len(body.items) - added)
 
 
-@router.get("/{suppression_id}", summary="One entry of the suppression list")
+@router.get("/{suppression_id:uuid}", summary="One entry of the suppression list")
 async def get_suppression(
     suppression_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> SuppressionPublic:
@@ -86,7 +86,7 @@ async def get_suppression(
 
 
 @router.delete(
-    "/{suppression_id}",
+    "/{suppression_id:uuid}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Take an entry off the list: emails to it may be sent again",
 )
