@@ -48,6 +48,7 @@ GOOD_EMAIL: dict[str, Any] = {
     "text": "Hi there",
     "html": "<p>Hi there</p>",
     "campaign": "november",
+    "sequence": "intro",
     "idempotency_key": "key-1",
     "headers": {"X-Campaign": "november"},
 }
@@ -59,6 +60,7 @@ EMAIL_FIELDS: dict[str, Any] = {
     "subject": lambda c: {"subject": f"Hello{c}Bcc: victim@example.net"},
     "subject (end)": lambda c: {"subject": f"Hello{c}"},
     "campaign": lambda c: {"campaign": f"nov{c}"},
+    "sequence": lambda c: {"sequence": f"intro{c}"},
     "idempotency_key": lambda c: {"idempotency_key": f"key{c}"},
     "header value": lambda c: {"headers": {"X-Campaign": f"nov{c}X-Injected: yes"}},
     "header name": lambda c: {"headers": {f"X-Camp{c}aign": "november"}},
@@ -70,6 +72,7 @@ EMAIL_FIELD_PATHS = {
     "subject": "subject",
     "subject (end)": "subject",
     "campaign": "campaign",
+    "sequence": "sequence",
     "idempotency_key": "idempotency_key",
     "header value": "headers",
     "header name": "headers",
