@@ -105,6 +105,12 @@ class Bus(Protocol):
     async def stop_consuming(self, queue: str) -> None:
         """Take no new deliveries from `queue`; those being handled may finish and be acked."""
 
+    async def broadcast(self, topic: str, body: bytes, *, message_id: str) -> None:
+        """Tell every current subscriber of `topic`; best effort (not kept across restarts)."""
+
+    async def subscribe(self, topic: str, handler: Handler) -> None:
+        """Receive what is broadcast on `topic` from now on (again after a reconnection)."""
+
     async def settle(self, seconds: float) -> None:
         """Before shutdown: let messages held only by this process reach their consumers."""
 
@@ -150,6 +156,9 @@ class RabbitBus:
         self.publish_channel: AbstractChannel | None = None
         self.exchange: AbstractExchange | None = None
         self.consumers: dict[str, _Consumer] = {}
+        self.subscribers: dict[str, Handler] = {}
+        self.subscriber_channels: list[AbstractChannel] = []
+        self.background: list[asyncio.Task[None]] = []
         self.declared: set[str] = set()
         self.connected = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
@@ -368,6 +377,60 @@ class RabbitBus:
         consumer.channel = channel
         consumer.queue = declared
 
+    async def broadcast(self, topic: str, body: bytes, *, message_id: str) -> None:
+        await self._ready()
+        assert self.publish_channel is not None
+        if not self.broker_up():
+            raise BrokerUnavailable("the connection to RabbitMQ is down")
+        exchange = await self.publish_channel.declare_exchange(
+            topic, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await asyncio.wait_for(
+            exchange.publish(aio_pika.Message(body, message_id=message_id), routing_key=""),
+            self.wait_seconds,
+        )
+
+    async def subscribe(self, topic: str, handler: Handler) -> None:
+        self.subscribers[topic] = handler
+        if self.connected.is_set():
+            await self._start_subscriber(topic, handler)
+        else:
+            self.background.append(
+                asyncio.create_task(self._subscribe_when_connected(topic, handler))
+            )
+
+    async def _subscribe_when_connected(self, topic: str, handler: Handler) -> None:
+        delay = 0.5
+        while not self._closing:
+            try:
+                await self._ready()
+                await self._start_subscriber(topic, handler)
+                return
+            except Exception as exc:
+                logger.warning("cannot subscribe to %s yet (%s)", topic, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX_SECONDS)
+
+    async def _start_subscriber(self, topic: str, handler: Handler) -> None:
+        assert self.connection is not None
+        channel = await self.connection.channel()
+        exchange = await channel.declare_exchange(topic, aio_pika.ExchangeType.FANOUT, durable=True)
+        # This process's own queue, gone with it; the robust channel declares and binds it
+        # again after a reconnection (what was broadcast meanwhile is missed: best effort).
+        queue = await channel.declare_queue(
+            exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
+        )
+        await queue.bind(exchange)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            try:
+                await handler(Delivery(message.body, message.message_id, 1))
+            except Exception as exc:
+                logger.warning("broadcast on %s not handled: %s", topic, type(exc).__name__)
+
+        await queue.consume(on_message, no_ack=True)
+        self.subscriber_channels.append(channel)
+
     def broker_up(self) -> bool:
         """Connected to the broker right now (false while the robust connection reconnects)."""
         connection = self.connection
@@ -420,10 +483,13 @@ class RabbitBus:
             self._connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connector
-        for consumer in self.consumers.values():
-            if consumer.channel is not None:
+        for task in self.background:
+            task.cancel()
+        channels = [c.channel for c in self.consumers.values()] + self.subscriber_channels
+        for channel in channels:
+            if channel is not None:
                 with contextlib.suppress(Exception):
-                    await consumer.channel.close()
+                    await channel.close()
         if self.connection is not None:
             await self.connection.close()
 
@@ -446,6 +512,7 @@ class InProcessBus:
     parked: dict[str, list[_Envelope]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     consumer_loops: dict[str, list[asyncio.Task[None]]] = field(default_factory=dict)
+    subscribers: dict[str, list[Handler]] = field(default_factory=dict)
 
     def _queue(self, name: str) -> asyncio.Queue[_Envelope]:
         return self.queues.setdefault(name, asyncio.Queue())
@@ -525,6 +592,16 @@ class InProcessBus:
 
     def consuming(self, queue: str) -> bool:
         return any(not task.done() for task in self.consumer_loops.get(queue, []))
+
+    async def broadcast(self, topic: str, body: bytes, *, message_id: str) -> None:
+        async def tell(handler: Handler) -> None:
+            await handler(Delivery(body, message_id, 1))
+
+        for handler in self.subscribers.get(topic, []):
+            self.tasks.append(asyncio.create_task(tell(handler)))
+
+    async def subscribe(self, topic: str, handler: Handler) -> None:
+        self.subscribers.setdefault(topic, []).append(handler)
 
     async def depth(self, queue: str) -> int:
         return self._queue(queue).qsize()

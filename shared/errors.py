@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import iter_route_contexts
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -212,6 +213,45 @@ def allowed_methods(request: Request) -> list[str]:
         if regex.match(path):
             methods |= set(context.methods or ())
     return sorted(methods)
+
+
+def _declared_query(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _declared_query(sub)
+    return names
+
+
+def _query_names(route: APIRoute) -> frozenset[str]:
+    # Kept on the route: computed once per route, not per request.
+    names: frozenset[str] | None = getattr(route, "_abl_query_names", None)
+    if names is None:
+        names = frozenset(_declared_query(route.dependant))
+        route._abl_query_names = names  # type: ignore[attr-defined]
+    return names
+
+
+def known_query_only(request: Request) -> None:
+    """Refuse query parameters the operation does not declare, as its spec has none of them:
+    `?staus=queued` is a typo to report, not a filter to drop silently."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _query_names(route)
+    unknown = [name for name in request.query_params if name not in known]
+    if unknown:
+        # The names are the caller's input: counted, never repeated.
+        raise Unprocessable(
+            f"{len(unknown)} query parameter(s) this operation does not take.",
+            code="unknown_query_parameter",
+            hint="Send only the query parameters the operation's spec lists (see /docs).",
+            errors=[
+                FieldError(field="query", message="not a parameter of this operation", type="extra")
+            ],
+        )
+
+
+KnownQueryOnly = Depends(known_query_only)
 
 
 def _instance(request: Request) -> str | None:

@@ -89,6 +89,13 @@ class SendResult(MessageBody):
     finished_at: datetime
 
 
+class CancelNotice(MessageBody):
+    """Broadcast to every sender: this scheduled email was canceled; skip its job."""
+
+    email_id: uuid.UUID
+    job_id: uuid.UUID
+
+
 class SmtpCredentials(BaseModel):
     """One server's credentials, as the registry's internal endpoint gives them to a sender.
 

@@ -102,6 +102,11 @@ class BrokerSettings(CommonSettings):
         return f"{self.queue_prefix}.results"
 
     @property
+    def cancels_topic(self) -> str:
+        """Where the scheduler tells every sender that a scheduled email was canceled."""
+        return f"{self.queue_prefix}.cancels"
+
+    @property
     def events_queue(self) -> str:
         """Where the registry's and the scheduler's outboxes publish, for the webhooks service."""
         return f"{self.queue_prefix}.events"

@@ -24,7 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from shared.errors import Unauthorized
 from shared.settings import CommonSettings, InternalTokenSettings, RegistrySettings
 from shared.timeutil import UtcDateTime, new_id, utcnow
-from shared.validation import refuse_control_chars
+from shared.validation import OneLineText, refuse_control_chars
 
 API_KEY_PREFIX = "abl_"
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
@@ -34,7 +34,7 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 class TenantBase(SQLModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: OneLineText = Field(min_length=1, max_length=200)
 
     @field_validator("name")
     @classmethod

@@ -10,11 +10,12 @@ character, never the input itself: it may be a password.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import email_validator
-from pydantic import AfterValidator, BeforeValidator, EmailStr
-from pydantic.networks import validate_email
+from pydantic import AfterValidator, BeforeValidator, GetJsonSchemaHandler, WithJsonSchema
+from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 # Every character after which some reader starts a new line: `str.splitlines()` breaks on each
@@ -26,6 +27,30 @@ _LINE_BREAK = re.compile(f"[{re.escape(LINE_BREAKS)}]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Half of a UTF-16 pair on its own: JSON can spell one (`"\ud800"`), UTF-8 cannot encode it.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+# The same rules as JSON Schema patterns, so the spec says what the API accepts (a generated
+# client or form can check before sending, and schemathesis holds the app to it). Lone
+# surrogates are refused too, but no pattern can name them: JSON Schema engines differ on them.
+ONE_LINE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+# A header value may hold a tab (folded headers use it), nothing else from the controls.
+HEADER_VALUE_PATTERN = r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]*$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+
+
+@dataclass(frozen=True)
+class SchemaPattern:
+    """Adds `pattern` to a string's JSON schema; the field's validator enforces the same rule
+    (tests/test_schemathesis.py sends values on both sides of it)."""
+
+    pattern: str
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: Any, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        schema["pattern"] = self.pattern
+        return schema
 
 
 def refuse_control_chars(value: str, *, allow_tab: bool = False) -> str:
@@ -81,20 +106,48 @@ def ascii_address(value: str) -> str:
 
 
 def _address(value: object) -> object:
-    """A pydantic error for a bad address names the offending characters; this one does not."""
+    """An address as JSON Schema's `email` format has it (RFC 5321: no display name, no quoted
+    local part, no IP literal), special-use domains (`.test`, `.invalid`) included: they are
+    addresses, only undeliverable. A pydantic error would name the offending characters; this
+    one does not."""
     if not isinstance(value, str):
         return value
     refuse_control_chars(value)
     try:
-        validate_email(value)
-    except PydanticCustomError as exc:
+        checked = email_validator.validate_email(
+            value,
+            check_deliverability=False,
+            globally_deliverable=False,
+            test_environment=True,
+            allow_smtputf8=True,  # refused below by ascii_address, with its own message
+        )
+    except email_validator.EmailNotValidError as exc:
         raise PydanticCustomError(
             "value_error", "must be an email address such as name@example.com"
         ) from exc
+    return checked.normalized
+
+
+def json_integer(value: object) -> object:
+    """A JSON integer (2 or 2.0, as JSON Schema's `integer` has it), never `true` or `"2"`,
+    which pydantic's lax mode would take for 1 and 2."""
+    if isinstance(value, bool | str | bytes):
+        raise PydanticCustomError("int_type", "must be an integer")
     return value
 
 
-# An email address a sender can use without SMTPUTF8. Validated like pydantic's EmailStr (and
-# documented as `format: email`), then stored in ASCII form.
-Address = Annotated[EmailStr, BeforeValidator(_address), AfterValidator(ascii_address)]
-OneLine = Annotated[str, BeforeValidator(_one_line)]
+# Put after `annotated_types.Interval` bounds in the type: `Annotated[int, Interval(ge=1,
+# le=9), JSON_INTEGER]`. In that order the bounds stay JSON Schema bounds; in sqlmodel's Field,
+# an optional field's bounds leave its schema (`"ge": 1` instead of `"minimum": 1`).
+JSON_INTEGER = BeforeValidator(json_integer)
+# An email address a sender can use without SMTPUTF8, documented as `format: email` and stored
+# in ASCII form (IDNA domain).
+Address = Annotated[
+    str,
+    BeforeValidator(_address),
+    AfterValidator(ascii_address),
+    WithJsonSchema({"type": "string", "format": "email", "maxLength": 254}),
+]
+OneLine = Annotated[str, BeforeValidator(_one_line), SchemaPattern(ONE_LINE_PATTERN)]
+# A one-line string whose model validator refuses what the pattern refuses (and may trim it).
+OneLineText = Annotated[str, SchemaPattern(ONE_LINE_PATTERN)]

@@ -83,3 +83,19 @@ async def test_publish_consume_retry_and_dead_letter(bus: Bus) -> None:
 def test_unparsable_job_is_a_permanent_failure() -> None:
     with pytest.raises(PermanentMessageError):
         parse(SendJob, b'{"job_id": "nope"}')
+
+
+async def test_a_broadcast_reaches_every_subscriber(bus: Bus) -> None:
+    topic = f"abl.test.{uuid.uuid4().hex[:8]}.cancels"
+    heard: dict[str, list[bytes]] = {"first": [], "second": []}
+    for name in heard:
+
+        async def handler(delivery: Delivery, name: str = name) -> None:
+            heard[name].append(delivery.body)
+
+        await bus.subscribe(topic, handler)
+    await bus.broadcast(topic, b"job-1", message_id="job-1")
+    await wait_for(lambda: heard == {"first": [b"job-1"], "second": [b"job-1"]})
+    if isinstance(bus, RabbitBus):
+        assert bus.publish_channel is not None
+        await bus.publish_channel.exchange_delete(topic)

@@ -386,8 +386,11 @@ async def test_canceling_a_scheduled_email_gives_its_reservation_back(
     assert (await app.client.get(url, headers=tenant)).json()["reserved_today"] == 2
     canceled = await app.client.post(f"/v1/messages/{ids[0]}/cancel", headers=tenant)
     assert canceled.json()["status"] == "canceled"
-    assert (await app.client.get(url, headers=tenant)).json()["reserved_today"] == 1
-    # The sender skips it: the attempt is no longer the email's.
+    # Its job is out: the reservation is kept until the sender holding it reports.
+    assert (await app.client.get(url, headers=tenant)).json()["reserved_today"] == 2
+    again = await app.client.post(f"/v1/messages/{ids[0]}/cancel", headers=tenant)
+    assert again.status_code == 409
+    # A redelivered copy is not sendable any more.
     jobs = published_jobs(app)
     check = await app.client.post(
         "/internal/v1/jobs/sendable",
@@ -397,6 +400,13 @@ async def test_canceling_a_scheduled_email_gives_its_reservation_back(
     assert check.json()["sendable"] == [
         str(job.job_id) for job in jobs if str(job.email_id) != ids[0]
     ]
+    # The sender reports it "canceled before sending": the reservation comes back, once.
+    (job,) = [job for job in jobs if str(job.email_id) == ids[0]]
+    skipped = result_for(job, Outcome.failed, data_completed=False, code=None)
+    applier = app.app.state.result_applier
+    assert await applier.apply_many([skipped, skipped]) == [True, False]
+    assert (await app.client.get(url, headers=tenant)).json()["reserved_today"] == 1
+    assert (await statuses(app, tenant))["canceled"] == 1
 
 
 async def test_a_batch_of_results_applies_each_once_and_sums_the_counters(

@@ -149,17 +149,24 @@ async def test_a_new_username_alone_needs_the_password(
     assert len(starttls_server.recorder.auth_attempts) == attempts_before
 
 
-async def test_unchanged_endpoint_fields_need_no_password(
+async def test_endpoint_fields_need_the_password_even_unchanged(
     api: Api, starttls_server: SmtpTestServer
 ) -> None:
+    # The spec can state "host, port, security or username come with the password"; it cannot
+    # state "unless equal to the stored value", so neither does the app. A form sent back whole
+    # leaves them out (or null) unless the password is typed again.
     tenant = await api.new_tenant()
     server = await add_server(api, tenant, starttls_server)
+    url = f"/v1/servers/{server['id']}"
     same = {key: server[key] for key in ("host", "port", "security", "username")}
-    response = await api.client.patch(
-        f"/v1/servers/{server['id']}", json=same | {"label": "renamed"}, headers=tenant
-    )
+    refused = await api.client.patch(url, json=same | {"label": "renamed"}, headers=tenant)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "password_required"
+    nulls = dict.fromkeys(same) | {"label": "renamed"}
+    response = await api.client.patch(url, json=nulls, headers=tenant)
     assert response.status_code == 200, response.text
     assert response.json()["label"] == "renamed"
+    assert response.json()["host"] == server["host"]
 
 
 async def test_tenant_creation_needs_the_admin_token(api: Api) -> None:

@@ -265,3 +265,37 @@ async def test_an_email_that_cannot_be_built_ends_failed_not_dead_lettered(
     assert smtp.recorder.messages == []
     bus: InProcessBus = live.app.state.bus
     assert bus.dead_letters(live.settings.send_jobs_queue) == []
+
+
+async def test_canceling_a_scheduled_email_stops_the_sender_that_holds_its_job(
+    sender_settings: Settings, certs: Certificates
+) -> None:
+    settings = sender_settings.model_copy(update={"sender_connections_per_server": 1})
+    # One connection and a slow server: the last jobs wait at the sender while it sends.
+    with smtp_server(certs, LOGINS, security="starttls", data_delay=0.4) as slow:
+        async with running(settings, combined=True, loops=True) as live:
+            tenant = await live.new_tenant()
+            server_id = await add(live, tenant, slow, "alice@example.com")
+            ids = await send(live, tenant, *(f"ok+{i}@example.org" for i in range(5)))
+
+            async def first_accepted() -> bool:
+                return len(slow.recorder.messages) >= 1
+
+            await eventually(first_accepted)
+            assert (await email(live, tenant, ids[-1]))["status"] == "scheduled"
+            canceled = await live.client.post(f"/v1/messages/{ids[-1]}/cancel", headers=tenant)
+            assert canceled.json()["status"] == "canceled"
+            await finished(live, tenant, ids[:-1], "sent")
+            await finished(live, tenant, ids[-1:], "canceled")
+
+            async def reservation_back() -> bool:
+                url = f"/v1/servers/{server_id}/warmup"
+                reserved: int = (await live.client.get(url, headers=tenant)).json()[
+                    "reserved_today"
+                ]
+                return reserved == 4
+
+            await eventually(reservation_back)
+            assert sorted(e.rcpt_tos[0] for e in slow.recorder.messages) == [
+                f"ok+{i}@example.org" for i in range(4)
+            ]

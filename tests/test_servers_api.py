@@ -68,16 +68,21 @@ async def test_implicit_tls_server_is_stored_active(api: Api, tls_server: SmtpTe
     assert response.json()["security"] == "tls"
 
 
-async def test_host_and_username_are_trimmed_and_lowercased(
+async def test_host_is_lowercased_and_username_trimmed_and_lowercased(
     api: Api, starttls_server: SmtpTestServer
 ) -> None:
     tenant = await api.new_tenant()
-    body = server_body(starttls_server, host="  LocalHost ")
+    body = server_body(starttls_server, host="LocalHost")
     body["username"] = " ALICE@example.com "
     response = await api.client.post("/v1/servers", json=body, headers=tenant)
     assert response.status_code == 201, response.text
     assert response.json()["host"] == "localhost"
     assert response.json()["username"] == "alice@example.com"
+    # A host with spaces is outside the spec's pattern, so it is refused, not trimmed.
+    spaced = server_body(starttls_server, host=" localhost ")
+    refused = await api.client.post("/v1/servers", json=spaced, headers=tenant)
+    assert refused.status_code == 422, refused.text
+    assert [e["field"] for e in refused.json()["errors"]] == ["body.host"]
 
 
 async def test_wrong_password_is_auth_failed_and_nothing_is_stored(
@@ -180,7 +185,7 @@ async def test_preset_fills_host_port_and_security(api: Api) -> None:
     from services.registry.models import SmtpServerCreate
 
     body = SmtpServerCreate(
-        preset="gmail",
+        preset="gmail",  # type: ignore[arg-type]
         username="x@gmail.com",
         password="p",  # type: ignore[arg-type]
         from_email="x@gmail.com",

@@ -9,10 +9,11 @@ import ipaddress
 import re
 import uuid
 from datetime import datetime
-from typing import Literal, Self
+from enum import StrEnum
+from typing import Annotated, Literal, Self
 
-import idna
-from pydantic import SecretStr, field_validator, model_validator
+from annotated_types import Interval
+from pydantic import SecretStr, WithJsonSchema, field_validator, model_validator
 from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
@@ -22,7 +23,14 @@ from shared.imap import ImapSecurity
 from shared.outbox import OutboxRecord
 from shared.providers import detect
 from shared.timeutil import UtcDateTime, new_id, utcnow
-from shared.validation import Address, refuse_control_chars
+from shared.validation import (
+    JSON_INTEGER,
+    ONE_LINE_PATTERN,
+    Address,
+    OneLineText,
+    SchemaPattern,
+    refuse_control_chars,
+)
 
 # The largest any known provider allows one mailbox (Microsoft 365: 10,000 recipients a day);
 # a server added without `daily_cap` gets its provider's limit, or DEFAULT_DAILY_CAP.
@@ -35,6 +43,28 @@ CONNECTION_FIELDS = frozenset({"host", "port", "security", "username", "password
 # tenant (or a leaked API key) could point a server at a host of its choosing and read it.
 ENDPOINT_FIELDS = frozenset({"host", "port", "security", "username"})
 HOST_MAX = 253
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+# What `_clean_host` accepts, for the spec: an ASCII host name (an internationalised one in its
+# IDNA `xn--` form; an IPv4 address is one too) or an IPv6 address.
+HOST_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*\.?$"
+HostName = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": HOST_MAX,
+            "anyOf": [{"pattern": HOST_PATTERN}, {"format": "ipv6"}],
+            "description": (
+                "A host name such as smtp.example.com (an internationalised name in its IDNA "
+                "`xn--` form), or an IP address. Stored lowercase."
+            ),
+        }
+    ),
+]
+Password = Annotated[SecretStr, SchemaPattern(ONE_LINE_PATTERN)]
+Port = Annotated[int, Interval(ge=1, le=65535), JSON_INTEGER]
+DailyCap = Annotated[int, Interval(ge=1, le=MAX_DAILY_CAP), JSON_INTEGER]
+PresetName = StrEnum("PresetName", {name: name for name in PRESETS})  # type: ignore[misc]
 
 
 def _clean_text(value: str | None) -> str | None:
@@ -47,30 +77,32 @@ def _clean_lower(value: str | None) -> str | None:
     return None if cleaned is None else cleaned.lower()
 
 
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_HOST = re.compile(HOST_PATTERN)
 
 
 def _clean_host(value: str | None) -> str | None:
-    """A host name (an internationalised one in its IDNA `xn--` form) or an IP address.
+    """A host name (an internationalised one in its IDNA `xn--` form) or an IPv6 address,
+    exactly as HOST_PATTERN says, stored lowercase.
 
-    Anything else is refused here rather than handed to DNS."""
-    cleaned = _clean_lower(value)
-    if cleaned is None:
+    Anything else is refused here rather than handed to DNS. Not trimmed, and Unicode names are
+    not converted: the spec's pattern is the rule, and a client checking against it must never
+    see the API accept what the pattern refuses."""
+    if value is None:
         return None
-    try:
-        ipaddress.ip_address(cleaned)
-        return cleaned
-    except ValueError:
-        pass
-    if not cleaned.isascii():
+    refuse_control_chars(value)
+    if ":" in value and "%" not in value:
         try:
-            cleaned = idna.encode(cleaned, uts46=True).decode("ascii")
-        except idna.IDNAError as exc:
-            raise ValueError("is not a valid internationalised host name") from exc
-    labels = cleaned.removesuffix(".").split(".")
-    if len(cleaned) > HOST_MAX or not all(_HOST_LABEL.match(label) for label in labels):
-        raise ValueError("must be a host name such as smtp.example.com, or an IP address")
-    return cleaned
+            # Scoped addresses (fe80::1%eth0) are not in JSON Schema's ipv6 format.
+            return str(ipaddress.IPv6Address(value))
+        except ValueError:
+            pass
+    elif value.isascii() and _HOST.fullmatch(value):
+        return value.lower()
+    if not value.isascii():
+        raise ValueError(
+            "must be in ASCII: give an internationalised host name in its IDNA (xn--) form"
+        )
+    raise ValueError("must be a host name such as smtp.example.com, or an IP address")
 
 
 def _clean_secret(value: SecretStr | None) -> SecretStr | None:
@@ -80,12 +112,13 @@ def _clean_secret(value: SecretStr | None) -> SecretStr | None:
 
 
 class SmtpServerBase(SQLModel):
-    label: str = Field(default="", max_length=100)
+    label: OneLineText = Field(default="", max_length=100)
     # A plain string here: checked on the way in (Create, Update) and stored in ASCII form,
     # which EmailStr would turn back into Unicode on the way out.
     from_email: str = Field(max_length=320)
-    from_name: str = Field(default="", max_length=100)
-    daily_cap: int = Field(default=DEFAULT_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
+    from_name: OneLineText = Field(default="", max_length=100)
+    # JSON integers only: `true` or `"5"` is not a number of emails.
+    daily_cap: DailyCap = Field(default=DEFAULT_DAILY_CAP)
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
 
@@ -120,7 +153,27 @@ class ImapPublic(SQLModel):
 
 
 class SmtpServerCreate(SmtpServerBase):
-    model_config = SQLModelConfig(hide_input_in_errors=True)
+    # The spec says what `missing_connection_fields` checks: a preset, or host, port and
+    # security (null counts as absent).
+    model_config = SQLModelConfig(
+        hide_input_in_errors=True,
+        json_schema_extra={
+            "anyOf": [
+                {
+                    "required": ["preset"],
+                    "properties": {"preset": {"$ref": "#/components/schemas/PresetName"}},
+                },
+                {
+                    "required": ["host", "port", "security"],
+                    "properties": {
+                        "host": {"type": "string"},
+                        "port": {"type": "integer"},
+                        "security": {"$ref": "#/components/schemas/Security"},
+                    },
+                },
+            ]
+        },
+    )
 
     from_email: Address = Field(max_length=320)
     daily_cap: int | None = Field(  # type: ignore[assignment]
@@ -131,16 +184,15 @@ class SmtpServerCreate(SmtpServerBase):
         "2,000, Microsoft 365 10,000, ...), or 500 for a server of unknown provider.",
     )
 
-    preset: str | None = Field(
+    preset: PresetName | None = Field(
         default=None,
-        description=f"Fills host, port and security: one of {', '.join(PRESETS)}.",
-        max_length=40,
+        description="Fills host, port and security; explicit ones win over the preset's.",
     )
-    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    host: HostName | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: Port | None = None
     security: Security | None = None
-    username: str = Field(min_length=1, max_length=320)
-    password: SecretStr = Field(min_length=1, max_length=1024)
+    username: OneLineText = Field(min_length=1, max_length=320)
+    password: Password = Field(min_length=1, max_length=1024)
     imap: ImapCreate | None = Field(
         default=None, description="Mailbox access, so bounces and replies can be read."
     )
@@ -149,20 +201,10 @@ class SmtpServerCreate(SmtpServerBase):
     _clean_username = field_validator("username")(_clean_lower)
     _clean_password = field_validator("password")(_clean_secret)
 
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        key = refuse_control_chars(value).strip().lower()
-        if key not in PRESETS:
-            raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
-        return key
-
     @model_validator(mode="after")
     def _apply_preset(self) -> Self:
         if self.preset is not None:
-            preset = PRESETS[self.preset]
+            preset = PRESETS[self.preset.value]
             self.host = self.host or preset.host
             self.port = self.port or preset.port
             self.security = self.security or preset.security
@@ -176,17 +218,27 @@ class SmtpServerCreate(SmtpServerBase):
 
 
 class SmtpServerUpdate(SQLModel):
-    model_config = SQLModelConfig(hide_input_in_errors=True)
+    # The spec says what update_server checks: host, port, security or username (non-null)
+    # come with the password.
+    model_config = SQLModelConfig(
+        hide_input_in_errors=True,
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["password"], "properties": {"password": {"type": "string"}}},
+                {"properties": {name: {"type": "null"} for name in sorted(ENDPOINT_FIELDS)}},
+            ]
+        },
+    )
 
-    label: str | None = Field(default=None, max_length=100)
+    label: OneLineText | None = Field(default=None, max_length=100)
     from_email: Address | None = Field(default=None, max_length=320)
-    from_name: str | None = Field(default=None, max_length=100)
-    daily_cap: int | None = Field(default=None, ge=1, le=MAX_DAILY_CAP)
-    host: str | None = Field(default=None, min_length=1, max_length=HOST_MAX)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    from_name: OneLineText | None = Field(default=None, max_length=100)
+    daily_cap: DailyCap | None = None
+    host: HostName | None = Field(default=None, min_length=1, max_length=HOST_MAX)
+    port: Port | None = None
     security: Security | None = None
-    username: str | None = Field(default=None, min_length=1, max_length=320)
-    password: SecretStr | None = Field(default=None, min_length=1, max_length=1024)
+    username: OneLineText | None = Field(default=None, min_length=1, max_length=320)
+    password: Password | None = Field(default=None, min_length=1, max_length=1024)
     imap: ImapCreate | None = Field(
         default=None,
         description="Add or change mailbox access (checked first). A host, port, security or "
@@ -347,9 +399,9 @@ class OAuthStart(SQLModel):
 
     model_config = SQLModelConfig(hide_input_in_errors=True)
 
-    label: str = Field(default="", max_length=100)
-    from_name: str = Field(default="", max_length=100)
-    daily_cap: int = Field(default=DEFAULT_DAILY_CAP, ge=1, le=MAX_DAILY_CAP)
+    label: OneLineText = Field(default="", max_length=100)
+    from_name: OneLineText = Field(default="", max_length=100)
+    daily_cap: DailyCap = Field(default=DEFAULT_DAILY_CAP)
     server_id: uuid.UUID | None = Field(
         default=None,
         description="Reconnect this existing server (after `auth_failed`) instead of adding one.",

@@ -853,3 +853,30 @@ async def stale_scheduled(
         for email_id, job_id, tenant_id, server_id in (await connection.execute(query)).all()
         if job_id is not None and server_id is not None
     ]
+
+
+async def cancel_email(
+    session: AsyncSession, tenant_id: uuid.UUID, email_id: uuid.UUID, now: datetime
+) -> tuple[str, uuid.UUID | None] | None:
+    """Cancel a queued or scheduled email with one guarded statement each, so a dispatch
+    running at the same moment cannot be overwritten: (the status it had, its job id), or None
+    when it was in neither state. A scheduled email keeps its reservation: its job is out, and
+    the attempt's result (or the sender's "canceled before sending") gives it back."""
+    table = table_of(Email)
+    connection = await session.connection()
+    for status in (EmailStatus.queued, EmailStatus.scheduled):
+        row = (
+            await connection.execute(
+                update(table)
+                .where(
+                    table.c.id == email_id,
+                    table.c.tenant_id == tenant_id,
+                    table.c.status == status,
+                )
+                .values(status=EmailStatus.canceled, updated_at=now)
+                .returning(table.c.job_id)
+            )
+        ).first()
+        if row is not None:
+            return status, row[0]
+    return None

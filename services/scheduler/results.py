@@ -252,7 +252,10 @@ class ResultApplier:
                 email.status = EmailStatus.queued
                 email.not_before = now + self.retry.delay(email.attempts, self.rng)
                 # server_id keeps the server that failed, so the retry prefers another one.
-        email.job_id = None if email.status == EmailStatus.queued else email.job_id
+        # The attempt is over for a queued (retried) or canceled email: a repeated result for
+        # it must not give the reservation back twice.
+        over = email.status in (EmailStatus.queued, EmailStatus.canceled)
+        email.job_id = None if over else email.job_id
         if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM):
             window = windows.get(email.tenant_id)
             if window is None:

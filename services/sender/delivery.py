@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -23,6 +24,8 @@ from shared import addresses
 from shared.messages import Outcome, SendJob, SmtpCredentials
 from shared.settings import SenderSettings
 from shared.smtp_tls import smtp_client
+
+CANCELED_BEFORE_SENDING = "canceled before sending"
 
 
 @dataclass
@@ -129,7 +132,13 @@ class Deliverer:
         assert last_error is not None
         raise last_error
 
-    async def deliver(self, job: SendJob, credentials: SmtpCredentials, now: datetime) -> Attempt:
+    async def deliver(
+        self,
+        job: SendJob,
+        credentials: SmtpCredentials,
+        now: datetime,
+        canceled: Callable[[], bool] = lambda: False,
+    ) -> Attempt:
         pool = self._pool(job.server_id, credentials.host)
         key = fingerprint(credentials)
         try:
@@ -149,6 +158,9 @@ class Deliverer:
                 f"the message cannot be built: {type(exc).__name__}",
             )
         async with pool.slots:
+            if canceled():
+                # Canceled while it waited for a connection to its server: nothing was sent.
+                return Attempt(Verdict(Outcome.failed, False, reason=CANCELED_BEFORE_SENDING))
             client = self._take_idle(pool, key)
             stage = Stage.connect
             reusable = False

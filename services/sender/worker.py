@@ -22,12 +22,12 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from services.sender.clients import BatchedJobStates, CredentialsSource, DependencyUnavailable
-from services.sender.delivery import Attempt, Deliverer
+from services.sender.delivery import CANCELED_BEFORE_SENDING, Attempt, Deliverer
 from services.sender.domain import ServerProblem, Verdict
 from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery
 from shared.errors import TransientMessageError
-from shared.messages import Outcome, SendJob, SendResult, SmtpCredentials, parse
+from shared.messages import CancelNotice, Outcome, SendJob, SendResult, SmtpCredentials, parse
 from shared.metrics import (
     DELIVERY_DURATION,
     DEPENDENCY_WAITS,
@@ -74,11 +74,20 @@ class Worker:
         # (its ack was lost with the channel) before the scheduler has applied the result, when
         # asking the scheduler would still say "sendable"; if it comes back here, it is known.
         self.reported: OrderedDict[uuid.UUID, None] = OrderedDict()
+        # Jobs of scheduled emails the tenant canceled, as the scheduler broadcast them.
+        self.canceled: OrderedDict[uuid.UUID, None] = OrderedDict()
 
     async def start(self) -> None:
+        await self.bus.subscribe(self.settings.cancels_topic, self.on_cancel)
         await self.bus.consume(
             self.settings.send_jobs_queue, self.handle, prefetch=self.settings.sender_prefetch
         )
+
+    async def on_cancel(self, delivery: Delivery) -> None:
+        notice = parse(CancelNotice, delivery.body)
+        self.canceled[notice.job_id] = None
+        if len(self.canceled) > REMEMBERED_RESULTS:
+            self.canceled.popitem(last=False)
 
     def consuming(self) -> bool:
         return not self.stopping.is_set() and self.bus.consuming(self.settings.send_jobs_queue)
@@ -127,7 +136,15 @@ class Worker:
             )
             if not sendable:
                 JOBS_SKIPPED.inc()
-                return  # sent, unknown or canceled already: at most once towards the server
+                # Sent, unknown, canceled, or moved on: at most once towards the server. For a
+                # canceled email this report gives its reservation back; otherwise the
+                # scheduler ignores it (it names an attempt that is over).
+                await self._report_skipped(job)
+                return
+        if job.job_id in self.canceled:
+            JOBS_SKIPPED.inc()
+            await self._report_skipped(job)
+            return
         credentials = await self._patiently(
             "registry", lambda: self.registry.credentials(job.server_id)
         )
@@ -187,6 +204,22 @@ class Worker:
             self.reported.popitem(last=False)
         SENDER_OUTCOMES.labels(verdict.outcome.value).inc()
 
+    async def _report_skipped(self, job: SendJob) -> None:
+        result = SendResult(
+            job_id=job.job_id,
+            email_id=job.email_id,
+            tenant_id=job.tenant_id,
+            server_id=job.server_id,
+            attempt=job.attempt,
+            outcome=Outcome.failed,
+            smtp_reply=CANCELED_BEFORE_SENDING,
+            data_completed=False,
+            finished_at=utcnow(),
+        )
+        await self._patiently(
+            "broker and scheduler", lambda: self._report(result), retry_on=(ResultNotReported,)
+        )
+
     async def _report(self, result: SendResult) -> None:
         """Get the result of a finished SMTP transaction to the scheduler: through the broker,
         or, while the broker is away, straight to the scheduler's internal route. Otherwise the
@@ -211,7 +244,9 @@ class Worker:
 
     async def _deliver(self, job: SendJob, credentials: SmtpCredentials) -> Attempt:
         started = time.perf_counter()
-        attempt = await self.deliverer.deliver(job, credentials, utcnow())
+        attempt = await self.deliverer.deliver(
+            job, credentials, utcnow(), canceled=lambda: job.job_id in self.canceled
+        )
         DELIVERY_DURATION.observe(time.perf_counter() - started)
         return attempt
 

@@ -30,13 +30,18 @@ from services.webhooks.models import (
 from shared import addresses
 from shared.crypto import Keyring
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, NotFound, problem_doc
+from shared.errors import PROBLEM_RESPONSES, KnownQueryOnly, NotFound, problem_doc
 from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.settings import WebhookSettings
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEM_RESPONSES)
+router = APIRouter(
+    prefix="/v1/webhooks",
+    tags=["webhooks"],
+    responses=PROBLEM_RESPONSES,
+    dependencies=[KnownQueryOnly],
+)
 
 URL_RESPONSES = {
     **PROBLEM_RESPONSES,

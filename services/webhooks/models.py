@@ -10,16 +10,25 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import StrictBool, field_validator
 from sqlalchemy import JSON, Column, ForeignKey, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.events import EventType
 from shared.timeutil import UtcDateTime, new_id, utcnow
-from shared.validation import refuse_control_chars
+from shared.validation import OneLineText, SchemaPattern, refuse_control_chars
 
 URL_MAX = 2048
+# The spec says what the API accepts: an absolute URL on one line (http:// only where
+# ABL_ALLOW_PRIVATE_HOSTS allows it; production answers 422 insecure_url).
+HttpsUrl = Annotated[
+    str,
+    SchemaPattern(
+        r"^https?://[^\s\x00-\x1f\x7f-\x9f\u2028\u2029/?#]+([/?#][^\s\x00-\x1f\x7f-\x9f\u2028\u2029]*)?$"
+    ),
+]
 # What a tenant may subscribe to; the service's own notices (endpoint disabled) go to every
 # enabled endpoint of the tenant whatever it chose, as a status change of its own setup.
 SUBSCRIBABLE = tuple(t for t in EventType if t is not EventType.webhook_endpoint_disabled)
@@ -31,8 +40,9 @@ class DeliveryStatus(StrEnum):
     failed = "failed"  # every attempt failed for the whole retry window; redeliver by hand
 
 
-def clean_url(value: str | None) -> str | None:
-    return None if value is None else refuse_control_chars(value).strip()
+def clean_url(value: object) -> object:
+    # Anything but a string is left to the field's type check, which answers 422.
+    return refuse_control_chars(value).strip() if isinstance(value, str) else value
 
 
 def unique_types(value: list[EventType] | None) -> list[EventType] | None:
@@ -44,20 +54,21 @@ def unique_types(value: list[EventType] | None) -> list[EventType] | None:
 
 
 class WebhookEndpointBase(SQLModel):
-    url: str = Field(max_length=URL_MAX, description="HTTPS URL that receives the events.")
-    description: str = Field(default="", max_length=200)
-    enabled: bool = True
+    url: HttpsUrl = Field(max_length=URL_MAX, description="HTTPS URL that receives the events.")
+    description: OneLineText = Field(default="", max_length=200)
+    enabled: StrictBool = True
 
 
 class WebhookEndpointCreate(WebhookEndpointBase):
     event_types: list[EventType] = Field(
         default_factory=lambda: list(SUBSCRIBABLE),
+        min_length=1,
         description="The event types this endpoint receives; every type when omitted.",
     )
 
     @field_validator("url", mode="before")
     @classmethod
-    def _clean_url(cls, value: str) -> str | None:
+    def _clean_url(cls, value: object) -> object:
         return clean_url(value)
 
     @field_validator("event_types")
@@ -72,14 +83,14 @@ class WebhookEndpointCreate(WebhookEndpointBase):
 
 
 class WebhookEndpointUpdate(SQLModel):
-    url: str | None = Field(default=None, max_length=URL_MAX)
-    description: str | None = Field(default=None, max_length=200)
-    enabled: bool | None = None
-    event_types: list[EventType] | None = None
+    url: HttpsUrl | None = Field(default=None, max_length=URL_MAX)
+    description: OneLineText | None = Field(default=None, max_length=200)
+    enabled: StrictBool | None = None
+    event_types: list[EventType] | None = Field(default=None, min_length=1)
 
     @field_validator("url", mode="before")
     @classmethod
-    def _clean_url(cls, value: str | None) -> str | None:
+    def _clean_url(cls, value: object) -> object:
         return clean_url(value)
 
     @field_validator("event_types")

@@ -18,14 +18,14 @@ from services.registry.oauth import flows
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.providers import Provider
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, NotFound, Problem
+from shared.errors import PROBLEM_RESPONSES, NotFound, problem_doc
 from shared.settings import RegistrySettings
 from shared.tenancy import TenantDep, get_registry_settings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
 
-router = APIRouter(tags=["oauth"])
+router = APIRouter(tags=["oauth"], responses=PROBLEM_RESPONSES)
 SettingsDep = Annotated[RegistrySettings, Depends(get_registry_settings)]
 
 # Errors the callback reports, for the frontend to switch on (`?error=`).
@@ -52,8 +52,8 @@ def _client(request: Request) -> OAuthClient:
     status_code=status.HTTP_201_CREATED,
     responses={
         **PROBLEM_RESPONSES,
-        404: {"model": Problem, "description": "Provider not configured, or unknown server_id"},
-        429: {"model": Problem, "description": "Too many connection checks"},
+        404: problem_doc("Provider not configured, or unknown server_id"),
+        429: problem_doc("Too many connection checks"),
     },
     summary="Start connecting a Google or Microsoft mailbox: the URL to send the browser to",
 )

@@ -68,10 +68,10 @@ def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
     server.last_checked_at = utcnow()
 
 
-def password_required(changed: Collection[str]) -> Unprocessable:
-    names = ", ".join(sorted(changed))
+def password_required(named: Collection[str]) -> Unprocessable:
+    names = ", ".join(sorted(named))
     return Unprocessable(
-        f"Changing {names} needs the password in the same request.",
+        f"Giving {names} needs the password in the same request.",
         code="password_required",
         hint=(
             "Send `password` with the change: the stored password is only ever sent to the "
@@ -80,7 +80,7 @@ def password_required(changed: Collection[str]) -> Unprocessable:
         errors=[
             FieldError(
                 field="body.password",
-                message=f"required when {names} changes",
+                message=f"required with {names}",
                 type="missing",
             )
         ],
@@ -226,10 +226,12 @@ async def update_server(
     }
     if connection_changed and AuthMethod(server.auth) is AuthMethod.xoauth2:
         raise oauth_connection_fixed(server.oauth_provider or "google", connection_changed)
-    endpoint_changed = ENDPOINT_FIELDS & connection_changed
-    if endpoint_changed and body.password is None:
-        # Refused before any connection: the stored password never leaves for a new endpoint.
-        raise password_required(endpoint_changed)
+    # Named at all, changed or not: the spec states this rule (a client can check it before
+    # sending), and a request is refused before any connection, so the stored password never
+    # leaves for a new endpoint.
+    endpoint_named = ENDPOINT_FIELDS & changes.keys()
+    if endpoint_named and body.password is None:
+        raise password_required(endpoint_named)
     host = body.host or server.host
     username = body.username or server.username
     if {"host", "username"} & connection_changed and await repository.login_taken(

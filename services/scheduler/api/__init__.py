@@ -10,8 +10,10 @@ from services.scheduler.api import (
     unsubscribe,
     warmup,
 )
+from shared.errors import KnownQueryOnly
 
-router = APIRouter()
+# Every route refuses query parameters its spec does not list.
+router = APIRouter(dependencies=[KnownQueryOnly])
 router.include_router(messages.router)
 router.include_router(warmup.router)
 router.include_router(sending_profile.router)

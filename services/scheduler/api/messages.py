@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, status
+from fastapi import APIRouter, BackgroundTasks, Body, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
@@ -21,13 +22,18 @@ from services.scheduler.models import (
     ItemStatus,
     MessageBatch,
 )
+from shared.broker import Bus
 from shared.db import SessionDep
 from shared.errors import PROBLEM_RESPONSES, Conflict, problem_doc
+from shared.messages import CancelNotice
 from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
 from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from shared.registry_read import tenant_servers
+from shared.settings import BrokerSettings
 from shared.tenancy import TenantDep
 from shared.timeutil import new_id, utcnow
+
+logger = logging.getLogger("abl.scheduler.messages")
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
 
@@ -200,21 +206,37 @@ async def get_message(email_id: uuid.UUID, tenant: TenantDep, session: SessionDe
     summary="Cancel an email that has not been sent yet",
 )
 async def cancel_message(
-    email_id: uuid.UUID, tenant: TenantDep, session: SessionDep
+    email_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
+    background: BackgroundTasks,
 ) -> EmailPublic:
-    email = await repository.get_email(session, tenant.id, email_id)
-    if email.status not in (EmailStatus.queued, EmailStatus.scheduled):
+    canceled = await repository.cancel_email(session, tenant.id, email_id, utcnow())
+    if canceled is None:
+        email = await repository.get_email(session, tenant.id, email_id)  # 404 if not there
         raise Conflict(
             f"This email is already {email.status}.",
             code="not_cancelable",
             hint="Only queued or scheduled emails can be canceled.",
         )
-    if email.status == EmailStatus.scheduled and email.server_id is not None:
-        # A sender skips a canceled job, so no result will give the reservation back: do it
-        # now, and forget it so that a late result cannot give it back twice.
-        await repository.release(session, email.server_id, email.reserved_day, email.reserved_hour)
-        email.reserved_day = email.reserved_hour = None
-    email.status = EmailStatus.canceled
-    email.updated_at = utcnow()
-    session.add(email)
-    return email.to_public()
+    previous, job_id = canceled
+    if previous == EmailStatus.scheduled and job_id is not None:
+        # Its job is on its way to a sender: every sender is told (after the commit, which the
+        # session dependency does before the response), and the one holding the job reports it
+        # "canceled before sending", which gives the reservation back. A sender already in the
+        # SMTP transaction finishes it, and then `sent` wins.
+        notice = CancelNotice(email_id=email_id, job_id=job_id)
+        background.add_task(
+            broadcast_cancel, request.app.state.bus, request.app.state.settings, notice
+        )
+    return (await repository.get_email(session, tenant.id, email_id)).to_public()
+
+
+async def broadcast_cancel(bus: Bus, settings: BrokerSettings, notice: CancelNotice) -> None:
+    try:
+        await bus.broadcast(
+            settings.cancels_topic, notice.model_dump_json().encode(), message_id=str(notice.job_id)
+        )
+    except Exception as exc:  # best effort: the job may then be sent, and its result says so
+        logger.warning("cancel of job %s not broadcast: %s", notice.job_id, type(exc).__name__)
