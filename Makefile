@@ -84,9 +84,10 @@ clean:
 
 ## bench: every benchmark; each prints its figures beside a baseline from the same run
 ## (small sizes, about 5 minutes; `python -m bench.scheduler_tick --full` for 100k servers / 1M)
-bench: install
+bench: install imap-deps
 	$(BIN)/python -m bench.encoding
 	$(BIN)/python -m bench.registry_check
 	$(BIN)/python -m bench.scheduler_tick
 	$(BIN)/python -m bench.sender
+	$(BIN)/python -m bench.inbox
 	$(BIN)/python -m bench.e2e

@@ -99,6 +99,10 @@ def mailbox_reader(settings: Settings, *, run_loop: bool) -> Resource:
             async with sessions() as session, session.begin():
                 await registry_mailbox.record_poll(session, server_id, at, error)
 
+        async def pause(server_id: uuid.UUID, reason: str) -> None:
+            async with sessions() as session, session.begin():
+                await registry_use_cases.pause_for_bounces(session, server_id, reason)
+
         reader = inbox.MailboxReader(
             settings,
             sessions,
@@ -106,6 +110,7 @@ def mailbox_reader(settings: Settings, *, run_loop: bool) -> Resource:
             report,
             allow_private=settings.allow_private_hosts,
             allowed_ports=settings.allowed_imap_ports,
+            pause=pause,
         )
         app.state.mailbox_reader = reader
         stop = asyncio.Event()

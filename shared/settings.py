@@ -276,6 +276,13 @@ class SchedulerSettings(OutboxSettings, InternalTokenSettings):
     inbox_poll_seconds: float = Field(default=60.0, gt=0)
     inbox_timeout_seconds: float = Field(default=30.0, gt=0)
     inbox_concurrency: int = Field(default=32, ge=1, le=1000)
+    # The bounce-rate guard: a server whose hard bounces over its last `bounce_window` sent
+    # emails pass `bounce_pause_ratio` (or complaints `complaint_pause_ratio`) is paused; not
+    # judged before `bounce_min_sent` sends, where one bounce would be a large ratio.
+    bounce_window: int = Field(default=200, ge=1)
+    bounce_pause_ratio: float = Field(default=0.05, gt=0, le=1)
+    complaint_pause_ratio: float = Field(default=0.001, gt=0, le=1)
+    bounce_min_sent: int = Field(default=20, ge=1)
     # Where recipients reach the public API: one-click unsubscribe links start with it
     # (RFC 8058 wants HTTPS; plain http is accepted for development).
     public_url: str = Field(default="http://127.0.0.1:8000", pattern=r"^https?://[^\s/]+(/\S*)?$")

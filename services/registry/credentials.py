@@ -96,3 +96,18 @@ async def record_health(
         )
     await session.refresh(server)
     return server
+
+
+async def pause_for_bounces(session: AsyncSession, server_id: uuid.UUID, reason: str) -> None:
+    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so."""
+    server = await session.get(SmtpServer, server_id)
+    if server is None or server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
+        return
+    previous = str(server.status)
+    server.status = ServerStatus.paused_bounces
+    server.status_reason = reason[:512]
+    server.updated_at = utcnow()
+    session.add(server)
+    await events.record_change(
+        session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+    )

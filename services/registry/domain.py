@@ -17,6 +17,8 @@ class Security(StrEnum):
 class ServerStatus(StrEnum):
     active = "active"
     paused = "paused"
+    # Paused by the bounce-rate guard: its hard bounces (or complaints) crossed the threshold.
+    paused_bounces = "paused_bounces"
     auth_failed = "auth_failed"
     tls_failed = "tls_failed"
     connect_failed = "connect_failed"

@@ -273,6 +273,9 @@ class SmtpServerPublic(SmtpServerBase):
     )
     has_password: bool = True
     last_check: LastCheck
+    status_reason: str | None = Field(
+        default=None, description="Why the server was paused by the bounce-rate guard."
+    )
     imap: ImapPublic | None = None
     created_at: datetime
     updated_at: datetime
@@ -329,6 +332,7 @@ class SmtpServer(SmtpServerBase, table=True):
         default=None,
         sa_type=UtcDateTime,
     )
+    status_reason: str | None = Field(default=None, max_length=512)
     imap_host: str | None = Field(default=None, max_length=HOST_MAX)
     imap_port: int | None = None
     imap_security: str | None = Field(default=None, max_length=16)
@@ -384,6 +388,7 @@ class SmtpServer(SmtpServerBase, table=True):
                     self.oauth_provider,
                 ),
             ),
+            status_reason=self.status_reason,
             imap=self.imap_public(),
             created_at=self.created_at,
             updated_at=self.updated_at,

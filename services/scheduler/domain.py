@@ -365,3 +365,32 @@ def capacity(
         recommended_servers=math.ceil(need * (1 + headroom) / first) if need else 0,
         steady_state_servers=math.ceil(need / steady) if need else 0,
     )
+
+
+# --- bounce-rate guard ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BounceGuard:
+    window: int = 200
+    pause_ratio: float = 0.05
+    complaint_ratio: float = 0.001
+    min_sent: int = 20
+
+
+def bounce_verdict(sent: int, hard_bounces: int, complaints: int, guard: BounceGuard) -> str | None:
+    """Why a server must be paused, or None. `sent` counts its last `guard.window` sent emails
+    (at most), and the bounces and complaints among them."""
+    if sent < min(guard.min_sent, guard.window) or sent <= 0:
+        return None
+    if hard_bounces / sent > guard.pause_ratio:
+        return (
+            f"hard bounces {hard_bounces} of the last {sent} sent "
+            f"({hard_bounces / sent:.1%} > {guard.pause_ratio:.1%})"
+        )
+    if complaints / sent > guard.complaint_ratio:
+        return (
+            f"complaints {complaints} of the last {sent} sent "
+            f"({complaints / sent:.2%} > {guard.complaint_ratio:.2%})"
+        )
+    return None

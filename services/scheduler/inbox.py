@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import feedback, suppression, unsubscribe
+from services.scheduler import domain, feedback, suppression, unsubscribe
 from services.scheduler.feedback import Feedback, Kind
 from services.scheduler.models import (
     Email,
@@ -66,6 +66,9 @@ class Mailbox:
 
 MailboxLister = Callable[[], Awaitable[Sequence[Mailbox]]]
 PollReporter = Callable[[uuid.UUID, datetime, str | None], Awaitable[None]]
+ServerPauser = Callable[[uuid.UUID, str], Awaitable[None]]
+# Emails that left: the bounce-rate guard's denominator.
+LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
 
 
 def fetch_new(
@@ -109,8 +112,16 @@ class MailboxReader:
         *,
         allow_private: bool = False,
         allowed_ports: tuple[int, ...] = imap.DEFAULT_IMAP_PORTS,
+        pause: ServerPauser | None = None,
     ) -> None:
         self.settings = settings
+        self.pause = pause
+        self.guard = domain.BounceGuard(
+            window=settings.bounce_window,
+            pause_ratio=settings.bounce_pause_ratio,
+            complaint_ratio=settings.complaint_pause_ratio,
+            min_sent=settings.bounce_min_sent,
+        )
         self.sessions = sessions
         self.mailboxes = mailboxes
         self.report = report
@@ -174,9 +185,12 @@ class MailboxReader:
         )
         verdicts = [feedback.classify(raw) for _, raw in messages]
         applied = 0
+        reason = None
         async with self.sessions() as session, session.begin():
             for verdict in verdicts:
                 applied += await self.apply(session, box, verdict)
+            if any(v.kind in (Kind.hard_bounce, Kind.complaint) for v in verdicts):
+                reason = await self._over_threshold(session, box.server_id)
             row = await session.get(MailboxCursor, box.server_id) or MailboxCursor(
                 server_id=box.server_id, tenant_id=box.tenant_id
             )
@@ -185,7 +199,32 @@ class MailboxReader:
                 [uid for uid, _ in messages], default=0 if current != validity else last
             )
             session.add(row)
+        if reason is not None and self.pause is not None:
+            logger.warning("pausing server %s: %s", box.server_id, reason)
+            await self.pause(box.server_id, reason)
         return applied
+
+    async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
+        """The guard's verdict on the server's last `bounce_window` sent emails."""
+        query = (
+            select(Email.id, Email.status)
+            .where(Email.server_id == server_id, col(Email.status).in_(LEFT))
+            .order_by(col(Email.sent_at).desc())
+            .limit(self.guard.window)
+        )
+        rows = (await session.exec(query)).all()
+        ids = [email_id for email_id, _ in rows]
+        hard = sum(1 for _, status in rows if status == EmailStatus.bounced)
+        complaints = 0
+        if ids:
+            counted = await session.exec(
+                select(func.count()).where(
+                    MailboxEvent.kind == Kind.complaint.value,
+                    col(MailboxEvent.email_id).in_(ids),
+                )
+            )
+            complaints = int(counted.one())
+        return domain.bounce_verdict(len(rows), hard, complaints, self.guard)
 
     async def apply(self, session: AsyncSession, box: Mailbox, verdict: Feedback) -> int:
         if verdict.kind is Kind.other:

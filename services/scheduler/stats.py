@@ -49,6 +49,7 @@ async def refresh(
         for status in (
             "active",
             "paused",
+            "paused_bounces",
             "auth_failed",
             "tls_failed",
             "connect_failed",

@@ -381,7 +381,8 @@ async def resume_server(
     server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> SmtpServerPublic:
     server = await repository.get_server(session, tenant.id, server_id)
-    if server.status == ServerStatus.paused:
+    if server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
+        server.status_reason = None
         last = domain.CheckOutcome(
             code=domain.CheckCode(server.last_check_code) if server.last_check_code else None,
             detail="",
