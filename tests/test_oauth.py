@@ -196,6 +196,7 @@ async def test_a_provider_not_configured_answers_404_with_a_hint(
             assert problem["code"] == "oauth_provider_not_configured"
             assert "google" in problem["hint"]
             assert "ABL_OAUTH_" in problem["hint"]
+            assert "yahoo" not in response.text  # the path's input is not repeated
         assert (
             await api.client.post("/v1/servers/oauth/google/start", json={}, headers=tenant)
         ).status_code == 201

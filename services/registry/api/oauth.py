@@ -70,7 +70,7 @@ async def start_oauth(
     configured = _providers(request)
     chosen = configured.get(provider)
     if chosen is None:
-        raise flows.provider_missing(provider, configured)
+        raise flows.provider_missing(configured)
     # The callback runs a connection check; the start is where the tenant's budget is taken.
     limiter.take(tenant.id)
     url, state, expires_at = await flows.start(

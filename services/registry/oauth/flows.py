@@ -86,10 +86,11 @@ def open_state(keyring: Keyring, state: str) -> StateClaims:
     return claims
 
 
-def provider_missing(name: str, configured: dict[str, Provider]) -> AppError:
+def provider_missing(configured: dict[str, Provider]) -> AppError:
     offered = ", ".join(sorted(configured)) or "none"
     return AppError(
-        f"Connecting with {name!r} is not available on this platform.",
+        # The name comes from the URL: the caller's input, never repeated.
+        "Connecting with this provider is not available on this platform.",
         code="oauth_provider_not_configured",
         status=404,
         hint=f"Providers configured here: {offered}. An operator enables one with "
