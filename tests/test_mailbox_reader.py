@@ -26,7 +26,7 @@ from tests.conftest import ACCOUNTS, Api, make_settings, running
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
 from tests.support.smtp import Certificates, SmtpTestServer, silent_server
-from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
+from tests.test_scheduler_api import add_servers, dispatcher, published_jobs, result_for, warm_up
 
 
 @pytest.fixture
@@ -53,21 +53,9 @@ async def add_servers_with_mailboxes(
     api: Api, tenant: dict[str, str], smtp: SmtpTestServer, dovecot: DovecotServer
 ) -> dict[str, str]:
     """server id → the account (and mailbox) it sends from."""
-    accounts = {}
-    for login, password in ACCOUNTS.items():
-        body = {
-            "host": "localhost",
-            "port": smtp.port,
-            "security": "starttls",
-            "username": login,
-            "password": password,
-            "from_email": login,
-            "imap": {"host": "localhost", "port": dovecot.tls_port},
-        }
-        response = await api.client.post("/v1/servers", json=body, headers=tenant)
-        assert response.status_code == 201, response.text
-        accounts[response.json()["id"]] = login
-    return accounts
+    imap = {"host": "localhost", "port": dovecot.tls_port}
+    ids = await add_servers(api, tenant, smtp, imap=imap)
+    return dict(zip(ids, ACCOUNTS, strict=True))
 
 
 async def statuses(api: Api, tenant: dict[str, str], ids: list[str]) -> list[str]:

@@ -28,9 +28,16 @@ async def app(settings: Settings) -> AsyncIterator[Api]:
         yield api
 
 
-async def add_servers(api: Api, tenant: dict[str, str], smtp: SmtpTestServer) -> list[str]:
+async def add_servers(
+    api: Api,
+    tenant: dict[str, str],
+    smtp: SmtpTestServer,
+    accounts: dict[str, str] = ACCOUNTS,
+    **extra: Any,
+) -> list[str]:
+    """One STARTTLS server on `smtp` per account, through the API; their ids in order."""
     ids = []
-    for login, password in ACCOUNTS.items():
+    for login, password in accounts.items():
         body = {
             "host": "localhost",
             "port": smtp.port,
@@ -38,6 +45,7 @@ async def add_servers(api: Api, tenant: dict[str, str], smtp: SmtpTestServer) ->
             "username": login,
             "password": password,
             "from_email": login,
+            **extra,
         }
         response = await api.client.post("/v1/servers", json=body, headers=tenant)
         assert response.status_code == 201, response.text

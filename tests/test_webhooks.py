@@ -20,8 +20,8 @@ from shared.events import Event, EventType
 from shared.tenancy import Tenant, hash_api_key
 from tests.conftest import Api, make_settings, running
 from tests.support.receiver import Receiver, receiver
-from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
-from tests.test_scheduler_api import emails, warm_up
+from tests.support.smtp import Certificates, smtp_server
+from tests.test_scheduler_api import add_servers, emails, warm_up
 
 FAST = {
     "tick_seconds": 0.05,
@@ -142,7 +142,7 @@ async def test_an_auth_failure_sends_one_server_status_changed(
         async with product(database_url) as api:
             tenant = await api.new_tenant()
             await register(api, tenant, hook, event_types=["server.status_changed"])
-            server_id = (await add_servers_of(api, tenant, smtp, accounts))[0]
+            server_id = (await add_servers(api, tenant, smtp, accounts))[0]
             await warm_up(api, [server_id])
             smtp.recorder.accounts["a1@example.com"] = "changed"  # the mailbox's password changed
             response = await api.client.post("/v1/messages", json=emails(10), headers=tenant)
@@ -164,25 +164,6 @@ async def test_an_auth_failure_sends_one_server_status_changed(
                 "auth_failed",
             ]
             assert hook.bad_signatures == 0
-
-
-async def add_servers_of(
-    api: Api, tenant: dict[str, str], smtp: SmtpTestServer, accounts: dict[str, str]
-) -> list[str]:
-    ids = []
-    for login, password in accounts.items():
-        body = {
-            "host": "localhost",
-            "port": smtp.port,
-            "security": "starttls",
-            "username": login,
-            "password": password,
-            "from_email": login,
-        }
-        response = await api.client.post("/v1/servers", json=body, headers=tenant)
-        assert response.status_code == 201, response.text
-        ids.append(response.json()["id"])
-    return ids
 
 
 async def test_an_endpoint_failing_for_days_is_disabled_and_the_tenant_told(
@@ -256,7 +237,7 @@ async def test_30_emails_give_30_email_sent_events_each_once_through_a_failing_r
         async with product(database_url) as api:
             tenant = await api.new_tenant()
             await register(api, tenant, hook, event_types=["email.sent", "email.failed"])
-            server_ids = await add_servers_of(api, tenant, smtp, accounts)
+            server_ids = await add_servers(api, tenant, smtp, accounts)
             await warm_up(api, server_ids)
             accepted = await api.client.post(
                 "/v1/messages", json=emails(30, campaign="nov"), headers=tenant
