@@ -321,18 +321,34 @@ class RabbitBus:
             consumer.starting = asyncio.create_task(self._start_when_connected(queue, consumer))
 
     async def _start_when_connected(self, queue: str, consumer: _Consumer) -> None:
-        async def start() -> None:
-            await self._ready()
-            await self._start_consumer(queue, consumer)
+        await self._when_connected(
+            lambda: self._start_consumer(queue, consumer),
+            what=f"consuming {queue}",
+            given_up=lambda: self.consumers.get(queue) is not consumer,
+        )
 
-        with contextlib.suppress(GaveUp):  # replaced, stopped or closed meanwhile
+    async def _when_connected(
+        self,
+        start: Callable[[], Awaitable[None]],
+        *,
+        what: str,
+        given_up: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`start()` once connected, tried again with backoff until it works, the bus closes
+        or the caller gives it up."""
+
+        async def connected_then_start() -> None:
+            await self._ready()
+            await start()
+
+        with contextlib.suppress(GaveUp):
             await patiently(
-                start,
+                connected_then_start,
                 retry_on=(Exception,),
                 limit_seconds=None,
-                what=f"consuming {queue}",
+                what=what,
                 logger=logger,
-                stopping=lambda: self.consumers.get(queue) is not consumer or self._closing,
+                stopping=lambda: self._closing or given_up(),
                 max_delay=CONNECT_BACKOFF_MAX_SECONDS,
             )
 
@@ -390,23 +406,12 @@ class RabbitBus:
             await self._start_subscriber(topic, handler)
         else:
             self.background.append(
-                asyncio.create_task(self._subscribe_when_connected(topic, handler))
-            )
-
-    async def _subscribe_when_connected(self, topic: str, handler: Handler) -> None:
-        async def start() -> None:
-            await self._ready()
-            await self._start_subscriber(topic, handler)
-
-        with contextlib.suppress(GaveUp):  # closed meanwhile
-            await patiently(
-                start,
-                retry_on=(Exception,),
-                limit_seconds=None,
-                what=f"subscribing to {topic}",
-                logger=logger,
-                stopping=lambda: self._closing,
-                max_delay=CONNECT_BACKOFF_MAX_SECONDS,
+                asyncio.create_task(
+                    self._when_connected(
+                        lambda: self._start_subscriber(topic, handler),
+                        what=f"subscribing to {topic}",
+                    )
+                )
             )
 
     async def _start_subscriber(self, topic: str, handler: Handler) -> None:
