@@ -342,8 +342,8 @@ def authorization_server(
 class XOAuth2Recorder(Recorder):
     """Accepts SASL XOAUTH2 only, checking each token with the authorization server."""
 
-    def __init__(self, authority: AuthorizationServer) -> None:
-        super().__init__(accounts={})
+    def __init__(self, authority: AuthorizationServer, data_delay: float = 0.0) -> None:
+        super().__init__(accounts={}, data_delay=data_delay)
         self.authority = authority
         self.refused_tokens = 0
 
