@@ -334,6 +334,11 @@ def test_oauth_servers_through_the_stack(oauth_stack: OAuthStack) -> None:
         if canary in text or base64.b64encode(canary.encode()).decode() in text
     ]
     assert leaks == []
+    print(
+        f"accepted when the tokens were ended: {dict(at_expiry)}; tokens refused at the SMTP "
+        f"server: {recorder.refused_tokens}; broker messages searched: {dict(routed)}; "
+        f"log bytes searched: {sum(s.log.stat().st_size for s in stack.services)}"
+    )
 
 
 # Refresh once across registry replicas -------------------------------------------------------
