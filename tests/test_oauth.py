@@ -25,7 +25,9 @@ from sqlalchemy import text
 
 from services.registry.keys import rotate_keys
 from services.registry.models import OAuthFlow, SmtpServer
+from services.registry.oauth.client import expected_issuers
 from services.registry.oauth.flows import VERIFIER_PURPOSE
+from services.registry.oauth.providers import PROVIDERS
 from services.sender.clients import (
     CachedCredentials,
     DependencyUnavailable,
@@ -180,6 +182,26 @@ async def test_connect_google_and_microsoft_end_to_end(
     assert creds["password"] == ""
     assert authority.token_valid("o1@example.com", creds["access_token"])
     assert not any(token in str(creds) for token in authority.issued_refresh_tokens)
+
+
+@pytest.mark.parametrize(
+    ("provider", "claims", "issuers"),
+    [
+        ("google", {}, ["https://accounts.google.com", "accounts.google.com"]),
+        (
+            "microsoft",
+            {"tid": "9188040d-6c67-4c5b-b112-36a304b66dad"},
+            ["https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"],
+        ),
+        ("microsoft", {}, []),
+        ("microsoft", {"tid": "evil.test/x"}, []),
+        ("microsoft", {"tid": 42}, []),
+    ],
+)
+def test_the_issuers_an_id_token_may_name(
+    provider: str, claims: dict[str, Any], issuers: list[str]
+) -> None:
+    assert expected_issuers(PROVIDERS[provider], claims) == issuers
 
 
 def sample(name: str, **labels: str) -> float:

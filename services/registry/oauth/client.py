@@ -76,15 +76,16 @@ def address_from_claims(claims: dict[str, Any]) -> str | None:
     return None
 
 
-def expected_issuer(provider: Provider, claims: dict[str, Any]) -> str | None:
-    """The issuer the provider's ID tokens must name; for Microsoft's multi-tenant endpoint,
+def expected_issuers(provider: Provider, claims: dict[str, Any]) -> list[str]:
+    """The issuers the provider's ID tokens may name; for Microsoft's multi-tenant endpoint,
     the one of the token's own directory (`tid`), as Microsoft's validation guidance says."""
+    issuers = [provider.issuer, *provider.issuer_aliases]
     if "{tenantid}" not in provider.issuer:
-        return provider.issuer
+        return issuers
     tenant = claims.get("tid")
     if not isinstance(tenant, str) or not _TENANT_ID.match(tenant):
-        return None
-    return provider.issuer.replace("{tenantid}", tenant)
+        return []
+    return [issuer.replace("{tenantid}", tenant) for issuer in issuers]
 
 
 @dataclass
@@ -145,12 +146,12 @@ class OAuthClient:
             keys = await self._signing_keys(provider, id_token)
             decoded = jwt.decode(id_token, keys, algorithms=ID_TOKEN_ALGORITHMS)
             claims = dict(decoded.claims)
-            issuer = expected_issuer(provider, claims)
-            if issuer is None:
+            issuers = expected_issuers(provider, claims)
+            if not issuers:
                 raise OAuthFailure("invalid_id_token", "the ID token names no directory")
             jwt.JWTClaimsRegistry(
                 leeway=ID_TOKEN_LEEWAY_SECONDS,
-                iss={"essential": True, "value": issuer},
+                iss={"essential": True, "values": issuers},
                 aud={"essential": True, "value": provider.client_id},
                 exp={"essential": True},
                 iat={"essential": True},

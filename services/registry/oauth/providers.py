@@ -31,6 +31,8 @@ class Provider:
     smtp_host: str
     smtp_port: int
     security: Security
+    # Other spellings of the issuer the provider uses.
+    issuer_aliases: tuple[str, ...] = ()
     # Extra query parameters of the authorization request.
     authorize_params: dict[str, str] = field(default_factory=dict)
     client_id: str = ""
@@ -51,6 +53,7 @@ PROVIDERS: dict[str, Provider] = {
         userinfo_url="https://openidconnect.googleapis.com/v1/userinfo",
         jwks_url="https://www.googleapis.com/oauth2/v3/certs",
         issuer="https://accounts.google.com",
+        issuer_aliases=("accounts.google.com",),  # Google documents both
         # https://mail.google.com/ is the only Google scope that allows SMTP.
         scopes=("openid", "email", "https://mail.google.com/"),
         smtp_host="smtp.gmail.com",
@@ -110,6 +113,8 @@ def configured(settings: OAuthSettings) -> dict[str, Provider]:
             )
             if getattr(settings, f"oauth_{name}_{key}") is not None
         }
+        if "issuer" in overrides:
+            overrides["issuer_aliases"] = ()
         found[name] = replace(provider, **overrides)
     return found
 
