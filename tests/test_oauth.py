@@ -25,7 +25,7 @@ from sqlalchemy import text
 
 from services.registry.keys import rotate_keys
 from services.registry.models import OAuthFlow, SmtpServer
-from services.registry.oauth.client import expected_issuers
+from services.registry.oauth.client import JWKS_MIN_REFETCH_SECONDS, expected_issuers
 from services.registry.oauth.flows import VERIFIER_PURPOSE
 from services.registry.oauth.providers import PROVIDERS
 from services.sender.clients import (
@@ -235,6 +235,28 @@ async def test_a_forged_unsigned_or_misaddressed_id_token_is_refused(
     assert sample("abl_oauth_connects_total", provider="microsoft", outcome="connected") == (
         connected + 1
     )
+
+
+async def test_rotated_signing_keys_are_fetched_again_at_most_once_a_minute(
+    api: Api, authority: AuthorizationServer
+) -> None:
+    tenant = await api.new_tenant()
+    assert "server_id" in await connect(api, authority, tenant, "o2@example.com", "microsoft")
+    assert authority.jwks_fetches == 1
+    assert "server_id" in await connect(api, authority, tenant, "o3@example.com", "microsoft")
+    assert authority.jwks_fetches == 1  # the keys are kept
+
+    authority.rotate_key()
+    # Within a minute of the last fetch an unknown key id is refused without asking the
+    # provider again: made-up key ids cannot turn the registry against the provider.
+    refused = await connect(api, authority, tenant, "o4@example.com", "microsoft")
+    assert refused == {"error": "invalid_id_token"}
+    assert authority.jwks_fetches == 1
+    client = api.app.state.oauth_client
+    for cached in client.jwks.values():
+        cached.fetched -= JWKS_MIN_REFETCH_SECONDS  # as a minute passing would
+    assert "server_id" in await connect(api, authority, tenant, "o4@example.com", "microsoft")
+    assert authority.jwks_fetches == 2
 
 
 async def test_the_jwks_out_of_reach_lands_with_a_code(

@@ -96,6 +96,7 @@ class AuthorizationServer:
     refresh_delay: float = 0.0  # seconds the token endpoint takes to answer a refresh
     forge_next: str | None = None  # one of FORGERIES: the next ID token is spoiled that way
     key: RSAKey = field(default_factory=lambda: _signing_key("abl-test-1"))
+    jwks_fetches: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # The test's controls.
@@ -134,6 +135,11 @@ class AuthorizationServer:
             f"oauth_{provider}_smtp_host": "localhost",
             f"oauth_{provider}_smtp_port": smtp_port,
         }
+
+    def rotate_key(self) -> None:
+        """A new signing key under a new key id; only the new one is published."""
+        with self.lock:
+            self.key = _signing_key(f"abl-test-{secrets.token_hex(4)}")
 
     def issuer(self, provider: str) -> str:
         # Microsoft's issuer names the directory, which the client takes from the `tid` claim.
@@ -286,7 +292,9 @@ class AuthorizationServer:
 
         @app.get("/{provider}/jwks")
         async def jwks(provider: str) -> Response:
-            return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+            with self.lock:
+                self.jwks_fetches += 1
+                return JSONResponse({"keys": [self.key.as_dict(private=False)]})
 
         @app.get("/{provider}/userinfo")
         async def userinfo(provider: str, authorization: Annotated[str, Header()] = "") -> Response:
