@@ -16,8 +16,9 @@ from sqlalchemy.types import TypeEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain
+from services.scheduler import domain, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
@@ -713,9 +714,9 @@ async def mark_scheduled(
     rows = RowSet(session, {"id": Uuid(), "server_id": Uuid(), "job_id": Uuid()}, assignments)
     statement = (
         update(_email)
-        .where(_email.c.id == rows.c["id"], _email.c.status == EmailStatus.queued)
+        .where(_email.c.id == rows.c["id"], _email.c.status == lifecycle.source(Step.dispatch))
         .values(
-            status=EmailStatus.scheduled,
+            status=lifecycle.target(Step.dispatch),
             server_id=rows.c["server_id"],
             job_id=rows.c["job_id"],
             reserved_day=day,
@@ -873,7 +874,7 @@ async def cancel_email(
     the attempt's result (or the sender's "canceled before sending") gives it back."""
     table = table_of(Email)
     connection = await session.connection()
-    for status in (EmailStatus.queued, EmailStatus.scheduled):
+    for status in lifecycle.sources(Step.cancel):
         row = (
             await connection.execute(
                 update(table)
@@ -882,7 +883,7 @@ async def cancel_email(
                     table.c.tenant_id == tenant_id,
                     table.c.status == status,
                 )
-                .values(status=EmailStatus.canceled, updated_at=now)
+                .values(status=lifecycle.target(Step.cancel), updated_at=now)
                 .returning(table.c.job_id)
             )
         ).first()
