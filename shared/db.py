@@ -202,9 +202,12 @@ class RowSet:
                 .table_valued(*(column(name, columns[name]) for name in names))
                 .render_derived(name="v")
             )
+            # The rows as a FROM item, for a join (LATERAL, say) that needs them as a table.
+            self.source: Any = source
             self.c: dict[str, Any] = {name: source.c[name] for name in names}
             self.params: list[dict[str, Any]] = []
         else:
+            self.source = None
             self.c = {name: bindparam(f"v_{name}", type_=columns[name]) for name in names}
             self.params = [
                 {f"v_{name}": value for name, value in zip(names, row, strict=True)} for row in rows

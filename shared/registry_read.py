@@ -71,6 +71,21 @@ async def tenant_servers(session: AsyncSession, tenant_id: uuid.UUID) -> list[Se
     return [ServerView(*row) for row in rows]
 
 
+async def servers_of_tenants(
+    session: AsyncSession, tenant_ids: list[uuid.UUID]
+) -> list[ServerView]:
+    """The servers of many tenants in one query (the dispatcher's per-transaction read)."""
+    if not tenant_ids:
+        return []
+    query = (
+        _select_servers()
+        .where(_servers.c.tenant_id.in_(tenant_ids))
+        .order_by(_servers.c.tenant_id, _servers.c.id)
+    )
+    rows = (await session.exec(query)).all()
+    return [ServerView(*row) for row in rows]
+
+
 async def tenant_server(
     session: AsyncSession, tenant_id: uuid.UUID, server_id: uuid.UUID
 ) -> ServerView | None:

@@ -9,7 +9,20 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Date, Integer, Row, String, Table, Uuid, func, insert, text, update
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    Integer,
+    Row,
+    String,
+    Table,
+    Uuid,
+    func,
+    insert,
+    text,
+    true,
+    update,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeEngine
@@ -115,6 +128,21 @@ async def sending_window(session: AsyncSession, tenant_id: uuid.UUID) -> Sending
     return SendingWindow(profile.time_zone, profile.start_hour, profile.end_hour)
 
 
+async def sending_windows(
+    session: AsyncSession, tenant_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, SendingWindow]:
+    """Each tenant's sending window (the default for a tenant without a profile), one query."""
+    p = table_of(SendingProfile)
+    connection = await session.connection()
+    rows = await connection.execute(
+        sa_select(p.c.tenant_id, p.c.time_zone, p.c.start_hour, p.c.end_hour).where(
+            p.c.tenant_id.in_(tenant_ids)
+        )
+    )
+    found = {tenant_id: SendingWindow(zone, start, end) for tenant_id, zone, start, end in rows}
+    return {tenant_id: found.get(tenant_id, SendingWindow()) for tenant_id in tenant_ids}
+
+
 # --- warmup and allowances ----------------------------------------------------------------
 
 
@@ -162,9 +190,12 @@ async def _warmup_rows(
 
 async def set_pace(session: AsyncSession, paces: dict[uuid.UUID, datetime]) -> None:
     """Record the next per-minute slot of servers whose provider limits sends per minute."""
+    rows = RowSet(session, {"server_id": Uuid(), "pace_at": UtcDateTime()}, sorted(paces.items()))
     w = _warmup_table
-    for server_id, pace_at in sorted(paces.items()):
-        await session.exec(update(w).where(w.c.server_id == server_id).values(pace_at=pace_at))
+    await rows.execute(
+        session,
+        update(w).where(w.c.server_id == rows.c["server_id"]).values(pace_at=rows.c["pace_at"]),
+    )
 
 
 async def warmup_states(
@@ -674,26 +705,41 @@ JOB_COLUMNS = (
 )
 
 
-async def claim_due(
-    session: AsyncSession, tenant_id: uuid.UUID, limit: int, now: datetime
-) -> Sequence[Any]:
-    """The tenant's oldest due emails, as rows of JOB_COLUMNS.
+def _due(query: Any, now: datetime) -> Any:
+    return query.where(
+        _email.c.status == lifecycle.source(Step.dispatch), _email.c.not_before <= now
+    ).order_by(_email.c.id)
 
+
+async def claim_due(
+    session: AsyncSession, limits: dict[uuid.UUID, int], now: datetime
+) -> Sequence[Any]:
+    """Each tenant's oldest due emails, up to its limit, as rows of JOB_COLUMNS.
+
+    PostgreSQL: one statement for every tenant, a LATERAL join that walks each tenant's part of
+    the (tenant, status, id) index only as far as its limit. SQLite: one query per tenant.
     Nothing is locked here: `mark_scheduled` is guarded by the status, so an email canceled or
     taken meanwhile is simply not marked (and the per-tenant advisory lock keeps replicas off
     each other's emails anyway). A row lock would cost a write per email.
     """
-    query = (
-        sa_select(*JOB_COLUMNS)
-        .where(
-            _email.c.tenant_id == tenant_id,
-            _email.c.status == EmailStatus.queued,
-            _email.c.not_before <= now,
+    wanted = sorted((tenant_id, n) for tenant_id, n in limits.items() if n > 0)
+    if not wanted:
+        return []
+    connection = await session.connection()
+    if is_postgres(session):
+        v = RowSet(session, {"tenant_id": Uuid(), "n": Integer()}, wanted)
+        picked = (
+            _due(sa_select(*JOB_COLUMNS).where(_email.c.tenant_id == v.c["tenant_id"]), now)
+            .limit(v.c["n"])
+            .lateral("picked")
         )
-        .order_by(_email.c.id)
-        .limit(limit)
-    )
-    return (await (await session.connection()).execute(query)).all()
+        query = sa_select(picked).select_from(v.source.join(picked, true()))
+        return (await connection.execute(query)).all()
+    rows: list[Any] = []
+    for tenant_id, n in wanted:
+        query = _due(sa_select(*JOB_COLUMNS).where(_email.c.tenant_id == tenant_id), now)
+        rows += (await connection.execute(query.limit(n))).all()
+    return rows
 
 
 async def mark_scheduled(
@@ -793,17 +839,22 @@ async def refresh_statistics(session: AsyncSession, tables: Sequence[str]) -> No
                 await session.exec(text(f"ANALYZE {table}"))  # type: ignore[call-overload]
 
 
-async def try_lock_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
-    """One dispatcher per tenant at a time (PostgreSQL advisory lock, held until commit).
+async def try_lock_tenants(
+    session: AsyncSession, tenant_ids: Sequence[uuid.UUID]
+) -> list[uuid.UUID]:
+    """The tenants of these this transaction now dispatches alone (PostgreSQL advisory locks,
+    tried in one statement, held until commit); the others are another replica's right now.
 
-    The allowance guard is what keeps the cap; this lock keeps replicas from contending for the
-    same servers' rows, and keeps the even share exact.
+    The allowance guard is what keeps the cap; these locks keep replicas from contending for
+    the same servers' rows, and keep the even share exact.
     """
     if not is_postgres(session):
-        return True  # SQLite has a single writer already
-    key = int.from_bytes(tenant_id.bytes[:8], "big", signed=True)
-    result = await session.exec(select(func.pg_try_advisory_xact_lock(key)))
-    return bool(result.one())
+        return list(tenant_ids)  # SQLite has a single writer already
+    by_key = {int.from_bytes(t.bytes[:8], "big", signed=True): t for t in tenant_ids}
+    keys = RowSet(session, {"k": BigInteger()}, [(key,) for key in sorted(by_key)])
+    query = sa_select(keys.c["k"]).where(func.pg_try_advisory_xact_lock(keys.c["k"]))
+    locked = (await keys.execute(session, query)).scalars().all()
+    return [by_key[key] for key in sorted(locked)]
 
 
 async def park(session: AsyncSession, server_id: uuid.UUID, until: datetime, reason: str) -> None:

@@ -31,7 +31,7 @@ from shared.errors import NotFound
 from shared.metrics import SUPPRESSED
 from shared.timeutil import new_id
 
-RowT = TypeVar("RowT", bound=Any)  # a claimed row: has `id` and `to`
+RowT = TypeVar("RowT", bound=Any)  # a claimed row: has `id`, `tenant_id` and `to`
 
 
 def address_key(address: str) -> tuple[str, str]:
@@ -154,13 +154,33 @@ async def stop_queued_to(
 
 
 async def drop_suppressed(
-    session: AsyncSession, tenant_id: uuid.UUID, emails: Sequence[RowT], now: datetime
+    session: AsyncSession, emails: Sequence[RowT], now: datetime
 ) -> list[RowT]:
-    """Mark the claimed emails whose recipient became suppressed; return the others."""
-    suppressed = await suppressed_among(session, tenant_id, (e.to for e in emails))
-    if not suppressed:
+    """Mark the claimed emails (of any tenants) whose recipient became suppressed; return the
+    others. One query reads the lists of every tenant among them."""
+    keys = {(e.tenant_id, *address_key(e.to)) for e in emails}
+    if not keys:
         return list(emails)
-    stopped = [e.id for e in emails if e.to.lower() in suppressed]
+    query = select(Suppression.tenant_id, Suppression.address, Suppression.domain).where(
+        col(Suppression.tenant_id).in_(sorted({t for t, _, _ in keys})),
+        or_(
+            col(Suppression.address).in_(sorted({a for _, a, _ in keys})),
+            col(Suppression.domain).in_(sorted({d for _, _, d in keys})),
+        ),
+    )
+    rows = (await session.exec(query)).all()
+    if not rows:
+        return list(emails)
+    by_address = {(t, a) for t, a, _ in rows if a}
+    by_domain = {(t, d) for t, _, d in rows if d}
+
+    def suppressed(email: RowT) -> bool:
+        address, domain = address_key(email.to)
+        return (email.tenant_id, address) in by_address or (email.tenant_id, domain) in by_domain
+
+    stopped = [e.id for e in emails if suppressed(e)]
+    if not stopped:
+        return list(emails)
     table = table_of(Email)
     await session.exec(
         update(table)
@@ -168,7 +188,7 @@ async def drop_suppressed(
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
     )
     SUPPRESSED.labels("dispatch").inc(len(stopped))
-    return [e for e in emails if e.to.lower() not in suppressed]
+    return [e for e in emails if not suppressed(e)]
 
 
 def suppression_not_found(suppression_id: uuid.UUID) -> NotFound:
