@@ -11,8 +11,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import Depends, Request
-from sqlalchemy import Executable, Table, bindparam, column, event, func
+from sqlalchemy import ColumnElement, Executable, Table, any_, bindparam, column, event, func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -61,6 +62,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     target = async_url(url)
+    # JSON columns (an email's headers) are read on every dispatch: orjson parses them ~4x
+    # faster than the standard library, into the same values.
+    kwargs.setdefault("json_deserializer", orjson.loads)
     if target.get_backend_name() == "sqlite":
         engine = create_async_engine(target, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -168,6 +172,20 @@ def table_of(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel table class, for bulk and guarded statements."""
     table: Table = getattr(model, "__table__")  # noqa: B009 - SQLModel does not type it
     return table
+
+
+def among(
+    session: AsyncSession, target: Any, values: Sequence[Any], type_: TypeEngine[Any]
+) -> ColumnElement[bool]:
+    """`target IN values`, as `target = ANY($1)` with one array parameter on PostgreSQL.
+
+    An IN list is one parameter per value: a thousand servers make a statement of a thousand
+    parameters whose text (and prepared statement) changes with their count. The array keeps
+    one statement, prepared once.
+    """
+    if is_postgres(session):
+        return target == any_(bindparam(None, list(values), type_=postgresql.ARRAY(type_)))  # type: ignore[no-any-return]
+    return target.in_(values)  # type: ignore[no-any-return]
 
 
 class RowSet:

@@ -40,7 +40,7 @@ from services.scheduler.models import (
     ServerUsageHour,
     ServerWarmup,
 )
-from shared.db import RowSet, insert_ignore, is_postgres, table_of, upsert_increment
+from shared.db import RowSet, among, insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
 from shared.registry_read import ServerView
 from shared.timeutil import UtcDateTime
@@ -184,7 +184,7 @@ async def _warmup_rows(
         t.c.server_id, t.c.step, t.c.state_day, t.c.idle_days, t.c.parked_until, t.c.pace_at
     )
     connection = await session.connection()
-    rows = await connection.execute(query.where(t.c.server_id.in_(server_ids)))
+    rows = await connection.execute(query.where(among(session, t.c.server_id, server_ids, Uuid())))
     return {row.server_id: WarmupRow(*row) for row in rows}
 
 
@@ -236,7 +236,7 @@ async def warmup_states(
         connection = await session.connection()
         history = await connection.execute(
             sa_select(d.c.server_id, d.c.day, d.c.sent, d.c.allowance).where(
-                d.c.server_id.in_([row.server_id for row in stale]),
+                among(session, d.c.server_id, [row.server_id for row in stale], Uuid()),
                 d.c.day >= min(row.state_day for row in stale),
                 d.c.day < today,
             )
@@ -296,7 +296,7 @@ async def server_days(
         return {}
     d = _day_table
     query = sa_select(d.c.server_id, d.c.allowance, d.c.reserved, d.c.sent).where(
-        d.c.server_id.in_([s.id for s in servers]), d.c.day == day
+        among(session, d.c.server_id, [s.id for s in servers], Uuid()), d.c.day == day
     )
     connection = await session.connection()
     rows = {row.server_id: DayRow(*row) for row in await connection.execute(query)}
@@ -320,7 +320,7 @@ async def server_days(
             ],
         )
         query = sa_select(d.c.server_id, d.c.allowance, d.c.reserved, d.c.sent).where(
-            d.c.server_id.in_([s.id for s in missing]), d.c.day == day
+            among(session, d.c.server_id, [s.id for s in missing], Uuid()), d.c.day == day
         )
         rows.update({row.server_id: DayRow(*row) for row in await connection.execute(query)})
     return rows
@@ -342,7 +342,7 @@ async def rolling_usage(
     query = (
         select(hours.c.server_id, func.sum(hours.c.used))
         .where(
-            hours.c.server_id.in_(server_ids),
+            among(session, hours.c.server_id, server_ids, Uuid()),
             hours.c.hour >= domain.rolling_window_start(now),
         )
         .group_by(hours.c.server_id)
@@ -427,7 +427,7 @@ async def reserve_many(
         connection = await session.connection()
         rows = await connection.execute(
             sa_select(d.c.server_id, d.c.allowance).where(
-                d.c.server_id.in_(missing), d.c.day == day
+                among(session, d.c.server_id, missing, Uuid()), d.c.day == day
             )
         )
         allowances.update({server_id: allowance for server_id, allowance in rows})
@@ -630,7 +630,7 @@ async def emails_for_results(session: AsyncSession, email_ids: set[uuid.UUID]) -
     """Rows of RESULT_COLUMNS, locked until commit on PostgreSQL (in id order)."""
     query = (
         sa_select(*RESULT_COLUMNS)
-        .where(_email_table.c.id.in_(email_ids))
+        .where(among(session, _email_table.c.id, sorted(email_ids), Uuid()))
         .order_by(_email_table.c.id)
     )
     if is_postgres(session):
@@ -712,9 +712,10 @@ def _due(query: Any, now: datetime) -> Any:
 
 
 async def claim_due(
-    session: AsyncSession, limits: dict[uuid.UUID, int], now: datetime
+    session: AsyncSession, limits: dict[uuid.UUID, int], now: datetime, total: int
 ) -> Sequence[Any]:
-    """Each tenant's oldest due emails, up to its limit, as rows of JOB_COLUMNS.
+    """Each tenant's oldest due emails, up to its limit and `total` in all, as rows of
+    JOB_COLUMNS. The tenants past `total` are left for the next tick.
 
     PostgreSQL: one statement for every tenant, a LATERAL join that walks each tenant's part of
     the (tenant, status, id) index only as far as its limit. SQLite: one query per tenant.
@@ -733,12 +734,14 @@ async def claim_due(
             .limit(v.c["n"])
             .lateral("picked")
         )
-        query = sa_select(picked).select_from(v.source.join(picked, true()))
+        query = sa_select(picked).select_from(v.source.join(picked, true())).limit(total)
         return (await connection.execute(query)).all()
     rows: list[Any] = []
     for tenant_id, n in wanted:
+        if len(rows) >= total:
+            break
         query = _due(sa_select(*JOB_COLUMNS).where(_email.c.tenant_id == tenant_id), now)
-        rows += (await connection.execute(query.limit(n))).all()
+        rows += (await connection.execute(query.limit(min(n, total - len(rows))))).all()
     return rows
 
 

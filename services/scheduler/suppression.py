@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import String, Uuid, func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -26,7 +26,7 @@ from services.scheduler.models import (
     SuppressionCreate,
     SuppressionSource,
 )
-from shared.db import insert_ignore_statement, table_of
+from shared.db import among, insert_ignore_statement, table_of
 from shared.errors import NotFound
 from shared.metrics import SUPPRESSED
 from shared.timeutil import new_id
@@ -162,10 +162,10 @@ async def drop_suppressed(
     if not keys:
         return list(emails)
     query = select(Suppression.tenant_id, Suppression.address, Suppression.domain).where(
-        col(Suppression.tenant_id).in_(sorted({t for t, _, _ in keys})),
+        among(session, Suppression.tenant_id, sorted({t for t, _, _ in keys}), Uuid()),
         or_(
-            col(Suppression.address).in_(sorted({a for _, a, _ in keys})),
-            col(Suppression.domain).in_(sorted({d for _, _, d in keys})),
+            among(session, Suppression.address, sorted({a for _, a, _ in keys}), String()),
+            among(session, Suppression.domain, sorted({d for _, _, d in keys}), String()),
         ),
     )
     rows = (await session.exec(query)).all()
@@ -184,7 +184,10 @@ async def drop_suppressed(
     table = table_of(Email)
     await session.exec(
         update(table)
-        .where(table.c.id.in_(stopped), table.c.status.in_(lifecycle.sources(Step.suppress)))
+        .where(
+            among(session, table.c.id, stopped, Uuid()),
+            table.c.status.in_(lifecycle.sources(Step.suppress)),
+        )
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
     )
     SUPPRESSED.labels("dispatch").inc(len(stopped))
