@@ -367,11 +367,10 @@ class Dispatcher:
                 tenant_granted = granted_of.get(tenant_id, {})
                 chosen = emails[: sum(tenant_granted.values())]
                 picks = domain.avoid_previous_server(
-                    [str(email.server_id) if email.server_id else None for email in chosen],
-                    [str(server_id) for server_id in _interleave(tenant_granted)],
+                    [email.server_id for email in chosen], _interleave(tenant_granted)
                 )
                 assigned_on.setdefault(today_of[tenant_id], []).extend(
-                    (email, uuid.UUID(server_id), uuid.uuid4())
+                    (email, server_id, uuid.uuid4())
                     for email, server_id in zip(chosen, picks, strict=True)
                 )
             hour = domain.hour_bucket(now)
@@ -408,11 +407,13 @@ class Dispatcher:
                 days={(s, day): (n, 0) for s, n in unmarked.items()},
                 hours={(s, hour): n for s, n in unmarked.items()},
             )
-        jobs = []
-        for email, server_id, job_id in assigned:
-            if email.id in marked:
-                jobs.append(Job(email, job_id, server_id, day))
-                report.by_server[server_id] = report.by_server.get(server_id, 0) + 1
+        jobs = [
+            Job(email, job_id, server_id, day)
+            for email, server_id, job_id in assigned
+            if email.id in marked
+        ]
+        for server_id, n in Counter(job.server_id for job in jobs).items():
+            report.by_server[server_id] = report.by_server.get(server_id, 0) + n
         return jobs
 
     async def _republish_expired(self, now: datetime, report: TickReport) -> None:

@@ -12,9 +12,12 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from shared.providers import Provider, detect
+
+ServerT = TypeVar("ServerT")  # a server's id, whatever its type
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,9 @@ def plan_share(servers: Sequence[ServerLoad], emails: int, rng: random.Random) -
     return plan
 
 
-def avoid_previous_server(previous: Sequence[str | None], assigned: Sequence[str]) -> list[str]:
+def avoid_previous_server(
+    previous: Sequence[ServerT | None], assigned: Sequence[ServerT]
+) -> list[ServerT]:
     """Swap assignments so that a retried email leaves through another server when one of
     this batch's servers is free to trade; the share per server stays the same."""
     result = list(assigned)

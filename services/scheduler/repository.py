@@ -775,14 +775,15 @@ async def mark_scheduled(
             updated_at=now,
         )
     )
-    if rows.postgres:
-        result = await rows.execute(session, statement.returning(_email.c.id))
-        return set(result.scalars().all())
+    # The count tells whether every email was marked (the common case), without sending back
+    # an id per email; only when some were not are the marked ones looked up, by key.
     result = await rows.execute(session, statement)
     if result.rowcount == len(assignments):
         return {email_id for email_id, _, _ in assignments}
-    jobs = [job_id for _, _, job_id in assignments]
-    query = sa_select(_email.c.id).where(_email.c.job_id.in_(jobs))
+    query = sa_select(_email.c.id).where(
+        among(session, _email.c.id, [email_id for email_id, _, _ in assignments], Uuid()),
+        among(session, _email.c.job_id, [job_id for _, _, job_id in assignments], Uuid()),
+    )
     return set((await (await session.connection()).execute(query)).scalars().all())
 
 

@@ -158,7 +158,8 @@ async def drop_suppressed(
 ) -> list[RowT]:
     """Mark the claimed emails (of any tenants) whose recipient became suppressed; return the
     others. One query reads the lists of every tenant among them."""
-    keys = {(e.tenant_id, *address_key(e.to)) for e in emails}
+    key_of = {e.id: (e.tenant_id, *address_key(e.to)) for e in emails}
+    keys = set(key_of.values())
     if not keys:
         return list(emails)
     query = select(Suppression.tenant_id, Suppression.address, Suppression.domain).where(
@@ -175,8 +176,8 @@ async def drop_suppressed(
     by_domain = {(t, d) for t, _, d in rows if d}
 
     def suppressed(email: RowT) -> bool:
-        address, domain = address_key(email.to)
-        return (email.tenant_id, address) in by_address or (email.tenant_id, domain) in by_domain
+        tenant_id, address, domain = key_of[email.id]
+        return (tenant_id, address) in by_address or (tenant_id, domain) in by_domain
 
     stopped = [e.id for e in emails if suppressed(e)]
     if not stopped:
