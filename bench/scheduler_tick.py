@@ -6,7 +6,8 @@ that marks the same number of emails (the floor for touching those rows), and a 
 loop publishing as many messages of the same size with confirms and the same window. Then the
 process's memory after each of `--rounds` ticks over freshly queued emails, and scale-out:
 the same queue dispatched by 2 scheduler processes against 1 (advisory locks share the
-tenants out).
+tenants out), beside the same scale-out for bare aio-pika publishers into one queue (what the
+broker and the machine allow at all).
 
     .venv/bin/python -m bench.scheduler_tick                 # small: 100 tenants, 2k servers
     .venv/bin/python -m bench.scheduler_tick --full          # the design: 1k, 100k, 1M
