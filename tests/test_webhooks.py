@@ -9,18 +9,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from sqlmodel import select
 
+from services.scheduler.dispatcher import schedule_from
+from services.scheduler.models import ServerDay, ServerWarmup
 from shared.broker import Delivery
 from shared.events import Event, EventType
 from shared.tenancy import Tenant, hash_api_key
-from tests.conftest import Api, make_settings, running
+from shared.timeutil import utcnow
+from tests.conftest import ACCOUNTS, Api, make_settings, running
+from tests.support import mailbox_messages as mail
+from tests.support.dovecot import DovecotServer
 from tests.support.receiver import Receiver, receiver
-from tests.support.smtp import Certificates, smtp_server
+from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 from tests.test_scheduler_api import add_servers, emails, warm_up
 
 FAST = {
@@ -254,3 +260,140 @@ async def test_30_emails_give_30_email_sent_events_each_once_through_a_failing_r
             assert {s.data["server_id"] for s in sent} <= set(server_ids)
             assert hook.answered[500] == 40
             assert hook.bad_signatures == 0
+
+
+async def test_a_warmup_step_is_announced_once_per_server_and_step(
+    database_url: str, certs: Certificates, hook: Receiver
+) -> None:
+    accounts = {"a1@example.com": "a1-pw"}
+    with smtp_server(certs, accounts) as smtp:
+        async with product(database_url) as api:
+            tenant = await api.new_tenant()
+            await register(api, tenant, hook, event_types=["server.warmup_step"])
+            server_id = (await add_servers(api, tenant, smtp, accounts))[0]
+            schedule = schedule_from(api.settings)
+            yesterday = utcnow().date() - timedelta(days=1)
+            # Yesterday at step 3 it sent its whole allowance: today it is at step 4.
+            async with api.app.state.sessions() as session, session.begin():
+                owner = await tenant_id(api, tenant)
+                session.add(
+                    ServerWarmup(
+                        server_id=uuid.UUID(server_id),
+                        tenant_id=owner,
+                        step=3,
+                        state_day=yesterday,
+                    )
+                )
+                session.add(
+                    ServerDay(
+                        server_id=uuid.UUID(server_id),
+                        tenant_id=owner,
+                        day=yesterday,
+                        allowance=schedule.allowance(3),
+                        sent=schedule.allowance(3),
+                    )
+                )
+            path = f"/v1/servers/{server_id}/warmup"
+            # Several readers fold the same new day at once (each GET writes the fold).
+            answers = await asyncio.gather(
+                *(api.client.get(path, headers=tenant) for _ in range(4))
+            )
+            assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
+            assert {a.json()["step"] for a in answers} == {4}
+            await wait_for(lambda: len(hook.of_type("server.warmup_step")) >= 1)
+            await api.app.state.dispatcher.tick()
+            assert (await api.client.get(path, headers=tenant)).json()["step"] == 4
+            await asyncio.sleep(1.0)  # time for a second event, were there one
+            steps = hook.of_type("server.warmup_step")
+            assert len(steps) == 1
+            assert steps[0].data == {
+                "server_id": server_id,
+                "day": utcnow().date().isoformat(),
+                "step": 4,
+                "previous_step": 3,
+                "allowance": schedule.allowance(4),
+                "previous_allowance": schedule.allowance(3),
+                "top_step": schedule.top_step(),
+            }
+            assert answers[0].json()["allowance_today"] == schedule.allowance(4)
+            assert hook.bad_signatures == 0
+
+
+async def test_a_quota_park_and_its_end_are_announced_once_each(
+    database_url: str, certs: Certificates, hook: Receiver
+) -> None:
+    # Logins starting with "quota" are refused with the provider's quota reply.
+    accounts = {"quota@example.com": "quota-pw", "ok@example.com": "ok-pw"}
+    with smtp_server(certs, accounts) as smtp:
+        async with product(database_url) as api:
+            tenant = await api.new_tenant()
+            await register(api, tenant, hook, event_types=["server.status_changed", "email.sent"])
+            quota_id, ok_id = await add_servers(api, tenant, smtp, accounts)
+            await warm_up(api, [quota_id, ok_id])
+            accepted = await api.client.post("/v1/messages", json=emails(12), headers=tenant)
+            assert accepted.status_code == 202, accepted.text
+            await wait_for(lambda: len(hook.of_type("email.sent")) == 12, seconds=60)
+            await asyncio.sleep(0.5)
+            changes = hook.of_type("server.status_changed")
+            assert [(c.data["server_id"], c.data["status"]) for c in changes] == [
+                (quota_id, "parked")
+            ]
+            assert changes[0].data["previous_status"] == "active"
+            assert changes[0].data["reason"] == "quota"
+            until = datetime.fromisoformat(changes[0].data["until"])
+            assert until > utcnow()
+            # The quota window ends: the next sweep announces the server active again, once.
+            scheduler = api.app.state.dispatcher
+            await scheduler.unpark(until - timedelta(seconds=1))
+            await scheduler.unpark(until + timedelta(seconds=1))
+            await scheduler.unpark(until + timedelta(seconds=2))
+            await wait_for(lambda: len(hook.of_type("server.status_changed")) >= 2)
+            await asyncio.sleep(0.5)
+            changes = hook.of_type("server.status_changed")
+            assert [(c.data["server_id"], c.data["status"]) for c in changes] == [
+                (quota_id, "parked"),
+                (quota_id, "active"),
+            ]
+            assert changes[1].data["previous_status"] == "parked"
+            assert hook.bad_signatures == 0
+
+
+async def test_bounces_and_replies_read_from_the_mailbox_are_announced(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer, hook: Receiver
+) -> None:
+    async with product(database_url, inbox_poll_seconds=0.2, inbox_timeout_seconds=5.0) as api:
+        tenant = await api.new_tenant()
+        await register(
+            api, tenant, hook, event_types=["email.sent", "email.bounced", "email.replied"]
+        )
+        imap = {"host": "localhost", "port": dovecot.tls_port}
+        server_ids = await add_servers(api, tenant, starttls_server, imap=imap)
+        mailbox = dict(zip(server_ids, ACCOUNTS, strict=True))
+        await warm_up(api, server_ids)
+        run = uuid.uuid4().hex[:6]
+        leads = [f"lead{i}.{run}@example.org" for i in range(3)]
+        accepted = await api.client.post(
+            "/v1/messages",
+            json={"messages": [{"to": lead, "subject": "Hi", "text": "x"} for lead in leads]},
+            headers=tenant,
+        )
+        ids = accepted.json()["ids"]
+        await wait_for(lambda: len(hook.of_type("email.sent")) == 3, seconds=60)
+        server_of = {s.data["email_id"]: s.data["server_id"] for s in hook.of_type("email.sent")}
+        dovecot.append(mailbox[server_of[ids[0]]], mail.dsn(leads[0], mail.our_message_id(ids[0])))
+        dovecot.append(
+            mailbox[server_of[ids[1]]], mail.reply(leads[1], mail.our_message_id(ids[1]))
+        )
+        await wait_for(
+            lambda: len(hook.of_type("email.bounced")) + len(hook.of_type("email.replied")) >= 2
+        )
+        await asyncio.sleep(1.0)  # several more polls: nothing is announced twice
+        bounced, replied = hook.of_type("email.bounced"), hook.of_type("email.replied")
+        assert [b.data["email_id"] for b in bounced] == [ids[0]]
+        assert bounced[0].data["status"] == "bounced"
+        assert bounced[0].data["bounce_status"] == "5.1.1"
+        assert "User unknown" in bounced[0].data["diagnostic"]
+        assert bounced[0].data["server_id"] == server_of[ids[0]]
+        assert [r.data["email_id"] for r in replied] == [ids[1]]
+        assert replied[0].data["status"] == "replied"
+        assert hook.bad_signatures == 0

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, feedback, suppression, unsubscribe
+from services.scheduler import domain, events, feedback, suppression, unsubscribe
 from services.scheduler.feedback import Feedback, Kind
 from services.scheduler.models import (
     Email,
@@ -261,21 +261,26 @@ class MailboxReader:
             # Names none of this tenant's emails (an older mailbox's mail, another sender's
             # bounce): kept on record, acted on never.
             return 1
+        changed = []
         for email in emails:
             if verdict.kind is Kind.hard_bounce and email.status in AFTER_SEND:
                 email.status = EmailStatus.bounced
                 email.bounce_status = verdict.status
                 email.bounce_diagnostic = verdict.diagnostic
+                changed.append(email)
             elif verdict.kind is Kind.soft_bounce:
                 email.bounce_status = verdict.status
                 email.bounce_diagnostic = verdict.diagnostic
             elif verdict.kind is Kind.reply and email.status in AFTER_SEND:
                 email.status = EmailStatus.replied
                 email.replied_at = now
+                changed.append(email)
             email.updated_at = now
             session.add(email)
             if verdict.kind in (Kind.hard_bounce, Kind.soft_bounce, Kind.reply):
                 await _stop_sequence(session, email, now)
+        # email.bounced / email.replied, in the transaction that sets the status.
+        await events.write(session, events.feedback_events(changed, now))
         if verdict.kind is Kind.reply:
             REPLIES.inc()
             return 1
