@@ -18,6 +18,7 @@ from sqlmodel import select
 
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import ServerDay, ServerWarmup
+from services.webhooks.models import WebhookEndpoint
 from shared.broker import Delivery
 from shared.events import Event, EventType
 from shared.tenancy import Tenant, hash_api_key
@@ -210,6 +211,23 @@ async def test_an_endpoint_failing_for_days_is_disabled_and_the_tenant_told(
             assert again.json()["disabled_reason"] is None
             await wait_for(lambda: len(broken.accepted) == 1)
             assert broken.bad_signatures == healthy.bad_signatures == 0
+            # Every attempt is in the delivery's own log, in order, the last one the 200.
+            delivery = f"{path}/deliveries/{log[0]['id']}"
+            deadline = time.monotonic() + 30
+            while (await api.client.get(f"{path}/deliveries", headers=tenant)).json()["items"][0][
+                "status"
+            ] != "delivered":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            attempts = (await api.client.get(f"{delivery}/attempts", headers=tenant)).json()
+            codes = [a["status_code"] for a in attempts["items"]]
+            assert codes[-1] == 200
+            assert set(codes[:-1]) == {500}
+            assert len(codes) >= 3
+            assert [a["attempt"] for a in attempts["items"]] == list(range(1, len(codes) + 1))
+            assert all(a["duration_seconds"] >= 0 for a in attempts["items"])
+            other = await api.client.get(f"{delivery}/attempts", headers=await api.new_tenant("x"))
+            assert other.status_code == 404
 
 
 async def tenant_id(api: Api, tenant: dict[str, str]) -> uuid.UUID:
@@ -396,3 +414,48 @@ async def test_bounces_and_replies_read_from_the_mailbox_are_announced(
         assert [r.data["email_id"] for r in replied] == [ids[1]]
         assert replied[0].data["status"] == "replied"
         assert hook.bad_signatures == 0
+
+
+async def test_a_rotated_secret_signs_beside_the_previous_one_for_a_day(
+    database_url: str, hook: Receiver
+) -> None:
+    async with product(database_url) as api:
+        tenant = await api.new_tenant()
+        created = await register(api, tenant, hook)
+        path = f"/v1/webhooks/{created['id']}"
+        old = created["secret"]
+        rotated = await api.client.post(f"{path}/rotate-secret", headers=tenant)
+        assert rotated.status_code == 200, rotated.text
+        new = rotated.json()["secret"]
+        assert new.startswith("whsec_")
+        assert new != old
+        overlap = datetime.fromisoformat(rotated.json()["previous_secret_until"]) - utcnow()
+        assert timedelta(hours=23, minutes=59) < overlap <= timedelta(hours=24)
+        assert new not in (await api.client.get(path, headers=tenant)).text
+        other = await api.new_tenant("other")
+        assert (await api.client.post(f"{path}/rotate-secret", headers=other)).status_code == 404
+        owner = await tenant_id(api, tenant)
+        intake = api.app.state.webhook_intake
+
+        async def deliver(secret: str) -> None:
+            before = len(hook.accepted)
+            hook.secret = secret
+            await intake.handle(delivery_of(owner, "server.warmup_step"))
+            await wait_for(lambda: len(hook.accepted) == before + 1)
+
+        # Within the overlap, a receiver with either secret verifies; both sign each request.
+        await deliver(old)
+        await deliver(new)
+        assert [r.signatures for r in hook.accepted] == [2, 2]
+        assert hook.bad_signatures == 0
+        # The day is over: only the new secret signs.
+        async with api.app.state.sessions() as session, session.begin():
+            endpoint = await session.get(WebhookEndpoint, uuid.UUID(created["id"]))
+            assert endpoint is not None
+            endpoint.previous_secret_until = utcnow() - timedelta(seconds=1)
+        hook.secret = old
+        await intake.handle(delivery_of(owner, "server.warmup_step"))
+        await wait_for(lambda: hook.bad_signatures >= 1)
+        hook.secret = new  # the receiver switches: the event, retried, verifies
+        await wait_for(lambda: len(hook.accepted) == 3)
+        assert hook.accepted[-1].signatures == 1

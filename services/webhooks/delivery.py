@@ -35,6 +35,7 @@ from standardwebhooks.webhooks import Webhook
 from services.webhooks import domain
 from services.webhooks.models import (
     DeliveryStatus,
+    WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookMessage,
@@ -60,6 +61,7 @@ logger = logging.getLogger("abl.webhooks")
 ENDPOINTS = table_of(WebhookEndpoint)
 MESSAGES = table_of(WebhookMessage)
 DELIVERIES = table_of(WebhookDelivery)
+ATTEMPTS = table_of(WebhookAttempt)
 CLAIM_BATCH = 200
 
 
@@ -172,6 +174,8 @@ class Claimed:
     url: str
     secret_ciphertext: str
     payload: str
+    previous_secret_ciphertext: str | None = None
+    previous_secret_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class Outcome:
     status_code: int | None
     error: str | None
     at: datetime
+    duration_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -253,6 +258,8 @@ class Deliverer:
                         ENDPOINTS.c.url,
                         ENDPOINTS.c.secret_ciphertext,
                         MESSAGES.c.payload,
+                        ENDPOINTS.c.previous_secret_ciphertext,
+                        ENDPOINTS.c.previous_secret_until,
                     )
                     .join(ENDPOINTS, ENDPOINTS.c.id == DELIVERIES.c.endpoint_id)
                     .join(MESSAGES, MESSAGES.c.id == DELIVERIES.c.message_id)
@@ -261,12 +268,12 @@ class Deliverer:
             ).all()
         return [Claimed(*row) for row in rows]
 
-    def signer(self, claimed: Claimed) -> Webhook:
-        key = (claimed.endpoint_id, claimed.secret_ciphertext)
+    def signer(self, claimed: Claimed, ciphertext: str) -> Webhook:
+        key = (claimed.endpoint_id, ciphertext)
         signer = self._signers.get(key)
         if signer is None:
             secret = self.keyring.decrypt(
-                claimed.secret_ciphertext, secret_aad(claimed.tenant_id, claimed.endpoint_id)
+                ciphertext, secret_aad(claimed.tenant_id, claimed.endpoint_id)
             )
             signer = Webhook(secret)
             if len(self._signers) > 10_000:
@@ -274,9 +281,25 @@ class Deliverer:
             self._signers[key] = signer
         return signer
 
+    def signature(self, claimed: Claimed, now: datetime) -> str:
+        """`v1,<sig>` with the endpoint's secret, and within a rotation's overlap also with the
+        previous one, space-separated (Standard Webhooks): a receiver holding either secret
+        verifies the request."""
+        ciphertexts = [claimed.secret_ciphertext]
+        if (
+            claimed.previous_secret_ciphertext
+            and claimed.previous_secret_until is not None
+            and now < claimed.previous_secret_until
+        ):
+            ciphertexts.append(claimed.previous_secret_ciphertext)
+        return " ".join(
+            self.signer(claimed, c).sign(claimed.message_id, now, claimed.payload)
+            for c in ciphertexts
+        )
+
     async def attempt(self, claimed: Claimed) -> Outcome:
         now = utcnow()
-        signature = self.signer(claimed).sign(claimed.message_id, now, claimed.payload)
+        signature = self.signature(claimed, now)
         headers = {
             "content-type": "application/json",
             "webhook-id": claimed.message_id,
@@ -299,9 +322,10 @@ class Deliverer:
             error = outcome = "timeout"
         except httpx.HTTPError:
             error = outcome = "connect_failed"
+        duration = time.perf_counter() - started
         WEBHOOK_ATTEMPTS.labels(outcome).inc()
-        WEBHOOK_ATTEMPT_DURATION.observe(time.perf_counter() - started)
-        return Outcome(claimed, status_code, error, utcnow())
+        WEBHOOK_ATTEMPT_DURATION.observe(duration)
+        return Outcome(claimed, status_code, error, utcnow(), duration)
 
     async def record(self, outcomes: list[Outcome]) -> None:
         """Write every outcome of a pass in one transaction, then disable endpoints that have
@@ -311,6 +335,22 @@ class Deliverer:
         settings = self.settings
         disable_after = timedelta(seconds=settings.webhook_disable_after_seconds)
         async with self.sessions() as session, session.begin():
+            # The per-attempt log; the delivery row below keeps the last attempt only.
+            await session.exec(
+                ATTEMPTS.insert(),
+                params=[
+                    {
+                        "id": new_id(),
+                        "delivery_id": o.claimed.id,
+                        "attempt": o.claimed.attempts + 1,
+                        "at": o.at,
+                        "status_code": o.status_code,
+                        "error": o.error,
+                        "duration_seconds": o.duration_seconds,
+                    }
+                    for o in outcomes
+                ],
+            )
             ok = [o for o in outcomes if o.ok]
             if ok:
                 await session.exec(

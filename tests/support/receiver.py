@@ -33,6 +33,8 @@ class Received:
     data: dict[str, Any]
     # When the change happened: deliveries are concurrent, so arrival order is not that order.
     timestamp: datetime = datetime.min
+    # How many signatures `webhook-signature` held (two during a secret rotation's overlap).
+    signatures: int = 1
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Receiver:
                         payload["type"],
                         payload["data"],
                         datetime.fromisoformat(payload["timestamp"]),
+                        len(signatures),
                     )
                 )
             return status
