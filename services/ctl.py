@@ -446,6 +446,14 @@ def webhooks_add(
     console.print(f"signing secret: [bold green]{endpoint['secret']}[/]")
 
 
+@webhooks.command("rotate-secret")
+def webhooks_rotate(endpoint_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Replace an endpoint's signing secret; the old one keeps signing beside it for 24 h."""
+    endpoint = call(url, key, "POST", f"/v1/webhooks/{endpoint_id}/rotate-secret")
+    console.print(f"new signing secret: [bold green]{endpoint['secret']}[/]")
+    console.print(f"the previous secret signs too until {endpoint['previous_secret_until']}")
+
+
 @webhooks.command("list")
 def webhooks_list(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
     """The tenant's endpoints."""

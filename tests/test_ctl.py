@@ -237,6 +237,10 @@ def test_ctl_webhooks_and_listen_print_each_verified_event(
         assert time.monotonic() < deadline, log.output
         time.sleep(0.2)
     assert "5 deliveries" in log.output
+    rotated = runner.invoke(app, ["webhooks", "rotate-secret", endpoint.group(1)], env=env)
+    assert rotated.exit_code == 0, rotated.output
+    assert "new signing secret: whsec_" in rotated.output
+    assert secret.group(1) not in rotated.output
     missing = runner.invoke(app, ["webhooks", "deliveries", str(uuid.uuid4())], env=env)
     assert missing.exit_code == 1
     assert "Error (webhook_not_found)" in missing.output

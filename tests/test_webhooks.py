@@ -18,9 +18,13 @@ from sqlmodel import select
 
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import ServerDay, ServerWarmup
+from services.webhooks.keys import reencrypt_secrets
 from services.webhooks.models import WebhookEndpoint
 from shared.broker import Delivery
+from shared.crypto import Keyring, generate_key
+from shared.db import create_engine, session_factory
 from shared.events import Event, EventType
+from shared.settings import decode_key
 from shared.tenancy import Tenant, hash_api_key
 from shared.timeutil import utcnow
 from tests.conftest import ACCOUNTS, Api, make_settings, running
@@ -459,3 +463,35 @@ async def test_a_rotated_secret_signs_beside_the_previous_one_for_a_day(
         hook.secret = new  # the receiver switches: the event, retried, verifies
         await wait_for(lambda: len(hook.accepted) == 3)
         assert hook.accepted[-1].signatures == 1
+
+
+async def test_key_rotation_reencrypts_webhook_secrets_and_they_still_sign(
+    database_url: str, hook: Receiver
+) -> None:
+    old_key, new_key = generate_key(), generate_key()
+    async with product(database_url, encryption_keys=old_key) as api:
+        tenant = await api.new_tenant()
+        created = await register(api, tenant, hook)
+        first = created["secret"]
+        # One endpoint mid-rotation: its previous secret is re-encrypted too.
+        rotated = await api.client.post(
+            f"/v1/webhooks/{created['id']}/rotate-secret", headers=tenant
+        )
+        hook.secret = rotated.json()["secret"]
+        owner = await tenant_id(api, tenant)
+    keyring = Keyring.from_keys([decode_key(new_key), decode_key(old_key)])
+    engine = create_engine(database_url)
+    try:
+        assert await reencrypt_secrets(session_factory(engine), keyring) == (1, 1)
+        assert await reencrypt_secrets(session_factory(engine), keyring) == (1, 0)
+    finally:
+        await engine.dispose()
+    # The old key is gone: every secret still opens, and both still sign.
+    async with product(database_url, encryption_keys=new_key) as api:
+        await api.app.state.webhook_intake.handle(delivery_of(owner, "server.warmup_step"))
+        await wait_for(lambda: len(hook.accepted) == 1)
+        assert hook.accepted[0].signatures == 2
+        hook.secret = first
+        await api.app.state.webhook_intake.handle(delivery_of(owner, "server.warmup_step"))
+        await wait_for(lambda: len(hook.accepted) == 2)
+        assert hook.bad_signatures == 0
