@@ -115,13 +115,14 @@ class Receiver:
         )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{self.url}/count")
-                return
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the receiver did not start"
-                time.sleep(0.1)
+        with httpx.Client() as client:
+            while True:
+                try:
+                    client.get(f"{self.url}/count")
+                    return
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "the receiver did not start"
+                    time.sleep(0.1)
 
     async def reset(self, client: httpx.AsyncClient, secret: str) -> None:
         await client.post(f"{self.url}/reset", content=secret)

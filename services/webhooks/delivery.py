@@ -366,9 +366,14 @@ class Deliverer:
                         next_attempt_at=None,
                     )
                 )
+                # Only an endpoint that was failing is written: a healthy one's row is not
+                # rewritten (and locked) by every pass.
                 await session.exec(
                     update(ENDPOINTS)
-                    .where(ENDPOINTS.c.id.in_({o.claimed.endpoint_id for o in ok}))
+                    .where(
+                        ENDPOINTS.c.id.in_({o.claimed.endpoint_id for o in ok}),
+                        ENDPOINTS.c.failing_since.is_not(None),
+                    )
                     .values(failing_since=None)
                 )
             for o in outcomes:
