@@ -139,7 +139,13 @@ async def fan_out(
 
 
 class Intake:
-    """Consumes the events queue into the deliveries table."""
+    """Consumes the events queue into the deliveries table.
+
+    The events that arrive while a transaction is being written (up to the consumer's
+    prefetch) are stored together in the next one: one transaction per batch instead of one
+    per event. Each message is acked only once its batch committed; a batch that fails fails
+    each of its messages, which the bus delivers again.
+    """
 
     def __init__(
         self,
@@ -150,17 +156,40 @@ class Intake:
         self.sessions = sessions
         self.retry_window = timedelta(seconds=settings.webhook_retry_window_seconds)
         self.on_new = on_new
+        self.waiting: list[tuple[Event, asyncio.Future[None]]] = []
+        self.writer: asyncio.Task[None] | None = None
 
     async def handle(self, delivery: Delivery) -> None:
         try:
             event = Event.decode(delivery.body)
         except ValueError as exc:
             raise PermanentMessageError("not an event") from exc
-        async with self.sessions() as session, session.begin():
-            added = await fan_out(session, [event], self.retry_window)
-        WEBHOOK_EVENTS.labels(event.type.value).inc()
-        if added and self.on_new is not None:
-            self.on_new.wake()
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((event, stored))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write_waiting())
+        await stored
+
+    async def _write_waiting(self) -> None:
+        await asyncio.sleep(0)  # the handlers already scheduled join this batch
+        while self.waiting:
+            batch, self.waiting = self.waiting[:CLAIM_BATCH], self.waiting[CLAIM_BATCH:]
+            try:
+                async with self.sessions() as session, session.begin():
+                    # A message delivered twice in one batch is stored once.
+                    events = list({e.id: e for e, _ in batch}.values())
+                    added = await fan_out(session, events, self.retry_window)
+            except Exception as exc:
+                for _, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(exc)
+                continue
+            for event, stored in batch:
+                WEBHOOK_EVENTS.labels(event.type.value).inc()
+                if not stored.done():
+                    stored.set_result(None)
+            if added and self.on_new is not None:
+                self.on_new.wake()
 
 
 @dataclass(frozen=True)
