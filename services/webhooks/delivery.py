@@ -239,6 +239,7 @@ class Deliverer:
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
         self._wake = asyncio.Event()
         self._signers: dict[tuple[uuid.UUID, str], Webhook] = {}
+        self._recording: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -489,13 +490,29 @@ class Deliverer:
             )
 
     async def run_once(self) -> int:
-        """One pass: claim, post concurrently, record. Returns how many were attempted."""
+        """One pass: claim, post concurrently, record. Returns how many were attempted.
+
+        The outcomes are written while the next pass claims and posts (one write in flight
+        at most): what was claimed stays leased until its outcome lands, so no delivery is
+        claimed twice, and the posts do not wait for the database in between."""
         claimed = await self.claim(utcnow())
         if not claimed:
+            await self.finish_recording()
             return 0
         outcomes = await asyncio.gather(*(self.attempt(c) for c in claimed))
-        await self.record(list(outcomes))
+        await self.finish_recording()
+        self._recording = asyncio.create_task(self.record(list(outcomes)))
         return len(claimed)
+
+    async def finish_recording(self) -> None:
+        task, self._recording = self._recording, None
+        if task is None:
+            return
+        try:
+            await task
+        except Exception:
+            # Those deliveries stay leased and are tried again after the lease.
+            logger.exception("recording webhook outcomes failed")
 
     async def backlog(self) -> int:
         async with self.sessions() as session:
@@ -535,6 +552,7 @@ class Deliverer:
                 )
             waiter.cancel()
             stopper.cancel()
+        await self.finish_recording()
 
 
 def _status_of(ok: list[Outcome]) -> Any:
