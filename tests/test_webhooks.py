@@ -495,3 +495,36 @@ async def test_key_rotation_reencrypts_webhook_secrets_and_they_still_sign(
         await api.app.state.webhook_intake.handle(delivery_of(owner, "server.warmup_step"))
         await wait_for(lambda: len(hook.accepted) == 2)
         assert hook.bad_signatures == 0
+
+
+async def test_queued_emails_stopped_by_a_suppression_are_announced(
+    database_url: str, hook: Receiver
+) -> None:
+    async with product(database_url) as api:
+        tenant = await api.new_tenant()
+        await register(api, tenant, hook, event_types=["email.suppressed"])
+        # No server yet: the emails wait in the queue.
+        leads = ["gone@example.org", "Gone@example.org", "keep@example.org", "x@blocked.example"]
+        accepted = await api.client.post(
+            "/v1/messages",
+            json={
+                "messages": [
+                    {"to": to, "subject": f"Hi {i}", "text": "x", "campaign": "c"}
+                    for i, to in enumerate(leads)
+                ]
+            },
+            headers=tenant,
+        )
+        assert accepted.status_code == 202, accepted.text
+        ids = accepted.json()["ids"]
+        for body in ({"address": "gone@example.org"}, {"domain": "blocked.example"}):
+            added = await api.client.post("/v1/suppressions", json=body, headers=tenant)
+            assert added.status_code == 201, added.text
+        await wait_for(lambda: len(hook.of_type("email.suppressed")) >= 3)
+        await asyncio.sleep(0.5)  # time for another, were there one
+        stopped = hook.of_type("email.suppressed")
+        assert sorted(s.data["email_id"] for s in stopped) == sorted([ids[0], ids[1], ids[3]])
+        assert {(s.data["status"], s.data["campaign"]) for s in stopped} == {("suppressed", "c")}
+        kept = await api.client.get(f"/v1/messages/{ids[2]}", headers=tenant)
+        assert kept.json()["status"] == "queued"
+        assert hook.bad_signatures == 0

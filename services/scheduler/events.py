@@ -80,6 +80,21 @@ def feedback_events(emails: Iterable[Email], at: datetime) -> list[Event]:
     return made
 
 
+def suppressed_events(
+    tenant_id: uuid.UUID, rows: Iterable[tuple[uuid.UUID, str | None, int]], at: datetime
+) -> list[Event]:
+    """email.suppressed for queued emails (id, campaign, attempts) stopped by a suppression."""
+    return email_events(
+        (
+            Finished(
+                email_id, tenant_id, EmailStatus.suppressed, None, campaign, attempts, None, None
+            )
+            for email_id, campaign, attempts in rows
+        ),
+        at,
+    )
+
+
 def parked_event(
     tenant_id: uuid.UUID, server_id: uuid.UUID, reason: str, until: datetime, at: datetime
 ) -> Event:
