@@ -31,11 +31,11 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import httpx
 from standardwebhooks.webhooks import Webhook
 
 from bench.proc import own_cpu_seconds
+from bench.scheduler_tick import drop_database, fresh_database
 from services.webhooks import delivery
 from services.webhooks.api import new_secret
 from services.webhooks.main import webhooks_resources
@@ -48,7 +48,6 @@ from shared.migrate import upgrade_database
 from shared.settings import WebhookSettings
 from tests.support.smtp import free_port
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 CONCURRENCY = 32
 
 # --- the receiver (a separate process) -------------------------------------------------------
@@ -236,24 +235,10 @@ async def service_run(
     return seconds, cpu
 
 
-async def fresh_database(sqlite: bool) -> str:
-    if sqlite:
-        url = f"sqlite:///{tempfile.mkdtemp(prefix='abl-bench-webhooks-')}/abl.db"
-    else:
-        name = f"abl_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(f"{PG}/postgres")
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-        url = f"{PG}/{name}"
+async def fresh_sqlite() -> str:
+    url = f"sqlite:///{tempfile.mkdtemp(prefix='abl-bench-webhooks-')}/abl.db"
     await asyncio.to_thread(upgrade_database, url)
     return url
-
-
-async def drop_database(url: str) -> None:
-    if url.startswith("postgresql"):
-        admin = await asyncpg.connect(f"{PG}/postgres")
-        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-        await admin.close()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -264,13 +249,14 @@ async def main(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             tenant_id = uuid.uuid4()
             bare.append(await bare_loop(receiver, new_secret(), events(args.events, tenant_id)))
-            url = await fresh_database(args.sqlite)
+            url = await (fresh_sqlite() if args.sqlite else fresh_database())
             try:
                 served.append(
                     await service_run(receiver, url, events(args.events, tenant_id), tenant_id)
                 )
             finally:
-                await drop_database(url)
+                if not args.sqlite:
+                    await drop_database(url)
     finally:
         receiver.stop()
     n = args.events

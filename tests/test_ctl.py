@@ -64,16 +64,21 @@ def add_server_args(smtp: SmtpTestServer, login: str, from_email: str, password:
     ]
 
 
-def test_ctl_from_tenant_to_sent_emails(
-    service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
-) -> None:
+def tenant_env(service: tuple[Service, str], name: str) -> dict[str, str]:
+    """`ablctl tenants create NAME`; the environment that speaks for the new tenant."""
     running, admin = service
     env = {"ABL_API_URL": running.url, "ABL_ADMIN_TOKEN": admin}
-    created = runner.invoke(app, ["tenants", "create", "acme"], env=env)
+    created = runner.invoke(app, ["tenants", "create", name], env=env)
     assert created.exit_code == 0, created.output
     match = re.search(r"API key: (abl_\S+)", created.output)
     assert match is not None
-    env["ABL_API_KEY"] = match.group(1)
+    return env | {"ABL_API_KEY": match.group(1)}
+
+
+def test_ctl_from_tenant_to_sent_emails(
+    service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
+) -> None:
+    env = tenant_env(service, "acme")
 
     for login, password in ACCOUNTS.items():
         added = runner.invoke(app, add_server_args(smtp, login, login, password), env=env)
@@ -117,12 +122,7 @@ def test_ctl_from_tenant_to_sent_emails(
 def test_ctl_imports_a_suppression_csv_and_send_reports_the_refused(
     service: tuple[Service, str], tmp_path: Path
 ) -> None:
-    running, admin = service
-    env = {"ABL_API_URL": running.url, "ABL_ADMIN_TOKEN": admin}
-    created = runner.invoke(app, ["tenants", "create", "suppressing"], env=env)
-    match = re.search(r"API key: (abl_\S+)", created.output)
-    assert match is not None
-    env["ABL_API_KEY"] = match.group(1)
+    env = tenant_env(service, "suppressing")
 
     listed_csv = tmp_path / "suppress.csv"
     listed_csv.write_text(
@@ -192,12 +192,7 @@ def _send(env: dict[str, str], tmp_path: Path, count: int, tag: str) -> None:
 def test_ctl_webhooks_and_listen_print_each_verified_event(
     service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
 ) -> None:
-    running, admin = service
-    env = {"ABL_API_URL": running.url, "ABL_ADMIN_TOKEN": admin}
-    created = runner.invoke(app, ["tenants", "create", "hooked"], env=env)
-    match = re.search(r"API key: (abl_\S+)", created.output)
-    assert match is not None
-    env["ABL_API_KEY"] = match.group(1)
+    env = tenant_env(service, "hooked")
     for login, password in ACCOUNTS.items():
         added = runner.invoke(app, add_server_args(smtp, login, login, password), env=env)
         assert added.exit_code == 0, added.output

@@ -145,35 +145,50 @@ async def test_private_metadata_and_insecure_urls_are_refused(
             assert server.json()["code"] == code, server.text
 
 
-async def test_an_auth_failure_sends_one_server_status_changed(
-    database_url: str, certs: Certificates, hook: Receiver
-) -> None:
+@asynccontextmanager
+async def one_server(
+    database_url: str, certs: Certificates, hook: Receiver, *types: str
+) -> AsyncIterator[tuple[Api, dict[str, str], str, SmtpTestServer]]:
+    """The product, a tenant with an endpoint for `types` on `hook`, and one server (on an
+    SMTP server of its own, login a1@example.com)."""
     accounts = {"a1@example.com": "a1-pw"}
     with smtp_server(certs, accounts) as smtp:
         async with product(database_url) as api:
             tenant = await api.new_tenant()
-            await register(api, tenant, hook, event_types=["server.status_changed"])
+            await register(api, tenant, hook, event_types=list(types))
             server_id = (await add_servers(api, tenant, smtp, accounts))[0]
-            await warm_up(api, [server_id])
-            smtp.recorder.accounts["a1@example.com"] = "changed"  # the mailbox's password changed
-            response = await api.client.post("/v1/messages", json=emails(10), headers=tenant)
-            assert response.status_code == 202
-            await wait_for(lambda: len(hook.of_type("server.status_changed")) >= 1)
-            await asyncio.sleep(1.0)  # time for a second event, were there one
-            changes = hook.of_type("server.status_changed")
-            assert [c.data["status"] for c in changes] == ["auth_failed"]
-            assert changes[0].data["server_id"] == server_id
-            assert changes[0].data["previous_status"] == "active"
-            # Pause and resume are status changes too: one event each.
-            for action in ("pause", "resume"):
-                done = await api.client.post(f"/v1/servers/{server_id}/{action}", headers=tenant)
-                assert done.status_code == 200, done.text
-            await wait_for(lambda: len(hook.of_type("server.status_changed")) == 3)
-            # In the order the changes were made, not the order they arrived: deliveries due
-            # together are posted concurrently (the cause of this test's rare failure).
-            changes = sorted(hook.of_type("server.status_changed"), key=lambda c: c.timestamp)
-            assert [c.data["status"] for c in changes] == ["auth_failed", "paused", "auth_failed"]
-            assert hook.bad_signatures == 0
+            yield api, tenant, server_id, smtp
+
+
+async def test_an_auth_failure_sends_one_server_status_changed(
+    database_url: str, certs: Certificates, hook: Receiver
+) -> None:
+    async with one_server(database_url, certs, hook, "server.status_changed") as (
+        api,
+        tenant,
+        server_id,
+        smtp,
+    ):
+        await warm_up(api, [server_id])
+        smtp.recorder.accounts["a1@example.com"] = "changed"  # the mailbox's password changed
+        response = await api.client.post("/v1/messages", json=emails(10), headers=tenant)
+        assert response.status_code == 202
+        await wait_for(lambda: len(hook.of_type("server.status_changed")) >= 1)
+        await asyncio.sleep(1.0)  # time for a second event, were there one
+        changes = hook.of_type("server.status_changed")
+        assert [c.data["status"] for c in changes] == ["auth_failed"]
+        assert changes[0].data["server_id"] == server_id
+        assert changes[0].data["previous_status"] == "active"
+        # Pause and resume are status changes too: one event each.
+        for action in ("pause", "resume"):
+            done = await api.client.post(f"/v1/servers/{server_id}/{action}", headers=tenant)
+            assert done.status_code == 200, done.text
+        await wait_for(lambda: len(hook.of_type("server.status_changed")) == 3)
+        # In the order the changes were made, not the order they arrived: deliveries due
+        # together are posted concurrently (the cause of this test's rare failure).
+        changes = sorted(hook.of_type("server.status_changed"), key=lambda c: c.timestamp)
+        assert [c.data["status"] for c in changes] == ["auth_failed", "paused", "auth_failed"]
+        assert hook.bad_signatures == 0
 
 
 async def test_an_endpoint_failing_for_days_is_disabled_and_the_tenant_told(
@@ -286,58 +301,56 @@ async def test_30_emails_give_30_email_sent_events_each_once_through_a_failing_r
 async def test_a_warmup_step_is_announced_once_per_server_and_step(
     database_url: str, certs: Certificates, hook: Receiver
 ) -> None:
-    accounts = {"a1@example.com": "a1-pw"}
-    with smtp_server(certs, accounts) as smtp:
-        async with product(database_url) as api:
-            tenant = await api.new_tenant()
-            await register(api, tenant, hook, event_types=["server.warmup_step"])
-            server_id = (await add_servers(api, tenant, smtp, accounts))[0]
-            schedule = schedule_from(api.settings)
-            yesterday = utcnow().date() - timedelta(days=1)
-            # Yesterday at step 3 it sent its whole allowance: today it is at step 4.
-            async with api.app.state.sessions() as session, session.begin():
-                owner = await tenant_id(api, tenant)
-                session.add(
-                    ServerWarmup(
-                        server_id=uuid.UUID(server_id),
-                        tenant_id=owner,
-                        step=3,
-                        state_day=yesterday,
-                    )
+    async with one_server(database_url, certs, hook, "server.warmup_step") as (
+        api,
+        tenant,
+        server_id,
+        _,
+    ):
+        schedule = schedule_from(api.settings)
+        yesterday = utcnow().date() - timedelta(days=1)
+        # Yesterday at step 3 it sent its whole allowance: today it is at step 4.
+        async with api.app.state.sessions() as session, session.begin():
+            owner = await tenant_id(api, tenant)
+            session.add(
+                ServerWarmup(
+                    server_id=uuid.UUID(server_id),
+                    tenant_id=owner,
+                    step=3,
+                    state_day=yesterday,
                 )
-                session.add(
-                    ServerDay(
-                        server_id=uuid.UUID(server_id),
-                        tenant_id=owner,
-                        day=yesterday,
-                        allowance=schedule.allowance(3),
-                        sent=schedule.allowance(3),
-                    )
-                )
-            path = f"/v1/servers/{server_id}/warmup"
-            # Several readers fold the same new day at once (each GET writes the fold).
-            answers = await asyncio.gather(
-                *(api.client.get(path, headers=tenant) for _ in range(4))
             )
-            assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
-            assert {a.json()["step"] for a in answers} == {4}
-            await wait_for(lambda: len(hook.of_type("server.warmup_step")) >= 1)
-            await api.app.state.dispatcher.tick()
-            assert (await api.client.get(path, headers=tenant)).json()["step"] == 4
-            await asyncio.sleep(1.0)  # time for a second event, were there one
-            steps = hook.of_type("server.warmup_step")
-            assert len(steps) == 1
-            assert steps[0].data == {
-                "server_id": server_id,
-                "day": utcnow().date().isoformat(),
-                "step": 4,
-                "previous_step": 3,
-                "allowance": schedule.allowance(4),
-                "previous_allowance": schedule.allowance(3),
-                "top_step": schedule.top_step(),
-            }
-            assert answers[0].json()["allowance_today"] == schedule.allowance(4)
-            assert hook.bad_signatures == 0
+            session.add(
+                ServerDay(
+                    server_id=uuid.UUID(server_id),
+                    tenant_id=owner,
+                    day=yesterday,
+                    allowance=schedule.allowance(3),
+                    sent=schedule.allowance(3),
+                )
+            )
+        path = f"/v1/servers/{server_id}/warmup"
+        # Several readers fold the same new day at once (each GET writes the fold).
+        answers = await asyncio.gather(*(api.client.get(path, headers=tenant) for _ in range(4)))
+        assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
+        assert {a.json()["step"] for a in answers} == {4}
+        await wait_for(lambda: len(hook.of_type("server.warmup_step")) >= 1)
+        await api.app.state.dispatcher.tick()
+        assert (await api.client.get(path, headers=tenant)).json()["step"] == 4
+        await asyncio.sleep(1.0)  # time for a second event, were there one
+        steps = hook.of_type("server.warmup_step")
+        assert len(steps) == 1
+        assert steps[0].data == {
+            "server_id": server_id,
+            "day": utcnow().date().isoformat(),
+            "step": 4,
+            "previous_step": 3,
+            "allowance": schedule.allowance(4),
+            "previous_allowance": schedule.allowance(3),
+            "top_step": schedule.top_step(),
+        }
+        assert answers[0].json()["allowance_today"] == schedule.allowance(4)
+        assert hook.bad_signatures == 0
 
 
 async def test_a_quota_park_and_its_end_are_announced_once_each(

@@ -6,7 +6,7 @@ active again, and a server's warmup stepping up."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -53,30 +53,32 @@ def email_events(finished: Iterable[Finished], at: datetime) -> list[Event]:
     return events
 
 
-def feedback_events(emails: Iterable[Email], at: datetime) -> list[Event]:
+def feedback_events(emails: Sequence[Email], at: datetime) -> list[Event]:
     """email.bounced / email.replied for emails the mailbox reader just moved there; a bounce
     says what the notification said (its status code and diagnostic)."""
-    made = []
-    for email in emails:
-        event = email_event(
-            email.status,
-            tenant_id=email.tenant_id,
-            email_id=email.id,
-            server_id=email.server_id,
-            campaign=email.campaign,
-            attempts=email.attempts,
-            smtp_code=email.last_smtp_code,
-            smtp_reply=email.last_smtp_reply,
-            at=at,
-        )
-        if event is None:
-            continue
-        if email.status == EmailStatus.bounced:
+    made = email_events(
+        (
+            Finished(
+                e.id,
+                e.tenant_id,
+                e.status,
+                e.server_id,
+                e.campaign,
+                e.attempts,
+                e.last_smtp_code,
+                e.last_smtp_reply,
+            )
+            for e in emails
+        ),
+        at,
+    )
+    bounces = {str(e.id): e for e in emails if e.status == EmailStatus.bounced}
+    for event in made:
+        if (bounced := bounces.get(event.data["email_id"])) is not None:
             event.data |= {
-                "bounce_status": email.bounce_status,
-                "diagnostic": email.bounce_diagnostic,
+                "bounce_status": bounced.bounce_status,
+                "diagnostic": bounced.bounce_diagnostic,
             }
-        made.append(event)
     return made
 
 
