@@ -227,7 +227,6 @@ async def warmup_states(
                 schedule=schedule,
                 daily_cap=top,
             )
-            change = (row.server_id, state.step, state.day, state.idle_days, row.state_day)
             if state.step > row.step:
                 stepped.append(
                     (
@@ -246,7 +245,9 @@ async def warmup_states(
                     )
                 )
             else:
-                folded.append(change)
+                folded.append(
+                    (row.server_id, state.step, state.day, state.idle_days, row.state_day)
+                )
             rows[row.server_id] = dataclasses.replace(
                 row, step=state.step, state_day=state.day, idle_days=state.idle_days
             )
