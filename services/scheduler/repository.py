@@ -42,12 +42,16 @@ class SendResultKey(NamedTuple):
     server_id: uuid.UUID
 
 
+class EmailNotFound(NotFound):
+    """No email with this id for this tenant."""
+
+    code = "email_not_found"
+    default_detail = "No email 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List your emails with GET /v1/messages."
+
+
 def email_not_found(email_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No email {email_id} for this tenant.",
-        code="email_not_found",
-        hint="List your emails with GET /v1/messages.",
-    )
+    return EmailNotFound(f"No email {email_id} for this tenant.")
 
 
 async def get_email(session: AsyncSession, tenant_id: uuid.UUID, email_id: uuid.UUID) -> Email:

@@ -166,12 +166,16 @@ async def drop_suppressed(
     return [e for e in emails if e.to.lower() not in suppressed]
 
 
+class SuppressionNotFound(NotFound):
+    """No entry with this id on this tenant's suppression list."""
+
+    code = "suppression_not_found"
+    default_detail = "No suppression 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List the suppression list with GET /v1/suppressions."
+
+
 def suppression_not_found(suppression_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No suppression {suppression_id} for this tenant.",
-        code="suppression_not_found",
-        hint="List the suppression list with GET /v1/suppressions.",
-    )
+    return SuppressionNotFound(f"No suppression {suppression_id} for this tenant.")
 
 
 async def get(

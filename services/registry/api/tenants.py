@@ -6,7 +6,6 @@ from fastapi import APIRouter, status
 
 from services.registry import repository
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES
 from shared.tenancy import (
     AdminDep,
     Tenant,
@@ -16,7 +15,7 @@ from shared.tenancy import (
     new_api_key,
 )
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 
 @router.post(
@@ -26,6 +25,8 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"], responses=PROBLEM_RES
     summary="Create a tenant; its API key is shown only in this response",
 )
 async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantCreated:
+    """Needs the operator's admin token (`ABL_ADMIN_TOKEN`), not a tenant key. Only the key's
+    SHA-256 is stored: keep `api_key` from this answer, it cannot be read again."""
     api_key = new_api_key()
     tenant = Tenant(name=body.name, api_key_hash=hash_api_key(api_key), api_key_prefix=api_key[:12])
     await repository.add_tenant(session, tenant)
