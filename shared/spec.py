@@ -28,7 +28,8 @@ from shared.errors import (
     declared_errors,
 )
 
-PROBLEM_REF = "#/components/schemas/Problem"
+REF_TEMPLATE = "#/components/schemas/{model}"
+PROBLEM_REF = REF_TEMPLATE.format(model="Problem")
 
 # One tag per resource; the internal ones appear in openapi/internal.json only.
 TAGS = {
@@ -135,6 +136,25 @@ def problem_responses(errors: list[type[AppError]], instance: str) -> dict[str, 
     return responses
 
 
+def _cross_field_rules_as_all_of(schema: dict[str, Any]) -> None:
+    """A cross-field rule beside the properties (`text` or `html`; a preset or host, port and
+    security) as `allOf: [{anyOf}]`, which means the same in JSON Schema. Generators read an
+    `anyOf` beside properties as "this object, or one of these" (openapi-typescript typed
+    `{"text": "x"}` as an email); inside `allOf` it is "this object, and one of these"."""
+    if "anyOf" in schema and "properties" in schema:
+        schema["allOf"] = [*schema.get("allOf", []), {"anyOf": schema.pop("anyOf")}]
+
+
+def add_component(spec: dict[str, Any], name: str, schema: dict[str, Any]) -> None:
+    """Add a model's JSON schema (from `REF_TEMPLATE`) and the schemas it refers to."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for added in (defs := schema.pop("$defs", {})).values():
+        _cross_field_rules_as_all_of(added)
+    _cross_field_rules_as_all_of(schema)
+    schemas.update(defs)
+    schemas[name] = schema
+
+
 def shape(app: FastAPI, spec: dict[str, Any]) -> None:
     """Rewrite FastAPI's spec of `app` in place: problem responses, tags."""
     # Included routers stay nested in FastAPI's route table: their contexts are the routes as
@@ -146,10 +166,10 @@ def shape(app: FastAPI, spec: dict[str, Any]) -> None:
         for method in route.methods or ():
             responses = spec["paths"][path][method.lower()]["responses"]
             responses.update(problem_responses(route_errors(route.dependant), path))
-    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(problem.pop("$defs", {}))
-    schemas["Problem"] = problem
+    add_component(spec, "Problem", Problem.model_json_schema(ref_template=REF_TEMPLATE))
+    schemas = spec["components"]["schemas"]
+    for schema in schemas.values():
+        _cross_field_rules_as_all_of(schema)
     # FastAPI's own 422 body, replaced above by the Problem everywhere.
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
