@@ -9,7 +9,7 @@ dependencies, declares with `raises`, plus what the framework answers for any ro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from shared.errors import (
     PROBLEM_MEDIA_TYPE,
     AppError,
+    Endpoint,
     MalformedBody,
     NotFound,
     PayloadTooLarge,
@@ -51,6 +52,20 @@ TAGS = {
     "jobs": "Internal: which send jobs are still their email's attempt.",
     "results": "Internal: send results a sender could not publish through the broker.",
 }
+
+
+_EXAMPLES = "__abl_response_examples__"
+
+
+def example_response(status: int, value: dict[str, Any]) -> Callable[[Endpoint], Endpoint]:
+    """A success response's example, written into the spec as it is: FastAPI drops the nulls
+    of the examples it is given, and a required nullable field must stay."""
+
+    def mark(function: Endpoint) -> Endpoint:
+        setattr(function, _EXAMPLES, {**getattr(function, _EXAMPLES, {}), status: value})
+        return function
+
+    return mark
 
 
 def operation_id(route: APIRoute) -> str:
@@ -166,6 +181,8 @@ def shape(app: FastAPI, spec: dict[str, Any]) -> None:
         for method in route.methods or ():
             responses = spec["paths"][path][method.lower()]["responses"]
             responses.update(problem_responses(route_errors(route.dependant), path))
+            for status, value in getattr(route.endpoint, _EXAMPLES, {}).items():
+                responses[str(status)]["content"]["application/json"]["example"] = value
     add_component(spec, "Problem", Problem.model_json_schema(ref_template=REF_TEMPLATE))
     schemas = spec["components"]["schemas"]
     for schema in schemas.values():

@@ -175,7 +175,14 @@ class EmailCreate(EmailBase):
     to: Address = Field(max_length=320)
     reply_to: Address | None = Field(default=None, max_length=320)
     headers: HeaderMap = Field(default_factory=dict)
-    idempotency_key: OneLineText | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: OneLineText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The tenant's own key for this email: an email whose key the tenant already "
+        "used is not stored again (its item is `duplicate`, with the first email's id), so a "
+        "batch sent again after a timeout queues nothing twice.",
+    )
     unsubscribe: StrictBool = Field(
         default=False,
         description="Add a one-click List-Unsubscribe (RFC 8058) with a link signed for this "

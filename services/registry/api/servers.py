@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Collection
+from typing import Annotated
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Body, Response, status
+from fastapi.openapi.models import Example
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import domain, mailbox, repository
@@ -41,10 +43,65 @@ from shared.pagination import (
     encode_cursor,
 )
 from shared.registry_read import ServerNotFound
+from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 router = APIRouter(prefix="/v1/servers", tags=["servers"])
+
+GMAIL_SERVER = {
+    "preset": "gmail",
+    "username": "sales@acme.com",
+    "password": "abcd efgh ijkl mnop",
+    "from_email": "sales@acme.com",
+    "from_name": "Acme Sales",
+    "label": "Sales 1",
+}
+ADD_EXAMPLES = {
+    "gmail": Example(
+        summary="A Gmail account with an app password (2-Step Verification on)",
+        value=GMAIL_SERVER,
+    ),
+    "own_server": Example(
+        summary="Any SMTP server: host, port and security",
+        value={
+            "host": "smtp.acme.com",
+            "port": 587,
+            "security": "starttls",
+            "username": "sales@acme.com",
+            "password": "a long password",
+            "from_email": "sales@acme.com",
+            "daily_cap": 300,
+        },
+    ),
+}
+SERVER_ID = "0193a5d2-7c4e-7b1a-9f3e-2d6c8b1a4e77"
+ADDED_GMAIL_SERVER = {
+    "id": SERVER_ID,
+    "label": "Sales 1",
+    "host": "smtp.gmail.com",
+    "port": 587,
+    "security": "starttls",
+    "username": "sales@acme.com",
+    "from_email": "sales@acme.com",
+    "from_name": "Acme Sales",
+    "daily_cap": 500,
+    "auth": "password",
+    "oauth_provider": None,
+    "has_password": True,
+    "status": "active",
+    "status_reason": None,
+    "last_check": {
+        "ok": True,
+        "code": None,
+        "reply": "Connected, TLS verified and authenticated.",
+        "at": "2026-11-27T09:30:00Z",
+        "hint": None,
+    },
+    "imap": None,
+    "created_at": "2026-11-27T09:30:00Z",
+    "updated_at": "2026-11-27T09:30:00Z",
+}
 
 
 class CheckFailed(Unprocessable):
@@ -148,9 +205,10 @@ def missing_fields(body: SmtpServerCreate) -> Unprocessable:
     status_code=status.HTTP_201_CREATED,
     summary="Add a server: connect, TLS, authenticate; store it only if that passes",
 )
+@example_response(status.HTTP_201_CREATED, ADDED_GMAIL_SERVER)
 @raises(CheckFailed, mailbox.ImapCheckFailed, mailbox.ImapIncomplete, repository.ServerExists)
 async def add_server(
-    body: SmtpServerCreate,
+    body: Annotated[SmtpServerCreate, Body(openapi_examples=ADD_EXAMPLES)],
     tenant: TenantDep,
     session: SessionDep,
     keyring: KeyringDep,
@@ -259,7 +317,18 @@ async def get_server(
 )
 async def update_server(
     server_id: uuid.UUID,
-    body: SmtpServerUpdate,
+    body: Annotated[
+        SmtpServerUpdate,
+        Body(
+            openapi_examples={
+                "rename": Example(summary="Change the label", value={"label": "Sales EU"}),
+                "new_password": Example(
+                    summary="A new app password (checked before it is saved)",
+                    value={"password": "qrst uvwx yzab cdef"},
+                ),
+            }
+        ),
+    ],
     tenant: TenantDep,
     session: SessionDep,
     keyring: KeyringDep,

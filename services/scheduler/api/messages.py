@@ -36,6 +36,7 @@ from shared.pagination import (
 )
 from shared.registry_read import tenant_servers
 from shared.settings import BrokerSettings
+from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import new_id, utcnow
 
@@ -70,6 +71,26 @@ class NotCancelable(Conflict):
 
 _batch = TypeAdapter(MessageBatch)
 _single = TypeAdapter(EmailCreate)
+BATCH_EXAMPLE = {
+    "messages": [
+        {
+            "to": "ada@example.org",
+            "subject": "A question about your newsletter",
+            "text": "Hi Ada, a short question about your newsletter.",
+            "campaign": "november",
+            "idempotency_key": "november-ada",
+        },
+        {
+            "to": "grace@example.org",
+            "subject": "A question about your compiler",
+            "text": "Hi Grace, a short question about your compiler.",
+            "html": "<p>Hi Grace, a short question about your compiler.</p>",
+            "campaign": "november",
+            "idempotency_key": "november-grace",
+        },
+    ],
+    "unsubscribe": True,
+}
 REQUEST_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -80,10 +101,34 @@ REQUEST_SCHEMA = {
                         {"$ref": "#/components/schemas/EmailCreate"},
                         {"$ref": "#/components/schemas/MessageBatch"},
                     ]
-                }
+                },
+                "examples": {
+                    "batch": {"summary": "A batch of emails (up to 1,000)", "value": BATCH_EXAMPLE},
+                    "single": {
+                        "summary": "One email",
+                        "value": {
+                            "to": "linus@example.org",
+                            "subject": "Hello",
+                            "text": "Hi Linus.",
+                            "reply_to": "sales@acme.com",
+                        },
+                    },
+                },
             }
         },
     }
+}
+ACCEPTED_EXAMPLE = {
+    "ids": ["0193a5d3-1111-7a00-8000-000000000001", "0193a5d3-1111-7a00-8000-000000000002"],
+    "items": [
+        {"id": "0193a5d3-1111-7a00-8000-000000000001", "status": "queued"},
+        {"id": "0193a5d3-1111-7a00-8000-000000000002", "status": "queued"},
+    ],
+    "queued": 2,
+    "duplicates": 0,
+    "suppressed": 0,
+    "active_servers": 3,
+    "warning": None,
 }
 
 
@@ -118,6 +163,7 @@ def message_id_for(email_id: uuid.UUID) -> str:
     openapi_extra=REQUEST_SCHEMA,
     summary="Queue one email or a batch of up to 1,000; 202 means stored",
 )
+@example_response(status.HTTP_202_ACCEPTED, ACCEPTED_EXAMPLE)
 @raises(DuplicateIdempotencyKey, IdempotencyConflict)
 async def accept_messages(
     payload: Annotated[Any, Body(include_in_schema=False)],

@@ -15,10 +15,32 @@ from shared.db import SessionDep
 from shared.errors import raises
 from shared.registry_read import ServerNotFound, server_not_found, tenant_server, tenant_servers
 from shared.settings import SchedulerSettings
+from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 router = APIRouter()
+
+WARMUP_EXAMPLE = {
+    "server_id": "0193a5d2-7c4e-7b1a-9f3e-2d6c8b1a4e77",
+    "status": "active",
+    "step": 3,
+    "top_step": 12,
+    "provider": "gmail",
+    "daily_limit": 500,
+    "per_minute_limit": None,
+    "allowance_today": 40,
+    "sent_today": 12,
+    "reserved_today": 14,
+    "remaining_today": 26,
+    "rolling_24h_used": 31,
+    "parked_until": None,
+    "next_send_at": "2026-11-27T10:12:00Z",
+    "projection": [
+        {"day": "2026-11-28", "step": 4, "allowance": 60},
+        {"day": "2026-11-29", "step": 5, "allowance": 80},
+    ],
+}
 
 
 def app_settings(request: Request) -> SchedulerSettings:
@@ -31,6 +53,7 @@ def app_settings(request: Request) -> SchedulerSettings:
     tags=["warmup"],
     summary="Warmup step, today's allowance, 30 days ahead",
 )
+@example_response(200, WARMUP_EXAMPLE)
 @raises(ServerNotFound)
 async def get_warmup(
     server_id: uuid.UUID, tenant: TenantDep, session: SessionDep, request: Request
