@@ -59,6 +59,8 @@ class AppError(Exception):
     # shows (a class's own only: a subclass of Unprocessable need not name fields).
     documented_headers: ClassVar[dict[str, str]] = {}
     example_errors: ClassVar[tuple[FieldError, ...]] = ()
+    # A class with several `codes`: each code's example (detail, hint), where it has its own.
+    code_examples: ClassVar[dict[str, tuple[str, str | None]]] = {}
 
     def __init__(
         self,

@@ -102,13 +102,14 @@ def route_errors(dependant: Dependant) -> list[type[AppError]]:
 
 def _example(error: type[AppError], code: str, instance: str) -> dict[str, Any]:
     status = HTTPStatus(error.status)
+    detail, hint = error.code_examples.get(code, (error.default_detail, error.hint))
     problem = Problem(
         type=f"/problems/{code}",
         title=status.phrase,
         status=status,
-        detail=error.default_detail,
+        detail=detail,
         code=code,
-        hint=error.hint,
+        hint=hint,
         instance=instance,
         errors=list(error.__dict__.get("example_errors", ())) or None,
     )

@@ -58,11 +58,8 @@ class ImapCheckFailed(Unprocessable):
 
     codes = tuple(imap_code(problem) for problem in ImapProblem)
     code = imap_code(ImapProblem.auth_failed)
-    default_detail = "The IMAP server refused the credentials."
-    hint = (
-        "Check the IMAP username and password; Gmail, Outlook and Yahoo need an app password "
-        "and IMAP turned on in the mailbox settings."
-    )
+    default_detail = "The mailbox could not be read: see the code."
+    hint = "Check the IMAP settings and try again."
 
 
 def _missing(field: str, message: str, detail: str, hint: str) -> Unprocessable:

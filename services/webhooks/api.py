@@ -9,7 +9,8 @@ import uuid
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi.openapi.models import Example
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -107,7 +108,24 @@ async def owned(
 )
 @raises(*domain.URL_ERRORS)
 async def create_webhook(
-    body: WebhookEndpointCreate, tenant: TenantDep, session: SessionDep, request: Request
+    body: Annotated[
+        WebhookEndpointCreate,
+        Body(
+            openapi_examples={
+                "outcomes": Example(
+                    summary="Email outcomes and server status changes",
+                    value={
+                        "url": "https://hooks.acme.com/abl",
+                        "event_types": ["email.sent", "email.bounced", "server.status_changed"],
+                        "description": "CRM sync",
+                    },
+                )
+            }
+        ),
+    ],
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
 ) -> WebhookEndpointCreated:
     """The URL gets the event types it names, signed by the Standard Webhooks scheme
     (`webhook-id`, `webhook-timestamp`, `webhook-signature`) with `secret`: keep it from this

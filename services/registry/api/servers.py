@@ -155,6 +155,24 @@ def check_failed(outcome: CheckOutcome) -> Unprocessable:
     return CheckFailed(detail, code=outcome.code.value, hint=outcome.hint)
 
 
+# The spec's example of each check code, written by the check's own rules.
+CheckFailed.code_examples = {
+    outcome.code.value: (error.detail, error.hint)
+    for outcome in (
+        domain.auth_failure("smtp.gmail.com", 535, "5.7.8 Username and Password not accepted."),
+        domain.auth_missing(),
+        domain.tls_failure(587, Security.tls, "wrong version number"),
+        domain.connect_failed(),
+        domain.timed_out(10.0, 587, Security.starttls, "connect"),
+        domain.blocked_host(),
+        domain.blocked_port(25, (587, 465)),
+        domain.dns_failed(),
+        domain.protocol_error(554, "5.7.1 Service unavailable"),
+    )
+    if outcome.code is not None and (error := check_failed(outcome))
+}
+
+
 def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
     server.last_check_code = outcome.code.value if outcome.code else None
     server.last_check_reply = (outcome.reply or outcome.detail)[:512]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Body, Response, status
+from fastapi.openapi.models import Example
 
 from services.scheduler import suppression
 from services.scheduler.models import (
@@ -61,7 +63,20 @@ async def list_suppressions(
     summary="Suppress an address or a whole domain; queued emails to it stop",
 )
 async def add_suppression(
-    body: SuppressionCreate, tenant: TenantDep, session: SessionDep, response: Response
+    body: Annotated[
+        SuppressionCreate,
+        Body(
+            openapi_examples={
+                "address": Example(
+                    summary="One address", value={"address": "ada@example.org", "reason": "asked"}
+                ),
+                "domain": Example(summary="A whole domain", value={"domain": "competitor.example"}),
+            }
+        ),
+    ],
+    tenant: TenantDep,
+    session: SessionDep,
+    response: Response,
 ) -> SuppressionPublic:
     """201 with the new entry, or 200 with the existing one when it is already listed. Queued
     emails to the address (or the domain) become `suppressed`; new ones are refused at intake."""
