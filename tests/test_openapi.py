@@ -3,6 +3,7 @@ Schemathesis with every check runs in tests/test_schemathesis.py."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Iterator
@@ -337,3 +338,21 @@ def test_idempotency_is_documented_on_the_messages_route() -> None:
     email = SPECS["api"]["components"]["schemas"]["EmailCreate"]
     assert "idempotency_key" in email["properties"]
     assert email["properties"]["idempotency_key"].get("description")
+
+
+def test_no_error_code_is_spelled_where_it_is_raised() -> None:
+    """Codes live on the error classes (or the enums they come from), which the spec's enums
+    are built from: a `code="..."` literal at a raise site would be a code no spec lists."""
+    root = Path(__file__).resolve().parent.parent
+    spelled = [
+        f"{path.relative_to(root)}:{node.lineno}"
+        for folder in ("shared", "services")
+        for path in (root / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        for keyword in node.keywords
+        if keyword.arg == "code"
+        and isinstance(keyword.value, ast.Constant)
+        and isinstance(keyword.value.value, str)
+    ]
+    assert spelled == []
