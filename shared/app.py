@@ -3,8 +3,11 @@ database opened in the lifespan."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -29,6 +32,33 @@ the previous page's `next_cursor`) and a `limit`."""
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+logger = logging.getLogger("abl.app")
+
+
+@asynccontextmanager
+async def background_loops(*loops: Loop, grace_seconds: float = 30) -> AsyncIterator[None]:
+    """Run loops that watch a stop event for the life of the block.
+
+    On the way out each loop is asked to stop and given `grace_seconds` to finish the batch it
+    holds (a loop cut mid-batch leaves work for the sweep instead of finishing it); one that
+    failed or overran is logged and the others are still waited for, so the resources closed
+    after this block are never closed under a running loop.
+    """
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(loop(stop)) for loop in loops]
+    try:
+        yield
+    finally:
+        stop.set()
+        for task in tasks:
+            try:
+                await asyncio.wait_for(task, timeout=grace_seconds)
+            except (asyncio.CancelledError, TimeoutError):
+                logger.warning("background loop %s did not stop in time", task.get_coro())
+            except Exception:
+                logger.exception("background loop %s failed", task.get_coro())
 
 
 def add_readiness_check(app: FastAPI, check: ReadinessCheck) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,7 +17,14 @@ from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.models import MessageBatch, SchedulerOutbox
 from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
-from shared.app import Resource, add_readiness_check, build_app, database
+from shared.app import (
+    Loop,
+    Resource,
+    add_readiness_check,
+    background_loops,
+    build_app,
+    database,
+)
 from shared.bus_resource import rabbit_bus
 from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
@@ -78,24 +84,20 @@ def scheduler_resources(
             return bus.consuming(settings.results_queue) and settler.consuming()
 
         add_readiness_check(app, consumers_registered)
-        stop = asyncio.Event()
-        tasks = (
+        loops: list[Loop] = (
             [
-                asyncio.create_task(dispatcher.run(stop)),
-                asyncio.create_task(stats.run(app.state.sessions, bus, settings, stop)),
-                asyncio.create_task(settler.run_sweeps(stop)),
-                asyncio.create_task(relay.run(stop)),
+                dispatcher.run,
+                partial(stats.run, app.state.sessions, bus, settings),
+                settler.run_sweeps,
+                relay.run,
             ]
             if run_loop
             else []
         )
         try:
-            yield
+            async with background_loops(*loops):
+                yield
         finally:
-            stop.set()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, timeout=30)
             # Result events still in this process are applied before it goes.
             await bus.settle(settings.sender_drain_seconds)
             await applier.close()
