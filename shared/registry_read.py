@@ -29,12 +29,16 @@ _servers = table(
 )
 
 
+class ServerNotFound(NotFound):
+    """No server with this id for this tenant."""
+
+    code = "server_not_found"
+    default_detail = "No server 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List your servers with GET /v1/servers."
+
+
 def server_not_found(server_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No server {server_id} for this tenant.",
-        code="server_not_found",
-        hint="List your servers with GET /v1/servers.",
-    )
+    return ServerNotFound(f"No server {server_id} for this tenant.")
 
 
 @dataclass(frozen=True)

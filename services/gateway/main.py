@@ -23,6 +23,12 @@ HOP_BY_HOP = frozenset(
 )
 
 
+class UpstreamUnavailable(ServiceUnavailable):
+    """The service behind the gateway did not answer."""
+
+    code = "upstream_unavailable"
+
+
 def upstreams(settings: GatewaySettings) -> Resource:
     @asynccontextmanager
     async def resource(app: FastAPI) -> AsyncIterator[None]:
@@ -70,11 +76,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 headers=headers,
             )
         except httpx.HTTPError as exc:
-            raise ServiceUnavailable(
-                f"The {target} service did not answer.",
-                code="upstream_unavailable",
-                hint="Try again in a moment.",
-            ) from exc
+            raise UpstreamUnavailable(f"The {target} service did not answer.") from exc
         out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(upstream.content, status_code=upstream.status_code, headers=out)
 

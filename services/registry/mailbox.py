@@ -20,7 +20,7 @@ from services.registry.models import ImapCreate, SmtpServer
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import FieldError, Unprocessable
-from shared.imap import ImapCheck, ImapEndpoint, ImapSecurity
+from shared.imap import ImapCheck, ImapEndpoint, ImapProblem, ImapSecurity
 from shared.providers import PROVIDERS, detect
 from shared.timeutil import utcnow
 
@@ -32,10 +32,39 @@ def provider_imap_host(preset: str | None, smtp_host: str, smtp_username: str) -
     return provider.imap_host if provider else None
 
 
+class ImapIncomplete(Unprocessable):
+    """The `imap` object lacks what a new IMAP endpoint needs (its host or its password)."""
+
+    code = "imap_incomplete"
+    default_detail = "The IMAP password is needed for a new IMAP endpoint."
+    hint = (
+        "Send imap.password: a stored password is only ever sent to the endpoint it was "
+        "verified against."
+    )
+    example_errors = (
+        FieldError(
+            field="body.imap.password", message="required for this IMAP endpoint", type="missing"
+        ),
+    )
+
+
+def imap_code(problem: ImapProblem) -> str:
+    # Apart from the SMTP check's codes: `imap_auth_failed` is not the SMTP login failing.
+    return f"imap_{problem.value}"
+
+
+class ImapCheckFailed(Unprocessable):
+    """The IMAP check (LOGIN, read-only SELECT of INBOX) failed: nothing was stored."""
+
+    codes = tuple(imap_code(problem) for problem in ImapProblem)
+    code = imap_code(ImapProblem.auth_failed)
+    default_detail = "The mailbox could not be read: see the code."
+    hint = "Check the IMAP settings and try again."
+
+
 def _missing(field: str, message: str, detail: str, hint: str) -> Unprocessable:
-    return Unprocessable(
+    return ImapIncomplete(
         detail,
-        code="imap_incomplete",
         hint=hint,
         errors=[FieldError(field=f"body.imap.{field}", message=message, type="missing")],
     )
@@ -80,9 +109,9 @@ def check_failed(outcome: ImapCheck) -> Unprocessable:
         "blocked_host": "The IMAP host must be reachable on the public internet.",
         "blocked_port": "Use port 993 (tls) or 143 (starttls).",
     }
-    return Unprocessable(
+    return ImapCheckFailed(
         outcome.detail,
-        code=f"imap_{outcome.problem.value}",
+        code=imap_code(outcome.problem),
         hint=hints.get(outcome.problem.value, "Check the IMAP settings and try again."),
     )
 

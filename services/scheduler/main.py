@@ -28,6 +28,7 @@ from shared.app import (
 from shared.bus_resource import rabbit_bus
 from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
+from shared.spec import REF_TEMPLATE, add_component
 
 RESULT_PREFETCH = 64
 
@@ -113,12 +114,8 @@ def install(app: FastAPI) -> None:
         # schemas it refers to are added to the components here.
         if app.openapi_schema is None:
             schema = generate()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            batch = TypeAdapter(MessageBatch).json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
-            components.update(batch.pop("$defs", {}))
-            components["MessageBatch"] = batch
+            batch = TypeAdapter(MessageBatch).json_schema(ref_template=REF_TEMPLATE)
+            add_component(schema, "MessageBatch", batch)
             app.openapi_schema = schema
         return app.openapi_schema
 

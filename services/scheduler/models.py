@@ -16,6 +16,7 @@ from sqlalchemy import JSON, BigInteger, Column, Date, Index, String, UniqueCons
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
+from services.scheduler.lifecycle import EmailStatus as EmailStatus
 from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
@@ -105,34 +106,6 @@ TimeZoneName = Annotated[
 ]
 
 
-class EmailStatus(StrEnum):
-    queued = "queued"
-    scheduled = "scheduled"
-    sent = "sent"
-    failed = "failed"
-    unknown = "unknown"
-    canceled = "canceled"
-    # Deliverability states: `bounced` and `replied` follow `sent` (the mailbox reader saw a
-    # bounce or a reply); `suppressed` means the recipient is on the tenant's suppression list
-    # and the email was never sent.
-    bounced = "bounced"
-    replied = "replied"
-    suppressed = "suppressed"
-
-
-FINAL_STATUSES = frozenset(
-    {
-        EmailStatus.sent,
-        EmailStatus.failed,
-        EmailStatus.unknown,
-        EmailStatus.canceled,
-        EmailStatus.bounced,
-        EmailStatus.replied,
-        EmailStatus.suppressed,
-    }
-)
-
-
 def _clean_line(value: str | None) -> str | None:
     return None if value is None else refuse_control_chars(value)
 
@@ -175,7 +148,14 @@ class EmailCreate(EmailBase):
     to: Address = Field(max_length=320)
     reply_to: Address | None = Field(default=None, max_length=320)
     headers: HeaderMap = Field(default_factory=dict)
-    idempotency_key: OneLineText | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: OneLineText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The tenant's own key for this email: an email whose key the tenant already "
+        "used is not stored again (its item is `duplicate`, with the first email's id), so a "
+        "batch sent again after a timeout queues nothing twice.",
+    )
     unsubscribe: StrictBool = Field(
         default=False,
         description="Add a one-click List-Unsubscribe (RFC 8058) with a link signed for this "

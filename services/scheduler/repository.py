@@ -17,8 +17,9 @@ from sqlalchemy.types import TypeEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, events
+from services.scheduler import domain, events, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
@@ -44,12 +45,16 @@ class SendResultKey(NamedTuple):
     server_id: uuid.UUID
 
 
+class EmailNotFound(NotFound):
+    """No email with this id for this tenant."""
+
+    code = "email_not_found"
+    default_detail = "No email 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List your emails with GET /v1/messages."
+
+
 def email_not_found(email_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No email {email_id} for this tenant.",
-        code="email_not_found",
-        hint="List your emails with GET /v1/messages.",
-    )
+    return EmailNotFound(f"No email {email_id} for this tenant.")
 
 
 async def get_email(session: AsyncSession, tenant_id: uuid.UUID, email_id: uuid.UUID) -> Email:
@@ -814,9 +819,9 @@ async def mark_scheduled(
     rows = RowSet(session, {"id": Uuid(), "server_id": Uuid(), "job_id": Uuid()}, assignments)
     statement = (
         update(_email)
-        .where(_email.c.id == rows.c["id"], _email.c.status == EmailStatus.queued)
+        .where(_email.c.id == rows.c["id"], _email.c.status == lifecycle.source(Step.dispatch))
         .values(
-            status=EmailStatus.scheduled,
+            status=lifecycle.target(Step.dispatch),
             server_id=rows.c["server_id"],
             job_id=rows.c["job_id"],
             reserved_day=day,
@@ -974,7 +979,7 @@ async def cancel_email(
     the attempt's result (or the sender's "canceled before sending") gives it back."""
     table = table_of(Email)
     connection = await session.connection()
-    for status in (EmailStatus.queued, EmailStatus.scheduled):
+    for status in lifecycle.sources(Step.cancel):
         row = (
             await connection.execute(
                 update(table)
@@ -983,7 +988,7 @@ async def cancel_email(
                     table.c.tenant_id == tenant_id,
                     table.c.status == status,
                 )
-                .values(status=EmailStatus.canceled, updated_at=now)
+                .values(status=lifecycle.target(Step.cancel), updated_at=now)
                 .returning(table.c.job_id)
             )
         ).first()

@@ -18,10 +18,10 @@ from sqlalchemy import func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import events
+from services.scheduler import events, lifecycle
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
-    EmailStatus,
     Suppression,
     SuppressionCreate,
     SuppressionSource,
@@ -140,8 +140,12 @@ async def stop_queued_to(
         match = recipient.like(f"%@{domain}")
     result = await session.exec(
         update(table)
-        .where(table.c.tenant_id == tenant_id, table.c.status == EmailStatus.queued, match)
-        .values(status=EmailStatus.suppressed, updated_at=now)
+        .where(
+            table.c.tenant_id == tenant_id,
+            table.c.status.in_(lifecycle.sources(Step.suppress)),
+            match,
+        )
+        .values(status=lifecycle.target(Step.suppress), updated_at=now)
         .returning(table.c.id, table.c.campaign, table.c.attempts)
     )
     stopped = result.all()
@@ -162,8 +166,8 @@ async def drop_suppressed(
     table = table_of(Email)
     result = await session.exec(
         update(table)
-        .where(table.c.id.in_(stopped), table.c.status == EmailStatus.queued)
-        .values(status=EmailStatus.suppressed, updated_at=now)
+        .where(table.c.id.in_(stopped), table.c.status.in_(lifecycle.sources(Step.suppress)))
+        .values(status=lifecycle.target(Step.suppress), updated_at=now)
         .returning(table.c.id, table.c.campaign, table.c.attempts)
     )
     await events.write(session, events.suppressed_events(tenant_id, result.all(), now))
@@ -171,12 +175,16 @@ async def drop_suppressed(
     return [e for e in emails if e.to.lower() not in suppressed]
 
 
+class SuppressionNotFound(NotFound):
+    """No entry with this id on this tenant's suppression list."""
+
+    code = "suppression_not_found"
+    default_detail = "No suppression 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List the suppression list with GET /v1/suppressions."
+
+
 def suppression_not_found(suppression_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No suppression {suppression_id} for this tenant.",
-        code="suppression_not_found",
-        hint="List the suppression list with GET /v1/suppressions.",
-    )
+    return SuppressionNotFound(f"No suppression {suppression_id} for this tenant.")
 
 
 async def get(

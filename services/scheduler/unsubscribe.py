@@ -73,13 +73,25 @@ def token_in_subject(subject: str) -> str | None:
     return found.group(1) if found else None
 
 
+class UnsubscribeInvalid(NotFound):
+    """Not a valid unsubscribe link (malformed, unknown or tampered)."""
+
+    code = "unsubscribe_invalid"
+    default_detail = "This unsubscribe link is not valid."
+    hint = "Use the link exactly as it appears in the email's List-Unsubscribe header."
+
+
+class UnsubscribeUsed(Conflict):
+    """The unsubscribe link was already used."""
+
+    code = "unsubscribe_used"
+    default_detail = "This unsubscribe link was already used."
+    hint = "The address is on the sender's suppression list; nothing more is needed."
+
+
 def invalid() -> NotFound:
     # The same answer for a malformed token, an unknown email and a bad signature.
-    return NotFound(
-        "This unsubscribe link is not valid.",
-        code="unsubscribe_invalid",
-        hint="Use the link exactly as it appears in the email's List-Unsubscribe header.",
-    )
+    return UnsubscribeInvalid()
 
 
 async def use(session: AsyncSession, key: bytes, token: str, now: datetime, *, via: str) -> Email:
@@ -89,11 +101,7 @@ async def use(session: AsyncSession, key: bytes, token: str, now: datetime, *, v
     if email is None or not verify(key, token, email.id, email.tenant_id, email.to):
         raise invalid()
     if email.unsubscribed_at is not None:
-        raise Conflict(
-            "This unsubscribe link was already used.",
-            code="unsubscribe_used",
-            hint="The address is on the sender's suppression list; nothing more is needed.",
-        )
+        raise UnsubscribeUsed()
     email.unsubscribed_at = now
     session.add(email)
     await suppression.suppress_address(

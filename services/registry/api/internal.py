@@ -13,17 +13,20 @@ from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, ServiceUnavailable
+from shared.errors import ServiceUnavailable, raises
 from shared.messages import SmtpCredentials
-from shared.registry_read import server_not_found
+from shared.registry_read import ServerNotFound, server_not_found
 from shared.tenancy import InternalDep
 
-router = APIRouter(
-    prefix="/internal/v1",
-    tags=["internal"],
-    dependencies=[InternalDep],
-    responses=PROBLEM_RESPONSES,
-)
+router = APIRouter(prefix="/internal/v1", dependencies=[InternalDep])
+
+
+class OAuthProviderUnavailable(ServiceUnavailable):
+    """The OAuth provider could not refresh this server's access token now."""
+
+    code = "oauth_provider_unavailable"
+    default_detail = "The OAuth provider could not refresh this server's access token now."
+    hint = "Try again shortly."
 
 
 class TokenRejected(BaseModel):
@@ -48,11 +51,7 @@ async def _credentials(
         )
     except TokenUnavailable:
         # The sender waits with backoff and asks again; the server is not at fault.
-        raise ServiceUnavailable(
-            "The OAuth provider could not refresh this server's access token now.",
-            code="oauth_provider_unavailable",
-            hint="Try again shortly.",
-        ) from None
+        raise OAuthProviderUnavailable() from None
     if credentials is None:
         raise server_not_found(server_id)
     return credentials
@@ -60,23 +59,28 @@ async def _credentials(
 
 @router.get(
     "/servers/{server_id}/credentials",
+    tags=["credentials"],
     summary="One server's credentials for the senders: its password, or a fresh access token",
 )
-async def server_credentials(
+@raises(ServerNotFound, OAuthProviderUnavailable)
+async def get_server_credentials(
     server_id: uuid.UUID,
     session: SessionDep,
     keyring: KeyringDep,
     tokens: TokenKeeperDep,
     response: Response,
 ) -> SmtpCredentials:
+    """`Cache-Control: no-store`; a sender keeps them briefly in memory only."""
     return await _credentials(session, keyring, tokens, server_id, response, None)
 
 
 @router.post(
     "/servers/{server_id}/credentials/refresh",
+    tags=["credentials"],
     summary="An OAuth server refused this access token: a new one (refreshed once for all)",
 )
-async def refresh_credentials(
+@raises(ServerNotFound, OAuthProviderUnavailable)
+async def refresh_server_credentials(
     server_id: uuid.UUID,
     body: TokenRejected,
     session: SessionDep,
@@ -84,6 +88,8 @@ async def refresh_credentials(
     tokens: TokenKeeperDep,
     response: Response,
 ) -> SmtpCredentials:
+    """Senders that saw the same token refused get the same new one: the provider is asked
+    once."""
     return await _credentials(
         session, keyring, tokens, server_id, response, body.rejected_token_sha256
     )
@@ -91,8 +97,14 @@ async def refresh_credentials(
 
 @router.post(
     "/servers/{server_id}/health",
+    tags=["server-health"],
     summary="A sender reports that a server refused its credentials",
 )
-async def report_health(server_id: uuid.UUID, body: HealthReport, session: SessionDep) -> HealthAck:
+@raises(ServerNotFound)
+async def report_server_health(
+    server_id: uuid.UUID, body: HealthReport, session: SessionDep
+) -> HealthAck:
+    """The server's status becomes the reported one (a paused server stays paused), and one
+    `server.status_changed` event is written when it changed."""
     server = await use_cases.record_health(session, server_id, body.status, body.reply)
     return HealthAck(id=server.id, status=ServerStatus(server.status))

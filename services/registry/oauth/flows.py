@@ -25,14 +25,15 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
-from services.registry.domain import AuthMethod, CheckOutcome, ServerStatus
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, ServerStatus
 from services.registry.models import OAuthFlow, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
 from services.registry.oauth.providers import Provider
 from services.registry.oauth.tokens import store_tokens
 from services.registry.verifier import Target, Verifier
 from shared.crypto import Keyring, associated_data
-from shared.errors import AppError, Conflict
+from shared.errors import AppError, Conflict, NotFound
+from shared.metrics import OAUTH_CONNECTS
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
@@ -41,6 +42,33 @@ VERIFIER_PURPOSE = "oauth-pkce"
 # Finished flows are kept this long after they expire (ablctl reads their outcome), then purged.
 KEEP_FINISHED = timedelta(days=1)
 _ERROR_CODE = re.compile(r"^[a-z0-9_]{1,40}$")
+# The errors the callback reports, for the frontend to switch on (`?error=`), besides the
+# connection check's codes.
+CALLBACK_ERRORS = (
+    "access_denied",
+    "bad_state",
+    "state_used",
+    "state_expired",
+    "missing_code",
+    "invalid_grant",
+    "invalid_id_token",
+    "provider_unavailable",
+    "provider_error",
+    "no_email",
+    "no_refresh_token",
+    "account_mismatch",
+    "server_exists",
+    "server_not_found",
+    "oauth_provider_not_configured",
+    "internal_error",
+)
+_OUTCOMES = frozenset({"connected", *CALLBACK_ERRORS, *(code.value for code in CheckCode)})
+
+
+def record_outcome(provider: str | None, outcome: str) -> None:
+    """Count a callback's outcome. The error code may come from the provider's redirect (or
+    whoever forged it), so only documented codes become label values."""
+    OAUTH_CONNECTS.labels(provider or "unknown", outcome if outcome in _OUTCOMES else "other").inc()
 
 
 class FlowError(Exception):
@@ -86,13 +114,21 @@ def open_state(keyring: Keyring, state: str) -> StateClaims:
     return claims
 
 
+class OAuthProviderNotConfigured(NotFound):
+    """Connecting with this provider is not available on this platform."""
+
+    code = "oauth_provider_not_configured"
+    # The name comes from the URL: the caller's input, never repeated.
+    default_detail = "Connecting with this provider is not available on this platform."
+    hint = (
+        "Providers configured here: google. An operator enables one with "
+        "ABL_OAUTH_<PROVIDER>_CLIENT_ID and _CLIENT_SECRET (see the README)."
+    )
+
+
 def provider_missing(configured: dict[str, Provider]) -> AppError:
     offered = ", ".join(sorted(configured)) or "none"
-    return AppError(
-        # The name comes from the URL: the caller's input, never repeated.
-        "Connecting with this provider is not available on this platform.",
-        code="oauth_provider_not_configured",
-        status=404,
+    return OAuthProviderNotConfigured(
         hint=f"Providers configured here: {offered}. An operator enables one with "
         f"ABL_OAUTH_<PROVIDER>_CLIENT_ID and _CLIENT_SECRET (see the README).",
     )

@@ -12,13 +12,35 @@ from services.scheduler import domain, repository
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import CapacityPublic, WarmupDay, WarmupPublic
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES
-from shared.registry_read import server_not_found, tenant_server, tenant_servers
+from shared.errors import raises
+from shared.registry_read import ServerNotFound, server_not_found, tenant_server, tenant_servers
 from shared.settings import SchedulerSettings
+from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
-router = APIRouter(tags=["warmup"], responses=PROBLEM_RESPONSES)
+router = APIRouter()
+
+WARMUP_EXAMPLE = {
+    "server_id": "0193a5d2-7c4e-7b1a-9f3e-2d6c8b1a4e77",
+    "status": "active",
+    "step": 3,
+    "top_step": 12,
+    "provider": "gmail",
+    "daily_limit": 500,
+    "per_minute_limit": None,
+    "allowance_today": 40,
+    "sent_today": 12,
+    "reserved_today": 14,
+    "remaining_today": 26,
+    "rolling_24h_used": 31,
+    "parked_until": None,
+    "next_send_at": "2026-11-27T10:12:00Z",
+    "projection": [
+        {"day": "2026-11-28", "step": 4, "allowance": 60},
+        {"day": "2026-11-29", "step": 5, "allowance": 80},
+    ],
+}
 
 
 def app_settings(request: Request) -> SchedulerSettings:
@@ -27,11 +49,19 @@ def app_settings(request: Request) -> SchedulerSettings:
 
 
 @router.get(
-    "/v1/servers/{server_id}/warmup", summary="Warmup step, today's allowance, 30 days ahead"
+    "/v1/servers/{server_id}/warmup",
+    tags=["warmup"],
+    summary="Warmup step, today's allowance, 30 days ahead",
 )
-async def server_warmup(
+@example_response(200, WARMUP_EXAMPLE)
+@raises(ServerNotFound)
+async def get_warmup(
     server_id: uuid.UUID, tenant: TenantDep, session: SessionDep, request: Request
 ) -> WarmupPublic:
+    """A fresh server sends a little on its first day and more each day it sends, up to its
+    provider's daily limit (Gmail 500 in a rolling 24 h). `allowance_today` is what it may send
+    today, `remaining_today` what is left, `next_send_at` when it sends next, `projection` the
+    next 30 days if it sends every day."""
     settings = app_settings(request)
     server = await tenant_server(session, tenant.id, server_id)
     if server is None:
@@ -84,13 +114,19 @@ async def server_warmup(
     )
 
 
-@router.get("/v1/capacity", summary="How many servers a monthly volume needs, warmup counted")
-async def capacity(
+@router.get(
+    "/v1/capacity",
+    tags=["capacity"],
+    summary="How many servers a monthly volume needs, warmup counted",
+)
+async def get_capacity(
     tenant: TenantDep,
     session: SessionDep,
     request: Request,
     monthly_emails: Annotated[int, Query(ge=0, le=100_000_000)],
 ) -> CapacityPublic:
+    """Servers needed for `monthly_emails`, with the configured headroom, beside how many
+    active servers the tenant has."""
     settings = app_settings(request)
     advice = domain.capacity(
         monthly_emails, schedule_from(settings), headroom=settings.capacity_headroom
