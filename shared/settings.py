@@ -251,7 +251,11 @@ class RegistrySettings(
         return self
 
 
-class SchedulerSettings(OutboxSettings, InternalTokenSettings):
+class SchedulerSettings(OutboxSettings, InternalTokenSettings, AddressSettings, UpstreamSettings):
+    """The scheduler; it also reads the sending mailboxes (`services.scheduler.inbox`), so it
+    dials tenants' IMAP servers under the same address rules as the senders, and asks the
+    registry (`ABL_REGISTRY_URL`) for their access."""
+
     pacing: bool = True
     tick_seconds: float = Field(default=1.0, gt=0, le=60)
     publish_lease_seconds: float = Field(default=60.0, gt=0)

@@ -43,7 +43,7 @@ def test_the_guard_pauses_above_the_ratio(
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return make_settings(database_url, inbox_timeout_seconds=5.0)
+    return make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlmodel import select
 
-from services.scheduler.inbox import Mailbox, MailboxReader
+from services.scheduler.inbox import MailboxReader, MailboxRef
 from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import Outcome
@@ -31,7 +31,13 @@ from tests.test_scheduler_api import add_servers, dispatcher, published_jobs, re
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return make_settings(database_url, inbox_timeout_seconds=3.0, verify_timeout_seconds=20.0)
+    # Every mailbox due again right after a read: the tests read them round after round.
+    return make_settings(
+        database_url,
+        inbox_timeout_seconds=3.0,
+        inbox_poll_seconds=0.001,
+        verify_timeout_seconds=20.0,
+    )
 
 
 @pytest.fixture
@@ -246,6 +252,28 @@ async def refusing_imap(certs: Certificates) -> asyncio.Server:
     return await asyncio.start_server(session, "127.0.0.1", 0, ssl=certs.server_context())
 
 
+class StaticMailboxes:
+    """A `MailboxSource` of fixed endpoints (mailboxes of no registered server), which keeps
+    what the reader reports."""
+
+    def __init__(self, tenant_id: uuid.UUID, boxes: dict[uuid.UUID, ImapEndpoint]) -> None:
+        self.tenant_id = tenant_id
+        self.boxes = boxes
+        self.reports: dict[uuid.UUID, tuple[datetime, str | None]] = {}
+
+    async def mailboxes(self) -> list[MailboxRef]:
+        return [MailboxRef(server_id, self.tenant_id) for server_id in self.boxes]
+
+    async def endpoint(self, server_id: uuid.UUID) -> ImapEndpoint | None:
+        return self.boxes.get(server_id)
+
+    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        self.reports[server_id] = (at, error)
+
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        raise AssertionError("no server of this test is judged")
+
+
 async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
     app: Api, dovecot: DovecotServer, certs: Certificates
 ) -> None:
@@ -255,23 +283,13 @@ async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
     refuser = await refusing_imap(certs)
     refused_port = refuser.sockets[0].getsockname()[1]
     refused = ImapEndpoint("localhost", refused_port, ImapSecurity.tls, "bob@example.com", "no")
-    reports: dict[uuid.UUID, tuple[datetime, str | None]] = {}
-
-    async def report(server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        reports[server_id] = (at, error)
-
     dovecot.append("carol@example.com", mail.reply("x@example.org", "<abl." + "1" * 32 + "@e.com>"))
     with silent_server() as port:
         hanging = ImapEndpoint("localhost", port, ImapSecurity.tls, "a", "b")
         boxes = {uuid.uuid4(): e for e in (hanging, refused, good)}
-
-        async def mailboxes() -> list[Mailbox]:
-            return [Mailbox(server_id, tenant_id, e) for server_id, e in boxes.items()]
-
+        source = StaticMailboxes(tenant_id, boxes)
         settings: Any = app.settings
-        subject = MailboxReader(
-            settings, app.app.state.sessions, mailboxes, report, allow_private=True
-        )
+        subject = MailboxReader(settings, app.app.state.sessions, source, allow_private=True)
         try:
             started = time.monotonic()
             results = await subject.poll_all()
@@ -288,6 +306,7 @@ async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
     assert "refused" in refused_error
     # The hanging one was given up on at its bound; the good one finished long before it.
     assert took < app.settings.inbox_timeout_seconds + 2
+    reports = source.reports
     first = min(at for at, _ in reports.values())
     assert (reports[good_id][0] - first).total_seconds() < 0.1 or reports[good_id][0] < reports[
         hang_id

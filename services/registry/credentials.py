@@ -98,11 +98,14 @@ async def record_health(
     return server
 
 
-async def pause_for_bounces(session: AsyncSession, server_id: uuid.UUID, reason: str) -> None:
-    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so."""
+async def pause_for_bounces(
+    session: AsyncSession, server_id: uuid.UUID, reason: str
+) -> SmtpServer | None:
+    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so. The
+    server as it now is; None when it does not exist."""
     server = await session.get(SmtpServer, server_id)
     if server is None or server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
-        return
+        return server
     previous = str(server.status)
     server.status = ServerStatus.paused_bounces
     server.status_reason = reason[:512]
@@ -111,3 +114,4 @@ async def pause_for_bounces(session: AsyncSession, server_id: uuid.UUID, reason:
     await events.record_change(
         session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
     )
+    return server

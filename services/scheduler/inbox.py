@@ -4,9 +4,13 @@ statuses, suppressions and canceled sequence emails.
 It runs as a loop in the scheduler, not as a service of its own: everything it learns is
 written to tables the scheduler owns (emails, suppressions), in the same transaction as the
 event that caused it, and the work is small next to the SMTP side (one IMAP session per
-mailbox per `ABL_INBOX_POLL_SECONDS`). Scaling it out would only need the mailboxes split
-between replicas; today every replica that runs it reads every mailbox, and the events' unique
-key keeps a double read from counting twice.
+mailbox per `ABL_INBOX_POLL_SECONDS`). What it needs from the registry (a mailbox's access) and
+tells it (the last read, a `paused_bounces` pause) goes through a `MailboxSource`: the
+registry's internal routes in the stack, its use cases in the one-process shape.
+
+Replicas split the mailboxes: a mailbox is read by the replica that takes its lease (one
+conditional UPDATE of its cursor's `due_at`), which then holds it until its next read is due;
+the events' unique key keeps a read that slipped through anyway from counting twice.
 
 Rules of reading: only INBOX, opened read-only (EXAMINE) and fetched with BODY.PEEK, so
 nothing is marked read, moved or deleted; only UIDs above the last one seen, and everything
@@ -22,12 +26,13 @@ import contextlib
 import imaplib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
-from sqlalchemy import func, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -44,7 +49,7 @@ from services.scheduler.models import (
 from shared import imap
 from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
-from shared.metrics import BOUNCES, MAILBOX_POLLS, REPLIES
+from shared.metrics import BOUNCES, MAILBOX_MESSAGES, MAILBOX_POLLS, REPLIES
 from shared.settings import SchedulerSettings
 from shared.timeutil import new_id, utcnow
 
@@ -58,15 +63,44 @@ AFTER_SEND = (EmailStatus.sent, EmailStatus.unknown)
 
 
 @dataclass(frozen=True)
-class Mailbox:
+class MailboxRef:
     server_id: uuid.UUID
     tenant_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Mailbox(MailboxRef):
     endpoint: imap.ImapEndpoint
 
 
-MailboxLister = Callable[[], Awaitable[Sequence[Mailbox]]]
-PollReporter = Callable[[uuid.UUID, datetime, str | None], Awaitable[None]]
-ServerPauser = Callable[[uuid.UUID, str], Awaitable[None]]
+class AccessUnavailable(Exception):
+    """The registry could not give a mailbox's access now; the mailbox waits for its next
+    round."""
+
+
+class MailboxSource(Protocol):
+    """What the reader needs from the registry, and what it tells it."""
+
+    async def mailboxes(self) -> Sequence[MailboxRef]:
+        """The servers that have a mailbox to read."""
+
+    async def endpoint(self, server_id: uuid.UUID) -> imap.ImapEndpoint | None:
+        """The mailbox's access (with its password); None when it has none any more. Raises
+        `AccessUnavailable` when the registry cannot answer."""
+
+    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        """The last read's time and error, shown on the server."""
+
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        """Pause the server (`paused_bounces`): the bounce-rate guard said so."""
+
+
+# A lease outlives the read it covers (bounded by `inbox_timeout_seconds`) by this factor, so
+# that a replica that died mid-read hands the mailbox on soon after.
+LEASE_FACTOR = 2.0
+# The next read is due a little before a whole interval, so the replica that just read a
+# mailbox finds it due again on its next round (rounds start `inbox_poll_seconds` apart).
+DUE_FACTOR = 0.9
 # Emails that left: the bounce-rate guard's denominator.
 LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
 
@@ -107,15 +141,12 @@ class MailboxReader:
         self,
         settings: SchedulerSettings,
         sessions: async_sessionmaker[AsyncSession],
-        mailboxes: MailboxLister,
-        report: PollReporter,
+        source: MailboxSource,
         *,
         allow_private: bool = False,
         allowed_ports: tuple[int, ...] = imap.DEFAULT_IMAP_PORTS,
-        pause: ServerPauser | None = None,
     ) -> None:
         self.settings = settings
-        self.pause = pause
         self.guard = domain.BounceGuard(
             window=settings.bounce_window,
             pause_ratio=settings.bounce_pause_ratio,
@@ -123,8 +154,7 @@ class MailboxReader:
             min_sent=settings.bounce_min_sent,
         )
         self.sessions = sessions
-        self.mailboxes = mailboxes
-        self.report = report
+        self.source = source
         self.allow_private = allow_private
         self.allowed_ports = allowed_ports
         self.key = unsubscribe.derive_key(settings.internal_token.get_secret_value())
@@ -139,34 +169,89 @@ class MailboxReader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
-        """Read every mailbox once, concurrently; each one's error (or None)."""
-        boxes = await self.mailboxes()
+        """Read every mailbox that is due and that no other replica holds, concurrently; each
+        one read's error (or None). Mailboxes not read this time are not in the answer."""
+        boxes = await self.source.mailboxes()
         results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
-        return {box.server_id: error for box, error in zip(boxes, results, strict=True)}
+        return {
+            box.server_id: error for box, (read, error) in zip(boxes, results, strict=True) if read
+        }
 
-    async def _poll_bounded(self, box: Mailbox) -> str | None:
+    async def _claim(self, box: MailboxRef) -> bool:
+        """Take the mailbox's lease if it is due and free: one conditional UPDATE, so of two
+        replicas asking at once exactly one gets it."""
+        now = utcnow()
+        table = table_of(MailboxCursor)
+        async with self.sessions() as session, session.begin():
+            await session.exec(
+                insert_ignore_statement(
+                    session,
+                    table,
+                    {
+                        "server_id": box.server_id,
+                        "tenant_id": box.tenant_id,
+                        "uidvalidity": 0,
+                        "last_uid": 0,
+                    },
+                )
+            )
+            lease = timedelta(seconds=self.settings.inbox_timeout_seconds * LEASE_FACTOR)
+            taken = await session.exec(
+                update(table)
+                .where(
+                    table.c.server_id == box.server_id,
+                    or_(table.c.due_at.is_(None), table.c.due_at <= now),
+                )
+                .values(due_at=now + lease)
+            )
+            return bool(taken.rowcount)
+
+    async def _next_due(self, box: MailboxRef) -> None:
+        table = table_of(MailboxCursor)
+        due = utcnow() + timedelta(seconds=self.settings.inbox_poll_seconds * DUE_FACTOR)
+        async with self.sessions() as session, session.begin():
+            await session.exec(
+                update(table).where(table.c.server_id == box.server_id).values(due_at=due)
+            )
+
+    async def _poll_bounded(self, ref: MailboxRef) -> tuple[bool, str | None]:
+        """(read, error): whether this replica read the mailbox, and what went wrong."""
         async with self.slots:
+            if not await self._claim(ref):
+                return False, None
             error: str | None
             try:
                 async with asyncio.timeout(self.settings.inbox_timeout_seconds):
-                    await self.poll(box)
+                    endpoint = await self.source.endpoint(ref.server_id)
+                    if endpoint is not None:
+                        await self.poll(Mailbox(ref.server_id, ref.tenant_id, endpoint))
+                if endpoint is None:
+                    return False, None  # its IMAP access was removed since it was listed
                 error = None
                 MAILBOX_POLLS.labels("ok").inc()
             except TimeoutError:
                 error = "timeout: the IMAP server did not answer in time"
                 MAILBOX_POLLS.labels("timeout").inc()
+            except AccessUnavailable:
+                # Not the mailbox's fault: nothing to report on the server; tried next round.
+                logger.warning("no access to the mailbox of server %s now", ref.server_id)
+                MAILBOX_POLLS.labels("failed").inc()
+                return True, "the registry did not give the mailbox access"
             except (imaplib.IMAP4.error, OSError) as exc:
                 error = _describe(exc)
                 MAILBOX_POLLS.labels("failed").inc()
             except Exception:
-                logger.exception("reading mailbox of server %s failed", box.server_id)
+                logger.exception("reading mailbox of server %s failed", ref.server_id)
                 error = "internal error while reading the mailbox"
                 MAILBOX_POLLS.labels("failed").inc()
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._next_due(ref)
             try:
-                await self.report(box.server_id, utcnow(), error)
+                await self.source.report(ref.server_id, utcnow(), error)
             except Exception:
-                logger.warning("could not record the poll of server %s", box.server_id)
-            return error
+                logger.warning("could not record the poll of server %s", ref.server_id)
+            return True, error
 
     async def poll(self, box: Mailbox) -> int:
         """Read one mailbox's new messages and apply them; how many were new events."""
@@ -184,6 +269,7 @@ class MailboxReader:
             self.pool, fetch_new, target, box.endpoint, validity, last, timeout
         )
         verdicts = [feedback.classify(raw) for _, raw in messages]
+        MAILBOX_MESSAGES.inc(len(verdicts))
         applied = 0
         reason = None
         async with self.sessions() as session, session.begin():
@@ -199,9 +285,9 @@ class MailboxReader:
                 [uid for uid, _ in messages], default=0 if current != validity else last
             )
             session.add(row)
-        if reason is not None and self.pause is not None:
+        if reason is not None:
             logger.warning("pausing server %s: %s", box.server_id, reason)
-            await self.pause(box.server_id, reason)
+            await self.source.pause(box.server_id, reason)
         return applied
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:

@@ -565,6 +565,9 @@ class MailboxCursor(SQLModel, table=True):
     tenant_id: uuid.UUID = Field(index=True)
     uidvalidity: int = Field(default=0, sa_type=BigInteger)
     last_uid: int = Field(default=0, sa_type=BigInteger)
+    # Until when one replica holds the mailbox (while it reads it), then when it is next due:
+    # replicas split the mailboxes instead of each reading every one.
+    due_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class MailboxEvent(SQLModel, table=True):
