@@ -22,7 +22,7 @@ from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import Outcome
 from shared.settings import Settings
-from tests.conftest import ACCOUNTS, Api, make_settings, running
+from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
 from tests.support.smtp import Certificates, SmtpTestServer, silent_server
@@ -312,3 +312,48 @@ async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
         hang_id
     ][0]
     assert (reports[hang_id][0] - reports[good_id][0]).total_seconds() > 1.5
+
+
+def messages_in(dovecot: DovecotServer, login: str) -> int:
+    client = dovecot.client(login)
+    try:
+        _, data = client.select("INBOX", readonly=True)
+        return int(data[0] or 0)
+    finally:
+        client.logout()
+
+
+@pytest.mark.postgres
+async def test_two_replicas_split_the_mailboxes_and_read_each_message_once(
+    migrated_postgres: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """Two scheduler replicas on one PostgreSQL read at the same moment: each mailbox is read
+    by one of them, each message fetched and classified once; neither reads a mailbox again
+    before its next read is due."""
+    await truncate_postgres(migrated_postgres)
+    settings = make_settings(migrated_postgres, inbox_timeout_seconds=5.0)
+    async with running(settings, combined=True) as one, running(settings, combined=True) as two:
+        tenant = await one.new_tenant()
+        accounts = await add_servers_with_mailboxes(one, tenant, starttls_server, dovecot)
+        for login in accounts.values():
+            for _ in range(5):
+                dovecot.append(
+                    login, mail.reply("x@example.org", mail.our_message_id(uuid.uuid4()))
+                )
+        expected = sum(messages_in(dovecot, login) for login in accounts.values())
+        before = read_messages()
+
+        first, second = await asyncio.gather(reader(one).poll_all(), reader(two).poll_all())
+
+        assert set(first).isdisjoint(second)
+        assert set(first) | set(second) == set(map(uuid.UUID, accounts))
+        assert all(error is None for error in [*first.values(), *second.values()])
+        assert read_messages() - before == expected
+        # Not due again until a poll interval has passed: the next round reads nothing.
+        again = await asyncio.gather(reader(one).poll_all(), reader(two).poll_all())
+        assert again == ({}, {})
+        assert read_messages() - before == expected
+
+
+def read_messages() -> float:
+    return REGISTRY.get_sample_value("abl_mailbox_messages_total") or 0.0

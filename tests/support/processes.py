@@ -133,7 +133,7 @@ def add_smtp_servers(
     tenant: Mapping[str, str],
     port: int,
     accounts: Mapping[str, str],
-    **extra: str,
+    **extra: object,
 ) -> list[dict[str, object]]:
     """Add one STARTTLS server on localhost:`port` per account; return the servers."""
     servers = []
