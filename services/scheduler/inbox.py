@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, feedback, suppression, unsubscribe
+from services.scheduler import domain, feedback, repository, suppression, unsubscribe
 from services.scheduler.feedback import Feedback, Kind
 from services.scheduler.models import (
     Email,
@@ -101,8 +101,6 @@ LEASE_FACTOR = 2.0
 # The next read is due a little before a whole interval, so the replica that just read a
 # mailbox finds it due again on its next round (rounds start `inbox_poll_seconds` apart).
 DUE_FACTOR = 0.9
-# Emails that left: the bounce-rate guard's denominator.
-LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
 
 
 def fetch_new(
@@ -292,25 +290,8 @@ class MailboxReader:
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
         """The guard's verdict on the server's last `bounce_window` sent emails."""
-        query = (
-            select(Email.id, Email.status)
-            .where(Email.server_id == server_id, col(Email.status).in_(LEFT))
-            .order_by(col(Email.sent_at).desc())
-            .limit(self.guard.window)
-        )
-        rows = (await session.exec(query)).all()
-        ids = [email_id for email_id, _ in rows]
-        hard = sum(1 for _, status in rows if status == EmailStatus.bounced)
-        complaints = 0
-        if ids:
-            counted = await session.exec(
-                select(func.count()).where(
-                    MailboxEvent.kind == Kind.complaint.value,
-                    col(MailboxEvent.email_id).in_(ids),
-                )
-            )
-            complaints = int(counted.one())
-        return domain.bounce_verdict(len(rows), hard, complaints, self.guard)
+        counts = await repository.bounce_counts(session, server_id, self.guard.window)
+        return domain.bounce_verdict(counts.sent, counts.hard, counts.complaints, self.guard)
 
     async def apply(self, session: AsyncSession, box: Mailbox, verdict: Feedback) -> int:
         if verdict.kind is Kind.other:

@@ -422,6 +422,24 @@ class WarmupDay(SQLModel):
     allowance: int
 
 
+class ReputationPublic(SQLModel):
+    """What came back from the server's recent emails, as the bounce-rate guard sees it."""
+
+    sample: int = Field(
+        description="Emails that left among the server's last `ABL_BOUNCE_WINDOW` (rates are "
+        "over these)."
+    )
+    bounce_rate: float | None = Field(description="Hard bounces / sample; null before a send.")
+    complaint_rate: float | None = Field(description="Complaints / sample; null before a send.")
+    bounce_pause_ratio: float = Field(description="Above this bounce rate the server pauses.")
+    complaint_pause_ratio: float = Field(description="Above this complaint rate it pauses.")
+    bounced_today: int = Field(description="Of today's sent emails, how many bounced hard.")
+    climb_held_today: bool = Field(
+        description="Today's bounce rate is above half the pause ratio: the warmup step does "
+        "not climb tomorrow."
+    )
+
+
 class WarmupPublic(SQLModel):
     server_id: uuid.UUID
     status: str
@@ -444,6 +462,7 @@ class WarmupPublic(SQLModel):
     rolling_24h_used: int
     parked_until: datetime | None
     next_send_at: datetime | None
+    reputation: ReputationPublic
     projection: list[WarmupDay]
 
 
