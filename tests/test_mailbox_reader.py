@@ -351,7 +351,8 @@ async def test_two_replicas_split_the_mailboxes_and_read_each_message_once(
         assert read_messages() - before == expected
         # Not due again until a poll interval has passed: the next round reads nothing.
         again = await asyncio.gather(reader(one).poll_all(), reader(two).poll_all())
-        assert not again[0] and not again[1]
+        assert not again[0]
+        assert not again[1]
         assert read_messages() - before == expected
 
 
