@@ -196,7 +196,7 @@ class Dispatcher:
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
         self.links = UnsubscribeLinks(
-            unsubscribe.derive_key(settings.internal_token.get_secret_value()),
+            unsubscribe.keys_from(settings.unsubscribe_secrets).signing,
             settings.public_url,
         )
         # Rows created in warmup and day tables since their statistics were last refreshed.

@@ -155,7 +155,7 @@ class MailboxReader:
         self.source = source
         self.allow_private = allow_private
         self.allowed_ports = allowed_ports
-        self.key = unsubscribe.derive_key(settings.internal_token.get_secret_value())
+        self.keys = unsubscribe.keys_from(settings.unsubscribe_secrets)
         # Its own threads: a mailbox that hangs holds one of these, never the event loop's
         # default pool, and never more than `inbox_concurrency` of them.
         self.pool = ThreadPoolExecutor(
@@ -320,7 +320,7 @@ class MailboxReader:
             return 0  # read before (a second replica, or a UIDVALIDITY change)
         if verdict.kind is Kind.unsubscribe and verdict.token:
             with contextlib.suppress(AppError):  # tampered or used: nothing more to do
-                await unsubscribe.use(session, self.key, verdict.token, now, via="mailto")
+                await unsubscribe.use(session, self.keys, verdict.token, now, via="mailto")
             return 1
         if verdict.kind is Kind.auto_reply:
             return 1  # recorded, not a reply: an out-of-office does not stop a sequence

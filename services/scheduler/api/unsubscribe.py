@@ -28,9 +28,9 @@ class Unsubscribed(SQLModel):
     unsubscribed: bool = True
 
 
-def key_of(request: Request) -> bytes:
+def keys_of(request: Request) -> unsubscribe.Keys:
     settings: SchedulerSettings = request.app.state.settings
-    return unsubscribe.derive_key(settings.internal_token.get_secret_value())
+    return unsubscribe.keys_from(settings.unsubscribe_secrets)
 
 
 @router.post(
@@ -43,7 +43,7 @@ def key_of(request: Request) -> bytes:
 )
 async def one_click(token: TokenPath, request: Request, session: SessionDep) -> Unsubscribed:
     # The body (`List-Unsubscribe=One-Click`, form-encoded) carries nothing the link does not.
-    await unsubscribe.use(session, key_of(request), token, utcnow(), via="one-click")
+    await unsubscribe.use(session, keys_of(request), token, utcnow(), via="one-click")
     return Unsubscribed()
 
 
