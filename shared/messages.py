@@ -118,6 +118,11 @@ class SmtpCredentials(BaseModel):
     from_name: str
     status: str = Field(description="The registry's status; only `active` servers send.")
     daily_cap: int
+    per_minute: int | None = Field(
+        default=None,
+        description="The provider's limit of messages a minute (Microsoft 365: 30), which the "
+        "sender holds; null when it has none.",
+    )
 
 
 class ImapCredentials(BaseModel):

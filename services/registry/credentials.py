@@ -18,6 +18,7 @@ from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
 from shared.db import table_of
 from shared.messages import SmtpCredentials
+from shared.providers import detect
 from shared.timeutil import utcnow
 
 
@@ -65,6 +66,9 @@ async def server_credentials(
         from_name=server.from_name,
         status=status.value,
         daily_cap=server.daily_cap,
+        per_minute=provider.per_minute
+        if (provider := detect(server.host, server.username))
+        else None,
     )
 
 
