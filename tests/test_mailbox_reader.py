@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlmodel import select
 
+from services.registry.models import RegistryOutbox
 from services.scheduler.inbox import MailboxReader, MailboxRef
 from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.imap import ImapEndpoint, ImapSecurity
@@ -358,3 +359,46 @@ async def test_two_replicas_split_the_mailboxes_and_read_each_message_once(
 
 def read_messages() -> float:
     return REGISTRY.get_sample_value("abl_mailbox_messages_total") or 0.0
+
+
+async def test_the_registry_s_internal_routes_for_the_reader(
+    app: Api, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """What the scheduler's reader uses in the stack: a mailbox's access (internal token only,
+    not cached), the report of a read, and a bounce pause that happens once."""
+    tenant = await app.new_tenant()
+    accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+    server_id, login = next(iter(accounts.items()))
+    path = f"/internal/v1/servers/{server_id}"
+    refused = await app.client.get(f"{path}/imap-credentials", headers=tenant)
+    assert refused.status_code == 401
+    access = await app.client.get(f"{path}/imap-credentials", headers=app.internal())
+    assert access.status_code == 200
+    assert access.headers["cache-control"] == "no-store"
+    assert (access.json()["username"], access.json()["password"]) == (login, ACCOUNTS[login])
+    assert access.json()["port"] == dovecot.tls_port
+    missing = await app.client.get(
+        f"/internal/v1/servers/{uuid.uuid4()}/imap-credentials", headers=app.internal()
+    )
+    assert (missing.status_code, missing.json()["code"]) == (404, "mailbox_not_found")
+
+    polled = await app.client.post(
+        f"{path}/mailbox-poll",
+        json={"polled_at": "2026-11-27T10:00:00Z", "error": "timeout: no answer"},
+        headers=app.internal(),
+    )
+    assert polled.status_code == 204
+    view = (await app.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+    assert view["imap"]["last_poll_at"].startswith("2026-11-27T10:00:00")
+    assert view["imap"]["last_poll_error"] == "timeout: no answer"
+    assert "password" not in view["imap"]
+
+    for _ in range(2):  # a second replica's pause changes nothing more
+        paused = await app.client.post(
+            f"{path}/bounce-pause", json={"reason": "hard bounces"}, headers=app.internal()
+        )
+        assert paused.json()["status"] == "paused_bounces"
+    async with app.app.state.sessions() as session:
+        outbox = (await session.exec(select(RegistryOutbox))).all()
+    changes = [row for row in outbox if b"paused_bounces" in row.body]
+    assert len(changes) == 1

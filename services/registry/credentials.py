@@ -106,16 +106,26 @@ async def pause_for_bounces(
     session: AsyncSession, server_id: uuid.UUID, reason: str
 ) -> SmtpServer | None:
     """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so. The
-    server as it now is; None when it does not exist."""
+    server as it now is; None when it does not exist. One conditional UPDATE, so that of two
+    replicas pausing it at once one writes the `server.status_changed` event."""
     server = await session.get(SmtpServer, server_id)
-    if server is None or server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
-        return server
+    if server is None:
+        return None
     previous = str(server.status)
-    server.status = ServerStatus.paused_bounces
-    server.status_reason = reason[:512]
-    server.updated_at = utcnow()
-    session.add(server)
-    await events.record_change(
-        session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+    table = table_of(SmtpServer)
+    paused = (ServerStatus.paused, ServerStatus.paused_bounces)
+    changed = await session.exec(
+        update(table)
+        .where(table.c.id == server_id, table.c.status.not_in(paused))
+        .values(
+            status=ServerStatus.paused_bounces.value,
+            status_reason=reason[:512],
+            updated_at=utcnow(),
+        )
     )
+    if changed.rowcount:
+        await events.record_change(
+            session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+        )
+    await session.refresh(server)
     return server
