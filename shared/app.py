@@ -3,6 +3,8 @@ database opened in the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
@@ -103,3 +105,20 @@ def build_app(
         return Health(status="ready")
 
     return app
+
+
+@asynccontextmanager
+async def background(
+    run: Callable[[asyncio.Event], Awaitable[None]] | None, *, stop_seconds: float
+) -> AsyncIterator[None]:
+    """`run(stop)` as a task for as long as the block lasts (none when `run` is None); on the
+    way out `stop` is set and the task given up to `stop_seconds` to finish."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run(stop)) if run is not None else None
+    try:
+        yield
+    finally:
+        stop.set()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, timeout=stop_seconds)

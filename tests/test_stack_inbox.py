@@ -98,32 +98,20 @@ def test_bounces_and_replies_read_in_the_stack_pause_a_server_and_stop_sequences
         login_of = {str(s["id"]): str(s["username"]) for s in servers}
         asyncio.run(warm_up(stack.settings.database_url, list(login_of)))
 
-        intro = scheduler.post(
-            "/v1/messages",
-            json={
-                "messages": [
-                    {"to": lead, "subject": "Hi", "text": "x", "sequence": "intro"}
-                    for lead in leads
-                ]
-            },
-            headers=tenant,
-        )
-        assert intro.status_code == 202, intro.text
-        intro_ids = intro.json()["ids"]
+        def sequence_step(subject: str) -> list[str]:
+            step = [
+                {"to": to, "subject": subject, "text": "x", "sequence": "intro"} for to in leads
+            ]
+            accepted = scheduler.post("/v1/messages", json={"messages": step}, headers=tenant)
+            assert accepted.status_code == 202, accepted.text
+            ids: list[str] = accepted.json()["ids"]
+            return ids
+
+        intro_ids = sequence_step("Hi")
         wait_until(lambda: smtp.recorder.accepted.total() == LEADS, seconds=90)
         assert set(smtp.recorder.accepted.values()) == {DAILY_CAP}  # through all three
         # The follow-ups wait: every server has sent today's allowance.
-        follow = scheduler.post(
-            "/v1/messages",
-            json={
-                "messages": [
-                    {"to": lead, "subject": "Again", "text": "x", "sequence": "intro"}
-                    for lead in leads
-                ]
-            },
-            headers=tenant,
-        )
-        follow_ids = follow.json()["ids"]
+        follow_ids = sequence_step("Again")
 
         def email(email_id: str) -> dict[str, Any]:
             found: dict[str, Any] = scheduler.get(f"/v1/messages/{email_id}", headers=tenant).json()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,7 +15,7 @@ from services.registry.oauth import providers as oauth_providers
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.tokens import TokenKeeper
 from services.registry.verifier import Verifier
-from shared.app import Resource, build_app, database
+from shared.app import Resource, background, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
 from shared.outbox import Outbox
@@ -60,15 +58,8 @@ def registry_resources(
         app.state.registry_outbox = relay
         if recover_in_memory:
             await relay.republish_recent()
-        stop = asyncio.Event()
-        task = asyncio.create_task(relay.run(stop)) if run_loop else None
-        try:
+        async with background(relay.run if run_loop else None, stop_seconds=30):
             yield
-        finally:
-            stop.set()
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(task, timeout=30)
 
     return resource
 

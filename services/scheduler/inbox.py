@@ -166,6 +166,16 @@ class MailboxReader:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read the due mailboxes every `inbox_poll_seconds` until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self.poll_all()
+            except Exception:
+                logger.exception("reading the mailboxes failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.inbox_poll_seconds)
+
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
         """Read every mailbox that is due and that no other replica holds, concurrently; each
         one read's error (or None). Mailboxes not read this time are not in the answer."""
@@ -422,13 +432,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, imaplib.IMAP4.error):
         return "the IMAP server refused the login or the command"
     return f"could not read the mailbox ({type(exc).__name__})"
-
-
-async def run(reader: MailboxReader, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await reader.poll_all()
-        except Exception:
-            logger.exception("reading the mailboxes failed; trying again")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=reader.settings.inbox_poll_seconds)

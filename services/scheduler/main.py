@@ -20,7 +20,7 @@ from services.scheduler.mailbox_source import HttpMailboxSource
 from services.scheduler.models import MessageBatch, SchedulerOutbox
 from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
-from shared.app import Resource, add_readiness_check, build_app, database
+from shared.app import Resource, add_readiness_check, background, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
@@ -124,15 +124,10 @@ def mailbox_reader(
                 allowed_ports=settings.allowed_imap_ports,
             )
             app.state.mailbox_reader = reader
-            stop = asyncio.Event()
-            task = asyncio.create_task(inbox.run(reader, stop)) if run_loop else None
             try:
-                yield
+                async with background(reader.run if run_loop else None, stop_seconds=10):
+                    yield
             finally:
-                stop.set()
-                if task is not None:
-                    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                        await asyncio.wait_for(task, timeout=10)
                 reader.close()
 
     return resource
