@@ -324,6 +324,12 @@ class SchedulerSettings(
     inbox_poll_seconds: float = Field(default=60.0, gt=0)
     inbox_timeout_seconds: float = Field(default=30.0, gt=0)
     inbox_concurrency: int = Field(default=32, ge=1, le=1000)
+    # IMAP IDLE where a server advertises it: after a read, a replica keeps one connection per
+    # mailbox (at most `inbox_idle_max`) in IDLE, renewed every `inbox_idle_seconds` (under
+    # the 29 minutes of RFC 2177), and reads the mailbox as soon as a message arrives. Polling
+    # every `inbox_poll_seconds` stays, as the fallback. 0 turns IDLE off.
+    inbox_idle_max: int = Field(default=100, ge=0, le=10_000)
+    inbox_idle_seconds: float = Field(default=1500.0, gt=0, le=1740)
     # The bounce-rate guard: a server whose hard bounces over its last `bounce_window` sent
     # emails pass `bounce_pause_ratio` (or complaints `complaint_pause_ratio`) is paused; not
     # judged before `bounce_min_sent` sends, where one bounce would be a large ratio.

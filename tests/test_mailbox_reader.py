@@ -402,3 +402,40 @@ async def test_the_registry_s_internal_routes_for_the_reader(
         outbox = (await session.exec(select(RegistryOutbox))).all()
     changes = [row for row in outbox if b"paused_bounces" in row.body]
     assert len(changes) == 1
+
+
+async def test_idle_reads_a_new_message_long_before_the_next_poll(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """Dovecot advertises IDLE: after its first read the reader keeps each mailbox in IDLE and
+    reads a message that arrives at once, where polling would wait two minutes."""
+    poll = 120.0
+    settings = make_settings(database_url, inbox_poll_seconds=poll, inbox_timeout_seconds=5.0)
+    async with running(settings, combined=True) as app:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        subject = reader(app)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(subject.run(stop))
+        try:
+            for _ in range(200):  # the first round reads every mailbox and starts watching
+                if len(subject.watching) == len(accounts):
+                    break
+                await asyncio.sleep(0.05)
+            assert set(subject.watching) == set(map(uuid.UUID, accounts))
+            await asyncio.sleep(1.0)  # the watchers' IDLE commands are under way
+            raw = mail.reply("x@example.org", mail.our_message_id(uuid.uuid4()))
+            key = mail_key(raw)
+            started = time.monotonic()
+            dovecot.append(next(iter(accounts.values())), raw)
+            found = None
+            while found is None and time.monotonic() - started < poll / 2:
+                async with app.app.state.sessions() as session:
+                    query = select(MailboxEvent).where(MailboxEvent.key == key)
+                    found = (await session.exec(query)).first()
+                await asyncio.sleep(0.1)
+            assert found is not None, "not read before half the poll interval"
+            assert found.kind == "reply"
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, timeout=10)

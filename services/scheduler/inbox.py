@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import imaplib
 import logging
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -134,6 +136,33 @@ def fetch_new(
             client.logout()
 
 
+def watch_idle(
+    address: str,
+    endpoint: imap.ImapEndpoint,
+    timeout: float,
+    renew_seconds: float,
+    stop: threading.Event,
+    arrived: Callable[[], None],
+) -> bool:
+    """Sit in IMAP IDLE on INBOX (read-only) and call `arrived` whenever the server announces
+    a new message, until `stop` is set; False at once when the server does not advertise IDLE.
+    Blocking: one thread of the reader's IDLE pool."""
+    client = imap.connect(address, endpoint, timeout)
+    try:
+        if not imap.supports_idle(client):
+            return False
+        typ, _ = client.select("INBOX", readonly=True)
+        if typ != "OK":
+            raise imaplib.IMAP4.error("INBOX cannot be selected")
+        while not stop.is_set():
+            if imap.idle_once(client, renew_seconds, stop):
+                arrived()
+        return True
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+
+
 class MailboxReader:
     def __init__(
         self,
@@ -162,19 +191,98 @@ class MailboxReader:
             max_workers=settings.inbox_concurrency, thread_name_prefix="abl-inbox"
         )
         self.slots = asyncio.Semaphore(settings.inbox_concurrency)
+        # IMAP IDLE: one thread and connection per watched mailbox, in a pool of their own.
+        self.idle_pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.inbox_idle_max), thread_name_prefix="abl-idle"
+        )
+        self.idle_stop = threading.Event()
+        self.watching: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        self.no_idle: set[uuid.UUID] = set()  # servers that do not advertise IDLE
+        self.targets: dict[uuid.UUID, tuple[str, Mailbox]] = {}
+        self.arrived: set[uuid.UUID] = set()
+        self.wake = asyncio.Event()
 
     def close(self) -> None:
+        self.idle_stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.idle_pool.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read the due mailboxes every `inbox_poll_seconds` until `stop` is set."""
+        """Read the due mailboxes every `inbox_poll_seconds`, and a watched mailbox as soon as
+        IDLE says a message arrived, until `stop` is set."""
         while not stop.is_set():
             try:
-                await self.poll_all()
+                arrived, self.arrived = self.arrived, set()
+                await self._make_due(arrived)
+                read = await self.poll_all()
+                self._watch([server_id for server_id, error in read.items() if error is None])
             except Exception:
                 logger.exception("reading the mailboxes failed; trying again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.inbox_poll_seconds)
+            self.wake.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            await asyncio.wait(
+                waits, timeout=self.settings.inbox_poll_seconds, return_when="FIRST_COMPLETED"
+            )
+            for waiting in waits:
+                waiting.cancel()
+
+    async def _make_due(self, server_ids: set[uuid.UUID]) -> None:
+        """Due now: a message arrived. (Should another replica be reading the mailbox at this
+        moment, its lease is cut short and the mailbox may be read twice at once; the events'
+        unique key still counts each message once.)"""
+        if not server_ids:
+            return
+        table = table_of(MailboxCursor)
+        async with self.sessions() as session, session.begin():
+            await session.exec(
+                update(table)
+                .where(table.c.server_id.in_(sorted(server_ids)))
+                .values(due_at=utcnow())
+            )
+
+    def _watch(self, server_ids: list[uuid.UUID]) -> None:
+        """Keep an IDLE connection on each of these mailboxes (read just now without error),
+        up to `inbox_idle_max`; a server that does not advertise IDLE is polled only."""
+        loop = asyncio.get_running_loop()
+        for server_id in server_ids:
+            running = self.watching.get(server_id)
+            if running is not None and not running.done():
+                continue
+            if server_id in self.no_idle or server_id not in self.targets:
+                continue
+            if sum(not f.done() for f in self.watching.values()) >= self.settings.inbox_idle_max:
+                return
+            address, box = self.targets[server_id]
+
+            def arrived(server_id: uuid.UUID = server_id) -> None:
+                loop.call_soon_threadsafe(self._arrived, server_id)
+
+            future = loop.run_in_executor(
+                self.idle_pool,
+                watch_idle,
+                address,
+                box.endpoint,
+                self.settings.inbox_timeout_seconds,
+                self.settings.inbox_idle_seconds,
+                self.idle_stop,
+                arrived,
+            )
+            future.add_done_callback(functools.partial(self._watch_ended, server_id))
+            self.watching[server_id] = future
+
+    def _arrived(self, server_id: uuid.UUID) -> None:
+        self.arrived.add(server_id)
+        self.wake.set()
+
+    def _watch_ended(self, server_id: uuid.UUID, done: asyncio.Future[bool]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None and done.result() is False:
+            self.no_idle.add(server_id)
+        elif error is not None and not self.idle_stop.is_set():
+            # Started again after the mailbox's next good read; polling covers the gap.
+            logger.info("IDLE on the mailbox of server %s ended: %s", server_id, _describe(error))
 
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
         """Read every mailbox that is due and that no other replica holds, concurrently; each
@@ -268,6 +376,8 @@ class MailboxReader:
         )
         if isinstance(target, imap.ImapCheck):
             raise OSError(target.detail)
+        if self.settings.inbox_idle_max:
+            self.targets[box.server_id] = (target, box)
         async with self.sessions() as session:
             cursor = await session.get(MailboxCursor, box.server_id)
             validity, last = (cursor.uidvalidity, cursor.last_uid) if cursor else (0, 0)
