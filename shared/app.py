@@ -4,9 +4,10 @@ database opened in the lifespan."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -21,6 +22,33 @@ from shared.settings import CommonSettings, DatabaseSettings
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+logger = logging.getLogger("abl.app")
+
+
+@asynccontextmanager
+async def background_loops(*loops: Loop, grace_seconds: float = 30) -> AsyncIterator[None]:
+    """Run loops that watch a stop event for the life of the block.
+
+    On the way out each loop is asked to stop and given `grace_seconds` to finish the batch it
+    holds (a loop cut mid-batch leaves work for the sweep instead of finishing it); one that
+    failed or overran is logged and the others are still waited for, so the resources closed
+    after this block are never closed under a running loop.
+    """
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(loop(stop)) for loop in loops]
+    try:
+        yield
+    finally:
+        stop.set()
+        for task in tasks:
+            try:
+                await asyncio.wait_for(task, timeout=grace_seconds)
+            except (asyncio.CancelledError, TimeoutError):
+                logger.warning("background loop %s did not stop in time", task.get_coro())
+            except Exception:
+                logger.exception("background loop %s failed", task.get_coro())
 
 
 def add_readiness_check(app: FastAPI, check: ReadinessCheck) -> None:
@@ -105,20 +133,3 @@ def build_app(
         return Health(status="ready")
 
     return app
-
-
-@asynccontextmanager
-async def background(
-    run: Callable[[asyncio.Event], Awaitable[None]] | None, *, stop_seconds: float
-) -> AsyncIterator[None]:
-    """`run(stop)` as a task for as long as the block lasts (none when `run` is None); on the
-    way out `stop` is set and the task given up to `stop_seconds` to finish."""
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(run(stop)) if run is not None else None
-    try:
-        yield
-    finally:
-        stop.set()
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(task, timeout=stop_seconds)

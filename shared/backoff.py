@@ -23,23 +23,30 @@ async def patiently(
     call: Callable[[], Awaitable[T]],
     *,
     retry_on: tuple[type[BaseException], ...],
-    limit_seconds: float,
+    limit_seconds: float | None,
     what: str,
     logger: logging.Logger,
     stopping: Callable[[], bool] = lambda: False,
     on_wait: Callable[[], None] = lambda: None,
+    max_delay: float = MAX_DELAY_SECONDS,
 ) -> T:
     """`call()`, tried again with backoff while it raises one of `retry_on`; `GaveUp` (chained
-    to the last error) once `limit_seconds` would be passed or `stopping()` is true."""
-    deadline = time.monotonic() + limit_seconds
+    to the last error) once `limit_seconds` would be passed or `stopping()` is true. With no
+    limit it waits for as long as the caller lives: what a background connection does, where
+    nobody is waiting on the other end to be told."""
+    deadline = None if limit_seconds is None else time.monotonic() + limit_seconds
     delay = FIRST_DELAY_SECONDS
     while True:
         try:
             return await call()
         except retry_on as exc:
-            if stopping() or time.monotonic() + delay > deadline:
+            over = deadline is not None and time.monotonic() + delay > deadline
+            if stopping() or over:
                 raise GaveUp(f"{what} unavailable: {type(exc).__name__}") from exc
             on_wait()
-            logger.warning("%s unavailable (%s); waiting %.1f s", what, type(exc).__name__, delay)
+            # The name of the failure only: a broker or database error's text can hold its URL.
+            logger.warning(
+                "waiting for %s (%s); next try in %.1f s", what, type(exc).__name__, delay
+            )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY_SECONDS)
+            delay = min(delay * 2, max_delay)

@@ -37,6 +37,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from shared.backoff import GaveUp, patiently
 from shared.errors import PermanentMessageError
 from shared.metrics import DEAD_LETTERED
 
@@ -180,24 +181,18 @@ class RabbitBus:
             raise BrokerUnavailable("RabbitMQ did not answer") from exc
 
     async def _connect_until_done(self) -> None:
-        delay = 0.5
-        while not self._closing:
-            try:
-                await self._connect_once()
-            except Exception as exc:
-                # The URL holds a password: name the failure, never the URL.
-                logger.warning(
-                    "waiting for RabbitMQ (%s: %s); next try in %.1f s",
-                    type(exc).__name__,
-                    str(exc)[:200],
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, CONNECT_BACKOFF_MAX_SECONDS)
-            else:
-                logger.info("connected to RabbitMQ")
-                self.connected.set()
-                return
+        with contextlib.suppress(GaveUp):  # closed before the broker ever answered
+            await patiently(
+                self._connect_once,
+                retry_on=(Exception,),
+                limit_seconds=None,
+                what="RabbitMQ",
+                logger=logger,
+                stopping=lambda: self._closing,
+                max_delay=CONNECT_BACKOFF_MAX_SECONDS,
+            )
+            logger.info("connected to RabbitMQ")
+            self.connected.set()
 
     async def _connect_once(self) -> None:
         connection = await aio_pika.connect_robust(
@@ -326,21 +321,36 @@ class RabbitBus:
             consumer.starting = asyncio.create_task(self._start_when_connected(queue, consumer))
 
     async def _start_when_connected(self, queue: str, consumer: _Consumer) -> None:
-        delay = 0.5
-        while self.consumers.get(queue) is consumer and not self._closing:
-            try:
-                await self._ready()
-                await self._start_consumer(queue, consumer)
-                return
-            except Exception as exc:
-                logger.warning(
-                    "cannot consume %s yet (%s); next try in %.1f s",
-                    queue,
-                    type(exc).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, CONNECT_BACKOFF_MAX_SECONDS)
+        await self._when_connected(
+            lambda: self._start_consumer(queue, consumer),
+            what=f"RabbitMQ to consume {queue}",
+            given_up=lambda: self.consumers.get(queue) is not consumer,
+        )
+
+    async def _when_connected(
+        self,
+        start: Callable[[], Awaitable[None]],
+        *,
+        what: str,
+        given_up: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`start()` once connected, tried again with backoff until it works, the bus closes
+        or the caller gives it up."""
+
+        async def connected_then_start() -> None:
+            await self._ready()
+            await start()
+
+        with contextlib.suppress(GaveUp):
+            await patiently(
+                connected_then_start,
+                retry_on=(Exception,),
+                limit_seconds=None,
+                what=what,
+                logger=logger,
+                stopping=lambda: self._closing or given_up(),
+                max_delay=CONNECT_BACKOFF_MAX_SECONDS,
+            )
 
     async def _start_consumer(self, queue: str, consumer: _Consumer) -> None:
         assert self.connection is not None
@@ -396,20 +406,13 @@ class RabbitBus:
             await self._start_subscriber(topic, handler)
         else:
             self.background.append(
-                asyncio.create_task(self._subscribe_when_connected(topic, handler))
+                asyncio.create_task(
+                    self._when_connected(
+                        lambda: self._start_subscriber(topic, handler),
+                        what=f"RabbitMQ to subscribe to {topic}",
+                    )
+                )
             )
-
-    async def _subscribe_when_connected(self, topic: str, handler: Handler) -> None:
-        delay = 0.5
-        while not self._closing:
-            try:
-                await self._ready()
-                await self._start_subscriber(topic, handler)
-                return
-            except Exception as exc:
-                logger.warning("cannot subscribe to %s yet (%s)", topic, type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, CONNECT_BACKOFF_MAX_SECONDS)
 
     async def _start_subscriber(self, topic: str, handler: Handler) -> None:
         assert self.connection is not None

@@ -34,6 +34,21 @@ SERVER_VERIFICATION_DURATION = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 10, 15),
 )
 
+OAUTH_CONNECTS = Counter(
+    "abl_oauth_connects_total",
+    "OAuth connections that came back through the callback, by provider (`unknown` when the "
+    "state named no flow) and outcome (`connected`, or the error code the frontend receives; "
+    "codes outside the documented list count as `other`).",
+    ["provider", "outcome"],
+)
+OAUTH_TOKEN_REFRESHES = Counter(
+    "abl_oauth_token_refreshes_total",
+    "Access-token refreshes asked of an OAuth provider, by provider and outcome (`ok`; "
+    "`grant_gone`: consent revoked, the server is auth_failed until reconnected; "
+    "`unavailable`: the provider could not answer, the sender waits and asks again).",
+    ["provider", "outcome"],
+)
+
 
 class MetricsMiddleware:
     """Counts and times every request under its route template, not its raw path."""

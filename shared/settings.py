@@ -234,6 +234,8 @@ class OAuthSettings(CommonSettings):
     oauth_google_authorize_url: str | None = None
     oauth_google_token_url: str | None = None
     oauth_google_userinfo_url: str | None = None
+    oauth_google_jwks_url: str | None = None
+    oauth_google_issuer: str | None = None
     oauth_google_smtp_host: str | None = None
     oauth_google_smtp_port: int | None = Field(default=None, ge=1, le=65535)
 
@@ -245,6 +247,8 @@ class OAuthSettings(CommonSettings):
     oauth_microsoft_authorize_url: str | None = None
     oauth_microsoft_token_url: str | None = None
     oauth_microsoft_userinfo_url: str | None = None
+    oauth_microsoft_jwks_url: str | None = None
+    oauth_microsoft_issuer: str | None = None
     oauth_microsoft_smtp_host: str | None = None
     oauth_microsoft_smtp_port: int | None = Field(default=None, ge=1, le=65535)
 

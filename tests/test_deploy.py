@@ -259,3 +259,27 @@ def test_no_workload_can_read_a_secret_its_service_does_not_use() -> None:
         assert needed <= reachable, (service, needed - reachable)
         seen.add(service)
     assert seen == {"registry", "scheduler", "sender", "webhooks", "migrate"}
+
+
+def test_every_public_path_reaches_its_service_through_the_gateway_and_the_ingress() -> None:
+    """Each path of a service's public spec is routed to that service, by the gateway (the
+    stack) and by the Ingress (Kubernetes), e.g. the OAuth callback to the registry."""
+    from services.gateway.domain import route
+
+    ingress = yaml.safe_load((K8S / "base" / "ingress.yaml").read_text())
+    rules = [
+        (re.compile(f"^{p['path']}"), p["backend"]["service"]["name"].removeprefix("abl-"))
+        for p in ingress["spec"]["rules"][0]["http"]["paths"]
+    ]
+    checked = 0
+    for service in ("registry", "scheduler", "webhooks"):
+        spec = json.loads((ROOT / "openapi" / f"{service}.json").read_text())
+        for template in spec["paths"]:
+            if not template.startswith("/v1/"):
+                continue  # probes are not public
+            path = re.sub(r"\{[^}]+\}", "x1", template)
+            assert route(path) == service, template
+            # ingress-nginx tries regex paths longest first: no path may match two services'.
+            assert {name for pattern, name in rules if pattern.match(path)} == {service}, template
+            checked += 1
+    assert checked >= 24

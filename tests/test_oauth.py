@@ -20,11 +20,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.registry.keys import rotate_keys
 from services.registry.models import OAuthFlow, SmtpServer
+from services.registry.oauth.client import JWKS_MIN_REFETCH_SECONDS, expected_issuers
 from services.registry.oauth.flows import VERIFIER_PURPOSE
+from services.registry.oauth.providers import PROVIDERS
 from services.sender.clients import (
     CachedCredentials,
     DependencyUnavailable,
@@ -36,7 +39,13 @@ from shared.crypto import Keyring, associated_data, generate_key
 from shared.db import create_engine, session_factory
 from shared.settings import Settings, decode_key
 from tests.conftest import Api, make_settings, running
-from tests.support.oauth import AuthorizationServer, XOAuth2Recorder, authorization_server, s256
+from tests.support.oauth import (
+    FORGERIES,
+    AuthorizationServer,
+    XOAuth2Recorder,
+    authorization_server,
+    s256,
+)
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 API_BASE = "http://registry"  # the test client's base URL: the redirect URI lives there
@@ -173,6 +182,93 @@ async def test_connect_google_and_microsoft_end_to_end(
     assert creds["password"] == ""
     assert authority.token_valid("o1@example.com", creds["access_token"])
     assert not any(token in str(creds) for token in authority.issued_refresh_tokens)
+
+
+@pytest.mark.parametrize(
+    ("provider", "claims", "issuers"),
+    [
+        ("google", {}, ["https://accounts.google.com", "accounts.google.com"]),
+        (
+            "microsoft",
+            {"tid": "9188040d-6c67-4c5b-b112-36a304b66dad"},
+            ["https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"],
+        ),
+        ("microsoft", {}, []),
+        ("microsoft", {"tid": "evil.test/x"}, []),
+        ("microsoft", {"tid": 42}, []),
+    ],
+)
+def test_the_issuers_an_id_token_may_name(
+    provider: str, claims: dict[str, Any], issuers: list[str]
+) -> None:
+    assert expected_issuers(PROVIDERS[provider], claims) == issuers
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_forged_unsigned_or_misaddressed_id_token_is_refused(
+    api: Api, authority: AuthorizationServer, oauth_smtp: SmtpTestServer
+) -> None:
+    """Microsoft's answer carries an ID token; the address is taken from it only once its
+    signature checks against the provider's JWKS and its issuer, audience and lifetime hold."""
+    tenant = await api.new_tenant()
+    before = sample("abl_oauth_connects_total", provider="microsoft", outcome="invalid_id_token")
+    for forgery in FORGERIES:
+        authority.forge_next = forgery
+        started = await start(api, tenant, "microsoft")
+        callback = await authorize(authority, started["authorize_url"], "o2@example.com")
+        response = await api.client.get(callback.removeprefix(API_BASE))
+        assert landing(response) == {"error": "invalid_id_token"}, forgery
+        assert authority.forge_next is None, "the token endpoint was not reached"
+        status = await api.client.get(f"/v1/servers/oauth/flows/{started['state']}", headers=tenant)
+        assert status.json()["error"] == "invalid_id_token"
+    after = sample("abl_oauth_connects_total", provider="microsoft", outcome="invalid_id_token")
+    assert after - before == len(FORGERIES)
+    assert (await api.client.get("/v1/servers", headers=tenant)).json()["items"] == []
+    assert oauth_smtp.recorder.logins == {}, "no SMTP check ran on a refused token"
+    # A token signed with the published key connects.
+    connected = sample("abl_oauth_connects_total", provider="microsoft", outcome="connected")
+    done = await connect(api, authority, tenant, "o2@example.com", "microsoft")
+    assert "server_id" in done
+    assert sample("abl_oauth_connects_total", provider="microsoft", outcome="connected") == (
+        connected + 1
+    )
+
+
+async def test_rotated_signing_keys_are_fetched_again_at_most_once_a_minute(
+    api: Api, authority: AuthorizationServer
+) -> None:
+    tenant = await api.new_tenant()
+    assert "server_id" in await connect(api, authority, tenant, "o2@example.com", "microsoft")
+    assert authority.jwks_fetches == 1
+    assert "server_id" in await connect(api, authority, tenant, "o3@example.com", "microsoft")
+    assert authority.jwks_fetches == 1  # the keys are kept
+
+    authority.rotate_key()
+    # Within a minute of the last fetch an unknown key id is refused without asking the
+    # provider again: made-up key ids cannot turn the registry against the provider.
+    refused = await connect(api, authority, tenant, "o4@example.com", "microsoft")
+    assert refused == {"error": "invalid_id_token"}
+    assert authority.jwks_fetches == 1
+    client = api.app.state.oauth_client
+    for cached in client.jwks.values():
+        cached.fetched -= JWKS_MIN_REFETCH_SECONDS  # as a minute passing would
+    assert "server_id" in await connect(api, authority, tenant, "o4@example.com", "microsoft")
+    assert authority.jwks_fetches == 2
+
+
+async def test_the_jwks_out_of_reach_lands_with_a_code(
+    database_url: str, authority: AuthorizationServer, oauth_smtp: SmtpTestServer
+) -> None:
+    closed = f"https://localhost:{oauth_smtp.port}/keys"  # an SMTP port: no HTTPS there
+    settings = oauth_settings(database_url, authority, oauth_smtp, oauth_microsoft_jwks_url=closed)
+    async with running(settings) as api:
+        tenant = await api.new_tenant()
+        done = await connect(api, authority, tenant, "o2@example.com", "microsoft")
+        assert done == {"error": "provider_unavailable"}
+        assert (await api.client.get("/v1/servers", headers=tenant)).json()["items"] == []
 
 
 async def test_a_provider_not_configured_answers_404_with_a_hint(
@@ -720,6 +816,10 @@ async def test_the_refresh_route_refreshes_once_for_many_senders(
     done = await connect(api, authority, tenant, "o2@example.com", "microsoft")
     server_id = uuid.UUID(done["server_id"])
     registry = HttpRegistry(api.client, api.settings.internal_token.get_secret_value())
+    refreshed = {
+        outcome: sample("abl_oauth_token_refreshes_total", provider="microsoft", outcome=outcome)
+        for outcome in ("ok", "grant_gone")
+    }
     # Ten senders, each with a cache of its own, all holding the token the server refused.
     senders = [
         CachedCredentials(registry.fetch, registry.report, 60.0, registry.refresh)
@@ -751,6 +851,14 @@ async def test_the_refresh_route_refreshes_once_for_many_senders(
     assert (gone.status, gone.access_token) == ("auth_failed", None)
     server = (await api.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
     assert server["status"] == "auth_failed"
+    # One successful refresh and one refused, as the provider saw them.
+    assert {
+        outcome: sample("abl_oauth_token_refreshes_total", provider="microsoft", outcome=outcome)
+        - before
+        for outcome, before in refreshed.items()
+    } == {"ok": 1, "grant_gone": 1}
+    exposition = (await api.client.get("/metrics")).text
+    assert 'abl_oauth_token_refreshes_total{outcome="ok",provider="microsoft"}' in exposition
 
 
 async def test_the_provider_unreachable_on_refresh_is_a_503_the_sender_waits_on(
@@ -769,8 +877,15 @@ async def test_the_provider_unreachable_on_refresh_is_a_503_the_sender_waits_on(
         providers["google"] = replace(
             providers["google"], token_url=f"https://localhost:{oauth_smtp.port}/token"
         )
+        unavailable = sample(
+            "abl_oauth_token_refreshes_total", provider="google", outcome="unavailable"
+        )
         with pytest.raises(DependencyUnavailable):
             await registry.refresh(server_id, token_digest(current.access_token))
+        assert (
+            sample("abl_oauth_token_refreshes_total", provider="google", outcome="unavailable")
+            == unavailable + 1
+        )
         server = (await api.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
         assert server["status"] == "active"  # the server is not at fault
 

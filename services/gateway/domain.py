@@ -12,7 +12,7 @@ SCHEDULER_PATHS = (
     re.compile(r"^/v1/unsubscribe/[^/]+$"),
     re.compile(r"^/v1/servers/[^/]+/warmup$"),
 )
-REGISTRY_PATHS = (re.compile(r"^/v1/(tenants|servers)(/.*)?$"),)
+REGISTRY_PATHS = (re.compile(r"^/v1/(tenants|servers|oauth)(/.*)?$"),)
 WEBHOOK_PATHS = (re.compile(r"^/v1/webhooks(/.*)?$"),)
 
 

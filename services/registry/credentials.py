@@ -46,6 +46,9 @@ async def server_credentials(
     if AuthMethod(server.auth) is AuthMethod.password:
         password = repository.open_password(keyring, server)
     elif status is ServerStatus.active:
+        # The read is over: end its transaction before waiting, so that callers waiting for
+        # one refresh (however many) hold no pooled connection the refresh itself needs.
+        await session.commit()
         token = await tokens.token(server, rejected_token)
         if token is None:
             status = ServerStatus.auth_failed  # the grant is gone; the row says so now

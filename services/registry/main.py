@@ -15,7 +15,7 @@ from services.registry.oauth import providers as oauth_providers
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.tokens import TokenKeeper
 from services.registry.verifier import Verifier
-from shared.app import Resource, background, build_app, database
+from shared.app import Resource, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
 from shared.outbox import Outbox
@@ -58,7 +58,7 @@ def registry_resources(
         app.state.registry_outbox = relay
         if recover_in_memory:
             await relay.republish_recent()
-        async with background(relay.run if run_loop else None, stop_seconds=30):
+        async with background_loops(*([relay.run] if run_loop else [])):
             yield
 
     return resource

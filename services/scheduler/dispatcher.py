@@ -422,11 +422,13 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until `stop` is set; a new email wakes the loop early."""
         while not stop.is_set():
+            # Cleared before the tick, so an email accepted during the tick starts the next one
+            # at once instead of waiting a whole interval.
+            self.wake.clear()
             try:
                 await self.tick()
             except Exception:
                 logger.exception("scheduler tick failed; trying again next tick")
-            self.wake.clear()
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
             await asyncio.wait(
                 waiters, timeout=self.settings.tick_seconds, return_when=asyncio.FIRST_COMPLETED

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -20,7 +19,14 @@ from services.scheduler.mailbox_source import HttpMailboxSource
 from services.scheduler.models import MessageBatch, SchedulerOutbox
 from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
-from shared.app import Resource, add_readiness_check, background, build_app, database
+from shared.app import (
+    Loop,
+    Resource,
+    add_readiness_check,
+    background_loops,
+    build_app,
+    database,
+)
 from shared.bus_resource import rabbit_bus
 from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
@@ -79,24 +85,20 @@ def scheduler_resources(
             return bus.consuming(settings.results_queue) and settler.consuming()
 
         add_readiness_check(app, consumers_registered)
-        stop = asyncio.Event()
-        tasks = (
+        loops: list[Loop] = (
             [
-                asyncio.create_task(dispatcher.run(stop)),
-                asyncio.create_task(stats.run(app.state.sessions, bus, settings, stop)),
-                asyncio.create_task(settler.run_sweeps(stop)),
-                asyncio.create_task(relay.run(stop)),
+                dispatcher.run,
+                partial(stats.run, app.state.sessions, bus, settings),
+                settler.run_sweeps,
+                relay.run,
             ]
             if run_loop
             else []
         )
         try:
-            yield
+            async with background_loops(*loops):
+                yield
         finally:
-            stop.set()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, timeout=30)
             # Result events still in this process are applied before it goes.
             await bus.settle(settings.sender_drain_seconds)
             await applier.close()
@@ -125,7 +127,7 @@ def mailbox_reader(
             )
             app.state.mailbox_reader = reader
             try:
-                async with background(reader.run if run_loop else None, stop_seconds=10):
+                async with background_loops(*([reader.run] if run_loop else []), grace_seconds=10):
                     yield
             finally:
                 reader.close()

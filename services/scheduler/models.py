@@ -16,6 +16,7 @@ from sqlalchemy import JSON, BigInteger, Column, Date, Index, String, UniqueCons
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
+from services.scheduler.lifecycle import EmailStatus as EmailStatus
 from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
@@ -103,34 +104,6 @@ TimeZoneName = Annotated[
         }
     ),
 ]
-
-
-class EmailStatus(StrEnum):
-    queued = "queued"
-    scheduled = "scheduled"
-    sent = "sent"
-    failed = "failed"
-    unknown = "unknown"
-    canceled = "canceled"
-    # Deliverability states: `bounced` and `replied` follow `sent` (the mailbox reader saw a
-    # bounce or a reply); `suppressed` means the recipient is on the tenant's suppression list
-    # and the email was never sent.
-    bounced = "bounced"
-    replied = "replied"
-    suppressed = "suppressed"
-
-
-FINAL_STATUSES = frozenset(
-    {
-        EmailStatus.sent,
-        EmailStatus.failed,
-        EmailStatus.unknown,
-        EmailStatus.canceled,
-        EmailStatus.bounced,
-        EmailStatus.replied,
-        EmailStatus.suppressed,
-    }
-)
 
 
 def _clean_line(value: str | None) -> str | None:

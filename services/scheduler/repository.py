@@ -9,15 +9,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Date, Integer, Row, String, Uuid, func, insert, text, update
+from sqlalchemy import Date, Integer, Row, String, Table, Uuid, func, insert, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import TypeEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain
+from services.scheduler import domain, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
 from services.scheduler.feedback import Kind
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
@@ -568,47 +570,30 @@ async def write_counters(
     day_table = table_of(ServerDay)
     hour_table = table_of(ServerUsageHour)
     if days:
-        keys = sorted(days)
-        if is_postgres(session):
-            await (await session.connection()).execute(
-                sa_select(day_table.c.server_id)
-                .where(
-                    day_table.c.server_id.in_({server_id for server_id, _ in keys}),
-                    day_table.c.day.in_({day for _, day in keys}),
-                )
-                .order_by(day_table.c.server_id, day_table.c.day)
-                .with_for_update()
-            )
-        rows = RowSet(
+        day_rows = await _locked_rows(
             session,
+            day_table,
             {"server_id": Uuid(), "day": Date(), "released": Integer(), "delivered": Integer()},
-            [(server_id, day, *days[(server_id, day)]) for server_id, day in keys],
+            [(server_id, day, *days[(server_id, day)]) for server_id, day in sorted(days)],
         )
-        await rows.execute(
+        await day_rows.execute(
             session,
             update(day_table)
-            .where(day_table.c.server_id == rows.c["server_id"], day_table.c.day == rows.c["day"])
+            .where(
+                day_table.c.server_id == day_rows.c["server_id"],
+                day_table.c.day == day_rows.c["day"],
+            )
             .values(
-                reserved=_at_least_zero(session, day_table.c.reserved - rows.c["released"]),
-                sent=day_table.c.sent + rows.c["delivered"],
+                reserved=_at_least_zero(session, day_table.c.reserved - day_rows.c["released"]),
+                sent=day_table.c.sent + day_rows.c["delivered"],
             ),
         )
     if hours:
-        keys_h = sorted(hours)
-        if is_postgres(session):
-            await (await session.connection()).execute(
-                sa_select(hour_table.c.server_id)
-                .where(
-                    hour_table.c.server_id.in_({server_id for server_id, _ in keys_h}),
-                    hour_table.c.hour.in_({hour for _, hour in keys_h}),
-                )
-                .order_by(hour_table.c.server_id, hour_table.c.hour)
-                .with_for_update()
-            )
-        hour_rows = RowSet(
+        hour_rows = await _locked_rows(
             session,
+            hour_table,
             {"server_id": Uuid(), "hour": UtcDateTime(), "released": Integer()},
-            [(server_id, hour, hours[(server_id, hour)]) for server_id, hour in keys_h],
+            [(server_id, hour, hours[(server_id, hour)]) for server_id, hour in sorted(hours)],
         )
         await hour_rows.execute(
             session,
@@ -619,6 +604,31 @@ async def write_counters(
             )
             .values(used=_at_least_zero(session, hour_table.c.used - hour_rows.c["released"])),
         )
+
+
+async def _locked_rows(
+    session: AsyncSession,
+    table: Table,
+    columns: dict[str, TypeEngine[Any]],
+    rows: list[tuple[Any, ...]],
+) -> RowSet:
+    """The rows of a counter update, after locking the counters they touch in key order.
+
+    The first two columns are the counter table's key (server, bucket); `rows` come sorted by
+    them, so that every writer locks in the same order.
+    """
+    if is_postgres(session):
+        server_key, bucket_key = list(columns)[:2]
+        await (await session.connection()).execute(
+            sa_select(table.c[server_key])
+            .where(
+                table.c[server_key].in_({row[0] for row in rows}),
+                table.c[bucket_key].in_({row[1] for row in rows}),
+            )
+            .order_by(table.c[server_key], table.c[bucket_key])
+            .with_for_update()
+        )
+    return RowSet(session, columns, rows)
 
 
 async def park_many(session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]]) -> None:
@@ -771,9 +781,9 @@ async def mark_scheduled(
     rows = RowSet(session, {"id": Uuid(), "server_id": Uuid(), "job_id": Uuid()}, assignments)
     statement = (
         update(_email)
-        .where(_email.c.id == rows.c["id"], _email.c.status == EmailStatus.queued)
+        .where(_email.c.id == rows.c["id"], _email.c.status == lifecycle.source(Step.dispatch))
         .values(
-            status=EmailStatus.scheduled,
+            status=lifecycle.target(Step.dispatch),
             server_id=rows.c["server_id"],
             job_id=rows.c["job_id"],
             reserved_day=day,
@@ -931,7 +941,7 @@ async def cancel_email(
     the attempt's result (or the sender's "canceled before sending") gives it back."""
     table = table_of(Email)
     connection = await session.connection()
-    for status in (EmailStatus.queued, EmailStatus.scheduled):
+    for status in lifecycle.sources(Step.cancel):
         row = (
             await connection.execute(
                 update(table)
@@ -940,7 +950,7 @@ async def cancel_email(
                     table.c.tenant_id == tenant_id,
                     table.c.status == status,
                 )
-                .values(status=EmailStatus.canceled, updated_at=now)
+                .values(status=lifecycle.target(Step.cancel), updated_at=now)
                 .returning(table.c.job_id)
             )
         ).first()

@@ -24,9 +24,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import events, repository
+from services.scheduler import events, lifecycle, repository
 from services.scheduler.domain import RetryPolicy, SendingWindow
-from services.scheduler.models import EmailStatus
+from services.scheduler.lifecycle import EmailStatus, Step
 from shared.broker import Delivery
 from shared.db import in_transaction
 from shared.events import EMAIL_EVENTS
@@ -190,7 +190,7 @@ class ResultApplier:
                 current = (
                     email is not None
                     and email.job_id == result.job_id
-                    and email.status in (EmailStatus.scheduled, EmailStatus.canceled)
+                    and email.status in lifecycle.AWAITING_RESULT
                 )
                 if email is None or not current:
                     applied.append(False)
@@ -232,26 +232,17 @@ class ResultApplier:
                 changes.released[(server_id, email.reserved_day)] += 1
             if email.reserved_hour is not None:
                 changes.released_hours[(server_id, email.reserved_hour)] += 1
-        canceled = email.status == EmailStatus.canceled
-        if result.outcome is Outcome.sent:
-            email.status = EmailStatus.sent  # it left: the truth wins over a late cancel
+        if result.outcome is Outcome.retry:
+            email.attempts += 1
+        step = lifecycle.attempt_step(result.outcome, email.attempts, self.retry.max_attempts)
+        email.status = lifecycle.after(EmailStatus(email.status), step)
+        if step is Step.deliver:
             email.sent_at = result.finished_at
             if email.reserved_day is not None:
                 changes.delivered[(server_id, email.reserved_day)] += 1
-        elif result.outcome is Outcome.unknown:
-            email.status = EmailStatus.unknown
-        elif result.outcome is Outcome.failed:
-            email.status = EmailStatus.canceled if canceled else EmailStatus.failed
-        else:
-            email.attempts += 1
-            if canceled:
-                pass
-            elif email.attempts >= self.retry.max_attempts:
-                email.status = EmailStatus.failed
-            else:
-                email.status = EmailStatus.queued
-                email.not_before = now + self.retry.delay(email.attempts, self.rng)
-                # server_id keeps the server that failed, so the retry prefers another one.
+        elif email.status == EmailStatus.queued:
+            email.not_before = now + self.retry.delay(email.attempts, self.rng)
+            # server_id keeps the server that failed, so the retry prefers another one.
         # The attempt is over for a queued (retried) or canceled email: a repeated result for
         # it must not give the reservation back twice.
         over = email.status in (EmailStatus.queued, EmailStatus.canceled)

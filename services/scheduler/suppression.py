@@ -18,9 +18,10 @@ from sqlalchemy import func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.scheduler import lifecycle
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
-    EmailStatus,
     Suppression,
     SuppressionCreate,
     SuppressionSource,
@@ -139,8 +140,12 @@ async def stop_queued_to(
         match = recipient.like(f"%@{domain}")
     result = await session.exec(
         update(table)
-        .where(table.c.tenant_id == tenant_id, table.c.status == EmailStatus.queued, match)
-        .values(status=EmailStatus.suppressed, updated_at=now)
+        .where(
+            table.c.tenant_id == tenant_id,
+            table.c.status.in_(lifecycle.sources(Step.suppress)),
+            match,
+        )
+        .values(status=lifecycle.target(Step.suppress), updated_at=now)
     )
     stopped = int(result.rowcount or 0)
     if stopped:
@@ -159,8 +164,8 @@ async def drop_suppressed(
     table = table_of(Email)
     await session.exec(
         update(table)
-        .where(table.c.id.in_(stopped), table.c.status == EmailStatus.queued)
-        .values(status=EmailStatus.suppressed, updated_at=now)
+        .where(table.c.id.in_(stopped), table.c.status.in_(lifecycle.sources(Step.suppress)))
+        .values(status=lifecycle.target(Step.suppress), updated_at=now)
     )
     SUPPRESSED.labels("dispatch").inc(len(stopped))
     return [e for e in emails if e.to.lower() not in suppressed]

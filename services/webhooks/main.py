@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +9,7 @@ from fastapi import FastAPI
 
 from services.webhooks.api import router
 from services.webhooks.delivery import Deliverer, Intake
-from shared.app import Resource, add_readiness_check, build_app, database
+from shared.app import Resource, add_readiness_check, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
 from shared.settings import WebhookSettings
@@ -36,16 +34,14 @@ def webhooks_resources(settings: WebhookSettings, *, run_loop: bool = True) -> R
             return bool(bus.consuming(settings.events_queue))
 
         add_readiness_check(app, consuming)
-        stop = asyncio.Event()
-        task = asyncio.create_task(deliverer.run(stop)) if run_loop else None
         try:
-            yield
+            async with background_loops(*([deliverer.run] if run_loop else [])):
+                try:
+                    yield
+                finally:
+                    # No new event is taken while the deliveries in hand finish.
+                    await bus.stop_consuming(settings.events_queue)
         finally:
-            await bus.stop_consuming(settings.events_queue)
-            stop.set()
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(task, timeout=30)
             await deliverer.close()
 
     return resource

@@ -3,15 +3,18 @@
 The authorization server is a small FastAPI app served by uvicorn over HTTPS (a trustme
 certificate) on loopback, with one set of endpoints per provider name (`/google/...`,
 `/microsoft/...`): authorize (code flow, PKCE S256 required, registered redirect URI only),
-token (authorization_code with the verifier, refresh_token) and userinfo. The "microsoft" flavour
-answers an ID token naming the address and rotates refresh tokens; the "google" flavour has no
-ID token, so the address comes from userinfo. A test can revoke a grant, expire access tokens,
-decline the next consent, and count refreshes. The SMTP side checks each XOAUTH2 token against
-this server, answering a refused token as Gmail does: a 334 challenge with a JSON 401, then 535.
+token (authorization_code with the verifier, refresh_token), userinfo and the JWKS of the key
+that signs its ID tokens. The "microsoft" flavour answers a signed ID token naming the address
+and rotates refresh tokens; the "google" flavour has no ID token, so the address comes from
+userinfo. A test can revoke a grant, expire access tokens, decline the next consent, slow the
+token endpoint down, have the next ID token forged, and count refreshes. The SMTP side checks
+each XOAUTH2 token against this server, answering a refused token as Gmail does: a 334
+challenge with a JSON 401, then 535.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -31,12 +34,22 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import AuthResult
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from joserfc import jwt
+from joserfc.jwk import OctKey, RSAKey
 
 from tests.support.smtp import Certificates, Recorder, free_port
 
 CLIENT_ID = "abl-test-client"
 CLIENT_SECRET = "abl-test-client-secret"  # a test fixture, not a secret
 ACCESS_TOKEN_SECONDS = 3600
+# A Microsoft directory id: the "microsoft" flavour's issuer names it, as Entra's do.
+DIRECTORY_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"
+# How the next ID token is spoiled (`AuthorizationServer.forge_next`).
+FORGERIES = ("unsigned", "foreign_key", "wrong_issuer", "wrong_audience", "expired", "hmac")
+
+
+def _signing_key(kid: str) -> RSAKey:
+    return RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
 
 
 def s256(verifier: str) -> str:
@@ -80,6 +93,10 @@ class AuthorizationServer:
     tokens: dict[str, IssuedToken] = field(default_factory=dict)
     refreshes: Counter[str] = field(default_factory=Counter)  # by user
     issued_refresh_tokens: list[str] = field(default_factory=list)
+    refresh_delay: float = 0.0  # seconds the token endpoint takes to answer a refresh
+    forge_next: str | None = None  # one of FORGERIES: the next ID token is spoiled that way
+    key: RSAKey = field(default_factory=lambda: _signing_key("abl-test-1"))
+    jwks_fetches: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # The test's controls.
@@ -113,9 +130,53 @@ class AuthorizationServer:
             f"oauth_{provider}_authorize_url": f"{self.base_url}/{provider}/authorize",
             f"oauth_{provider}_token_url": f"{self.base_url}/{provider}/token",
             f"oauth_{provider}_userinfo_url": f"{self.base_url}/{provider}/userinfo",
+            f"oauth_{provider}_jwks_url": f"{self.base_url}/{provider}/jwks",
+            f"oauth_{provider}_issuer": self.issuer(provider),
             f"oauth_{provider}_smtp_host": "localhost",
             f"oauth_{provider}_smtp_port": smtp_port,
         }
+
+    def rotate_key(self) -> None:
+        """A new signing key under a new key id; only the new one is published."""
+        with self.lock:
+            self.key = _signing_key(f"abl-test-{secrets.token_hex(4)}")
+
+    def issuer(self, provider: str) -> str:
+        # Microsoft's issuer names the directory, which the client takes from the `tid` claim.
+        tenant = "{tenantid}" if provider == "microsoft" else "common"
+        return f"{self.base_url}/{provider}/{tenant}/v2.0"
+
+    def id_token(self, user: str, provider: str) -> str:
+        """An ID token for `user`, signed with the published key, unless `forge_next` says
+        how to spoil this one."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer(provider).replace("{tenantid}", DIRECTORY_ID),
+            "aud": CLIENT_ID,
+            "sub": hashlib.sha256(user.encode()).hexdigest(),
+            "tid": DIRECTORY_ID,
+            "iat": now,
+            "exp": now + 3600,
+            "preferred_username": user,
+        }
+        header = {"alg": "RS256", "kid": self.key.kid, "typ": "JWT"}
+        key = self.key
+        forgery, self.forge_next = self.forge_next, None
+        if forgery == "unsigned":
+            return f"{_part({'alg': 'none', 'typ': 'JWT'})}.{_part(claims)}."
+        if forgery == "hmac":
+            # The public key's modulus as an HMAC secret: the classic algorithm confusion.
+            secret = OctKey.import_key(str(self.key.as_dict(private=False)["n"]).encode())
+            return jwt.encode({"alg": "HS256"}, claims, secret, algorithms=["HS256"])
+        if forgery == "foreign_key":
+            key = _signing_key(self.key.kid or "abl-test-1")  # same key id, another key
+        elif forgery == "wrong_issuer":
+            claims["iss"] = "https://login.evil.test/v2.0"
+        elif forgery == "wrong_audience":
+            claims["aud"] = "another-client"
+        elif forgery == "expired":
+            claims["iat"], claims["exp"] = now - 7200, now - 3600
+        return jwt.encode(header, claims, key)
 
     def _issue(self, grant: Grant) -> str:
         access = "at-" + secrets.token_urlsafe(24)
@@ -186,6 +247,9 @@ class AuthorizationServer:
                 )
             if (client_id, client_secret) != (CLIENT_ID, CLIENT_SECRET):
                 return JSONResponse({"error": "invalid_client"}, status_code=401)
+            if grant_type == "refresh_token" and self.refresh_delay:
+                # A slow provider: the window in which concurrent refreshes would collide.
+                await asyncio.sleep(self.refresh_delay)
             with self.lock:
                 if grant_type == "authorization_code":
                     pending = self.codes.get(code)
@@ -203,7 +267,7 @@ class AuthorizationServer:
                     grant = self._new_grant(pending.user, provider)
                     answer: dict[str, Any] = {"refresh_token": grant.refresh_token}
                     if provider == "microsoft":
-                        answer["id_token"] = _id_token(pending.user)
+                        answer["id_token"] = self.id_token(pending.user, provider)
                 elif grant_type == "refresh_token":
                     found = self.grants.get(refresh_token)
                     if found is None or found.revoked or found.provider != provider:
@@ -226,6 +290,12 @@ class AuthorizationServer:
                 }
             return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
+        @app.get("/{provider}/jwks")
+        async def jwks(provider: str) -> Response:
+            with self.lock:
+                self.jwks_fetches += 1
+                return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+
         @app.get("/{provider}/userinfo")
         async def userinfo(provider: str, authorization: Annotated[str, Header()] = "") -> Response:
             token = authorization.removeprefix("Bearer ")
@@ -238,12 +308,8 @@ class AuthorizationServer:
         return app
 
 
-def _id_token(user: str) -> str:
-    def part(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-    claims = {"aud": CLIENT_ID, "iss": "https://login.test/v2.0", "preferred_username": user}
-    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.signature"
+def _part(value: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
 @contextmanager
@@ -284,8 +350,8 @@ def authorization_server(
 class XOAuth2Recorder(Recorder):
     """Accepts SASL XOAUTH2 only, checking each token with the authorization server."""
 
-    def __init__(self, authority: AuthorizationServer) -> None:
-        super().__init__(accounts={})
+    def __init__(self, authority: AuthorizationServer, data_delay: float = 0.0) -> None:
+        super().__init__(accounts={}, data_delay=data_delay)
         self.authority = authority
         self.refused_tokens = 0
 

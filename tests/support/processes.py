@@ -115,7 +115,7 @@ async def delete_queues(amqp_url: str, settings: Settings) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.send_jobs_queue, settings.results_queue):
+        for queue in (settings.send_jobs_queue, settings.results_queue, settings.events_queue):
             for name in (queue, f"{queue}.dead", f"{queue}.dead.parked"):
                 await channel.queue_delete(name)
 

@@ -28,12 +28,9 @@ logger = logging.getLogger("abl.registry.oauth")
 router = APIRouter(tags=["oauth"], responses=PROBLEM_RESPONSES)
 SettingsDep = Annotated[RegistrySettings, Depends(get_registry_settings)]
 
-# Errors the callback reports, for the frontend to switch on (`?error=`).
 CALLBACK_ERRORS = (
-    "access_denied, bad_state, state_used, state_expired, missing_code, invalid_grant, "
-    "provider_unavailable, provider_error, no_email, no_refresh_token, account_mismatch, "
-    "server_exists, server_not_found, oauth_provider_not_configured, and the connection "
-    "check's codes (auth_failed, tls_failed, connect_failed, timeout, ...)"
+    ", ".join(flows.CALLBACK_ERRORS)
+    + ", and the connection check's codes (auth_failed, tls_failed, connect_failed, timeout, ...)"
 )
 
 
@@ -167,6 +164,7 @@ async def oauth_callback(
         flow, code_verifier = await flows.claim(sessions, keyring, state)
     except flows.FlowError as exc:
         # No flow to record it on: a forged, replayed or expired state.
+        flows.record_outcome(None, exc.code)
         return _land(landing, error=exc.code)
     try:
         if error is not None:
@@ -181,13 +179,16 @@ async def oauth_callback(
             sessions, keyring, _client(request), verifier, provider, flow, code, code_verifier
         )
     except flows.FlowError as exc:
-        await flows.finish(sessions, flow.id, error=exc.code)
-        return _land(landing, error=exc.code)
+        failure = exc.code
     except Exception as exc:
         # Whatever else went wrong, the browser lands on the frontend with a code, never a
         # stack trace; the log names the kind of failure only (the exception may hold tokens).
         logger.error("oauth callback failed: %s", type(exc).__name__)
-        await flows.finish(sessions, flow.id, error="internal_error")
-        return _land(landing, error="internal_error")
-    await flows.finish(sessions, flow.id, server_id=server_id)
-    return _land(landing, server_id=str(server_id))
+        failure = "internal_error"
+    else:
+        await flows.finish(sessions, flow.id, server_id=server_id)
+        flows.record_outcome(flow.provider, "connected")
+        return _land(landing, server_id=str(server_id))
+    await flows.finish(sessions, flow.id, error=failure)
+    flows.record_outcome(flow.provider, failure)
+    return _land(landing, error=failure)

@@ -25,7 +25,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
-from services.registry.domain import AuthMethod, CheckOutcome, ServerStatus
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, ServerStatus
 from services.registry.models import OAuthFlow, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
 from services.registry.oauth.providers import Provider
@@ -33,6 +33,7 @@ from services.registry.oauth.tokens import store_tokens
 from services.registry.verifier import Target, Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import AppError, Conflict
+from shared.metrics import OAUTH_CONNECTS
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
@@ -41,6 +42,33 @@ VERIFIER_PURPOSE = "oauth-pkce"
 # Finished flows are kept this long after they expire (ablctl reads their outcome), then purged.
 KEEP_FINISHED = timedelta(days=1)
 _ERROR_CODE = re.compile(r"^[a-z0-9_]{1,40}$")
+# The errors the callback reports, for the frontend to switch on (`?error=`), besides the
+# connection check's codes.
+CALLBACK_ERRORS = (
+    "access_denied",
+    "bad_state",
+    "state_used",
+    "state_expired",
+    "missing_code",
+    "invalid_grant",
+    "invalid_id_token",
+    "provider_unavailable",
+    "provider_error",
+    "no_email",
+    "no_refresh_token",
+    "account_mismatch",
+    "server_exists",
+    "server_not_found",
+    "oauth_provider_not_configured",
+    "internal_error",
+)
+_OUTCOMES = frozenset({"connected", *CALLBACK_ERRORS, *(code.value for code in CheckCode)})
+
+
+def record_outcome(provider: str | None, outcome: str) -> None:
+    """Count a callback's outcome. The error code may come from the provider's redirect (or
+    whoever forged it), so only documented codes become label values."""
+    OAUTH_CONNECTS.labels(provider or "unknown", outcome if outcome in _OUTCOMES else "other").inc()
 
 
 class FlowError(Exception):

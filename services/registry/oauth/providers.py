@@ -23,10 +23,16 @@ class Provider:
     authorize_url: str
     token_url: str
     userinfo_url: str
+    # Where the provider publishes the keys that sign its ID tokens, and the issuer they name
+    # (`{tenantid}` stands for the token's `tid` claim: Microsoft's multi-tenant issuer).
+    jwks_url: str
+    issuer: str
     scopes: tuple[str, ...]
     smtp_host: str
     smtp_port: int
     security: Security
+    # Other spellings of the issuer the provider uses.
+    issuer_aliases: tuple[str, ...] = ()
     # Extra query parameters of the authorization request.
     authorize_params: dict[str, str] = field(default_factory=dict)
     client_id: str = ""
@@ -45,6 +51,9 @@ PROVIDERS: dict[str, Provider] = {
         authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
         token_url="https://oauth2.googleapis.com/token",  # noqa: S106  # a URL
         userinfo_url="https://openidconnect.googleapis.com/v1/userinfo",
+        jwks_url="https://www.googleapis.com/oauth2/v3/certs",
+        issuer="https://accounts.google.com",
+        issuer_aliases=("accounts.google.com",),  # Google documents both
         # https://mail.google.com/ is the only Google scope that allows SMTP.
         scopes=("openid", "email", "https://mail.google.com/"),
         smtp_host="smtp.gmail.com",
@@ -61,6 +70,8 @@ PROVIDERS: dict[str, Provider] = {
         # Used only when the ID token names no address: an access token for Outlook's SMTP
         # cannot call Graph, so the address normally comes from the ID token.
         userinfo_url="https://graph.microsoft.com/oidc/userinfo",
+        jwks_url="https://login.microsoftonline.com/{tenant}/discovery/v2.0/keys",
+        issuer="https://login.microsoftonline.com/{tenantid}/v2.0",
         scopes=("openid", "email", "offline_access", "https://outlook.office.com/SMTP.Send"),
         smtp_host="smtp.office365.com",
         smtp_port=587,
@@ -84,15 +95,26 @@ def configured(settings: OAuthSettings) -> dict[str, Provider]:
             default,
             authorize_url=default.authorize_url.format(tenant=tenant),
             token_url=default.token_url.format(tenant=tenant),
+            jwks_url=default.jwks_url.format(tenant=tenant),
             client_id=client_id,
             client_secret=secret,
             redirect_uri=f"{base}{CALLBACK_PATH}",
         )
         overrides = {
             key: getattr(settings, f"oauth_{name}_{key}")
-            for key in ("authorize_url", "token_url", "userinfo_url", "smtp_host", "smtp_port")
+            for key in (
+                "authorize_url",
+                "token_url",
+                "userinfo_url",
+                "jwks_url",
+                "issuer",
+                "smtp_host",
+                "smtp_port",
+            )
             if getattr(settings, f"oauth_{name}_{key}") is not None
         }
+        if "issuer" in overrides:
+            overrides["issuer_aliases"] = ()
         found[name] = replace(provider, **overrides)
     return found
 

@@ -31,6 +31,7 @@ from services.registry.models import SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure
 from services.registry.oauth.providers import Provider
 from shared.crypto import Keyring
+from shared.metrics import OAUTH_TOKEN_REFRESHES
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
@@ -136,11 +137,14 @@ class TokenKeeper:
                 tokens = await self.client.refresh(provider, refresh_token)
             except OAuthFailure as exc:
                 if exc.code in GRANT_GONE:
+                    OAUTH_TOKEN_REFRESHES.labels(provider.name, "grant_gone").inc()
                     logger.warning("server %s: refresh refused (%s)", server.id, exc.code)
                     self._grant_gone(server, f"{exc.code}: the provider refused the refresh")
                     session.add(server)
                     return None
+                OAUTH_TOKEN_REFRESHES.labels(provider.name, "unavailable").inc()
                 raise TokenUnavailable(exc.code) from None
+            OAUTH_TOKEN_REFRESHES.labels(provider.name, "ok").inc()
             store_tokens(self.keyring, server, tokens.access_token, tokens.expires_at)
             if tokens.refresh_token and tokens.refresh_token != refresh_token:
                 server.refresh_token_ciphertext = repository.seal_token(

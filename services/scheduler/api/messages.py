@@ -10,8 +10,9 @@ from fastapi import APIRouter, BackgroundTasks, Body, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from services.scheduler import repository, suppression
+from services.scheduler import lifecycle, repository, suppression
 from services.scheduler.deps import DispatcherDep
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Accepted,
     AcceptedItem,
@@ -121,7 +122,7 @@ async def accept_messages(
                 "id": email_id,
                 "tenant_id": tenant.id,
                 # Stored all the same, so that its id answers and the refusal is on record.
-                "status": EmailStatus.suppressed if refused else EmailStatus.queued,
+                "status": lifecycle.after(None, Step.refuse_suppressed if refused else Step.accept),
                 "to": item.to,
                 "subject": item.subject,
                 "text": item.text,
