@@ -179,6 +179,7 @@ def settings_for(url: str, prefix: str) -> Settings:
     return Settings(
         admin_token="x" * 32,
         internal_token="y" * 32,
+        unsubscribe_key="u" * 32,
         encryption_keys=generate_key(),
         database_url=url,
         pacing=False,

@@ -56,6 +56,7 @@ def ensure_dev_env(path: Path = DEV_ENV_FILE, wanted: Iterable[str] | None = Non
             f"ABL_ADMIN_TOKEN={secrets.token_urlsafe(32)}",
             f"ABL_INTERNAL_TOKEN={secrets.token_urlsafe(32)}",
             f"ABL_ENCRYPTION_KEYS={generate_key()}",
+            f"ABL_UNSUBSCRIBE_KEY={secrets.token_urlsafe(32)}",
         ]
         write_private(path, "\n".join(lines) + "\n")
     names = None if wanted is None else {name.upper() for name in wanted}

@@ -168,6 +168,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "database_url": database_url,
         "admin_token": secrets.token_urlsafe(32),
         "internal_token": secrets.token_urlsafe(32),
+        "unsubscribe_key": secrets.token_urlsafe(32),
         "encryption_keys": generate_key(),
         "allow_private_hosts": True,
         "verify_timeout_seconds": 3.0,

@@ -75,6 +75,7 @@ def schedule_from(settings: SchedulerSettings) -> WarmupSchedule:
         cap=settings.warmup_cap,
         advance_ratio=settings.warmup_advance_ratio,
         idle_reset_days=settings.warmup_idle_reset_days,
+        bounce_pause_ratio=settings.bounce_pause_ratio,
     )
 
 
@@ -197,7 +198,7 @@ class Dispatcher:
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
         self.links = UnsubscribeLinks(
-            unsubscribe.derive_key(settings.internal_token.get_secret_value()),
+            unsubscribe.keys_from(settings.unsubscribe_secrets).signing,
             settings.public_url,
         )
         # Rows created in warmup and day tables since their statistics were last refreshed.
@@ -270,7 +271,7 @@ class Dispatcher:
             # decides among them (own tenant, active, not parked).
             servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
             warmups = await repository.warmup_states(
-                session, servers, today, self.schedule, created=self.created_rows
+                session, servers, today, self.schedule, created=self.created_rows, window=window
             )
             limits = {s.id: repository.limits_of(s, self.schedule) for s in servers}
             allowances = {

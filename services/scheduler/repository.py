@@ -19,10 +19,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler import domain, events, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
+from services.scheduler.feedback import Kind
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
+    MailboxEvent,
     SendingProfile,
     ServerDay,
     ServerUsageHour,
@@ -178,9 +180,11 @@ async def warmup_states(
     today: date,
     schedule: WarmupSchedule,
     created: Counter[str] | None = None,
+    window: SendingWindow | None = None,
 ) -> dict[uuid.UUID, WarmupRow]:
     """Each server's warmup row, folded forward to `today` (created fresh for a new server);
-    `created` counts the rows inserted."""
+    `created` counts the rows inserted. `window` says where the tenant's days start (UTC
+    without it), to count each day's hard bounces."""
     if not servers:
         return {}
     by_id = {server.id: server for server in servers}
@@ -220,6 +224,10 @@ async def warmup_states(
         for server_id, day, sent, allowance in history:
             delivered.setdefault(server_id, {})[day] = sent
             allowances.setdefault(server_id, {})[day] = allowance
+        since = min(row.state_day for row in stale)
+        bounced = await bounced_by_day(
+            session, [row.server_id for row in stale], since, window or SendingWindow()
+        )
         folded: list[tuple[uuid.UUID, int, date, int, date]] = []
         stepped: list[tuple[events.WarmupStep, int, date]] = []
         for row in stale:
@@ -231,6 +239,7 @@ async def warmup_states(
                 allowances=allowances.get(row.server_id, {}),
                 schedule=schedule,
                 daily_cap=top,
+                bounced=bounced.get(row.server_id, {}),
             )
             if state.step > row.step:
                 stepped.append(
@@ -299,9 +308,67 @@ async def _record_steps(
 
 
 async def warmup_state(
-    session: AsyncSession, server: ServerView, today: date, schedule: WarmupSchedule
+    session: AsyncSession,
+    server: ServerView,
+    today: date,
+    schedule: WarmupSchedule,
+    window: SendingWindow | None = None,
 ) -> WarmupRow:
-    return (await warmup_states(session, [server], today, schedule))[server.id]
+    return (await warmup_states(session, [server], today, schedule, window=window))[server.id]
+
+
+async def bounced_by_day(
+    session: AsyncSession, server_ids: Sequence[uuid.UUID], since: date, window: SendingWindow
+) -> dict[uuid.UUID, dict[date, int]]:
+    """Each server's hard-bounced emails by the (tenant's) day they were sent, from `since`."""
+    query = select(Email.server_id, Email.sent_at).where(
+        col(Email.server_id).in_(server_ids),
+        Email.status == EmailStatus.bounced,
+        col(Email.sent_at) >= window.bounds(since)[0],
+    )
+    counts: dict[uuid.UUID, dict[date, int]] = {}
+    for server_id, sent_at in (await session.exec(query)).all():
+        if server_id is None or sent_at is None:
+            continue
+        day = window.local_day(sent_at)
+        per_day = counts.setdefault(server_id, {})
+        per_day[day] = per_day.get(day, 0) + 1
+    return counts
+
+
+# Emails that left: the bounce-rate guard's denominator.
+LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
+
+
+@dataclass(frozen=True)
+class BounceCounts:
+    """A server's last `sent` emails that left, and how many of them bounced hard or drew a
+    complaint."""
+
+    sent: int
+    hard: int
+    complaints: int
+
+
+async def bounce_counts(session: AsyncSession, server_id: uuid.UUID, window: int) -> BounceCounts:
+    query = (
+        select(Email.id, Email.status)
+        .where(Email.server_id == server_id, col(Email.status).in_(LEFT))
+        .order_by(col(Email.sent_at).desc())
+        .limit(window)
+    )
+    rows = (await session.exec(query)).all()
+    ids = [email_id for email_id, _ in rows]
+    hard = sum(1 for _, status in rows if status == EmailStatus.bounced)
+    complaints = 0
+    if ids:
+        counted = await session.exec(
+            select(func.count()).where(
+                MailboxEvent.kind == Kind.complaint.value, col(MailboxEvent.email_id).in_(ids)
+            )
+        )
+        complaints = int(counted.one())
+    return BounceCounts(len(rows), hard, complaints)
 
 
 async def server_days(

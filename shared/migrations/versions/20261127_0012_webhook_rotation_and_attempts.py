@@ -2,7 +2,7 @@
 one for a while after a rotation), and one row per delivery attempt
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 Create Date: 2026-11-27 13:40:00
 """
 
@@ -11,10 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-# 0012, not 0011: branch inbox2 adds its own 0011 on 0009. Merged after it, this revises
-# "0011" instead (one head).
 revision: str = "0012"
-down_revision: str | None = "0009"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
