@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 UV_VERSION := 0.13.9
 
-.PHONY: install deploy-deps imap-deps run stack demo test lint format openapi lock rotate-keys clean bench
+.PHONY: install deploy-deps client-deps imap-deps run stack demo test lint format openapi lock rotate-keys clean bench
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -47,6 +47,16 @@ $(CRD_CHECK)/node_modules/.installed: $(CRD_CHECK)/package-lock.json
 
 deploy-deps: $(CRD_CHECK)/node_modules/.installed
 
+## client-deps: the TypeScript client's generator and compiler (openapi-typescript, openapi-fetch,
+## typescript; pinned by package-lock.json) that tests/test_typescript_client.py runs
+TS_CLIENT := clients/typescript
+$(TS_CLIENT)/node_modules/.installed: $(TS_CLIENT)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(TS_CLIENT) --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: the TypeScript client test will be skipped (and fail with CI=true)"; fi
+
+client-deps: $(TS_CLIENT)/node_modules/.installed
+
 ## imap-deps: Dovecot, the real IMAP server the mailbox tests start (Debian's dovecot-imapd)
 imap-deps:
 	@test -x /usr/sbin/dovecot || command -v dovecot >/dev/null || \
@@ -56,7 +66,7 @@ imap-deps:
 		else echo "dovecot not found: run 'sudo apt-get install -y dovecot-imapd' (the IMAP tests need it)"; fi
 
 ## test: the whole suite; with CI=true, PostgreSQL and RabbitMQ tests fail instead of skipping
-test: install deploy-deps imap-deps
+test: install deploy-deps client-deps imap-deps
 	$(BIN)/pytest
 
 lint: install
@@ -90,4 +100,5 @@ bench: install imap-deps
 	$(BIN)/python -m bench.scheduler_tick
 	$(BIN)/python -m bench.sender
 	$(BIN)/python -m bench.inbox
+	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.e2e

@@ -215,6 +215,7 @@ def settings_for(url: str, prefix: str) -> Settings:
     return Settings(
         admin_token="x" * 32,
         internal_token="y" * 32,
+        unsubscribe_key="u" * 32,
         encryption_keys=generate_key(),
         database_url=url,
         pacing=False,
@@ -265,7 +266,7 @@ def replicas_rate(url: str, prefix: str, count: int, emails: int) -> float:
     return emails / (time.perf_counter() - started)
 
 
-async def fresh_database(args: argparse.Namespace) -> str:
+async def fresh_database() -> str:
     name = f"abl_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(f"{PG}/postgres")
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -293,7 +294,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.full:
         args.tenants, args.servers, args.emails = 1000, 100_000, 1_000_000
     prefix = f"abl-bench-{uuid.uuid4().hex[:6]}"
-    url = await fresh_database(args)
+    url = await fresh_database()
     try:
         started = time.perf_counter()
         tenant_ids = await seed(url, args.tenants, args.servers, args.emails)
@@ -334,7 +335,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.replicas:
         rates = []
         for count in (1, args.replicas):
-            url = await fresh_database(args)
+            url = await fresh_database()
             prefix = f"abl-bench-{uuid.uuid4().hex[:6]}"
             try:
                 await seed(url, args.tenants, args.servers, args.emails)

@@ -20,6 +20,7 @@ from services.scheduler.main import create_app as create_scheduler
 from services.webhooks.main import create_app as create_webhooks
 from shared.crypto import generate_key
 from shared.settings import Settings
+from shared.spec import install_spec, operation_id
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "openapi"
 
@@ -29,6 +30,7 @@ def placeholder_settings() -> Settings:
     return Settings(
         admin_token="x" * 32,
         internal_token="y" * 32,
+        unsubscribe_key="u" * 32,
         encryption_keys=generate_key(),
     )
 
@@ -39,7 +41,9 @@ def internal_api() -> FastAPI:
         title="ABillionLeads internal API",
         version="0.1.0",
         description="Between services only, with `ABL_INTERNAL_TOKEN`; never routed publicly.",
+        generate_unique_id_function=operation_id,
     )
+    install_spec(app)
     app.include_router(registry_internal.router)
     app.include_router(scheduler_internal.router)
     return app

@@ -14,11 +14,21 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.db import create_engine, session_factory
-from shared.errors import ServiceUnavailable, install_problem_handlers, problem_doc
+from shared.errors import ServiceUnavailable, install_problem_handlers, raises
 from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
 from shared.migrate import private_sqlite_file
 from shared.settings import CommonSettings, DatabaseSettings
+from shared.spec import install_spec, operation_id
+
+DESCRIPTION = """The sending backend of ABillionLeads: tenants add their own SMTP servers, queue
+emails, and read back what happened to each.
+
+Authenticate with `Authorization: Bearer <API key>` (`POST /v1/tenants`, with the operator's
+admin token, creates a tenant and shows its key once). Every error is
+`application/problem+json` with a stable `code` to switch on and a `hint` a person can act on;
+each operation lists the codes it can answer. Lists are paginated by an opaque `cursor` (pass
+the previous page's `next_cursor`) and a `limit`."""
 
 Resource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -54,6 +64,14 @@ async def background_loops(*loops: Loop, grace_seconds: float = 30) -> AsyncIter
 def add_readiness_check(app: FastAPI, check: ReadinessCheck) -> None:
     """Register what /readyz must find working before traffic is sent to this process."""
     app.state.readiness_checks.append(check)
+
+
+class NotReady(ServiceUnavailable):
+    """A dependency this process needs (database, broker, consumer) is not working yet."""
+
+    code = "not_ready"
+    default_detail = "Not ready."
+    hint = "Wait: the probe answers 200 once every dependency works."
 
 
 class Health(BaseModel):
@@ -101,7 +119,14 @@ def build_app(
                 await stack.enter_async_context(resource(app))
             yield
 
-    app = FastAPI(title=title, version=version, lifespan=lifespan)
+    app = FastAPI(
+        title=title,
+        version=version,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+    )
+    install_spec(app)
     install_problem_handlers(app)
     install_metrics(app, service)
     app.add_middleware(
@@ -111,25 +136,25 @@ def build_app(
     )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-    async def healthz() -> Health:
+    async def get_liveness() -> Health:
+        """200 while the process serves requests; no dependency is asked."""
         return Health(status="ok")
 
     @app.get(
         "/readyz",
         tags=["health"],
         summary="Readiness: the database and the broker answer, the worker consumes",
-        responses={503: problem_doc("Not ready")},
     )
-    async def readyz() -> Health:
+    @raises(NotReady)
+    async def get_readiness() -> Health:
+        """200 once every dependency of this process works: traffic may be sent to it."""
         for check in app.state.readiness_checks:
             try:
                 ready = await check()
             except Exception as exc:
-                raise ServiceUnavailable(
-                    f"Not ready: {type(exc).__name__}.", code="not_ready"
-                ) from exc
+                raise NotReady(f"Not ready: {type(exc).__name__}.") from exc
             if not ready:
-                raise ServiceUnavailable("Not ready.", code="not_ready")
+                raise NotReady()
         return Health(status="ready")
 
     return app

@@ -45,6 +45,8 @@ async def patiently(
                 raise GaveUp(f"{what} unavailable: {type(exc).__name__}") from exc
             on_wait()
             # The name of the failure only: a broker or database error's text can hold its URL.
-            logger.warning("%s unavailable (%s); waiting %.1f s", what, type(exc).__name__, delay)
+            logger.warning(
+                "waiting for %s (%s); next try in %.1f s", what, type(exc).__name__, delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)

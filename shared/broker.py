@@ -323,7 +323,7 @@ class RabbitBus:
     async def _start_when_connected(self, queue: str, consumer: _Consumer) -> None:
         await self._when_connected(
             lambda: self._start_consumer(queue, consumer),
-            what=f"consuming {queue}",
+            what=f"RabbitMQ to consume {queue}",
             given_up=lambda: self.consumers.get(queue) is not consumer,
         )
 
@@ -409,7 +409,7 @@ class RabbitBus:
                 asyncio.create_task(
                     self._when_connected(
                         lambda: self._start_subscriber(topic, handler),
-                        what=f"subscribing to {topic}",
+                        what=f"RabbitMQ to subscribe to {topic}",
                     )
                 )
             )

@@ -7,9 +7,9 @@ act on. The framework's own errors (404, 405, 422 from validation) are rendered 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -45,15 +45,26 @@ class Problem(BaseModel):
 
 
 class AppError(Exception):
-    """Base of every error a service raises on purpose."""
+    """The server failed to handle this request."""
 
     status: int = HTTPStatus.INTERNAL_SERVER_ERROR
     code: str = "internal_error"
+    # Every code an instance may carry, for a class whose code is chosen when it is raised (a
+    # connection check's outcome); empty means `code` alone. The spec's `code` enums are built
+    # from these, so a code is spelled once, here or in the enum it comes from.
+    codes: ClassVar[tuple[str, ...]] = ()
+    default_detail: ClassVar[str] = "The server failed to handle this request."
     hint: str | None = None
+    # For the spec: the headers this error's response carries, and the field errors its example
+    # shows (a class's own only: a subclass of Unprocessable need not name fields).
+    documented_headers: ClassVar[dict[str, str]] = {}
+    example_errors: ClassVar[tuple[FieldError, ...]] = ()
+    # A class with several `codes`: each code's example (detail, hint), where it has its own.
+    code_examples: ClassVar[dict[str, tuple[str, str | None]]] = {}
 
     def __init__(
         self,
-        detail: str,
+        detail: str | None = None,
         *,
         code: str | None = None,
         hint: str | None = None,
@@ -61,6 +72,7 @@ class AppError(Exception):
         errors: Sequence[FieldError] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        detail = self.default_detail if detail is None else detail
         super().__init__(detail)
         self.detail = detail
         if code is not None:
@@ -71,6 +83,14 @@ class AppError(Exception):
             self.status = status
         self.errors = list(errors) if errors is not None else None
         self.headers = headers
+
+    @classmethod
+    def documented_codes(cls) -> tuple[str, ...]:
+        return cls.codes or (cls.code,)
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or cls.default_detail).strip().split("\n\n")[0].replace("\n", " ")
 
     def to_problem(self, instance: str | None = None) -> Problem:
         return Problem(
@@ -85,49 +105,147 @@ class AppError(Exception):
         )
 
 
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+_RAISES = "__abl_raises__"
+
+
+def raises(*errors: type[AppError]) -> Callable[[Endpoint], Endpoint]:
+    """Declare the errors a route (or a dependency) raises on purpose: the spec lists their
+    codes in each response's `code` enum (shared/spec.py)."""
+
+    def mark(function: Endpoint) -> Endpoint:
+        setattr(function, _RAISES, (*declared_errors(function), *errors))
+        return function
+
+    return mark
+
+
+def declared_errors(function: object) -> tuple[type[AppError], ...]:
+    found: tuple[type[AppError], ...] = getattr(function, _RAISES, ())
+    return found
+
+
 class BadRequest(AppError):
+    """The request cannot be read."""
+
     status = HTTPStatus.BAD_REQUEST
     code = "bad_request"
 
 
+class MalformedBody(BadRequest):
+    """The body is not UTF-8 JSON."""
+
+    code = "malformed_body"
+    default_detail = "There was an error parsing the body"
+    hint = "Send a UTF-8 JSON body with `Content-Type: application/json`."
+
+
 class Unauthorized(AppError):
+    """Missing or invalid credentials."""
+
     status = HTTPStatus.UNAUTHORIZED
     code = "unauthorized"
+    default_detail = "Missing or invalid credentials."
     hint = "Send `Authorization: Bearer <token>` with a valid key."
+    documented_headers: ClassVar[dict[str, str]] = {
+        "WWW-Authenticate": "`Bearer`: the scheme to authenticate with."
+    }
 
-    def __init__(self, detail: str = "Missing or invalid credentials.", **kwargs: Any) -> None:
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})
         super().__init__(detail, **kwargs)
 
 
 class NotFound(AppError):
+    """No route has this path."""
+
     status = HTTPStatus.NOT_FOUND
     code = "not_found"
+    default_detail = "Not Found"
+    hint = "Check the URL and the id; ids are per tenant."
+
+
+class MethodNotAllowed(AppError):
+    """The path does not take this method."""
+
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+    code = "method_not_allowed"
+    default_detail = "Method Not Allowed"
+    hint = "See /docs for the allowed methods."
 
 
 class Conflict(AppError):
+    """The request conflicts with the current state."""
+
     status = HTTPStatus.CONFLICT
     code = "conflict"
 
 
+class PayloadTooLarge(AppError):
+    """The request body is larger than the limit."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "body_too_large"
+    default_detail = "The request body is larger than 65536 bytes."
+    hint = "Send fewer emails per request (a batch holds up to 1,000), or smaller ones."
+
+
 class Unprocessable(AppError):
+    """Invalid input: `errors` names each field."""
+
     status = HTTPStatus.UNPROCESSABLE_ENTITY
     code = "validation_failed"
+    default_detail = "Invalid input: body.port."
+    hint = "Correct the fields listed in `errors` and send the request again."
+    example_errors = (
+        FieldError(
+            field="body.port",
+            message="Input should be less than or equal to 65535",
+            type="less_than_equal",
+        ),
+    )
+
+
+class UnknownQueryParameter(Unprocessable):
+    """A query parameter the operation does not take (a typo is reported, not dropped)."""
+
+    code = "unknown_query_parameter"
+    default_detail = "1 query parameter(s) this operation does not take."
+    hint = "Send only the query parameters the operation's spec lists (see /docs)."
 
 
 class RateLimited(AppError):
+    """Too many requests: `Retry-After` says when to try again."""
+
     status = HTTPStatus.TOO_MANY_REQUESTS
     code = "rate_limited"
+    default_detail = "Too many connection checks for this tenant."
+    hint = "Wait 30 s before trying again."
+    documented_headers: ClassVar[dict[str, str]] = {
+        "Retry-After": "Seconds to wait before trying again."
+    }
 
-    def __init__(self, detail: str, *, retry_after_seconds: int, **kwargs: Any) -> None:
+    def __init__(
+        self, detail: str | None = None, *, retry_after_seconds: int, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("headers", {"Retry-After": str(max(1, retry_after_seconds))})
         kwargs.setdefault("hint", f"Wait {max(1, retry_after_seconds)} s before trying again.")
         super().__init__(detail, **kwargs)
 
 
 class ServiceUnavailable(AppError):
+    """A dependency of the service does not answer now."""
+
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "unavailable"
+    hint = "Try again in a moment."
+
+
+class UpstreamUnavailable(ServiceUnavailable):
+    """The service behind the gateway did not answer (it restarts, or is scaled to zero)."""
+
+    code = "upstream_unavailable"
+    hint = "Try again in a moment; the request was not passed on."
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -180,26 +298,20 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
     ]
 
 
-_STATUS_CODES = {
-    HTTPStatus.NOT_FOUND: ("not_found", "Check the URL and the id; ids are per tenant."),
-    HTTPStatus.BAD_REQUEST: (
-        "malformed_body",
-        "Send a UTF-8 JSON body with `Content-Type: application/json`.",
-    ),
-    HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", "See /docs for the allowed methods."),
-    HTTPStatus.UNAUTHORIZED: ("unauthorized", "Send `Authorization: Bearer <token>`."),
-    HTTPStatus(413): (
-        "body_too_large",
-        "Send fewer emails per request (a batch holds up to 1,000), or smaller ones.",
-    ),
+# What the framework (or a middleware) raises by status, with its code and hint.
+_STATUS_ERRORS: dict[int, type[AppError]] = {
+    error.status: error
+    for error in (MalformedBody, Unauthorized, NotFound, MethodNotAllowed, PayloadTooLarge)
 }
 
 
 def status_problem(status: int, detail: str, instance: str | None = None) -> Problem:
     """The problem for a status the framework (or a middleware) raises, with its code and hint."""
+    error = _STATUS_ERRORS.get(status)
+    if error is not None:
+        return error(detail).to_problem(instance)
     http_status = HTTPStatus(status)
-    code, hint = _STATUS_CODES.get(http_status, (http_status.name.lower(), None))
-    return AppError(detail, code=code, hint=hint, status=http_status).to_problem(instance)
+    return AppError(detail, code=http_status.name.lower(), status=http_status).to_problem(instance)
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -234,6 +346,7 @@ def _query_names(route: APIRoute) -> frozenset[str]:
     return names
 
 
+@raises(UnknownQueryParameter)
 def known_query_only(request: Request) -> None:
     """Refuse query parameters the operation does not declare, as its spec has none of them:
     `?staus=queued` is a typo to report, not a filter to drop silently."""
@@ -244,10 +357,8 @@ def known_query_only(request: Request) -> None:
     unknown = [name for name in request.query_params if name not in known]
     if unknown:
         # The names are the caller's input: counted, never repeated.
-        raise Unprocessable(
+        raise UnknownQueryParameter(
             f"{len(unknown)} query parameter(s) this operation does not take.",
-            code="unknown_query_parameter",
-            hint="Send only the query parameters the operation's spec lists (see /docs).",
             errors=[
                 FieldError(field="query", message="not a parameter of this operation", type="extra")
             ],
@@ -273,11 +384,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = _field_errors(exc)
         fields = ", ".join(error.field for error in errors)
-        error = Unprocessable(
-            f"Invalid input: {fields}.",
-            hint="Correct the fields listed in `errors` and send the request again.",
-            errors=errors,
-        )
+        error = Unprocessable(f"Invalid input: {fields}.", errors=errors)
         return problem_response(error.to_problem(_instance(request)))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -306,27 +413,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
-
-
-def problem_doc(description: str) -> dict[str, Any]:
-    """An OpenAPI response documented as problem+json, the media type errors are sent with."""
-    return {
-        "model": Problem,
-        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-        "description": description,
-    }
-
-
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: problem_doc(description)
-    for status, description in (
-        (400, "The body is not UTF-8 JSON"),
-        (401, "Missing or invalid credentials"),
-        (404, "Not found"),
-        (413, "The request body is larger than the limit"),
-        (422, "Invalid input"),
-    )
-}
 
 
 class MessageError(AppError):

@@ -26,15 +26,20 @@ _servers = table(
     column("label", String),
     column("host", String),
     column("username", String),
+    column("imap_host", String),
 )
 
 
+class ServerNotFound(NotFound):
+    """No server with this id for this tenant."""
+
+    code = "server_not_found"
+    default_detail = "No server 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List your servers with GET /v1/servers."
+
+
 def server_not_found(server_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No server {server_id} for this tenant.",
-        code="server_not_found",
-        hint="List your servers with GET /v1/servers.",
-    )
+    return ServerNotFound(f"No server {server_id} for this tenant.")
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,15 @@ async def server_status_counts(session: AsyncSession) -> dict[str, int]:
     query = select(_servers.c.status, func.count()).group_by(_servers.c.status)
     rows: Any = (await session.exec(query)).all()  # type: ignore[call-overload]
     return {str(status): int(count) for status, count in rows}
+
+
+async def mailbox_servers(session: AsyncSession) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(server id, tenant id) of every server with a mailbox to read, whatever its status: a
+    paused server's bounces and replies still come back."""
+    query = (
+        select(_servers.c.id, _servers.c.tenant_id)
+        .where(_servers.c.imap_host.is_not(None))
+        .order_by(_servers.c.id)
+    )
+    rows: Any = (await session.exec(query)).all()  # type: ignore[call-overload]
+    return [(server_id, tenant_id) for server_id, tenant_id in rows]

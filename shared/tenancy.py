@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from shared.errors import Unauthorized
+from shared.errors import Unauthorized, raises
 from shared.settings import CommonSettings, InternalTokenSettings, RegistrySettings
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import OneLineText, refuse_control_chars
@@ -100,6 +100,7 @@ def get_internal_settings(request: Request) -> InternalTokenSettings:
     return _settings_of(request, InternalTokenSettings)
 
 
+@raises(Unauthorized)
 async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
     if credentials is None or not credentials.credentials.startswith(API_KEY_PREFIX):
         raise Unauthorized("A tenant API key is required.")
@@ -115,6 +116,7 @@ async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
     return tenant
 
 
+@raises(Unauthorized)
 def require_admin(
     settings: Annotated[RegistrySettings, Depends(get_registry_settings)], credentials: BearerDep
 ) -> None:
@@ -123,6 +125,7 @@ def require_admin(
         raise Unauthorized("The admin token is required.", hint="Use ABL_ADMIN_TOKEN.")
 
 
+@raises(Unauthorized)
 def require_internal(
     settings: Annotated[InternalTokenSettings, Depends(get_internal_settings)],
     credentials: BearerDep,

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from services.gateway.domain import route
 from shared.app import Resource, build_app
-from shared.errors import NotFound, ServiceUnavailable
+from shared.errors import NotFound, UpstreamUnavailable
 from shared.settings import GatewaySettings
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi" / "api.json"
@@ -70,11 +70,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 headers=headers,
             )
         except httpx.HTTPError as exc:
-            raise ServiceUnavailable(
-                f"The {target} service did not answer.",
-                code="upstream_unavailable",
-                hint="Try again in a moment.",
-            ) from exc
+            raise UpstreamUnavailable(f"The {target} service did not answer.") from exc
         out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         return Response(upstream.content, status_code=upstream.status_code, headers=out)
 

@@ -18,6 +18,7 @@ from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
 from shared.db import table_of
 from shared.messages import SmtpCredentials
+from shared.providers import detect
 from shared.timeutil import utcnow
 
 
@@ -68,6 +69,9 @@ async def server_credentials(
         from_name=server.from_name,
         status=status.value,
         daily_cap=server.daily_cap,
+        per_minute=provider.per_minute
+        if (provider := detect(server.host, server.username))
+        else None,
     )
 
 
@@ -101,16 +105,30 @@ async def record_health(
     return server
 
 
-async def pause_for_bounces(session: AsyncSession, server_id: uuid.UUID, reason: str) -> None:
-    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so."""
+async def pause_for_bounces(
+    session: AsyncSession, server_id: uuid.UUID, reason: str
+) -> SmtpServer | None:
+    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so. The
+    server as it now is; None when it does not exist. One conditional UPDATE, so that of two
+    replicas pausing it at once one writes the `server.status_changed` event."""
     server = await session.get(SmtpServer, server_id)
-    if server is None or server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
-        return
+    if server is None:
+        return None
     previous = str(server.status)
-    server.status = ServerStatus.paused_bounces
-    server.status_reason = reason[:512]
-    server.updated_at = utcnow()
-    session.add(server)
-    await events.record_change(
-        session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+    table = table_of(SmtpServer)
+    paused = (ServerStatus.paused, ServerStatus.paused_bounces)
+    changed = await session.exec(
+        update(table)
+        .where(table.c.id == server_id, table.c.status.not_in(paused))
+        .values(
+            status=ServerStatus.paused_bounces.value,
+            status_reason=reason[:512],
+            updated_at=utcnow(),
+        )
     )
+    if changed.rowcount:
+        await events.record_change(
+            session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+        )
+    await session.refresh(server)
+    return server

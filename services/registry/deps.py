@@ -12,7 +12,7 @@ from services.registry.domain import TokenBucket
 from services.registry.oauth.tokens import TokenKeeper
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring
-from shared.errors import RateLimited
+from shared.errors import RateLimited, raises
 from shared.settings import RegistrySettings
 
 
@@ -47,6 +47,8 @@ def get_verifier(request: Request) -> Verifier:
     return verifier
 
 
+# Whoever takes the limiter may be refused by it.
+@raises(RateLimited)
 def get_limiter(request: Request) -> CheckLimiter:
     limiter: CheckLimiter = request.app.state.check_limiter
     return limiter

@@ -20,7 +20,8 @@ from services.registry.models import ImapCreate, SmtpServer
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import FieldError, Unprocessable
-from shared.imap import ImapCheck, ImapEndpoint, ImapSecurity
+from shared.imap import ImapCheck, ImapEndpoint, ImapProblem, ImapSecurity
+from shared.messages import ImapCredentials
 from shared.providers import PROVIDERS, detect
 from shared.timeutil import utcnow
 
@@ -32,10 +33,39 @@ def provider_imap_host(preset: str | None, smtp_host: str, smtp_username: str) -
     return provider.imap_host if provider else None
 
 
+class ImapIncomplete(Unprocessable):
+    """The `imap` object lacks what a new IMAP endpoint needs (its host or its password)."""
+
+    code = "imap_incomplete"
+    default_detail = "The IMAP password is needed for a new IMAP endpoint."
+    hint = (
+        "Send imap.password: a stored password is only ever sent to the endpoint it was "
+        "verified against."
+    )
+    example_errors = (
+        FieldError(
+            field="body.imap.password", message="required for this IMAP endpoint", type="missing"
+        ),
+    )
+
+
+def imap_code(problem: ImapProblem) -> str:
+    # Apart from the SMTP check's codes: `imap_auth_failed` is not the SMTP login failing.
+    return f"imap_{problem.value}"
+
+
+class ImapCheckFailed(Unprocessable):
+    """The IMAP check (LOGIN, read-only SELECT of INBOX) failed: nothing was stored."""
+
+    codes = tuple(imap_code(problem) for problem in ImapProblem)
+    code = imap_code(ImapProblem.auth_failed)
+    default_detail = "The mailbox could not be read: see the code."
+    hint = "Check the IMAP settings and try again."
+
+
 def _missing(field: str, message: str, detail: str, hint: str) -> Unprocessable:
-    return Unprocessable(
+    return ImapIncomplete(
         detail,
-        code="imap_incomplete",
         hint=hint,
         errors=[FieldError(field=f"body.imap.{field}", message=message, type="missing")],
     )
@@ -80,9 +110,9 @@ def check_failed(outcome: ImapCheck) -> Unprocessable:
         "blocked_host": "The IMAP host must be reachable on the public internet.",
         "blocked_port": "Use port 993 (tls) or 143 (starttls).",
     }
-    return Unprocessable(
+    return ImapCheckFailed(
         outcome.detail,
-        code=f"imap_{outcome.problem.value}",
+        code=imap_code(outcome.problem),
         hint=hints.get(outcome.problem.value, "Check the IMAP settings and try again."),
     )
 
@@ -169,6 +199,26 @@ async def update(
     server.updated_at = utcnow()
 
 
+async def imap_credentials(
+    session: AsyncSession, keyring: Keyring, server_id: uuid.UUID
+) -> ImapCredentials | None:
+    """The mailbox access of a server (any tenant), for the scheduler's mailbox reader; None
+    when the server does not exist or reads no mailbox."""
+    server = await session.get(SmtpServer, server_id)
+    endpoint = stored_endpoint(keyring, server) if server is not None else None
+    if server is None or endpoint is None:
+        return None
+    return ImapCredentials(
+        id=server.id,
+        tenant_id=server.tenant_id,
+        host=endpoint.host,
+        port=endpoint.port,
+        security=endpoint.security.value,
+        username=endpoint.username,
+        password=endpoint.password,
+    )
+
+
 async def servers_with_mailbox(session: AsyncSession) -> list[SmtpServer]:
     query = select(SmtpServer).where(col(SmtpServer.imap_host).is_not(None))
     return list((await session.exec(query)).all())
@@ -176,9 +226,12 @@ async def servers_with_mailbox(session: AsyncSession) -> list[SmtpServer]:
 
 async def record_poll(
     session: AsyncSession, server_id: uuid.UUID, at: datetime, error: str | None
-) -> None:
+) -> bool:
+    """Note the mailbox reader's last read of the server's INBOX; False if no such server."""
     server = await session.get(SmtpServer, server_id)
-    if server is not None:
-        server.imap_last_poll_at = at
-        server.imap_last_poll_error = error[:512] if error else None
-        session.add(server)
+    if server is None:
+        return False
+    server.imap_last_poll_at = at
+    server.imap_last_poll_error = error[:512] if error else None
+    session.add(server)
+    return True

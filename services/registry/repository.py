@@ -16,12 +16,16 @@ from shared.registry_read import server_not_found
 from shared.tenancy import Tenant
 
 
+class ServerExists(Conflict):
+    """The tenant already has a server with this host and username."""
+
+    code = "server_exists"
+    default_detail = "This tenant already has a server with this host and username."
+    hint = "Update the existing server with PATCH /v1/servers/{id} instead."
+
+
 def duplicate_login() -> Conflict:
-    return Conflict(
-        "This tenant already has a server with this host and username.",
-        code="server_exists",
-        hint="Update the existing server with PATCH /v1/servers/{id} instead.",
-    )
+    return ServerExists()
 
 
 async def get_server(

@@ -23,8 +23,8 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, repository, suppression, unsubscribe
-from services.scheduler.domain import RetryPolicy, WarmupSchedule
+from services.scheduler import domain, events, repository, suppression, unsubscribe
+from services.scheduler.domain import RetryPolicy, SendingWindow, WarmupSchedule
 from shared.broker import Bus
 from shared.db import in_transaction
 from shared.messages import SCHEMA_VERSION
@@ -55,6 +55,8 @@ DISPATCH_CONCURRENCY = 2
 ANALYZE_AFTER_ROWS = 5000
 # Bounds one transaction's claim; what is left over goes in the next tick.
 MAX_CLAIM_PER_TRANSACTION = 20_000
+# How often expired quota parks are cleared and announced.
+UNPARK_EVERY = timedelta(seconds=30)
 
 
 def _interleave(granted: dict[uuid.UUID, int]) -> list[uuid.UUID]:
@@ -84,6 +86,7 @@ def schedule_from(settings: SchedulerSettings) -> WarmupSchedule:
         cap=settings.warmup_cap,
         advance_ratio=settings.warmup_advance_ratio,
         idle_reset_days=settings.warmup_idle_reset_days,
+        bounce_pause_ratio=settings.bounce_pause_ratio,
     )
 
 
@@ -209,18 +212,21 @@ class Dispatcher:
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
         self.links = UnsubscribeLinks(
-            unsubscribe.derive_key(settings.internal_token.get_secret_value()),
+            unsubscribe.keys_from(settings.unsubscribe_secrets).signing,
             settings.public_url,
         )
         # Rows created in warmup and day tables since their statistics were last refreshed.
         self.created_rows: Counter[str] = Counter()
         self.analyzed_rows: Counter[str] = Counter()
+        self.unparked_at: datetime | None = None
 
     async def tick(self, now: datetime | None = None) -> TickReport:
         started = time.perf_counter()
         moment = now or utcnow()
         report = TickReport()
         await self._republish_expired(moment, report)
+        if self.unparked_at is None or moment - self.unparked_at >= UNPARK_EVERY:
+            await self.unpark(moment)
         async with self.sessions() as session:
             tenants = await repository.tenants_with_due_emails(session, moment)
         # Replicas start at different tenants instead of all queueing for the same locks.
@@ -246,6 +252,17 @@ class Dispatcher:
         report.total_seconds = time.perf_counter() - started
         SCHEDULER_TICK_DURATION.observe(report.total_seconds)
         return report
+
+    async def unpark(self, now: datetime) -> None:
+        """Clear the parks that are over and announce the quota parks' end (`active` again).
+        Dispatch reads an expired park as none already; this is for the tenant, who learns
+        the server is back without polling, within `UNPARK_EVERY`."""
+        async with self.sessions() as session, session.begin():
+            back = await repository.unpark_expired(session, now)
+            await events.write(
+                session, [events.unparked_event(p.tenant_id, p.server_id, now) for p in back]
+            )
+        self.unparked_at = now
 
     async def _refresh_statistics(self) -> None:
         # Each time a table has at least doubled (and by ANALYZE_AFTER_ROWS): a few ANALYZEs
@@ -281,15 +298,18 @@ class Dispatcher:
             # Only servers that may send get warmup and allowance rows; `domain.eligible` then
             # decides among them (own tenant, active, not parked).
             servers = [s for s in await servers_of_tenants(session, tenant_ids) if s.sendable]
-            by_day: dict[date, list[ServerView]] = {}
+            # Warmup and day rows are read per local day and window (one or two groups): the
+            # window places each day's bounces, the day keys the counters.
+            by_day: dict[tuple[date, SendingWindow], list[ServerView]] = {}
             for server in servers:
-                by_day.setdefault(today_of[server.tenant_id], []).append(server)
+                window = windows[server.tenant_id]
+                by_day.setdefault((today_of[server.tenant_id], window), []).append(server)
             limits = {s.id: repository.limits_of(s, self.schedule) for s in servers}
             warmups: dict[uuid.UUID, repository.WarmupRow] = {}
             days: dict[uuid.UUID, repository.DayRow] = {}
-            for day, on_day in by_day.items():
+            for (day, window), on_day in by_day.items():
                 warmups |= await repository.warmup_states(
-                    session, on_day, day, self.schedule, created=self.created_rows
+                    session, on_day, day, self.schedule, created=self.created_rows, window=window
                 )
                 allowances = {
                     s.id: self.schedule.allowance(warmups[s.id].step, limits[s.id].top)
@@ -300,12 +320,12 @@ class Dispatcher:
                 )
             rolling = await repository.rolling_usage(session, [s.id for s in servers], now)
             loads: dict[uuid.UUID, list[domain.ServerLoad]] = {t: [] for t in tenant_ids}
-            for tenant_id, tenant_servers in _by_tenant(servers).items():
+            for tenant_id, own_servers in _by_tenant(servers).items():
                 candidates = [
                     domain.Candidate(
                         str(s.id), str(s.tenant_id), s.sendable, warmups[s.id].parked_until
                     )
-                    for s in tenant_servers
+                    for s in own_servers
                 ]
                 eligible = set(domain.eligible(candidates, str(tenant_id), now))
                 loads[tenant_id] = [
@@ -327,7 +347,7 @@ class Dispatcher:
                             ),
                         ),
                     )
-                    for s in tenant_servers
+                    for s in own_servers
                     if str(s.id) in eligible
                 ]
             capacities = {t: sum(load.can_take for load in loads[t]) for t in tenant_ids}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -29,12 +30,14 @@ from sqlalchemy.types import TypeEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, lifecycle
+from services.scheduler import domain, events, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
+from services.scheduler.feedback import Kind
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
+    MailboxEvent,
     SendingProfile,
     ServerDay,
     ServerUsageHour,
@@ -43,7 +46,7 @@ from services.scheduler.models import (
 from shared.db import RowSet, among, insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
 from shared.registry_read import ServerView
-from shared.timeutil import UtcDateTime
+from shared.timeutil import UtcDateTime, utcnow
 
 _email_table = table_of(Email)
 
@@ -57,12 +60,16 @@ class SendResultKey(NamedTuple):
     server_id: uuid.UUID
 
 
+class EmailNotFound(NotFound):
+    """No email with this id for this tenant."""
+
+    code = "email_not_found"
+    default_detail = "No email 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List your emails with GET /v1/messages."
+
+
 def email_not_found(email_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No email {email_id} for this tenant.",
-        code="email_not_found",
-        hint="List your emails with GET /v1/messages.",
-    )
+    return EmailNotFound(f"No email {email_id} for this tenant.")
 
 
 async def get_email(session: AsyncSession, tenant_id: uuid.UUID, email_id: uuid.UUID) -> Email:
@@ -204,9 +211,11 @@ async def warmup_states(
     today: date,
     schedule: WarmupSchedule,
     created: Counter[str] | None = None,
+    window: SendingWindow | None = None,
 ) -> dict[uuid.UUID, WarmupRow]:
     """Each server's warmup row, folded forward to `today` (created fresh for a new server);
-    `created` counts the rows inserted."""
+    `created` counts the rows inserted. `window` says where the tenant's days start (UTC
+    without it), to count each day's hard bounces."""
     if not servers:
         return {}
     by_id = {server.id: server for server in servers}
@@ -246,39 +255,151 @@ async def warmup_states(
         for server_id, day, sent, allowance in history:
             delivered.setdefault(server_id, {})[day] = sent
             allowances.setdefault(server_id, {})[day] = allowance
-        folded: list[tuple[uuid.UUID, int, date, int]] = []
+        since = min(row.state_day for row in stale)
+        bounced = await bounced_by_day(
+            session, [row.server_id for row in stale], since, window or SendingWindow()
+        )
+        folded: list[tuple[uuid.UUID, int, date, int, date]] = []
+        stepped: list[tuple[events.WarmupStep, int, date]] = []
         for row in stale:
+            top = limits_of(by_id[row.server_id], schedule).top
             state = domain.state_on(
                 domain.WarmupState(row.step, row.state_day, row.idle_days),
                 today,
                 delivered=delivered.get(row.server_id, {}),
                 allowances=allowances.get(row.server_id, {}),
                 schedule=schedule,
-                daily_cap=limits_of(by_id[row.server_id], schedule).top,
+                daily_cap=top,
+                bounced=bounced.get(row.server_id, {}),
             )
-            folded.append((row.server_id, state.step, state.day, state.idle_days))
-            rows[row.server_id] = WarmupRow(
-                row.server_id, state.step, state.day, state.idle_days, row.parked_until, row.pace_at
+            if state.step > row.step:
+                stepped.append(
+                    (
+                        events.WarmupStep(
+                            server_id=row.server_id,
+                            tenant_id=by_id[row.server_id].tenant_id,
+                            day=today,
+                            step=state.step,
+                            previous_step=row.step,
+                            allowance=schedule.allowance(state.step, top),
+                            previous_allowance=schedule.allowance(row.step, top),
+                            top_step=schedule.top_step(top),
+                        ),
+                        state.idle_days,
+                        row.state_day,
+                    )
+                )
+            else:
+                folded.append(
+                    (row.server_id, state.step, state.day, state.idle_days, row.state_day)
+                )
+            rows[row.server_id] = dataclasses.replace(
+                row, step=state.step, state_day=state.day, idle_days=state.idle_days
             )
+        w = _warmup_table
         values = RowSet(
             session,
-            {"server_id": Uuid(), "step": Integer(), "day": Date(), "idle": Integer()},
+            {
+                "server_id": Uuid(),
+                "step": Integer(),
+                "day": Date(),
+                "idle": Integer(),
+                "old_day": Date(),
+            },
             sorted(folded),
         )
-        w = _warmup_table
         await values.execute(
             session,
             update(w)
-            .where(w.c.server_id == values.c["server_id"])
+            .where(w.c.server_id == values.c["server_id"], w.c.state_day == values.c["old_day"])
             .values(step=values.c["step"], state_day=values.c["day"], idle_days=values.c["idle"]),
         )
+        await _record_steps(session, stepped)
     return rows
 
 
+async def _record_steps(
+    session: AsyncSession, stepped: list[tuple[events.WarmupStep, int, date]]
+) -> None:
+    """Write the step-ups and announce them (`server.warmup_step`), in the caller's
+    transaction. Each row is updated only from the day it was read at, and announced only when
+    that update took: two transactions folding the same day (the dispatcher and a GET of
+    /warmup) announce it once. A step-up happens once per server and day at most."""
+    w = _warmup_table
+    announced = []
+    for step, idle_days, old_day in sorted(stepped, key=lambda s: s[0].server_id):
+        result = await session.exec(
+            update(w)
+            .where(w.c.server_id == step.server_id, w.c.state_day == old_day)
+            .values(step=step.step, state_day=step.day, idle_days=idle_days)
+        )
+        if result.rowcount:
+            announced.append(events.warmup_step_event(step, utcnow()))
+    await events.write(session, announced)
+
+
 async def warmup_state(
-    session: AsyncSession, server: ServerView, today: date, schedule: WarmupSchedule
+    session: AsyncSession,
+    server: ServerView,
+    today: date,
+    schedule: WarmupSchedule,
+    window: SendingWindow | None = None,
 ) -> WarmupRow:
-    return (await warmup_states(session, [server], today, schedule))[server.id]
+    return (await warmup_states(session, [server], today, schedule, window=window))[server.id]
+
+
+async def bounced_by_day(
+    session: AsyncSession, server_ids: Sequence[uuid.UUID], since: date, window: SendingWindow
+) -> dict[uuid.UUID, dict[date, int]]:
+    """Each server's hard-bounced emails by the (tenant's) day they were sent, from `since`."""
+    query = select(Email.server_id, Email.sent_at).where(
+        col(Email.server_id).in_(server_ids),
+        Email.status == EmailStatus.bounced,
+        col(Email.sent_at) >= window.bounds(since)[0],
+    )
+    counts: dict[uuid.UUID, dict[date, int]] = {}
+    for server_id, sent_at in (await session.exec(query)).all():
+        if server_id is None or sent_at is None:
+            continue
+        day = window.local_day(sent_at)
+        per_day = counts.setdefault(server_id, {})
+        per_day[day] = per_day.get(day, 0) + 1
+    return counts
+
+
+# Emails that left: the bounce-rate guard's denominator.
+LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
+
+
+@dataclass(frozen=True)
+class BounceCounts:
+    """A server's last `sent` emails that left, and how many of them bounced hard or drew a
+    complaint."""
+
+    sent: int
+    hard: int
+    complaints: int
+
+
+async def bounce_counts(session: AsyncSession, server_id: uuid.UUID, window: int) -> BounceCounts:
+    query = (
+        select(Email.id, Email.status)
+        .where(Email.server_id == server_id, col(Email.status).in_(LEFT))
+        .order_by(col(Email.sent_at).desc())
+        .limit(window)
+    )
+    rows = (await session.exec(query)).all()
+    ids = [email_id for email_id, _ in rows]
+    hard = sum(1 for _, status in rows if status == EmailStatus.bounced)
+    complaints = 0
+    if ids:
+        counted = await session.exec(
+            select(func.count()).where(
+                MailboxEvent.kind == Kind.complaint.value, col(MailboxEvent.email_id).in_(ids)
+            )
+        )
+        complaints = int(counted.one())
+    return BounceCounts(len(rows), hard, complaints)
 
 
 async def server_days(
@@ -595,20 +716,71 @@ async def _locked_rows(
     return RowSet(session, columns, rows)
 
 
-async def park_many(session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]]) -> None:
-    """Park servers until the given times, in server order (see `write_counters`)."""
+# The park_reason of a server its provider refused for quota: parked until its next day.
+QUOTA_PARK = "quota"
+
+
+class Parked(NamedTuple):
+    server_id: uuid.UUID
+    tenant_id: uuid.UUID
+    until: datetime
+    reason: str
+
+
+async def park_many(
+    session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]], now: datetime
+) -> list[Parked]:
+    """Park servers until the given times, in server order (see `write_counters`); returns
+    those that were not parked already (a park announced once, not once per refused email).
+    Their rows are locked first, so two replicas applying results agree on which was first."""
+    table = table_of(ServerWarmup)
+    query = (
+        sa_select(table.c.server_id, table.c.tenant_id, table.c.parked_until)
+        .where(table.c.server_id.in_(sorted(parks)))
+        .order_by(table.c.server_id)
+    )
+    if is_postgres(session):
+        query = query.with_for_update()
+    connection = await session.connection()
+    before = (await connection.execute(query)).all()
     rows = RowSet(
         session,
         {"server_id": Uuid(), "until": UtcDateTime(), "reason": String()},
         [(server_id, until, reason[:200]) for server_id, (until, reason) in sorted(parks.items())],
     )
-    table = table_of(ServerWarmup)
     await rows.execute(
         session,
         update(table)
         .where(table.c.server_id == rows.c["server_id"])
         .values(parked_until=rows.c["until"], park_reason=rows.c["reason"]),
     )
+    return [
+        Parked(server_id, tenant_id, *parks[server_id])
+        for server_id, tenant_id, until in before
+        if until is None or until <= now
+    ]
+
+
+async def unpark_expired(session: AsyncSession, now: datetime) -> list[Parked]:
+    """Clear every park that is over; returns the quota parks this transaction cleared (each
+    row is cleared from the value it was read with, so two replicas announce it once)."""
+    table = table_of(ServerWarmup)
+    connection = await session.connection()
+    expired = await connection.execute(
+        sa_select(table.c.server_id, table.c.tenant_id, table.c.parked_until, table.c.park_reason)
+        .where(table.c.parked_until <= now)
+        .order_by(table.c.server_id)
+    )
+    cleared = []
+    for server_id, tenant_id, until, reason in expired.all():
+        result = await session.exec(
+            update(table)
+            .where(table.c.server_id == server_id, table.c.parked_until == until)
+            .values(parked_until=None, park_reason=None)
+        )
+        if result.rowcount and reason == QUOTA_PARK:
+            cleared.append(Parked(server_id, tenant_id, until, reason))
+    return cleared
 
 
 # The columns the result applier decides from.

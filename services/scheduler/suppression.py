@@ -18,7 +18,7 @@ from sqlalchemy import String, Uuid, func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import lifecycle
+from services.scheduler import events, lifecycle
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
@@ -146,11 +146,13 @@ async def stop_queued_to(
             match,
         )
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
+        .returning(table.c.id, table.c.campaign, table.c.attempts)
     )
-    stopped = int(result.rowcount or 0)
+    stopped = result.all()
     if stopped:
-        SUPPRESSED.labels("queued").inc(stopped)
-    return stopped
+        SUPPRESSED.labels("queued").inc(len(stopped))
+        await events.write(session, events.suppressed_events(tenant_id, stopped, now))
+    return len(stopped)
 
 
 async def drop_suppressed(
@@ -183,24 +185,40 @@ async def drop_suppressed(
     if not stopped:
         return list(emails)
     table = table_of(Email)
-    await session.exec(
+    result = await session.exec(
         update(table)
         .where(
             among(session, table.c.id, stopped, Uuid()),
             table.c.status.in_(lifecycle.sources(Step.suppress)),
         )
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
+        .returning(table.c.tenant_id, table.c.id, table.c.campaign, table.c.attempts)
+    )
+    by_tenant: dict[uuid.UUID, list[tuple[uuid.UUID, str | None, int]]] = {}
+    for tenant_id, email_id, campaign, attempts in result.all():
+        by_tenant.setdefault(tenant_id, []).append((email_id, campaign, attempts))
+    await events.write(
+        session,
+        [
+            event
+            for tenant_id, rows in by_tenant.items()
+            for event in events.suppressed_events(tenant_id, rows, now)
+        ],
     )
     SUPPRESSED.labels("dispatch").inc(len(stopped))
     return [e for e in emails if not suppressed(e)]
 
 
+class SuppressionNotFound(NotFound):
+    """No entry with this id on this tenant's suppression list."""
+
+    code = "suppression_not_found"
+    default_detail = "No suppression 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List the suppression list with GET /v1/suppressions."
+
+
 def suppression_not_found(suppression_id: uuid.UUID) -> NotFound:
-    return NotFound(
-        f"No suppression {suppression_id} for this tenant.",
-        code="suppression_not_found",
-        hint="List the suppression list with GET /v1/suppressions.",
-    )
+    return SuppressionNotFound(f"No suppression {suppression_id} for this tenant.")
 
 
 async def get(

@@ -9,7 +9,8 @@ import uuid
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi.openapi.models import Example
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -17,6 +18,9 @@ from services.webhooks import delivery as engine
 from services.webhooks import domain
 from services.webhooks.models import (
     DeliveryStatus,
+    WebhookAttempt,
+    WebhookAttemptPage,
+    WebhookAttemptPublic,
     WebhookDelivery,
     WebhookDeliveryPage,
     WebhookDeliveryPublic,
@@ -30,28 +34,35 @@ from services.webhooks.models import (
 from shared import addresses
 from shared.crypto import Keyring
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, KnownQueryOnly, NotFound, problem_doc
-from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from shared.errors import KnownQueryOnly, NotFound, raises
+from shared.pagination import (
+    CursorQuery,
+    InvalidCursor,
+    Limit200Query,
+    decode_cursor,
+    encode_cursor,
+)
 from shared.settings import WebhookSettings
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
-router = APIRouter(
-    prefix="/v1/webhooks",
-    tags=["webhooks"],
-    responses=PROBLEM_RESPONSES,
-    dependencies=[KnownQueryOnly],
-)
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[KnownQueryOnly])
 
-URL_RESPONSES = {
-    **PROBLEM_RESPONSES,
-    422: problem_doc(
-        "Invalid input, or a URL that may not receive webhooks (`insecure_url`, `invalid_url`, "
-        "`blocked_host`, `dns_failed`)"
-    ),
-}
-LimitQuery = Annotated[int, Query(ge=1, le=200)]
-CursorQuery = Annotated[str | None, Query(pattern=CURSOR_PATTERN)]
+
+class WebhookNotFound(NotFound):
+    """No webhook endpoint with this id for this tenant."""
+
+    code = "webhook_not_found"
+    default_detail = "No such webhook endpoint."
+    hint = "List your endpoints with GET /v1/webhooks."
+
+
+class DeliveryNotFound(NotFound):
+    """No delivery with this id for this endpoint."""
+
+    code = "delivery_not_found"
+    default_detail = "No such delivery."
+    hint = "List the endpoint's deliveries with GET /v1/webhooks/{endpoint_id}/deliveries."
 
 
 def _settings(request: Request) -> WebhookSettings:
@@ -89,23 +100,52 @@ async def owned(
     endpoint = await session.get(WebhookEndpoint, endpoint_id)
     # Another tenant's endpoint answers exactly like one that does not exist.
     if endpoint is None or endpoint.tenant_id != tenant_id:
-        raise NotFound("No such webhook endpoint.", code="webhook_not_found")
+        raise WebhookNotFound()
     return endpoint
+
+
+def encrypt_secret(request: Request, endpoint: WebhookEndpoint) -> str:
+    """A new signing secret for `endpoint`, stored encrypted; returned to be shown once."""
+    keyring: Keyring = request.app.state.keyring
+    secret = new_secret()
+    endpoint.secret_ciphertext = keyring.encrypt(
+        secret, engine.secret_aad(endpoint.tenant_id, endpoint.id)
+    )
+    return secret
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Register an endpoint; its signing secret is returned once",
-    responses=URL_RESPONSES,
 )
-async def add_webhook(
-    body: WebhookEndpointCreate, tenant: TenantDep, session: SessionDep, request: Request
+@raises(*domain.URL_ERRORS)
+async def create_webhook(
+    body: Annotated[
+        WebhookEndpointCreate,
+        Body(
+            openapi_examples={
+                "outcomes": Example(
+                    summary="Email outcomes and server status changes",
+                    value={
+                        "url": "https://hooks.acme.com/abl",
+                        "event_types": ["email.sent", "email.bounced", "server.status_changed"],
+                        "description": "CRM sync",
+                    },
+                )
+            }
+        ),
+    ],
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
 ) -> WebhookEndpointCreated:
+    """The URL gets the event types it names, signed by the Standard Webhooks scheme
+    (`webhook-id`, `webhook-timestamp`, `webhook-signature`) with `secret`: keep it from this
+    answer, it is not shown again. The URL must be https:// to a host that resolves to public
+    addresses only (the rules of server checks)."""
     settings = _settings(request)
     await check_url(body.url, settings)
-    keyring: Keyring = request.app.state.keyring
-    secret = new_secret()
     endpoint = WebhookEndpoint(
         tenant_id=tenant.id,
         url=body.url,
@@ -114,19 +154,22 @@ async def add_webhook(
         event_types=[t.value for t in body.event_types],
         secret_ciphertext="",
     )
-    endpoint.secret_ciphertext = keyring.encrypt(secret, engine.secret_aad(tenant.id, endpoint.id))
+    secret = encrypt_secret(request, endpoint)
     session.add(endpoint)
     await session.flush()
     return WebhookEndpointCreated(**public(endpoint).model_dump(), secret=secret)
 
 
 @router.get("", summary="List the tenant's endpoints, oldest first")
+@raises(InvalidCursor)
 async def list_webhooks(
     tenant: TenantDep,
     session: SessionDep,
-    limit: LimitQuery = 50,
+    limit: Limit200Query = 50,
     cursor: CursorQuery = None,
 ) -> WebhookEndpointPage:
+    """Paginated: up to `limit` endpoints per page; pass `next_cursor` as `cursor` for the next
+    page (null on the last). Secrets are never listed."""
     query = select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant.id)
     if cursor is not None:
         query = query.where(col(WebhookEndpoint.id) > decode_cursor(cursor))
@@ -141,9 +184,11 @@ async def list_webhooks(
 
 
 @router.get("/{endpoint_id}", summary="One endpoint")
+@raises(WebhookNotFound)
 async def get_webhook(
     endpoint_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> WebhookEndpointPublic:
+    """With `disabled_reason` when it was switched off after failing for days."""
     return public(await owned(session, tenant.id, endpoint_id))
 
 
@@ -151,8 +196,8 @@ async def get_webhook(
     "/{endpoint_id}",
     summary="Change the URL, the event types, or enable and disable; enabling resumes the "
     "deliveries waiting for it",
-    responses=URL_RESPONSES,
 )
+@raises(WebhookNotFound, *domain.URL_ERRORS)
 async def update_webhook(
     endpoint_id: uuid.UUID,
     body: WebhookEndpointUpdate,
@@ -160,6 +205,7 @@ async def update_webhook(
     session: SessionDep,
     request: Request,
 ) -> WebhookEndpointPublic:
+    """Only the fields sent change; a new URL is checked like on create. The secret stays."""
     endpoint = await owned(session, tenant.id, endpoint_id)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if "url" in changes:
@@ -187,12 +233,41 @@ async def update_webhook(
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Remove an endpoint and its delivery log",
 )
+@raises(WebhookNotFound)
 async def delete_webhook(
     endpoint_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> Response:
+    """Its pending deliveries are dropped with it."""
     endpoint = await owned(session, tenant.id, endpoint_id)
     await session.delete(endpoint)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{endpoint_id}/rotate-secret",
+    summary="Replace the signing secret; the new one is returned once, and the old one keeps "
+    "signing beside it for 24 hours",
+)
+@raises(WebhookNotFound)
+async def rotate_webhook_secret(
+    endpoint_id: uuid.UUID, tenant: TenantDep, session: SessionDep, request: Request
+) -> WebhookEndpointCreated:
+    """Keep `secret` from this answer: it is not shown again. Until `previous_secret_until`
+    (`ABL_WEBHOOK_SECRET_OVERLAP_SECONDS`, 24 h) every request carries two signatures in
+    `webhook-signature`, with the new and the previous secret, so a receiver verifies with
+    either while it switches. A second rotation within that time drops the oldest secret."""
+    endpoint = await owned(session, tenant.id, endpoint_id)
+    now = utcnow()
+    # A second rotation within the overlap drops the oldest secret: two sign at most.
+    endpoint.previous_secret_ciphertext = endpoint.secret_ciphertext
+    endpoint.previous_secret_until = now + timedelta(
+        seconds=_settings(request).webhook_secret_overlap_seconds
+    )
+    secret = encrypt_secret(request, endpoint)
+    endpoint.updated_at = now
+    session.add(endpoint)
+    await session.flush()
+    return WebhookEndpointCreated(**public(endpoint).model_dump(), secret=secret)
 
 
 def delivery_public(row: WebhookDelivery) -> WebhookDeliveryPublic:
@@ -203,14 +278,17 @@ def delivery_public(row: WebhookDelivery) -> WebhookDeliveryPublic:
     "/{endpoint_id}/deliveries",
     summary="The endpoint's delivery log, newest first: status, attempts, last status code",
 )
-async def list_deliveries(
+@raises(WebhookNotFound, InvalidCursor)
+async def list_webhook_deliveries(
     endpoint_id: uuid.UUID,
     tenant: TenantDep,
     session: SessionDep,
     status_filter: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
-    limit: LimitQuery = 50,
+    limit: Limit200Query = 50,
     cursor: CursorQuery = None,
 ) -> WebhookDeliveryPage:
+    """Filtered by `status`. Paginated: up to `limit` deliveries per page; pass `next_cursor`
+    as `cursor` for the next (older) page, null on the last."""
     await owned(session, tenant.id, endpoint_id)
     query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
     if status_filter is not None:
@@ -232,19 +310,52 @@ async def list_deliveries(
     status_code=status.HTTP_202_ACCEPTED,
     summary="Send a delivery again now (same `webhook-id`), with a new retry window",
 )
-async def redeliver(
+@raises(WebhookNotFound, DeliveryNotFound)
+async def redeliver_webhook(
     endpoint_id: uuid.UUID,
     delivery_id: uuid.UUID,
     tenant: TenantDep,
     session: SessionDep,
     request: Request,
 ) -> WebhookDeliveryPublic:
+    """The receiver deduplicates by `webhook-id`, which stays the delivery's own."""
     await owned(session, tenant.id, endpoint_id)
     window = timedelta(seconds=_settings(request).webhook_retry_window_seconds)
     if not await engine.redeliver(session, delivery_id, endpoint_id, window):
-        raise NotFound("No such delivery.", code="delivery_not_found")
+        raise DeliveryNotFound()
     row = await session.get(WebhookDelivery, delivery_id, populate_existing=True)
     assert row is not None
     await session.commit()
     request.app.state.webhook_deliverer.wake()
     return delivery_public(row)
+
+
+@router.get(
+    "/{endpoint_id}/deliveries/{delivery_id}/attempts",
+    summary="Every attempt of one delivery, first first: when, the answer, how long it took",
+)
+@raises(WebhookNotFound, DeliveryNotFound, InvalidCursor)
+async def list_webhook_delivery_attempts(
+    endpoint_id: uuid.UUID,
+    delivery_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: Limit200Query = 50,
+    cursor: CursorQuery = None,
+) -> WebhookAttemptPage:
+    """The delivery row keeps the last attempt only; this is each one (`attempt` 1, 2, ...).
+    Paginated: up to `limit` attempts per page; pass `next_cursor` as `cursor` for the next
+    page, null on the last."""
+    await owned(session, tenant.id, endpoint_id)
+    found = await session.get(WebhookDelivery, delivery_id)
+    if found is None or found.endpoint_id != endpoint_id:
+        raise DeliveryNotFound()
+    query = select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)
+    if cursor is not None:
+        query = query.where(col(WebhookAttempt.id) > decode_cursor(cursor))
+    rows = list((await session.exec(query.order_by(col(WebhookAttempt.id)).limit(limit + 1))).all())
+    page = rows[:limit]
+    return WebhookAttemptPage(
+        items=[WebhookAttemptPublic.model_validate(a, from_attributes=True) for a in page],
+        next_cursor=encode_cursor(page[-1].id) if len(rows) > limit else None,
+    )

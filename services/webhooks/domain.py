@@ -28,25 +28,52 @@ class Target:
     port: int
 
 
+class BlockedHost(Unprocessable):
+    """The URL's host resolves to an address that may not be used."""
+
+    code = "blocked_host"
+    default_detail = BLOCKED_HOST_DETAIL
+    hint = "Use the public host name of the endpoint."
+
+
+class DnsFailed(Unprocessable):
+    """The URL's host name does not resolve."""
+
+    code = "dns_failed"
+    # The host is not repeated: no error echoes the caller's input.
+    default_detail = "The host name does not resolve."
+    hint = "Check the spelling of the host name."
+
+
+class InvalidUrl(Unprocessable):
+    """Not an absolute http(s) URL to a host, without credentials."""
+
+    code = "invalid_url"
+    default_detail = "Only https:// URLs receive webhooks."
+    hint = "Give an absolute https:// URL."
+
+
+class InsecureUrl(Unprocessable):
+    """Webhooks are sent over HTTPS only."""
+
+    code = "insecure_url"
+    default_detail = "Webhooks are sent over HTTPS only."
+    hint = "Serve the endpoint over HTTPS (a certificate from a public CA)."
+
+
+URL_ERRORS = (InvalidUrl, InsecureUrl, BlockedHost, DnsFailed)
+
+
 def blocked_host() -> Unprocessable:
-    return Unprocessable(
-        BLOCKED_HOST_DETAIL,
-        code="blocked_host",
-        hint="Use the public host name of the endpoint.",
-    )
+    return BlockedHost()
 
 
 def dns_failed() -> Unprocessable:
-    # The host is not repeated: no error echoes the caller's input.
-    return Unprocessable(
-        "The host name does not resolve.",
-        code="dns_failed",
-        hint="Check the spelling of the host name.",
-    )
+    return DnsFailed()
 
 
-def bad_url(detail: str, hint: str, code: str = "invalid_url") -> Unprocessable:
-    return Unprocessable(detail, code=code, hint=hint)
+def bad_url(detail: str, hint: str) -> Unprocessable:
+    return InvalidUrl(detail, hint=hint)
 
 
 def parse_target(url: str, *, allow_insecure: bool) -> Target:
@@ -65,11 +92,7 @@ def parse_target(url: str, *, allow_insecure: bool) -> Target:
     if scheme not in ("https", "http"):
         raise bad_url("Only https:// URLs receive webhooks.", "Give an absolute https:// URL.")
     if scheme == "http" and not allow_insecure:
-        raise bad_url(
-            "Webhooks are sent over HTTPS only.",
-            "Serve the endpoint over HTTPS (a certificate from a public CA).",
-            code="insecure_url",
-        )
+        raise InsecureUrl()
     if parts.username is not None or parts.password is not None:
         raise bad_url(
             "A webhook URL may not hold credentials.",

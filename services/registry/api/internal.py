@@ -8,22 +8,34 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from services.registry import credentials as use_cases
+from services.registry import mailbox
 from services.registry.deps import KeyringDep, TokenKeeperDep
 from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, ServiceUnavailable
-from shared.messages import SmtpCredentials
-from shared.registry_read import server_not_found
+from shared.errors import NotFound, ServiceUnavailable, raises
+from shared.messages import BouncePause, ImapCredentials, MailboxPoll, SmtpCredentials
+from shared.registry_read import ServerNotFound, server_not_found
 from shared.tenancy import InternalDep
 
-router = APIRouter(
-    prefix="/internal/v1",
-    tags=["internal"],
-    dependencies=[InternalDep],
-    responses=PROBLEM_RESPONSES,
-)
+router = APIRouter(prefix="/internal/v1", dependencies=[InternalDep])
+
+
+class OAuthProviderUnavailable(ServiceUnavailable):
+    """The OAuth provider could not refresh this server's access token now."""
+
+    code = "oauth_provider_unavailable"
+    default_detail = "The OAuth provider could not refresh this server's access token now."
+    hint = "Try again shortly."
+
+
+class MailboxNotFound(NotFound):
+    """The server does not exist or reads no mailbox."""
+
+    code = "mailbox_not_found"
+    default_detail = "Server 01900000-0000-7000-8000-000000000000 reads no mailbox."
+    hint = "Only servers with an `imap` object have a mailbox to read."
 
 
 class TokenRejected(BaseModel):
@@ -48,11 +60,7 @@ async def _credentials(
         )
     except TokenUnavailable:
         # The sender waits with backoff and asks again; the server is not at fault.
-        raise ServiceUnavailable(
-            "The OAuth provider could not refresh this server's access token now.",
-            code="oauth_provider_unavailable",
-            hint="Try again shortly.",
-        ) from None
+        raise OAuthProviderUnavailable() from None
     if credentials is None:
         raise server_not_found(server_id)
     return credentials
@@ -60,23 +68,28 @@ async def _credentials(
 
 @router.get(
     "/servers/{server_id}/credentials",
+    tags=["credentials"],
     summary="One server's credentials for the senders: its password, or a fresh access token",
 )
-async def server_credentials(
+@raises(ServerNotFound, OAuthProviderUnavailable)
+async def get_server_credentials(
     server_id: uuid.UUID,
     session: SessionDep,
     keyring: KeyringDep,
     tokens: TokenKeeperDep,
     response: Response,
 ) -> SmtpCredentials:
+    """`Cache-Control: no-store`; a sender keeps them briefly in memory only."""
     return await _credentials(session, keyring, tokens, server_id, response, None)
 
 
 @router.post(
     "/servers/{server_id}/credentials/refresh",
+    tags=["credentials"],
     summary="An OAuth server refused this access token: a new one (refreshed once for all)",
 )
-async def refresh_credentials(
+@raises(ServerNotFound, OAuthProviderUnavailable)
+async def refresh_server_credentials(
     server_id: uuid.UUID,
     body: TokenRejected,
     session: SessionDep,
@@ -84,6 +97,8 @@ async def refresh_credentials(
     tokens: TokenKeeperDep,
     response: Response,
 ) -> SmtpCredentials:
+    """Senders that saw the same token refused get the same new one: the provider is asked
+    once."""
     return await _credentials(
         session, keyring, tokens, server_id, response, body.rejected_token_sha256
     )
@@ -91,8 +106,60 @@ async def refresh_credentials(
 
 @router.post(
     "/servers/{server_id}/health",
+    tags=["server-health"],
     summary="A sender reports that a server refused its credentials",
 )
-async def report_health(server_id: uuid.UUID, body: HealthReport, session: SessionDep) -> HealthAck:
+@raises(ServerNotFound)
+async def report_server_health(
+    server_id: uuid.UUID, body: HealthReport, session: SessionDep
+) -> HealthAck:
+    """The server's status becomes the reported one (a paused server stays paused), and one
+    `server.status_changed` event is written when it changed."""
     server = await use_cases.record_health(session, server_id, body.status, body.reply)
+    return HealthAck(id=server.id, status=ServerStatus(server.status))
+
+
+@router.get(
+    "/servers/{server_id}/imap-credentials",
+    tags=["mailbox"],
+    summary="One server's mailbox access, for the scheduler's mailbox reader",
+)
+@raises(MailboxNotFound)
+async def get_imap_credentials(
+    server_id: uuid.UUID, session: SessionDep, keyring: KeyringDep, response: Response
+) -> ImapCredentials:
+    """`Cache-Control: no-store`; the reader keeps them in memory for one read only."""
+    response.headers["Cache-Control"] = "no-store"
+    found = await mailbox.imap_credentials(session, keyring, server_id)
+    if found is None:
+        raise MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
+    return found
+
+
+@router.post(
+    "/servers/{server_id}/mailbox-poll",
+    tags=["mailbox"],
+    status_code=204,
+    summary="The mailbox reader reports one read of a server's INBOX (time and error)",
+)
+@raises(ServerNotFound)
+async def report_mailbox_poll(server_id: uuid.UUID, body: MailboxPoll, session: SessionDep) -> None:
+    """Shown as `imap.last_poll_at` and `imap.last_poll_error` on the server's view."""
+    if not await mailbox.record_poll(session, server_id, body.polled_at, body.error):
+        raise server_not_found(server_id)
+
+
+@router.post(
+    "/servers/{server_id}/bounce-pause",
+    tags=["mailbox"],
+    summary="The bounce-rate guard pauses a server (`paused_bounces`, with the reason)",
+)
+@raises(ServerNotFound)
+async def pause_for_bounces(
+    server_id: uuid.UUID, body: BouncePause, session: SessionDep
+) -> HealthAck:
+    """One conditional update: two replicas pausing at once write one status event."""
+    server = await use_cases.pause_for_bounces(session, server_id, body.reason)
+    if server is None:
+        raise server_not_found(server_id)
     return HealthAck(id=server.id, status=ServerStatus(server.status))

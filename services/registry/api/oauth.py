@@ -18,14 +18,25 @@ from services.registry.oauth import flows
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.providers import Provider
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, NotFound, problem_doc
+from shared.errors import NotFound, raises
+from shared.registry_read import ServerNotFound
 from shared.settings import RegistrySettings
 from shared.tenancy import TenantDep, get_registry_settings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
 
-router = APIRouter(tags=["oauth"], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["oauth"])
+
+
+class OAuthFlowNotFound(NotFound):
+    """No connection was started with this state (by this tenant)."""
+
+    code = "oauth_flow_not_found"
+    default_detail = "No connection was started with this state."
+    hint = "Start one with POST /v1/servers/oauth/{provider}/start."
+
+
 SettingsDep = Annotated[RegistrySettings, Depends(get_registry_settings)]
 
 CALLBACK_ERRORS = (
@@ -47,13 +58,9 @@ def _client(request: Request) -> OAuthClient:
 @router.post(
     "/v1/servers/oauth/{provider}/start",
     status_code=status.HTTP_201_CREATED,
-    responses={
-        **PROBLEM_RESPONSES,
-        404: problem_doc("Provider not configured, or unknown server_id"),
-        429: problem_doc("Too many connection checks"),
-    },
     summary="Start connecting a Google or Microsoft mailbox: the URL to send the browser to",
 )
+@raises(flows.OAuthProviderNotConfigured, ServerNotFound)
 async def start_oauth(
     provider: str,
     tenant: TenantDep,
@@ -64,6 +71,10 @@ async def start_oauth(
     request: Request,
     body: OAuthStart | None = None,
 ) -> OAuthStarted:
+    """Send the browser to `authorize_url`; the provider sends it back to the callback, which
+    checks the mailbox with XOAUTH2, stores the server and redirects to the frontend. Poll
+    `GET /v1/servers/oauth/flows/{state}` meanwhile. With `server_id`, the flow reconnects an
+    existing OAuth server. Takes one of the tenant's connection checks."""
     configured = _providers(request)
     chosen = configured.get(provider)
     if chosen is None:
@@ -84,21 +95,19 @@ async def start_oauth(
 
 @router.get(
     "/v1/servers/oauth/flows/{state}",
-    responses=PROBLEM_RESPONSES,
     summary="Where a started connection stands: pending, connected (with its server), failed",
 )
-async def flow_status(state: str, tenant: TenantDep, session: SessionDep) -> OAuthFlowStatus:
+@raises(OAuthFlowNotFound)
+async def get_oauth_flow(state: str, tenant: TenantDep, session: SessionDep) -> OAuthFlowStatus:
+    """`pending` until the browser comes back; then `connected` with `server_id`, or `failed`
+    with the callback's `error`; `expired` when the state's time ran out unused."""
     try:
         flow_id = uuid.UUID(hex=state.split(".", 1)[0])
     except ValueError:
         flow_id = None
     flow = await session.get(OAuthFlow, flow_id) if flow_id else None
     if flow is None or flow.tenant_id != tenant.id:
-        raise NotFound(
-            "No connection was started with this state.",
-            code="oauth_flow_not_found",
-            hint="Start one with POST /v1/servers/oauth/{provider}/start.",
-        )
+        raise OAuthFlowNotFound()
     if flow.result_server_id is not None:
         return OAuthFlowStatus(status="connected", server_id=flow.result_server_id)
     if flow.result_error is not None:
@@ -126,10 +135,11 @@ def _land(frontend_url: str, **params: str) -> Response:
     response_class=PlainTextResponse,
     summary="Where the callback lands when no frontend URL is configured: the outcome in words",
 )
-async def oauth_result(
+async def get_oauth_result(
     server_id: uuid.UUID | None = None,
     error: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,40}$")] = None,
 ) -> PlainTextResponse:
+    """A plain-text page for a person: "Connected" or the failure's code. No API key."""
     if server_id is not None:
         return PlainTextResponse(f"Connected: server {server_id}. You can close this window.\n")
     return PlainTextResponse(
@@ -149,7 +159,7 @@ async def oauth_result(
     },
     summary="The OAuth redirect URI: exchange the code, check with XOAUTH2, store the server",
 )
-async def oauth_callback(
+async def finish_oauth(
     request: Request,
     keyring: KeyringDep,
     verifier: VerifierDep,
@@ -158,6 +168,8 @@ async def oauth_callback(
     code: Annotated[str | None, Query(max_length=4096)] = None,
     error: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
+    """Called by the provider's redirect, not by the frontend: no API key, the signed
+    single-use `state` is the proof. Always answers 303, with `?server_id=` or `?error=`."""
     landing = settings.oauth_frontend_redirect_url
     sessions = request.app.state.sessions
     try:

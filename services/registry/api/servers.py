@@ -7,7 +7,8 @@ import uuid
 from collections.abc import Collection
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Body, Response, status
+from fastapi.openapi.models import Example
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import domain, mailbox, repository
@@ -32,20 +33,112 @@ from services.registry.models import (
 from services.registry.oauth.tokens import TokenKeeper, TokenUnavailable, token_digest
 from services.registry.verifier import Target, Verifier
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, FieldError, Unprocessable, problem_doc
+from shared.errors import FieldError, Unprocessable, raises
 from shared.metrics import SERVER_VERIFICATION_DURATION, SERVER_VERIFICATIONS
-from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from shared.pagination import (
+    CursorQuery,
+    InvalidCursor,
+    Limit200Query,
+    decode_cursor,
+    encode_cursor,
+)
+from shared.registry_read import ServerNotFound
+from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
-CHECK_RESPONSES = {
-    **PROBLEM_RESPONSES,
-    409: problem_doc("Same host and username already added"),
-    422: problem_doc("Invalid input, or the connection check failed"),
-    429: problem_doc("Too many connection checks"),
+router = APIRouter(prefix="/v1/servers", tags=["servers"])
+
+GMAIL_SERVER = {
+    "preset": "gmail",
+    "username": "sales@acme.com",
+    "password": "abcd efgh ijkl mnop",
+    "from_email": "sales@acme.com",
+    "from_name": "Acme Sales",
+    "label": "Sales 1",
+}
+ADD_EXAMPLES = {
+    "gmail": Example(
+        summary="A Gmail account with an app password (2-Step Verification on)",
+        value=GMAIL_SERVER,
+    ),
+    "own_server": Example(
+        summary="Any SMTP server: host, port and security",
+        value={
+            "host": "smtp.acme.com",
+            "port": 587,
+            "security": "starttls",
+            "username": "sales@acme.com",
+            "password": "a long password",
+            "from_email": "sales@acme.com",
+            "daily_cap": 300,
+        },
+    ),
+}
+SERVER_ID = "0193a5d2-7c4e-7b1a-9f3e-2d6c8b1a4e77"
+ADDED_GMAIL_SERVER = {
+    "id": SERVER_ID,
+    "label": "Sales 1",
+    "host": "smtp.gmail.com",
+    "port": 587,
+    "security": "starttls",
+    "username": "sales@acme.com",
+    "from_email": "sales@acme.com",
+    "from_name": "Acme Sales",
+    "daily_cap": 500,
+    "auth": "password",
+    "oauth_provider": None,
+    "has_password": True,
+    "status": "active",
+    "status_reason": None,
+    "last_check": {
+        "ok": True,
+        "code": None,
+        "reply": "Connected, TLS verified and authenticated.",
+        "at": "2026-11-27T09:30:00Z",
+        "hint": None,
+    },
+    "imap": None,
+    "created_at": "2026-11-27T09:30:00Z",
+    "updated_at": "2026-11-27T09:30:00Z",
 }
 
-router = APIRouter(prefix="/v1/servers", tags=["servers"], responses=PROBLEM_RESPONSES)
+
+class CheckFailed(Unprocessable):
+    """The connection check failed: nothing was stored or changed. `detail` quotes the
+    server's reply; `hint` says what to do (for Gmail: an app password)."""
+
+    codes = tuple(code.value for code in CheckCode)
+    code = CheckCode.auth_failed.value
+    default_detail = (
+        "The server refused the credentials. (535 5.7.8 Username and Password not accepted.)"
+    )
+    hint = "Check the username and password; Gmail needs an app password."
+
+
+class PasswordRequired(Unprocessable):
+    """An endpoint field (host, port, security, username) was given without the password."""
+
+    code = "password_required"
+    default_detail = "Giving host needs the password in the same request."
+    hint = (
+        "Send `password` with the change: the stored password is only ever sent to the "
+        "server it was verified against."
+    )
+    example_errors = (
+        FieldError(field="body.password", message="required with host", type="missing"),
+    )
+
+
+class OAuthServer(Unprocessable):
+    """The server is connected with OAuth: its endpoint and credentials are the provider's."""
+
+    code = "oauth_server"
+    default_detail = (
+        "This server is connected with OAuth: its host, port, security, address and "
+        "credentials come from the provider."
+    )
+    hint = "Reconnect it with POST /v1/servers/oauth/google/start and its id as `server_id`."
 
 
 async def run_check(verifier: Verifier, target: Target) -> CheckOutcome:
@@ -59,7 +152,25 @@ async def run_check(verifier: Verifier, target: Target) -> CheckOutcome:
 def check_failed(outcome: CheckOutcome) -> Unprocessable:
     assert outcome.code is not None
     detail = outcome.detail if outcome.reply is None else f"{outcome.detail} ({outcome.reply})"
-    return Unprocessable(detail, code=outcome.code.value, hint=outcome.hint)
+    return CheckFailed(detail, code=outcome.code.value, hint=outcome.hint)
+
+
+# The spec's example of each check code, written by the check's own rules.
+CheckFailed.code_examples = {
+    outcome.code.value: (error.detail, error.hint)
+    for outcome in (
+        domain.auth_failure("smtp.gmail.com", 535, "5.7.8 Username and Password not accepted."),
+        domain.auth_missing(),
+        domain.tls_failure(587, Security.tls, "wrong version number"),
+        domain.connect_failed(),
+        domain.timed_out(10.0, 587, Security.starttls, "connect"),
+        domain.blocked_host(),
+        domain.blocked_port(25, (587, 465)),
+        domain.dns_failed(),
+        domain.protocol_error(554, "5.7.1 Service unavailable"),
+    )
+    if outcome.code is not None and (error := check_failed(outcome))
+}
 
 
 def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
@@ -70,13 +181,8 @@ def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
 
 def password_required(named: Collection[str]) -> Unprocessable:
     names = ", ".join(sorted(named))
-    return Unprocessable(
+    return PasswordRequired(
         f"Giving {names} needs the password in the same request.",
-        code="password_required",
-        hint=(
-            "Send `password` with the change: the stored password is only ever sent to the "
-            "server it was verified against."
-        ),
         errors=[
             FieldError(
                 field="body.password",
@@ -88,10 +194,7 @@ def password_required(named: Collection[str]) -> Unprocessable:
 
 
 def oauth_connection_fixed(provider: str, fields: set[str]) -> Unprocessable:
-    return Unprocessable(
-        "This server is connected with OAuth: its host, port, security, address and "
-        "credentials come from the provider.",
-        code="oauth_server",
+    return OAuthServer(
         hint=f"Reconnect it with POST /v1/servers/oauth/{provider}/start and its id as "
         "`server_id`, or add a password server separately.",
         errors=[
@@ -118,17 +221,24 @@ def missing_fields(body: SmtpServerCreate) -> Unprocessable:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=CHECK_RESPONSES,
     summary="Add a server: connect, TLS, authenticate; store it only if that passes",
 )
+@example_response(status.HTTP_201_CREATED, ADDED_GMAIL_SERVER)
+@raises(CheckFailed, mailbox.ImapCheckFailed, mailbox.ImapIncomplete, repository.ServerExists)
 async def add_server(
-    body: SmtpServerCreate,
+    body: Annotated[SmtpServerCreate, Body(openapi_examples=ADD_EXAMPLES)],
     tenant: TenantDep,
     session: SessionDep,
     keyring: KeyringDep,
     verifier: VerifierDep,
     limiter: LimiterDep,
 ) -> SmtpServerPublic:
+    """The registry connects to the server, says EHLO, sets up TLS (the certificate verified),
+    authenticates and quits: no email is sent. Only a server that passes is stored (201, status
+    `active`); a failure answers 422 with the check's code and the server's reply, and nothing
+    is stored. A `preset` (e.g. `gmail`) gives host, port and security; an optional `imap`
+    object is checked the same way. Each check takes one of the tenant's connection checks
+    (429 `rate_limited` past the budget)."""
     if body.missing_connection_fields():
         raise missing_fields(body)
     assert body.host is not None
@@ -179,12 +289,15 @@ async def add_server(
 
 
 @router.get("", summary="List the tenant's servers, oldest first")
+@raises(InvalidCursor)
 async def list_servers(
     tenant: TenantDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
+    limit: Limit200Query = 50,
+    cursor: CursorQuery = None,
 ) -> SmtpServerPage:
+    """Paginated: up to `limit` servers per page; pass `next_cursor` as `cursor` for the next
+    page (null on the last)."""
     after = decode_cursor(cursor) if cursor else None
     rows, next_after = await repository.list_servers(session, tenant.id, after=after, limit=limit)
     return SmtpServerPage(
@@ -194,29 +307,57 @@ async def list_servers(
 
 
 @router.get("/{server_id}", summary="One server")
+@raises(ServerNotFound)
 async def get_server(
     server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> SmtpServerPublic:
+    """Its status, the last check (`code`, `reply`, `at`, `hint`), warmup-relevant limits and
+    its mailbox access; never the password (`has_password` says one is stored). Another
+    tenant's id answers 404 like an id that does not exist."""
     return (await repository.get_server(session, tenant.id, server_id)).to_public()
 
 
 @router.patch(
     "/{server_id}",
-    responses=CHECK_RESPONSES,
     summary=(
         "Change a server; a changed host, port, security or credential is checked first, "
         "and a changed host, port, security or username needs the password again"
     ),
 )
+@raises(
+    ServerNotFound,
+    OAuthServer,
+    PasswordRequired,
+    repository.ServerExists,
+    CheckFailed,
+    mailbox.ImapCheckFailed,
+    mailbox.ImapIncomplete,
+)
 async def update_server(
     server_id: uuid.UUID,
-    body: SmtpServerUpdate,
+    body: Annotated[
+        SmtpServerUpdate,
+        Body(
+            openapi_examples={
+                "rename": Example(summary="Change the label", value={"label": "Sales EU"}),
+                "new_password": Example(
+                    summary="A new app password (checked before it is saved)",
+                    value={"password": "qrst uvwx yzab cdef"},
+                ),
+            }
+        ),
+    ],
     tenant: TenantDep,
     session: SessionDep,
     keyring: KeyringDep,
     verifier: VerifierDep,
     limiter: LimiterDep,
 ) -> SmtpServerPublic:
+    """Only the fields sent change. A changed host, port, security, username or password is
+    checked before anything is saved (422 with the check's code otherwise, nothing changed). A
+    request naming host, port, security or username needs `password` in the same request (422
+    `password_required`): the stored password is only ever sent to the server it was verified
+    against. An OAuth server's endpoint and credentials cannot be changed (422 `oauth_server`)."""
     server = await repository.get_server(session, tenant.id, server_id)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     connection_changed = {
@@ -279,7 +420,9 @@ async def update_server(
 
 
 @router.delete("/{server_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Remove a server")
+@raises(ServerNotFound)
 async def delete_server(server_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> Response:
+    """Its credentials are deleted with it; emails already sent through it keep their record."""
     server = await repository.get_server(session, tenant.id, server_id)
     await session.delete(server)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -287,9 +430,9 @@ async def delete_server(server_id: uuid.UUID, tenant: TenantDep, session: Sessio
 
 @router.post(
     "/{server_id}/verify",
-    responses={429: CHECK_RESPONSES[429]},
     summary="Check the server again; its status becomes `active` or the failure found",
 )
+@raises(ServerNotFound)
 async def verify_server(
     server_id: uuid.UUID,
     tenant: TenantDep,
@@ -299,6 +442,10 @@ async def verify_server(
     limiter: LimiterDep,
     tokens: TokenKeeperDep,
 ) -> SmtpServerPublic:
+    """The same check as on add, with the stored credentials (an OAuth server's refreshed
+    access token). The outcome is the server's status and `last_check`, not an error: a server
+    that fails answers 200 with status `auth_failed`, `tls_failed`, ... A paused server stays
+    paused."""
     server = await repository.get_server(session, tenant.id, server_id)
     limiter.take(tenant.id)
     if AuthMethod(server.auth) is AuthMethod.xoauth2:
@@ -363,9 +510,12 @@ async def _verify_oauth(
 
 
 @router.post("/{server_id}/pause", summary="Stop sending through this server")
+@raises(ServerNotFound)
 async def pause_server(
     server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> SmtpServerPublic:
+    """Its queued emails go to the tenant's other servers; emails already handed to a sender
+    may still leave through it."""
     server = await repository.get_server(session, tenant.id, server_id)
     server.status = ServerStatus.paused
     server.updated_at = utcnow()
@@ -377,9 +527,12 @@ async def pause_server(
     "/{server_id}/resume",
     summary="Send through this server again; it returns to the status of its last check",
 )
+@raises(ServerNotFound)
 async def resume_server(
     server_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> SmtpServerPublic:
+    """Undoes a pause (and a pause for bounces): the status becomes what the last check found,
+    `active` or its failure. Resuming a server that is not paused changes nothing."""
     server = await repository.get_server(session, tenant.id, server_id)
     if server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
         server.status_reason = None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Body, status
+from fastapi.openapi.models import Example
 
 from services.registry import repository
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES
+from shared.spec import example_response
 from shared.tenancy import (
     AdminDep,
     Tenant,
@@ -16,7 +19,7 @@ from shared.tenancy import (
     new_api_key,
 )
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 
 @router.post(
@@ -25,7 +28,25 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"], responses=PROBLEM_RES
     dependencies=[AdminDep],
     summary="Create a tenant; its API key is shown only in this response",
 )
-async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantCreated:
+@example_response(
+    status.HTTP_201_CREATED,
+    {
+        "id": "0193a5d1-0b2c-7d3e-8f40-5a6b7c8d9e0f",
+        "name": "Acme",
+        "api_key_prefix": "abl_Xq3k9Zp",
+        "created_at": "2026-11-27T09:00:00Z",
+        "api_key": "abl_Xq3k9ZpR2mV8sT1uW4yB6nC0dE5fG7hJ9kL2",
+    },
+)
+async def create_tenant(
+    body: Annotated[
+        TenantCreate,
+        Body(openapi_examples={"acme": Example(summary="A tenant", value={"name": "Acme"})}),
+    ],
+    session: SessionDep,
+) -> TenantCreated:
+    """Needs the operator's admin token (`ABL_ADMIN_TOKEN`), not a tenant key. Only the key's
+    SHA-256 is stored: keep `api_key` from this answer, it cannot be read again."""
     api_key = new_api_key()
     tenant = Tenant(name=body.name, api_key_hash=hash_api_key(api_key), api_key_prefix=api_key[:12])
     await repository.add_tenant(session, tenant)

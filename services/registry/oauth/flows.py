@@ -32,7 +32,7 @@ from services.registry.oauth.providers import Provider
 from services.registry.oauth.tokens import store_tokens
 from services.registry.verifier import Target, Verifier
 from shared.crypto import Keyring, associated_data
-from shared.errors import AppError, Conflict
+from shared.errors import AppError, Conflict, NotFound
 from shared.metrics import OAUTH_CONNECTS
 from shared.timeutil import utcnow
 
@@ -114,13 +114,21 @@ def open_state(keyring: Keyring, state: str) -> StateClaims:
     return claims
 
 
+class OAuthProviderNotConfigured(NotFound):
+    """Connecting with this provider is not available on this platform."""
+
+    code = "oauth_provider_not_configured"
+    # The name comes from the URL: the caller's input, never repeated.
+    default_detail = "Connecting with this provider is not available on this platform."
+    hint = (
+        "Providers configured here: google. An operator enables one with "
+        "ABL_OAUTH_<PROVIDER>_CLIENT_ID and _CLIENT_SECRET (see the README)."
+    )
+
+
 def provider_missing(configured: dict[str, Provider]) -> AppError:
     offered = ", ".join(sorted(configured)) or "none"
-    return AppError(
-        # The name comes from the URL: the caller's input, never repeated.
-        "Connecting with this provider is not available on this platform.",
-        code="oauth_provider_not_configured",
-        status=404,
+    return OAuthProviderNotConfigured(
         hint=f"Providers configured here: {offered}. An operator enables one with "
         f"ABL_OAUTH_<PROVIDER>_CLIENT_ID and _CLIENT_SECRET (see the README).",
     )

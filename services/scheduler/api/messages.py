@@ -25,21 +25,73 @@ from services.scheduler.models import (
 )
 from shared.broker import Bus
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, Conflict, problem_doc
+from shared.errors import Conflict, raises
 from shared.messages import CancelNotice
 from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
-from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from shared.pagination import (
+    CursorQuery,
+    InvalidCursor,
+    Limit500Query,
+    decode_cursor,
+    encode_cursor,
+)
 from shared.registry_read import tenant_servers
 from shared.settings import BrokerSettings
+from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import new_id, utcnow
 
 logger = logging.getLogger("abl.scheduler.messages")
 
-router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/messages", tags=["messages"])
+
+
+class DuplicateIdempotencyKey(Conflict):
+    """The same `idempotency_key` appears twice in one batch."""
+
+    code = "duplicate_idempotency_key"
+    default_detail = "The same idempotency_key appears twice in this batch."
+    hint = "Give each email of a batch its own idempotency_key."
+
+
+class IdempotencyConflict(Conflict):
+    """Another request with the same `idempotency_key` is being stored at this moment."""
+
+    code = "idempotency_conflict"
+    default_detail = "Another request with the same idempotency_key is being stored."
+    hint = "Send the request again: it will return the first request's ids."
+
+
+class NotCancelable(Conflict):
+    """The email was already sent, or has finished otherwise."""
+
+    code = "not_cancelable"
+    default_detail = "This email is already sent."
+    hint = "Only queued or scheduled emails can be canceled."
+
 
 _batch = TypeAdapter(MessageBatch)
 _single = TypeAdapter(EmailCreate)
+BATCH_EXAMPLE = {
+    "messages": [
+        {
+            "to": "ada@example.org",
+            "subject": "A question about your newsletter",
+            "text": "Hi Ada, a short question about your newsletter.",
+            "campaign": "november",
+            "idempotency_key": "november-ada",
+        },
+        {
+            "to": "grace@example.org",
+            "subject": "A question about your compiler",
+            "text": "Hi Grace, a short question about your compiler.",
+            "html": "<p>Hi Grace, a short question about your compiler.</p>",
+            "campaign": "november",
+            "idempotency_key": "november-grace",
+        },
+    ],
+    "unsubscribe": True,
+}
 REQUEST_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -50,10 +102,34 @@ REQUEST_SCHEMA = {
                         {"$ref": "#/components/schemas/EmailCreate"},
                         {"$ref": "#/components/schemas/MessageBatch"},
                     ]
-                }
+                },
+                "examples": {
+                    "batch": {"summary": "A batch of emails (up to 1,000)", "value": BATCH_EXAMPLE},
+                    "single": {
+                        "summary": "One email",
+                        "value": {
+                            "to": "linus@example.org",
+                            "subject": "Hello",
+                            "text": "Hi Linus.",
+                            "reply_to": "sales@acme.com",
+                        },
+                    },
+                },
             }
         },
     }
+}
+ACCEPTED_EXAMPLE = {
+    "ids": ["0193a5d3-1111-7a00-8000-000000000001", "0193a5d3-1111-7a00-8000-000000000002"],
+    "items": [
+        {"id": "0193a5d3-1111-7a00-8000-000000000001", "status": "queued"},
+        {"id": "0193a5d3-1111-7a00-8000-000000000002", "status": "queued"},
+    ],
+    "queued": 2,
+    "duplicates": 0,
+    "suppressed": 0,
+    "active_servers": 3,
+    "warning": None,
 }
 
 
@@ -88,20 +164,27 @@ def message_id_for(email_id: uuid.UUID) -> str:
     openapi_extra=REQUEST_SCHEMA,
     summary="Queue one email or a batch of up to 1,000; 202 means stored",
 )
+@example_response(status.HTTP_202_ACCEPTED, ACCEPTED_EXAMPLE)
+@raises(DuplicateIdempotencyKey, IdempotencyConflict)
 async def accept_messages(
     payload: Annotated[Any, Body(include_in_schema=False)],
     tenant: TenantDep,
     session: SessionDep,
     dispatcher: DispatcherDep,
 ) -> Accepted:
+    """The body is one email or `{"messages": [...]}`; 202 means every email is stored (in one
+    transaction), before any is sent. `items` answers each email in order: `queued`,
+    `duplicate` or `suppressed` (the address or its domain is on the suppression list).
+
+    Idempotency is per email, by its `idempotency_key` (not a header): an email whose key the
+    tenant already used is not stored again, and its item is `duplicate` with the first
+    email's id, so a batch sent again after a timeout queues nothing twice. A key twice in one
+    batch is refused (409 `duplicate_idempotency_key`); two requests storing the same key at the
+    same moment: one wins, the other gets 409 `idempotency_conflict` and may be sent again."""
     items = parse_payload(payload)
     keys = [item.idempotency_key for item in items if item.idempotency_key]
     if len(keys) != len(set(keys)):
-        raise Conflict(
-            "The same idempotency_key appears twice in this batch.",
-            code="duplicate_idempotency_key",
-            hint="Give each email of a batch its own idempotency_key.",
-        )
+        raise DuplicateIdempotencyKey()
     known = await repository.emails_by_keys(session, tenant.id, keys)
     blocked = await suppression.suppressed_among(session, tenant.id, (i.to for i in items))
     now = utcnow()
@@ -147,11 +230,7 @@ async def accept_messages(
             )
         )
     if fresh and not await repository.add_emails(session, fresh):
-        raise Conflict(
-            "Another request with the same idempotency_key is being stored.",
-            code="idempotency_conflict",
-            hint="Send the request again: it will return the first request's ids.",
-        )
+        raise IdempotencyConflict()
     servers = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
     suppressed = sum(1 for r in results if r.status == ItemStatus.suppressed)
     EMAILS_ACCEPTED.inc(len(fresh) - suppressed)
@@ -172,15 +251,18 @@ async def accept_messages(
 
 
 @router.get("", summary="List emails, oldest first, with filters")
+@raises(InvalidCursor)
 async def list_messages(
     tenant: TenantDep,
     session: SessionDep,
     status_filter: Annotated[EmailStatus | None, Query(alias="status")] = None,
     campaign: Annotated[str | None, Query(max_length=100)] = None,
     server_id: uuid.UUID | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
+    limit: Limit500Query = 100,
+    cursor: CursorQuery = None,
 ) -> EmailPage:
+    """Filtered by `status`, `campaign` and `server_id`. Paginated: up to `limit` emails per
+    page; pass `next_cursor` as `cursor` for the next page (null on the last)."""
     rows, next_after = await repository.list_emails(
         session,
         tenant.id,
@@ -197,15 +279,14 @@ async def list_messages(
 
 
 @router.get("/{email_id}", summary="One email: status, server, attempts, last SMTP reply")
+@raises(repository.EmailNotFound)
 async def get_message(email_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> EmailPublic:
+    """Another tenant's id answers 404 like an id that does not exist."""
     return (await repository.get_email(session, tenant.id, email_id)).to_public()
 
 
-@router.post(
-    "/{email_id}/cancel",
-    responses={409: problem_doc("Already sent or finished")},
-    summary="Cancel an email that has not been sent yet",
-)
+@router.post("/{email_id}/cancel", summary="Cancel an email that has not been sent yet")
+@raises(repository.EmailNotFound, NotCancelable)
 async def cancel_message(
     email_id: uuid.UUID,
     tenant: TenantDep,
@@ -213,14 +294,13 @@ async def cancel_message(
     request: Request,
     background: BackgroundTasks,
 ) -> EmailPublic:
+    """A queued or scheduled email becomes `canceled`; one already handed to a sender is
+    skipped by it unless its SMTP transaction has started (then `sent` wins). Anything else
+    answers 409 `not_cancelable`."""
     canceled = await repository.cancel_email(session, tenant.id, email_id, utcnow())
     if canceled is None:
         email = await repository.get_email(session, tenant.id, email_id)  # 404 if not there
-        raise Conflict(
-            f"This email is already {email.status}.",
-            code="not_cancelable",
-            hint="Only queued or scheduled emails can be canceled.",
-        )
+        raise NotCancelable(f"This email is already {email.status}.")
     previous, job_id = canceled
     if previous == EmailStatus.scheduled and job_id is not None:
         # Its job is on its way to a sender: every sender is told (after the commit, which the

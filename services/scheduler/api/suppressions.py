@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Body, Response, status
+from fastapi.openapi.models import Example
 
 from services.scheduler import suppression
 from services.scheduler.models import (
@@ -17,22 +18,31 @@ from services.scheduler.models import (
     SuppressionSource,
 )
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES
-from shared.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from shared.errors import raises
+from shared.pagination import (
+    CursorQuery,
+    InvalidCursor,
+    Limit500Query,
+    decode_cursor,
+    encode_cursor,
+)
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
-router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
 
 
 @router.get("", summary="The suppression list, oldest first")
+@raises(InvalidCursor)
 async def list_suppressions(
     tenant: TenantDep,
     session: SessionDep,
     source: SuppressionSource | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
+    limit: Limit500Query = 100,
+    cursor: CursorQuery = None,
 ) -> SuppressionPage:
+    """Filtered by `source`. Paginated: up to `limit` entries per page; pass `next_cursor` as
+    `cursor` for the next page (null on the last)."""
     rows, next_after = await suppression.page(
         session,
         tenant.id,
@@ -53,8 +63,23 @@ async def list_suppressions(
     summary="Suppress an address or a whole domain; queued emails to it stop",
 )
 async def add_suppression(
-    body: SuppressionCreate, tenant: TenantDep, session: SessionDep, response: Response
+    body: Annotated[
+        SuppressionCreate,
+        Body(
+            openapi_examples={
+                "address": Example(
+                    summary="One address", value={"address": "ada@example.org", "reason": "asked"}
+                ),
+                "domain": Example(summary="A whole domain", value={"domain": "competitor.example"}),
+            }
+        ),
+    ],
+    tenant: TenantDep,
+    session: SessionDep,
+    response: Response,
 ) -> SuppressionPublic:
+    """201 with the new entry, or 200 with the existing one when it is already listed. Queued
+    emails to the address (or the domain) become `suppressed`; new ones are refused at intake."""
     now = utcnow()
     if not await suppression.add(session, tenant.id, [body], now):
         response.status_code = status.HTTP_200_OK
@@ -71,6 +96,7 @@ async def add_suppression(
 async def import_suppressions(
     body: SuppressionBatch, tenant: TenantDep, session: SessionDep
 ) -> SuppressionImported:
+    """Entries already listed are counted in `already_known`, not added twice."""
     now = utcnow()
     added = await suppression.add(session, tenant.id, body.items, now)
     for item in body.items:
@@ -79,9 +105,11 @@ async def import_suppressions(
 
 
 @router.get("/{suppression_id:uuid}", summary="One entry of the suppression list")
+@raises(suppression.SuppressionNotFound)
 async def get_suppression(
     suppression_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> SuppressionPublic:
+    """Another tenant's id answers 404 like an id that does not exist."""
     return (await suppression.get(session, tenant.id, suppression_id)).to_public()
 
 
@@ -90,9 +118,11 @@ async def get_suppression(
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Take an entry off the list: emails to it may be sent again",
 )
+@raises(suppression.SuppressionNotFound)
 async def delete_suppression(
     suppression_id: uuid.UUID, tenant: TenantDep, session: SessionDep
 ) -> Response:
+    """Emails already marked `suppressed` stay so; new ones to the address are accepted."""
     row = await suppression.get(session, tenant.id, suppression_id)
     await session.delete(row)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

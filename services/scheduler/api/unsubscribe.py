@@ -16,11 +16,11 @@ from sqlmodel import SQLModel
 
 from services.scheduler import unsubscribe
 from shared.db import SessionDep
-from shared.errors import PROBLEM_RESPONSES, problem_doc
+from shared.errors import raises
 from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 
-router = APIRouter(prefix="/v1/unsubscribe", tags=["unsubscribe"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/unsubscribe", tags=["unsubscribe"])
 TokenPath = Annotated[str, Path(pattern=unsubscribe.TOKEN_PATTERN)]
 
 
@@ -28,22 +28,23 @@ class Unsubscribed(SQLModel):
     unsubscribed: bool = True
 
 
-def key_of(request: Request) -> bytes:
+def keys_of(request: Request) -> unsubscribe.Keys:
     settings: SchedulerSettings = request.app.state.settings
-    return unsubscribe.derive_key(settings.internal_token.get_secret_value())
+    return unsubscribe.keys_from(settings.unsubscribe_secrets)
 
 
 @router.post(
     "/{token}",
-    responses={
-        404: problem_doc("Not a valid link (malformed, unknown or tampered)"),
-        409: problem_doc("The link was already used"),
-    },
     summary="One-click unsubscribe (RFC 8058 POST, body List-Unsubscribe=One-Click)",
 )
-async def one_click(token: TokenPath, request: Request, session: SessionDep) -> Unsubscribed:
+@raises(unsubscribe.UnsubscribeInvalid, unsubscribe.UnsubscribeUsed)
+async def unsubscribe_one_click(
+    token: TokenPath, request: Request, session: SessionDep
+) -> Unsubscribed:
+    """Sent by the recipient's mailbox provider, not by the frontend: no API key, the signed
+    link is the proof. The recipient goes on the sender's suppression list."""
     # The body (`List-Unsubscribe=One-Click`, form-encoded) carries nothing the link does not.
-    await unsubscribe.use(session, key_of(request), token, utcnow(), via="one-click")
+    await unsubscribe.use(session, keys_of(request), token, utcnow(), via="one-click")
     return Unsubscribed()
 
 
@@ -52,7 +53,9 @@ async def one_click(token: TokenPath, request: Request, session: SessionDep) -> 
     response_class=HTMLResponse,
     summary="A page with an Unsubscribe button; fetching it changes nothing",
 )
-async def page(token: TokenPath) -> HTMLResponse:
+async def show_unsubscribe_page(token: TokenPath) -> HTMLResponse:
+    """For a person who opens the link: link scanners and previews fetch every URL of an
+    email, so only the page's POST unsubscribes."""
     action = html.escape(f"/v1/unsubscribe/{token}", quote=True)
     return HTMLResponse(
         "<!doctype html><title>Unsubscribe</title>"
