@@ -27,7 +27,7 @@ from shared.events import Event, EventType
 from shared.settings import decode_key
 from shared.tenancy import Tenant, hash_api_key
 from shared.timeutil import utcnow
-from tests.conftest import ACCOUNTS, Api, make_settings, running
+from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
 from tests.support.receiver import Receiver, receiver
@@ -295,6 +295,37 @@ async def test_30_emails_give_30_email_sent_events_each_once_through_a_failing_r
             assert {s.data["campaign"] for s in sent} == {"nov"}
             assert {s.data["server_id"] for s in sent} <= set(server_ids)
             assert hook.answered[500] == 40
+            assert hook.bad_signatures == 0
+
+
+async def test_a_receiver_down_for_a_minute_loses_nothing(
+    migrated_postgres: str, certs: Certificates, hook: Receiver
+) -> None:
+    """The receiver answers 500 for a whole minute while 30 emails go out, then 200: with the
+    production backoff shape (first retry after 1 s, doubling, capped at 15 s), every
+    `email.sent` arrives once the receiver is back, each once by webhook-id."""
+    await truncate_postgres(migrated_postgres)
+    back_at = time.monotonic() + 60
+    hook.answer = lambda: 500 if time.monotonic() < back_at else 200
+    accounts = {"a1@example.com": "a1-pw", "a2@example.com": "a2-pw", "a3@example.com": "a3-pw"}
+    with smtp_server(certs, accounts) as smtp:
+        async with product(
+            migrated_postgres, webhook_retry_base_seconds=1.0, webhook_retry_cap_seconds=15.0
+        ) as api:
+            tenant = await api.new_tenant()
+            await register(api, tenant, hook, event_types=["email.sent"])
+            server_ids = await add_servers(api, tenant, smtp, accounts)
+            await warm_up(api, server_ids)
+            accepted = await api.client.post("/v1/messages", json=emails(30), headers=tenant)
+            assert accepted.status_code == 202, accepted.text
+            await wait_for(lambda: hook.answered[500] >= 30, seconds=30)
+            assert hook.of_type("email.sent") == []  # nothing counted while it failed
+            await wait_for(lambda: len(hook.of_type("email.sent")) >= 30, seconds=120)
+            await asyncio.sleep(1)  # time for a duplicate, were there one
+            sent = hook.of_type("email.sent")
+            assert time.monotonic() >= back_at
+            assert len({s.id for s in sent}) == len(sent) == 30
+            assert {s.data["email_id"] for s in sent} == set(accepted.json()["ids"])
             assert hook.bad_signatures == 0
 
 

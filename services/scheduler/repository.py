@@ -368,7 +368,7 @@ async def bounced_by_day(
 
 
 # Emails that left: the bounce-rate guard's denominator.
-LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
+LEFT = tuple(lifecycle.LEFT)
 
 
 @dataclass(frozen=True)
