@@ -887,7 +887,8 @@ async def claim_due(
     session: AsyncSession, limits: dict[uuid.UUID, int], now: datetime, total: int
 ) -> Sequence[Any]:
     """Each tenant's oldest due emails, up to its limit and `total` in all, as rows of
-    JOB_COLUMNS. The tenants past `total` are left for the next tick.
+    JOB_COLUMNS. Tenants are taken in the order of `limits` (the dispatcher shuffles them each
+    tick), so the ones past `total`, left for the next tick, are not always the same.
 
     PostgreSQL: one statement for every tenant, a LATERAL join that walks each tenant's part of
     the (tenant, status, id) index only as far as its limit. SQLite: one query per tenant.
@@ -895,7 +896,7 @@ async def claim_due(
     taken meanwhile is simply not marked (and the per-tenant advisory lock keeps replicas off
     each other's emails anyway). A row lock would cost a write per email.
     """
-    wanted = sorted((tenant_id, n) for tenant_id, n in limits.items() if n > 0)
+    wanted = [(tenant_id, n) for tenant_id, n in limits.items() if n > 0]
     if not wanted:
         return []
     connection = await session.connection()
