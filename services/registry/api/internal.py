@@ -41,7 +41,7 @@ class MailboxNotFound(NotFound):
 class TokenRejected(BaseModel):
     rejected_token_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 (hex) of the access token the SMTP server refused.",
+        description="SHA-256 (hex) of the access token the SMTP (or IMAP) server refused.",
     )
 
 
@@ -119,21 +119,62 @@ async def report_server_health(
     return HealthAck(id=server.id, status=ServerStatus(server.status))
 
 
+async def _imap_credentials(
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    server_id: uuid.UUID,
+    response: Response,
+    rejected: str | None,
+) -> ImapCredentials:
+    response.headers["Cache-Control"] = "no-store"
+    try:
+        found = await mailbox.imap_credentials(
+            session, keyring, tokens, server_id, rejected_token=rejected
+        )
+    except TokenUnavailable:
+        raise OAuthProviderUnavailable() from None
+    if found is None:
+        raise MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
+    return found
+
+
 @router.get(
     "/servers/{server_id}/imap-credentials",
     tags=["mailbox"],
     summary="One server's mailbox access, for the scheduler's mailbox reader",
 )
-@raises(MailboxNotFound)
+@raises(MailboxNotFound, OAuthProviderUnavailable)
 async def get_imap_credentials(
-    server_id: uuid.UUID, session: SessionDep, keyring: KeyringDep, response: Response
+    server_id: uuid.UUID,
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    response: Response,
 ) -> ImapCredentials:
-    """`Cache-Control: no-store`; the reader keeps them in memory for one read only."""
-    response.headers["Cache-Control"] = "no-store"
-    found = await mailbox.imap_credentials(session, keyring, server_id)
-    if found is None:
-        raise MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
-    return found
+    """`Cache-Control: no-store`; the reader keeps them in memory for one read only. An OAuth
+    server's own mailbox (`auth: xoauth2`) comes with a short-lived access token only."""
+    return await _imap_credentials(session, keyring, tokens, server_id, response, None)
+
+
+@router.post(
+    "/servers/{server_id}/imap-credentials/refresh",
+    tags=["mailbox"],
+    summary="The IMAP server refused this access token: a new one (refreshed once for all)",
+)
+@raises(MailboxNotFound, OAuthProviderUnavailable)
+async def refresh_imap_credentials(
+    server_id: uuid.UUID,
+    body: TokenRejected,
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    response: Response,
+) -> ImapCredentials:
+    """The same single-flight refresh as the senders': the provider is asked once."""
+    return await _imap_credentials(
+        session, keyring, tokens, server_id, response, body.rejected_token_sha256
+    )
 
 
 @router.post(
