@@ -22,14 +22,14 @@ from tests.conftest import Api, running
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer, dovecot_server
 from tests.support.oauth import AuthorizationServer, authorization_server
-from tests.support.smtp import Certificates, SmtpTestServer
+from tests.support.smtp import Certificates, SmtpTestServer, free_port
 from tests.test_oauth import API_BASE, connect, oauth_settings
 from tests.test_oauth import oauth_smtp as oauth_smtp  # a fixture
 from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
 
 USER = "o1@example.com"
 # Only for the test's own APPEND of notifications into the mailbox: the product never has it.
-APPEND_PASSWORD = "o1-append-only"  # noqa: S105
+APPEND_PASSWORD = "o1-append-only"
 
 
 @pytest.fixture
@@ -58,6 +58,8 @@ async def api(
         oauth_smtp,
         oauth_google_imap_host="localhost",
         oauth_google_imap_port=oauth_dovecot.tls_port,
+        oauth_microsoft_imap_host="localhost",
+        oauth_microsoft_imap_port=oauth_dovecot.tls_port,
         inbox_timeout_seconds=5.0,
         inbox_poll_seconds=0.001,  # every mailbox due again right after a read
     )
@@ -84,7 +86,9 @@ async def oauth_server_with_mailbox(
 
 async def sent_email(api: Api, tenant: dict[str, str], server_id: str, to: str) -> str:
     posted = await api.client.post(
-        "/v1/messages", json={"messages": [{"to": to, "subject": "Hi", "text": "x"}]}, headers=tenant
+        "/v1/messages",
+        json={"messages": [{"to": to, "subject": "Hi", "text": "x"}]},
+        headers=tenant,
     )
     email_id: str = posted.json()["ids"][0]
     await dispatcher(api).tick()
@@ -204,7 +208,8 @@ async def test_the_stack_s_reader_refreshes_a_refused_token_once_over_the_intern
     ]
     assert [a.status_code for a in answers] == [200, 200]
     renewed = {a.json()["access_token"] for a in answers}
-    assert len(renewed) == 1 and current not in renewed
+    assert len(renewed) == 1
+    assert current not in renewed
     assert authority.refreshes[USER] == 1
 
     # The stack's reader (HTTP to the registry) with a token Dovecot refuses: one refresh.
@@ -225,3 +230,23 @@ async def test_the_stack_s_reader_refreshes_a_refused_token_once_over_the_intern
         headers=api.internal(),
     )
     assert (missing.status_code, missing.json()["code"]) == (404, "mailbox_not_found")
+
+
+async def test_a_connection_asking_for_the_mailbox_checks_it_at_the_callback(
+    api: Api, authority: AuthorizationServer, oauth_dovecot: DovecotServer
+) -> None:
+    tenant = await api.new_tenant()
+    # An IMAP port nothing listens on: the callback lands with the IMAP check's code and
+    # nothing is stored.
+    failed = await connect(api, authority, tenant, USER, imap={"port": free_port()})
+    assert failed == {"error": "imap_connect_failed"}
+    listed = await api.client.get("/v1/servers", headers=tenant)
+    assert listed.json()["items"] == []
+
+    before = authority.tokeninfo_calls
+    connected = await connect(api, authority, tenant, USER, "microsoft", imap={})
+    assert authority.tokeninfo_calls == before + 1  # Dovecot asked about the new token
+    view = (await api.client.get(f"/v1/servers/{connected['server_id']}", headers=tenant)).json()
+    assert view["imap"]["port"] == oauth_dovecot.tls_port
+    assert view["imap"]["username"] == USER
+    assert await reader(api).poll_all() == {uuid.UUID(connected["server_id"]): None}

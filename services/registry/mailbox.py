@@ -18,7 +18,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
 from services.registry.domain import AuthMethod, ServerStatus
-from services.registry.models import ImapCreate, SmtpServer
+from services.registry.models import ImapCreate, OAuthImap, SmtpServer
+from services.registry.oauth.providers import Provider as OAuthProvider
 from services.registry.oauth.tokens import AccessToken, TokenKeeper
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring, associated_data
@@ -180,12 +181,17 @@ def _keeper(verifier: Verifier) -> TokenKeeper:
     return verifier.tokens
 
 
-def grant_endpoint(verifier: Verifier, server: SmtpServer, imap: ImapCreate) -> ImapEndpoint:
+def grant_endpoint(
+    provider: OAuthProvider | None,
+    account: str,
+    imap: ImapCreate | OAuthImap,
+) -> ImapEndpoint:
     """An OAuth server's own mailbox, read with its grant: the provider's IMAP server (a port
     and security may be given), the grant's account. Another host or account needs a password:
-    the access token goes to the provider only. The token is filled in by `with_grant_token`."""
-    provider = _keeper(verifier).providers.get(server.oauth_provider or "")
-    if provider is None or (imap.host or provider.imap_host) != provider.imap_host:
+    the access token goes to the provider only. The token itself is added for each use."""
+    host = imap.host if isinstance(imap, ImapCreate) else None
+    username = imap.username if isinstance(imap, ImapCreate) else None
+    if provider is None or (host or provider.imap_host) != provider.imap_host:
         raise _missing(
             "password",
             "required for an IMAP host other than the OAuth provider's",
@@ -193,7 +199,7 @@ def grant_endpoint(verifier: Verifier, server: SmtpServer, imap: ImapCreate) -> 
             "Leave imap.host out to read the mailbox with the server's OAuth grant, or send "
             "imap.password: the access token is only ever sent to the provider's IMAP server.",
         )
-    if (imap.username or server.username) != server.username:
+    if (username or account) != account:
         raise _missing(
             "password",
             "required for an account other than the OAuth grant's",
@@ -202,7 +208,7 @@ def grant_endpoint(verifier: Verifier, server: SmtpServer, imap: ImapCreate) -> 
         )
     security = imap.security or ImapSecurity.tls
     port = imap.port or (provider.imap_port if security is ImapSecurity.tls else 143)
-    return ImapEndpoint(provider.imap_host, port, security, server.username, "", ImapAuth.xoauth2)
+    return ImapEndpoint(provider.imap_host, port, security, account, "", ImapAuth.xoauth2)
 
 
 async def grant_token(
@@ -236,7 +242,8 @@ async def update(
 ) -> None:
     """PATCH: check the new mailbox access, then store it."""
     if imap.password is None and server.auth == AuthMethod.xoauth2:
-        endpoint = grant_endpoint(verifier, server, imap)
+        provider = _keeper(verifier).providers.get(server.oauth_provider or "")
+        endpoint = grant_endpoint(provider, server.username, imap)
         await verify_with_grant(verifier, server, endpoint)
         store(keyring, server, endpoint)
         server.updated_at = utcnow()
