@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from services.registry.oauth.providers import PROVIDERS, configured
 from services.scheduler.inbox import MailboxReader
 from services.scheduler.mailbox_source import HttpMailboxSource
 from services.sender.clients import token_digest
 from shared.messages import Outcome
-from tests.conftest import Api, running
+from tests.conftest import Api, make_settings, running
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer, dovecot_server
 from tests.support.oauth import AuthorizationServer, authorization_server
@@ -250,3 +251,26 @@ async def test_a_connection_asking_for_the_mailbox_checks_it_at_the_callback(
     assert view["imap"]["port"] == oauth_dovecot.tls_port
     assert view["imap"]["username"] == USER
     assert await reader(api).poll_all() == {uuid.UUID(connected["server_id"]): None}
+
+
+def test_the_provider_table_names_imap_and_its_scopes_and_both_can_be_overridden() -> None:
+    assert (PROVIDERS["google"].imap_host, PROVIDERS["google"].imap_port) == ("imap.gmail.com", 993)
+    assert "https://mail.google.com/" in PROVIDERS["google"].scopes  # SMTP and IMAP alike
+    microsoft = PROVIDERS["microsoft"]
+    assert (microsoft.imap_host, microsoft.imap_port) == ("outlook.office365.com", 993)
+    assert {
+        "https://outlook.office.com/SMTP.Send",
+        "https://outlook.office.com/IMAP.AccessAsUser.All",
+    } <= set(microsoft.scopes)
+    settings = make_settings(
+        "sqlite+aiosqlite:///unused.db",
+        oauth_microsoft_client_id="client",
+        oauth_microsoft_client_secret="secret",
+        oauth_microsoft_imap_host="imap.example.us",
+        oauth_microsoft_imap_port=1993,
+        oauth_microsoft_scopes="openid email https://outlook.example.us/SMTP.Send",
+        oauth_redirect_base_url=API_BASE,
+    )
+    found = configured(settings)["microsoft"]
+    assert (found.imap_host, found.imap_port) == ("imap.example.us", 1993)
+    assert found.scope == "openid email https://outlook.example.us/SMTP.Send"
