@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,21 +21,16 @@ from shared.messages import Outcome
 from tests.conftest import Api, make_settings, running
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer, dovecot_server
-from tests.support.oauth import AuthorizationServer, authorization_server
+from tests.support.oauth import AuthorizationServer
 from tests.support.smtp import Certificates, SmtpTestServer, free_port
 from tests.test_oauth import API_BASE, connect, oauth_settings
-from tests.test_oauth import oauth_smtp as oauth_smtp  # a fixture
+from tests.test_oauth import authority as authority  # fixtures
+from tests.test_oauth import oauth_smtp as oauth_smtp
 from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
 
 USER = "o1@example.com"
 # Only for the test's own APPEND of notifications into the mailbox: the product never has it.
 APPEND_PASSWORD = "o1-append-only"
-
-
-@pytest.fixture
-def authority(certs: Certificates, tmp_path: Path) -> Iterator[AuthorizationServer]:
-    with authorization_server(certs, tmp_path, f"{API_BASE}/v1/oauth/callback") as server:
-        yield server
 
 
 @pytest.fixture
@@ -145,26 +139,22 @@ async def test_an_oauth_mailbox_is_checked_and_read_with_xoauth2(
     assert body["access_token"] in authority.tokens
     assert not set(authority.issued_refresh_tokens) & set(access.text.split('"'))
 
-    # A hard bounce placed in the mailbox: the email becomes `bounced`.
+    async def bounce_is_read(lead: str) -> None:
+        """A hard bounce placed in the mailbox: the email becomes `bounced`."""
+        email_id = await sent_email(api, tenant, server_id, lead)
+        oauth_dovecot.append(USER, mail.dsn(lead, mail.our_message_id(email_id, "example.com")))
+        assert await reader(api).poll_all() == {uuid.UUID(server_id): None}
+        assert await status_of(api, tenant, email_id) == "bounced"
+
     run = uuid.uuid4().hex[:6]
     await warm_up(api, [server_id])
-    first = await sent_email(api, tenant, server_id, f"gone.{run}@example.org")
-    oauth_dovecot.append(
-        USER, mail.dsn(f"gone.{run}@example.org", mail.our_message_id(first, "example.com"))
-    )
-    assert await reader(api).poll_all() == {uuid.UUID(server_id): None}
-    assert await status_of(api, tenant, first) == "bounced"
+    await bounce_is_read(f"gone.{run}@example.org")
     assert authority.refreshes[USER] == 0
 
     # The provider ends the token early: Dovecot refuses it, the reader gets one new token
     # (one refresh) and reads on.
     authority.expire_tokens(USER)
-    second = await sent_email(api, tenant, server_id, f"left.{run}@example.org")
-    oauth_dovecot.append(
-        USER, mail.dsn(f"left.{run}@example.org", mail.our_message_id(second, "example.com"))
-    )
-    assert await reader(api).poll_all() == {uuid.UUID(server_id): None}
-    assert await status_of(api, tenant, second) == "bounced"
+    await bounce_is_read(f"left.{run}@example.org")
     assert authority.refreshes[USER] == 1
 
     # Revoked: the poll's error says what to do; the mailbox is not read.

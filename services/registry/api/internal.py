@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
@@ -14,10 +16,12 @@ from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import NotFound, ServiceUnavailable, raises
+from shared.errors import AppError, NotFound, ServiceUnavailable, raises
 from shared.messages import BouncePause, ImapCredentials, MailboxPoll, SmtpCredentials
 from shared.registry_read import ServerNotFound, server_not_found
 from shared.tenancy import InternalDep
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/internal/v1", dependencies=[InternalDep])
 
@@ -45,6 +49,21 @@ class TokenRejected(BaseModel):
     )
 
 
+async def _no_store(
+    response: Response, lookup: Awaitable[T | None], missing: Callable[[], AppError]
+) -> T:
+    """Secrets for one use: never cached; a provider that cannot refresh now is a 503."""
+    response.headers["Cache-Control"] = "no-store"
+    try:
+        found = await lookup
+    except TokenUnavailable:
+        # The caller waits with backoff and asks again; the server is not at fault.
+        raise OAuthProviderUnavailable() from None
+    if found is None:
+        raise missing()
+    return found
+
+
 async def _credentials(
     session: SessionDep,
     keyring: KeyringDep,
@@ -53,17 +72,10 @@ async def _credentials(
     response: Response,
     rejected: str | None,
 ) -> SmtpCredentials:
-    response.headers["Cache-Control"] = "no-store"
-    try:
-        credentials = await use_cases.server_credentials(
-            session, keyring, tokens, server_id, rejected_token=rejected
-        )
-    except TokenUnavailable:
-        # The sender waits with backoff and asks again; the server is not at fault.
-        raise OAuthProviderUnavailable() from None
-    if credentials is None:
-        raise server_not_found(server_id)
-    return credentials
+    found = use_cases.server_credentials(
+        session, keyring, tokens, server_id, rejected_token=rejected
+    )
+    return await _no_store(response, found, lambda: server_not_found(server_id))
 
 
 @router.get(
@@ -127,16 +139,12 @@ async def _imap_credentials(
     response: Response,
     rejected: str | None,
 ) -> ImapCredentials:
-    response.headers["Cache-Control"] = "no-store"
-    try:
-        found = await mailbox.imap_credentials(
-            session, keyring, tokens, server_id, rejected_token=rejected
-        )
-    except TokenUnavailable:
-        raise OAuthProviderUnavailable() from None
-    if found is None:
-        raise MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
-    return found
+    found = mailbox.imap_credentials(session, keyring, tokens, server_id, rejected_token=rejected)
+    return await _no_store(
+        response,
+        found,
+        lambda: MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox."),
+    )
 
 
 @router.get(
