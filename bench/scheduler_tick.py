@@ -230,7 +230,7 @@ def replicas_rate(url: str, prefix: str, count: int, emails: int) -> float:
     return emails / (time.perf_counter() - started)
 
 
-async def fresh_database(args: argparse.Namespace) -> str:
+async def fresh_database() -> str:
     name = f"abl_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(f"{PG}/postgres")
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -258,7 +258,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.full:
         args.tenants, args.servers, args.emails = 1000, 100_000, 1_000_000
     prefix = f"abl-bench-{uuid.uuid4().hex[:6]}"
-    url = await fresh_database(args)
+    url = await fresh_database()
     try:
         started = time.perf_counter()
         tenant_ids = await seed(url, args.tenants, args.servers, args.emails)
@@ -299,7 +299,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.replicas:
         rates = []
         for count in (1, args.replicas):
-            url = await fresh_database(args)
+            url = await fresh_database()
             prefix = f"abl-bench-{uuid.uuid4().hex[:6]}"
             try:
                 await seed(url, args.tenants, args.servers, args.emails)

@@ -197,19 +197,23 @@ def cmd_ensure_database(_: argparse.Namespace) -> None:
 
 def cmd_rotate_keys(_: argparse.Namespace) -> None:
     from services.registry.keys import rotate_keys
+    from services.webhooks.keys import reencrypt_secrets
     from shared.db import create_engine, session_factory
 
     settings = load_settings(RegistrySettings)
 
     async def run() -> None:
         engine = create_engine(settings.database_url)
+        keyring = Keyring.from_keys(settings.keys)
         try:
-            report = await rotate_keys(session_factory(engine), Keyring.from_keys(settings.keys))
+            report = await rotate_keys(session_factory(engine), keyring)
+            endpoints, hooks = await reencrypt_secrets(session_factory(engine), keyring)
         finally:
             await engine.dispose()
         print(
-            f"examined {report.examined} servers, re-encrypted {report.reencrypted} "
-            f"under key {Keyring.from_keys(settings.keys).primary_id}"
+            f"examined {report.examined} servers, re-encrypted {report.reencrypted}; examined "
+            f"{endpoints} webhook endpoints, re-encrypted {hooks}; under key "
+            f"{keyring.primary_id}"
         )
 
     asyncio.run(run())

@@ -381,6 +381,9 @@ class WebhookSettings(DatabaseSettings, BrokerSettings, EncryptionSettings, Addr
     webhook_retry_window_seconds: float = Field(default=3 * 86400.0, ge=0)
     # An endpoint whose every attempt has failed for this long is disabled (and the tenant told).
     webhook_disable_after_seconds: float = Field(default=3 * 86400.0, ge=0)
+    # After a secret rotation, the previous secret signs beside the new one for this long, so
+    # that receivers can switch without losing an event.
+    webhook_secret_overlap_seconds: float = Field(default=86400.0, ge=0)
 
 
 class GatewaySettings(UpstreamSettings):

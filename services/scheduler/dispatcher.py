@@ -23,7 +23,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, repository, suppression, unsubscribe
+from services.scheduler import domain, events, repository, suppression, unsubscribe
 from services.scheduler.domain import RetryPolicy, WarmupSchedule
 from shared.broker import Bus
 from shared.db import in_transaction
@@ -51,6 +51,8 @@ DISPATCH_CONCURRENCY = 4
 ANALYZE_AFTER_ROWS = 5000
 # Bounds one tenant's transaction; what is left over goes in the next tick.
 MAX_CLAIM_PER_TENANT = 20_000
+# How often expired quota parks are cleared and announced.
+UNPARK_EVERY = timedelta(seconds=30)
 
 
 def _interleave(granted: dict[uuid.UUID, int]) -> list[uuid.UUID]:
@@ -202,12 +204,15 @@ class Dispatcher:
         # Rows created in warmup and day tables since their statistics were last refreshed.
         self.created_rows: Counter[str] = Counter()
         self.analyzed_rows: Counter[str] = Counter()
+        self.unparked_at: datetime | None = None
 
     async def tick(self, now: datetime | None = None) -> TickReport:
         started = time.perf_counter()
         moment = now or utcnow()
         report = TickReport()
         await self._republish_expired(moment, report)
+        if self.unparked_at is None or moment - self.unparked_at >= UNPARK_EVERY:
+            await self.unpark(moment)
         async with self.sessions() as session:
             tenants = await repository.tenants_with_due_emails(session, moment)
         # Replicas start at different tenants instead of all queueing for the same locks.
@@ -227,6 +232,17 @@ class Dispatcher:
         report.total_seconds = time.perf_counter() - started
         SCHEDULER_TICK_DURATION.observe(report.total_seconds)
         return report
+
+    async def unpark(self, now: datetime) -> None:
+        """Clear the parks that are over and announce the quota parks' end (`active` again).
+        Dispatch reads an expired park as none already; this is for the tenant, who learns
+        the server is back without polling, within `UNPARK_EVERY`."""
+        async with self.sessions() as session, session.begin():
+            back = await repository.unpark_expired(session, now)
+            await events.write(
+                session, [events.unparked_event(p.tenant_id, p.server_id, now) for p in back]
+            )
+        self.unparked_at = now
 
     async def _refresh_statistics(self) -> None:
         # Each time a table has at least doubled (and by ANALYZE_AFTER_ROWS): a few ANALYZEs

@@ -39,8 +39,17 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, feedback, repository, suppression, unsubscribe
+from services.scheduler import (
+    domain,
+    events,
+    feedback,
+    lifecycle,
+    repository,
+    suppression,
+    unsubscribe,
+)
 from services.scheduler.feedback import Feedback, Kind
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
@@ -61,7 +70,7 @@ FETCH_BATCH = 50
 SOFT_BOUNCE_LIMIT = 3
 SOFT_BOUNCE_WINDOW = timedelta(days=30)
 # A bounce or reply can only follow a send; a canceled or suppressed email stays what it is.
-AFTER_SEND = (EmailStatus.sent, EmailStatus.unknown)
+AFTER_SEND = lifecycle.sources(Step.bounce)
 
 
 @dataclass(frozen=True)
@@ -467,21 +476,27 @@ class MailboxReader:
             # Names none of this tenant's emails (an older mailbox's mail, another sender's
             # bounce): kept on record, acted on never.
             return 1
+        changed = []
         for email in emails:
-            if verdict.kind is Kind.hard_bounce and email.status in AFTER_SEND:
-                email.status = EmailStatus.bounced
+            status = EmailStatus(email.status)
+            if verdict.kind is Kind.hard_bounce and lifecycle.can(status, Step.bounce):
+                email.status = lifecycle.after(status, Step.bounce)
                 email.bounce_status = verdict.status
                 email.bounce_diagnostic = verdict.diagnostic
+                changed.append(email)
             elif verdict.kind is Kind.soft_bounce:
                 email.bounce_status = verdict.status
                 email.bounce_diagnostic = verdict.diagnostic
-            elif verdict.kind is Kind.reply and email.status in AFTER_SEND:
-                email.status = EmailStatus.replied
+            elif verdict.kind is Kind.reply and lifecycle.can(status, Step.reply):
+                email.status = lifecycle.after(status, Step.reply)
                 email.replied_at = now
+                changed.append(email)
             email.updated_at = now
             session.add(email)
             if verdict.kind in (Kind.hard_bounce, Kind.soft_bounce, Kind.reply):
                 await _stop_sequence(session, email, now)
+        # email.bounced / email.replied, in the transaction that sets the status.
+        await events.write(session, events.feedback_events(changed, now))
         if verdict.kind is Kind.reply:
             REPLIES.inc()
             return 1
@@ -539,9 +554,9 @@ async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> 
             table.c.tenant_id == email.tenant_id,
             table.c.sequence == email.sequence,
             func.lower(table.c.to) == email.to.lower(),
-            table.c.status == EmailStatus.queued,
+            table.c.status.in_(lifecycle.sources(Step.stop_sequence)),
         )
-        .values(status=EmailStatus.canceled, updated_at=now)
+        .values(status=lifecycle.target(Step.stop_sequence), updated_at=now)
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from sqlalchemy.types import TypeEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, lifecycle
+from services.scheduler import domain, events, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
 from services.scheduler.feedback import Kind
 from services.scheduler.lifecycle import Step
@@ -32,7 +33,7 @@ from services.scheduler.models import (
 from shared.db import RowSet, insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
 from shared.registry_read import ServerView
-from shared.timeutil import UtcDateTime
+from shared.timeutil import UtcDateTime, utcnow
 
 _email_table = table_of(Email)
 
@@ -227,34 +228,83 @@ async def warmup_states(
         bounced = await bounced_by_day(
             session, [row.server_id for row in stale], since, window or SendingWindow()
         )
-        folded: list[tuple[uuid.UUID, int, date, int]] = []
+        folded: list[tuple[uuid.UUID, int, date, int, date]] = []
+        stepped: list[tuple[events.WarmupStep, int, date]] = []
         for row in stale:
+            top = limits_of(by_id[row.server_id], schedule).top
             state = domain.state_on(
                 domain.WarmupState(row.step, row.state_day, row.idle_days),
                 today,
                 delivered=delivered.get(row.server_id, {}),
                 allowances=allowances.get(row.server_id, {}),
                 schedule=schedule,
-                daily_cap=limits_of(by_id[row.server_id], schedule).top,
+                daily_cap=top,
                 bounced=bounced.get(row.server_id, {}),
             )
-            folded.append((row.server_id, state.step, state.day, state.idle_days))
-            rows[row.server_id] = WarmupRow(
-                row.server_id, state.step, state.day, state.idle_days, row.parked_until, row.pace_at
+            if state.step > row.step:
+                stepped.append(
+                    (
+                        events.WarmupStep(
+                            server_id=row.server_id,
+                            tenant_id=by_id[row.server_id].tenant_id,
+                            day=today,
+                            step=state.step,
+                            previous_step=row.step,
+                            allowance=schedule.allowance(state.step, top),
+                            previous_allowance=schedule.allowance(row.step, top),
+                            top_step=schedule.top_step(top),
+                        ),
+                        state.idle_days,
+                        row.state_day,
+                    )
+                )
+            else:
+                folded.append(
+                    (row.server_id, state.step, state.day, state.idle_days, row.state_day)
+                )
+            rows[row.server_id] = dataclasses.replace(
+                row, step=state.step, state_day=state.day, idle_days=state.idle_days
             )
+        w = _warmup_table
         values = RowSet(
             session,
-            {"server_id": Uuid(), "step": Integer(), "day": Date(), "idle": Integer()},
+            {
+                "server_id": Uuid(),
+                "step": Integer(),
+                "day": Date(),
+                "idle": Integer(),
+                "old_day": Date(),
+            },
             sorted(folded),
         )
-        w = _warmup_table
         await values.execute(
             session,
             update(w)
-            .where(w.c.server_id == values.c["server_id"])
+            .where(w.c.server_id == values.c["server_id"], w.c.state_day == values.c["old_day"])
             .values(step=values.c["step"], state_day=values.c["day"], idle_days=values.c["idle"]),
         )
+        await _record_steps(session, stepped)
     return rows
+
+
+async def _record_steps(
+    session: AsyncSession, stepped: list[tuple[events.WarmupStep, int, date]]
+) -> None:
+    """Write the step-ups and announce them (`server.warmup_step`), in the caller's
+    transaction. Each row is updated only from the day it was read at, and announced only when
+    that update took: two transactions folding the same day (the dispatcher and a GET of
+    /warmup) announce it once. A step-up happens once per server and day at most."""
+    w = _warmup_table
+    announced = []
+    for step, idle_days, old_day in sorted(stepped, key=lambda s: s[0].server_id):
+        result = await session.exec(
+            update(w)
+            .where(w.c.server_id == step.server_id, w.c.state_day == old_day)
+            .values(step=step.step, state_day=step.day, idle_days=idle_days)
+        )
+        if result.rowcount:
+            announced.append(events.warmup_step_event(step, utcnow()))
+    await events.write(session, announced)
 
 
 async def warmup_state(
@@ -287,7 +337,7 @@ async def bounced_by_day(
 
 
 # Emails that left: the bounce-rate guard's denominator.
-LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
+LEFT = tuple(lifecycle.LEFT)
 
 
 @dataclass(frozen=True)
@@ -635,20 +685,71 @@ async def _locked_rows(
     return RowSet(session, columns, rows)
 
 
-async def park_many(session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]]) -> None:
-    """Park servers until the given times, in server order (see `write_counters`)."""
+# The park_reason of a server its provider refused for quota: parked until its next day.
+QUOTA_PARK = "quota"
+
+
+class Parked(NamedTuple):
+    server_id: uuid.UUID
+    tenant_id: uuid.UUID
+    until: datetime
+    reason: str
+
+
+async def park_many(
+    session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]], now: datetime
+) -> list[Parked]:
+    """Park servers until the given times, in server order (see `write_counters`); returns
+    those that were not parked already (a park announced once, not once per refused email).
+    Their rows are locked first, so two replicas applying results agree on which was first."""
+    table = table_of(ServerWarmup)
+    query = (
+        sa_select(table.c.server_id, table.c.tenant_id, table.c.parked_until)
+        .where(table.c.server_id.in_(sorted(parks)))
+        .order_by(table.c.server_id)
+    )
+    if is_postgres(session):
+        query = query.with_for_update()
+    connection = await session.connection()
+    before = (await connection.execute(query)).all()
     rows = RowSet(
         session,
         {"server_id": Uuid(), "until": UtcDateTime(), "reason": String()},
         [(server_id, until, reason[:200]) for server_id, (until, reason) in sorted(parks.items())],
     )
-    table = table_of(ServerWarmup)
     await rows.execute(
         session,
         update(table)
         .where(table.c.server_id == rows.c["server_id"])
         .values(parked_until=rows.c["until"], park_reason=rows.c["reason"]),
     )
+    return [
+        Parked(server_id, tenant_id, *parks[server_id])
+        for server_id, tenant_id, until in before
+        if until is None or until <= now
+    ]
+
+
+async def unpark_expired(session: AsyncSession, now: datetime) -> list[Parked]:
+    """Clear every park that is over; returns the quota parks this transaction cleared (each
+    row is cleared from the value it was read with, so two replicas announce it once)."""
+    table = table_of(ServerWarmup)
+    connection = await session.connection()
+    expired = await connection.execute(
+        sa_select(table.c.server_id, table.c.tenant_id, table.c.parked_until, table.c.park_reason)
+        .where(table.c.parked_until <= now)
+        .order_by(table.c.server_id)
+    )
+    cleared = []
+    for server_id, tenant_id, until, reason in expired.all():
+        result = await session.exec(
+            update(table)
+            .where(table.c.server_id == server_id, table.c.parked_until == until)
+            .values(parked_until=None, park_reason=None)
+        )
+        if result.rowcount and reason == QUOTA_PARK:
+            cleared.append(Parked(server_id, tenant_id, until, reason))
+    return cleared
 
 
 # The columns the result applier decides from.

@@ -18,7 +18,7 @@ from sqlalchemy import func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import lifecycle
+from services.scheduler import events, lifecycle
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
@@ -146,11 +146,13 @@ async def stop_queued_to(
             match,
         )
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
+        .returning(table.c.id, table.c.campaign, table.c.attempts)
     )
-    stopped = int(result.rowcount or 0)
+    stopped = result.all()
     if stopped:
-        SUPPRESSED.labels("queued").inc(stopped)
-    return stopped
+        SUPPRESSED.labels("queued").inc(len(stopped))
+        await events.write(session, events.suppressed_events(tenant_id, stopped, now))
+    return len(stopped)
 
 
 async def drop_suppressed(
@@ -162,11 +164,13 @@ async def drop_suppressed(
         return list(emails)
     stopped = [e.id for e in emails if e.to.lower() in suppressed]
     table = table_of(Email)
-    await session.exec(
+    result = await session.exec(
         update(table)
         .where(table.c.id.in_(stopped), table.c.status.in_(lifecycle.sources(Step.suppress)))
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
+        .returning(table.c.id, table.c.campaign, table.c.attempts)
     )
+    await events.write(session, events.suppressed_events(tenant_id, result.all(), now))
     SUPPRESSED.labels("dispatch").inc(len(stopped))
     return [e for e in emails if e.to.lower() not in suppressed]
 
