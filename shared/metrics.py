@@ -115,6 +115,10 @@ MAILBOX_MESSAGES = Counter(
     "abl_mailbox_messages_total",
     "Messages read (fetched and classified) from the sending mailboxes, by all replicas.",
 )
+MAILBOX_UNAPPLIED = Counter(
+    "abl_mailbox_messages_unapplied_total",
+    "Messages read from the sending mailboxes that the database refused; skipped (logged).",
+)
 MAILBOX_POLLS = Counter(
     "abl_mailbox_polls_total",
     "Reads of a sending mailbox, by result (`ok`, `failed`, `timeout`).",

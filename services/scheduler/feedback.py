@@ -32,6 +32,11 @@ from services.scheduler import unsubscribe
 
 # Our own Message-ID, wherever it is quoted (a header, an attached original, a pasted one).
 _OUR_ID = re.compile(rb"<abl\.([0-9a-f]{32})@[^>\s]+>")
+# An RFC 3463 status code (class.subject.detail), wherever it sits in a DSN's Status field:
+# servers write `5.1.1 (user unknown)` or `5.1.1 <addr>` there as well as the bare code.
+_STATUS_CODE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+# RFC 5321's longest path: the address columns hold no more, and nothing longer is an address.
+MAX_ADDRESS = 320
 _AUTO_SUBJECT = ("automatic reply", "auto:", "out of office", "autoreply", "abwesenheit")
 
 
@@ -99,8 +104,14 @@ def _delivery_status(message: Message) -> tuple[str | None, str | None]:
             diagnostic = block.get("Diagnostic-Code")
             if status:
                 text = str(diagnostic).partition(";")[2].strip() if diagnostic else None
-                return str(status).strip(), (" ".join(text.split())[:1000] if text else None)
+                return status_code(str(status)), (" ".join(text.split())[:1000] if text else None)
     return None, None
+
+
+def status_code(field: str) -> str | None:
+    """The `d.d.d` code of a DSN's Status field; None when it holds none."""
+    found = _STATUS_CODE.search(field)
+    return found.group(1) if found else None
 
 
 def _auto_reply(message: Message) -> bool:
@@ -120,7 +131,7 @@ def _addresses(values: set[bytes] | set[str]) -> tuple[str, ...]:
     for value in values:
         text = value.decode(errors="replace") if isinstance(value, bytes) else value
         found.append(text.strip().strip("<>").lower())
-    return tuple(sorted(a for a in found if "@" in a))
+    return tuple(sorted(a for a in found if "@" in a and len(a) <= MAX_ADDRESS))
 
 
 def classify(raw: bytes) -> Feedback:

@@ -60,7 +60,13 @@ from services.scheduler.models import (
 from shared import imap
 from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
-from shared.metrics import BOUNCES, MAILBOX_MESSAGES, MAILBOX_POLLS, REPLIES
+from shared.metrics import (
+    BOUNCES,
+    MAILBOX_MESSAGES,
+    MAILBOX_POLLS,
+    MAILBOX_UNAPPLIED,
+    REPLIES,
+)
 from shared.settings import SchedulerSettings
 from shared.timeutil import new_id, utcnow
 
@@ -414,15 +420,11 @@ class MailboxReader:
         current, messages = await loop.run_in_executor(
             self.pool, fetch_new, target, box.endpoint, validity, last, timeout
         )
-        verdicts = [feedback.classify(raw) for _, raw in messages]
+        verdicts = [(uid, feedback.classify(raw)) for uid, raw in messages]
         MAILBOX_MESSAGES.inc(len(verdicts))
         applied = 0
         reason = None
         async with self.sessions() as session, session.begin():
-            for verdict in verdicts:
-                applied += await self.apply(session, box, verdict)
-            if any(v.kind in (Kind.hard_bounce, Kind.complaint) for v in verdicts):
-                reason = await self._over_threshold(session, box.server_id)
             row = await session.get(MailboxCursor, box.server_id) or MailboxCursor(
                 server_id=box.server_id, tenant_id=box.tenant_id
             )
@@ -431,6 +433,13 @@ class MailboxReader:
                 [uid for uid, _ in messages], default=0 if current != validity else last
             )
             session.add(row)
+            # The cursor is written first: on SQLite that write opens the transaction (and
+            # takes the write lock), so the messages' savepoints nest inside it.
+            await session.flush()
+            for uid, verdict in verdicts:
+                applied += await self._apply_one(session, box, uid, verdict)
+            if any(v.kind in (Kind.hard_bounce, Kind.complaint) for _, v in verdicts):
+                reason = await self._over_threshold(session, box.server_id)
         if reason is not None:
             logger.warning("pausing server %s: %s", box.server_id, reason)
             await self.source.pause(box.server_id, reason)
@@ -440,6 +449,27 @@ class MailboxReader:
         """The guard's verdict on the server's last `bounce_window` sent emails."""
         counts = await repository.bounce_counts(session, server_id, self.guard.window)
         return domain.bounce_verdict(counts.sent, counts.hard, counts.complaints, self.guard)
+
+    async def _apply_one(
+        self, session: AsyncSession, box: Mailbox, uid: int, verdict: Feedback
+    ) -> int:
+        """Apply one message in a savepoint of the read's transaction: a message the database
+        refuses is skipped (and logged, without its content) instead of failing the whole read
+        for ever, since the cursor would never move past it."""
+        try:
+            async with session.begin_nested():
+                return await self.apply(session, box, verdict)
+        except Exception as exc:
+            MAILBOX_UNAPPLIED.inc()
+            logger.error(
+                "message UID %s (%s) of the mailbox of server %s could not be applied (%s); "
+                "skipped",
+                uid,
+                verdict.kind.value,
+                box.server_id,
+                type(exc).__name__,
+            )
+            return 0
 
     async def apply(self, session: AsyncSession, box: Mailbox, verdict: Feedback) -> int:
         if verdict.kind is Kind.other:

@@ -1,0 +1,118 @@
+"""Faults of the mailbox reader against a real Dovecot (and PostgreSQL, whose column limits
+SQLite does not enforce): a message the database refuses is skipped and the mailbox goes on."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlmodel import col, select
+
+from services.scheduler.feedback import Feedback, Kind
+from services.scheduler.inbox import Mailbox
+from services.scheduler.models import MailboxCursor, MailboxEvent
+from shared.imap import ImapEndpoint, ImapSecurity
+from shared.messages import Outcome
+from tests.conftest import Api, make_settings, running, truncate_postgres
+from tests.support import mailbox_messages as mail
+from tests.support.dovecot import DovecotServer
+from tests.support.smtp import SmtpTestServer
+from tests.test_mailbox_reader import (
+    add_servers_with_mailboxes,
+    mail_key,
+    messages_in,
+    reader,
+    statuses,
+)
+from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
+
+
+async def send(
+    app: Api, tenant: dict[str, str], leads: list[str], applied: bool = True, **extra: Any
+) -> tuple[list[str], dict[str, Any]]:
+    """Emails to `leads` dispatched (and their `sent` results applied): (ids, job by id)."""
+    posted = await app.client.post(
+        "/v1/messages",
+        json={"messages": [{"to": lead, "subject": "Hi", "text": "x", **extra} for lead in leads]},
+        headers=tenant,
+    )
+    ids: list[str] = posted.json()["ids"]
+    await dispatcher(app).tick()
+    jobs = {str(job.email_id): job for job in published_jobs(app) if str(job.email_id) in ids}
+    if applied:
+        for job in jobs.values():
+            assert await app.app.state.result_applier.apply(
+                result_for(job, Outcome.sent, data_completed=True)
+            )
+    return ids, jobs
+
+
+async def test_a_status_with_a_comment_and_a_long_address_do_not_stop_the_mailbox(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """`Status: 5.1.1 (user unknown)` is longer than the status columns: read as 5.1.1, and
+    the reply after it is read too, the cursor past both."""
+    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
+    async with running(settings, combined=True) as app:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        await warm_up(app, list(accounts))
+        run = uuid.uuid4().hex[:6]
+        leads = [f"a{run}@example.org", f"b{run}@example.org"]
+        ids, jobs = await send(app, tenant, leads)
+        server_of = {i: jobs[i].server_id for i in ids}
+        login = accounts[str(server_of[ids[0]])]
+        long_address = "x" * 330 + "@example.org"
+        raws = [
+            mail.dsn(leads[0], mail.our_message_id(ids[0]), status="5.1.1 (user unknown)"),
+            mail.dsn(long_address, "<other@example.net>", status="5.1.1 <" + "y" * 40 + ">"),
+            mail.reply(leads[1], mail.our_message_id(ids[1])),
+        ]
+        for raw in raws:
+            dovecot.append(login, raw)
+        keys = [mail_key(raw) for raw in raws]
+        read = await reader(app).poll_all()
+        assert read[server_of[ids[0]]] is None
+        assert await statuses(app, tenant, ids[:1]) == ["bounced"]
+        got = (await app.client.get(f"/v1/messages/{ids[0]}", headers=tenant)).json()
+        assert got["bounce_status"] == "5.1.1"
+        async with app.app.state.sessions() as session:
+            events = (
+                await session.exec(select(MailboxEvent).where(col(MailboxEvent.key).in_(keys)))
+            ).all()
+            cursor = await session.get(MailboxCursor, server_of[ids[0]])
+        assert sorted(e.status or "" for e in events if e.kind == "hard_bounce") == [
+            "5.1.1",
+            "5.1.1",
+        ]
+        assert all(e.address is None or len(e.address) <= 320 for e in events)
+        assert sorted(e.kind for e in events) == ["hard_bounce", "hard_bounce", "reply"]
+        assert await statuses(app, tenant, ids[1:]) == ["replied"]
+        assert cursor is not None
+        assert cursor.last_uid == messages_in(dovecot, login)
+
+
+@pytest.mark.postgres
+async def test_a_message_the_database_refuses_is_skipped_and_the_next_applied(
+    migrated_postgres: str,
+) -> None:
+    """Whatever slips past the normalisation: the message's savepoint is rolled back, the one
+    after it is applied in the same transaction, and the refusal is logged without content."""
+    await truncate_postgres(migrated_postgres)
+    settings = make_settings(migrated_postgres)
+    async with running(settings, combined=True) as app:
+        tenant_id = uuid.uuid4()
+        box = Mailbox(uuid.uuid4(), tenant_id, ImapEndpoint("h", 993, ImapSecurity.tls, "u", "p"))
+        bad = Feedback(Kind.hard_bounce, "id:<bad@x>", recipients=("a@x.org",), status="9" * 40)
+        good = Feedback(Kind.hard_bounce, "id:<good@x>", recipients=("b@x.org",), status="5.1.1")
+        before = REGISTRY.get_sample_value("abl_mailbox_messages_unapplied_total") or 0.0
+        async with app.app.state.sessions() as session, session.begin():
+            assert await reader(app)._apply_one(session, box, 1, bad) == 0
+            assert await reader(app)._apply_one(session, box, 2, good) == 1
+        async with app.app.state.sessions() as session:
+            keys = (await session.exec(select(MailboxEvent.key))).all()
+        assert keys == ["id:<good@x>"]
+        after = REGISTRY.get_sample_value("abl_mailbox_messages_unapplied_total") or 0.0
+        assert after - before == 1
