@@ -116,3 +116,44 @@ async def test_a_message_the_database_refuses_is_skipped_and_the_next_applied(
         assert keys == ["id:<good@x>"]
         after = REGISTRY.get_sample_value("abl_mailbox_messages_unapplied_total") or 0.0
         assert after - before == 1
+
+
+async def test_a_bounce_read_before_the_send_result_is_applied_after_it(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """The bounce (and the reply behind it) arrive while the email is still `scheduled`: they
+    are not recorded then, and once the `sent` result is applied the next read bounces it."""
+    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
+    async with running(settings, combined=True) as app:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        await warm_up(app, list(accounts))
+        run = uuid.uuid4().hex[:6]
+        leads = [f"c{run}@example.org", f"d{run}@example.org"]
+        sent, _ = await send(app, tenant, leads[1:])
+        ids, jobs = await send(app, tenant, leads[:1], applied=False)
+        server_id = jobs[ids[0]].server_id
+        login = accounts[str(server_id)]
+        raws = [
+            mail.dsn(leads[0], mail.our_message_id(ids[0])),
+            mail.reply(leads[1], mail.our_message_id(sent[0])),
+        ]
+        for raw in raws:
+            dovecot.append(login, raw)
+        keys = [mail_key(raw) for raw in raws]
+        assert (await reader(app).poll_all())[server_id] is None
+        assert await statuses(app, tenant, [ids[0], sent[0]]) == ["scheduled", "sent"]
+        async with app.app.state.sessions() as session:
+            query = select(MailboxEvent).where(col(MailboxEvent.key).in_(keys))
+            assert (await session.exec(query)).all() == []
+
+        assert await app.app.state.result_applier.apply(
+            result_for(jobs[ids[0]], Outcome.sent, data_completed=True)
+        )
+        assert (await reader(app).poll_all())[server_id] is None
+        assert await statuses(app, tenant, [ids[0], sent[0]]) == ["bounced", "replied"]
+        async with app.app.state.sessions() as session:
+            assert len((await session.exec(query)).all()) == 2
+            cursor = await session.get(MailboxCursor, server_id)
+        assert cursor is not None
+        assert cursor.last_uid == messages_in(dovecot, login)

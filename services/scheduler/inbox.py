@@ -95,6 +95,12 @@ class AccessUnavailable(Exception):
     round."""
 
 
+class AwaitingResult(Exception):
+    """A bounce or reply names an email whose send result is not applied yet (`scheduled`):
+    the message is read again on the next round instead of being recorded now, when the
+    bounce or reply could not change the email's status and would never be applied again."""
+
+
 class MailboxSource(Protocol):
     """What the reader needs from the registry, and what it tells it."""
 
@@ -437,7 +443,19 @@ class MailboxReader:
             # takes the write lock), so the messages' savepoints nest inside it.
             await session.flush()
             for uid, verdict in verdicts:
-                applied += await self._apply_one(session, box, uid, verdict)
+                try:
+                    applied += await self._apply_one(session, box, uid, verdict)
+                except AwaitingResult:
+                    # This message and the ones after it are read again next round. Bounded:
+                    # an email left `scheduled` is settled by the sweep (`sweep_after_seconds`).
+                    row.last_uid = uid - 1
+                    logger.info(
+                        "mailbox of server %s: UID %s names an email awaiting its send result; "
+                        "read again next round",
+                        box.server_id,
+                        uid,
+                    )
+                    break
             if any(v.kind in (Kind.hard_bounce, Kind.complaint) for _, v in verdicts):
                 reason = await self._over_threshold(session, box.server_id)
         if reason is not None:
@@ -459,6 +477,8 @@ class MailboxReader:
         try:
             async with session.begin_nested():
                 return await self.apply(session, box, verdict)
+        except AwaitingResult:
+            raise
         except Exception as exc:
             MAILBOX_UNAPPLIED.inc()
             logger.error(
@@ -476,6 +496,10 @@ class MailboxReader:
             return 0
         now = utcnow()
         emails = await _emails_named(session, box.tenant_id, verdict)
+        if verdict.kind in (Kind.hard_bounce, Kind.reply) and any(
+            e.status == EmailStatus.scheduled for e in emails
+        ):
+            raise AwaitingResult
         address = emails[0].to.lower() if emails else (verdict.recipients or (None,))[0]
         inserted = await session.exec(
             insert_ignore_statement(
