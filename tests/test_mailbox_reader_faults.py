@@ -4,14 +4,17 @@ SQLite does not enforce): a message the database refuses is skipped and the mail
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from sqlmodel import col, select
 
 from services.scheduler.feedback import Feedback, Kind
-from services.scheduler.inbox import Mailbox
+from services.scheduler.inbox import Mailbox, MailboxRef, MailboxSource
 from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import Outcome
@@ -157,3 +160,60 @@ async def test_a_bounce_read_before_the_send_result_is_applied_after_it(
             cursor = await session.get(MailboxCursor, server_id)
         assert cursor is not None
         assert cursor.last_uid == messages_in(dovecot, login)
+
+
+class PauseFailsOnce:
+    """The reader's own source, whose first pause finds the registry unreachable."""
+
+    def __init__(self, source: MailboxSource) -> None:
+        self.source = source
+        self.calls = 0
+
+    async def mailboxes(self) -> Sequence[MailboxRef]:
+        return await self.source.mailboxes()
+
+    async def endpoint(
+        self, server_id: uuid.UUID, rejected: str | None = None
+    ) -> ImapEndpoint | None:
+        return await self.source.endpoint(server_id, rejected)
+
+    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        await self.source.report(server_id, at, error)
+
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise httpx.ConnectError("registry unreachable")
+        await self.source.pause(server_id, reason)
+
+
+async def test_a_pause_the_registry_did_not_take_is_tried_again_next_round(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    settings = make_settings(
+        database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001, bounce_min_sent=1
+    )
+    async with running(settings, combined=True) as app:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        await warm_up(app, list(accounts))
+        lead = f"p{uuid.uuid4().hex[:6]}@example.org"
+        ids, jobs = await send(app, tenant, [lead])
+        server_id = jobs[ids[0]].server_id
+        dovecot.append(accounts[str(server_id)], mail.dsn(lead, mail.our_message_id(ids[0])))
+        source = PauseFailsOnce(reader(app).source)
+        reader(app).source = source
+
+        async def status() -> str:
+            got = await app.client.get(f"/v1/servers/{server_id}", headers=tenant)
+            value: str = got.json()["status"]
+            return value
+
+        await reader(app).poll_all()
+        assert source.calls == 1
+        assert await status() == "active"
+        await reader(app).poll_all()  # nothing new in the mailbox: the pause is tried again
+        assert source.calls == 2
+        assert await status() == "paused_bounces"
+        await reader(app).poll_all()
+        assert source.calls == 2

@@ -224,6 +224,10 @@ class MailboxReader:
         self.no_idle: set[uuid.UUID] = set()  # servers that do not advertise IDLE
         self.targets: dict[uuid.UUID, tuple[str, Mailbox]] = {}
         self.arrived: set[uuid.UUID] = set()
+        # Pauses the guard ordered that the registry did not take (unreachable then): tried
+        # again every round until it does, since the verdict is only computed again when the
+        # mailbox brings another hard bounce or complaint.
+        self.pending_pauses: dict[uuid.UUID, str] = {}
         self.wake = asyncio.Event()
 
     def close(self) -> None:
@@ -311,6 +315,8 @@ class MailboxReader:
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
         """Read every mailbox that is due and that no other replica holds, concurrently; each
         one read's error (or None). Mailboxes not read this time are not in the answer."""
+        for server_id in list(self.pending_pauses):
+            await self._pause(server_id)
         boxes = await self.source.mailboxes()
         results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
         return {
@@ -460,8 +466,21 @@ class MailboxReader:
                 reason = await self._over_threshold(session, box.server_id)
         if reason is not None:
             logger.warning("pausing server %s: %s", box.server_id, reason)
-            await self.source.pause(box.server_id, reason)
+            self.pending_pauses[box.server_id] = reason
+            await self._pause(box.server_id)
         return applied
+
+    async def _pause(self, server_id: uuid.UUID) -> None:
+        try:
+            await self.source.pause(server_id, self.pending_pauses[server_id])
+        except Exception as exc:
+            logger.warning(
+                "pause of server %s not taken by the registry (%s); tried again next round",
+                server_id,
+                type(exc).__name__,
+            )
+        else:
+            del self.pending_pauses[server_id]
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
         """The guard's verdict on the server's last `bounce_window` sent emails."""
