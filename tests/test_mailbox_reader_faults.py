@@ -3,6 +3,7 @@ SQLite does not enforce): a message the database refuses is skipped and the mail
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,8 +17,9 @@ from sqlmodel import col, select
 from services.scheduler.feedback import Feedback, Kind
 from services.scheduler.inbox import Mailbox, MailboxRef, MailboxSource
 from services.scheduler.models import MailboxCursor, MailboxEvent
+from shared.broker import Delivery
 from shared.imap import ImapEndpoint, ImapSecurity
-from shared.messages import Outcome
+from shared.messages import CancelNotice, Outcome
 from tests.conftest import Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
@@ -112,8 +114,8 @@ async def test_a_message_the_database_refuses_is_skipped_and_the_next_applied(
         good = Feedback(Kind.hard_bounce, "id:<good@x>", recipients=("b@x.org",), status="5.1.1")
         before = REGISTRY.get_sample_value("abl_mailbox_messages_unapplied_total") or 0.0
         async with app.app.state.sessions() as session, session.begin():
-            assert await reader(app)._apply_one(session, box, 1, bad) == 0
-            assert await reader(app)._apply_one(session, box, 2, good) == 1
+            assert await reader(app)._apply_one(session, box, 1, bad, []) == 0
+            assert await reader(app)._apply_one(session, box, 2, good, []) == 1
         async with app.app.state.sessions() as session:
             keys = (await session.exec(select(MailboxEvent.key))).all()
         assert keys == ["id:<good@x>"]
@@ -217,3 +219,35 @@ async def test_a_pause_the_registry_did_not_take_is_tried_again_next_round(
         assert await status() == "paused_bounces"
         await reader(app).poll_all()
         assert source.calls == 2
+
+
+async def test_a_reply_cancels_the_follow_up_whose_job_is_out_and_tells_the_senders(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """The follow-up is `scheduled` (its job published) when the reply is read: it ends
+    `canceled`, and the senders hear its cancel after the commit, as from the cancel route."""
+    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
+    async with running(settings, combined=True) as app:
+        heard: list[CancelNotice] = []
+
+        async def on_cancel(delivery: Delivery) -> None:
+            heard.append(CancelNotice.model_validate_json(delivery.body))
+
+        await app.app.state.bus.subscribe(app.settings.cancels_topic, on_cancel)
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        await warm_up(app, list(accounts))
+        lead = f"s{uuid.uuid4().hex[:6]}@example.org"
+        first, jobs = await send(app, tenant, [lead], sequence="intro")
+        follow, follow_jobs = await send(app, tenant, [lead], applied=False, sequence="intro")
+        assert await statuses(app, tenant, follow) == ["scheduled"]
+        login = accounts[str(jobs[first[0]].server_id)]
+        dovecot.append(login, mail.reply(lead, mail.our_message_id(first[0])))
+        await reader(app).poll_all()
+        assert await statuses(app, tenant, [*first, *follow]) == ["replied", "canceled"]
+        for _ in range(50):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        job = follow_jobs[follow[0]]
+        assert heard == [CancelNotice(email_id=job.email_id, job_id=job.job_id)]

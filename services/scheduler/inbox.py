@@ -28,7 +28,7 @@ import imaplib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,6 +40,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler import (
+    cancels,
     domain,
     events,
     feedback,
@@ -60,6 +61,7 @@ from services.scheduler.models import (
 from shared import imap
 from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
+from shared.messages import CancelNotice
 from shared.metrics import (
     BOUNCES,
     MAILBOX_MESSAGES,
@@ -196,8 +198,11 @@ class MailboxReader:
         *,
         allow_private: bool = False,
         allowed_ports: tuple[int, ...] = imap.DEFAULT_IMAP_PORTS,
+        broadcast: Callable[[CancelNotice], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        # Tells the senders of canceled emails whose jobs are out (`cancels.broadcast`).
+        self.broadcast = broadcast
         self.guard = domain.BounceGuard(
             window=settings.bounce_window,
             pause_ratio=settings.bounce_pause_ratio,
@@ -436,6 +441,7 @@ class MailboxReader:
         MAILBOX_MESSAGES.inc(len(verdicts))
         applied = 0
         reason = None
+        notices: list[CancelNotice] = []
         async with self.sessions() as session, session.begin():
             row = await session.get(MailboxCursor, box.server_id) or MailboxCursor(
                 server_id=box.server_id, tenant_id=box.tenant_id
@@ -450,7 +456,7 @@ class MailboxReader:
             await session.flush()
             for uid, verdict in verdicts:
                 try:
-                    applied += await self._apply_one(session, box, uid, verdict)
+                    applied += await self._apply_one(session, box, uid, verdict, notices)
                 except AwaitingResult:
                     # This message and the ones after it are read again next round. Bounded:
                     # an email left `scheduled` is settled by the sweep (`sweep_after_seconds`).
@@ -464,6 +470,9 @@ class MailboxReader:
                     break
             if any(v.kind in (Kind.hard_bounce, Kind.complaint) for _, v in verdicts):
                 reason = await self._over_threshold(session, box.server_id)
+        if self.broadcast is not None:
+            for notice in notices:
+                await self.broadcast(notice)
         if reason is not None:
             logger.warning("pausing server %s: %s", box.server_id, reason)
             self.pending_pauses[box.server_id] = reason
@@ -488,17 +497,24 @@ class MailboxReader:
         return domain.bounce_verdict(counts.sent, counts.hard, counts.complaints, self.guard)
 
     async def _apply_one(
-        self, session: AsyncSession, box: Mailbox, uid: int, verdict: Feedback
+        self,
+        session: AsyncSession,
+        box: Mailbox,
+        uid: int,
+        verdict: Feedback,
+        notices: list[CancelNotice],
     ) -> int:
         """Apply one message in a savepoint of the read's transaction: a message the database
         refuses is skipped (and logged, without its content) instead of failing the whole read
         for ever, since the cursor would never move past it."""
+        kept = len(notices)
         try:
             async with session.begin_nested():
-                return await self.apply(session, box, verdict)
+                return await self.apply(session, box, verdict, notices)
         except AwaitingResult:
             raise
         except Exception as exc:
+            del notices[kept:]  # those cancels were rolled back with the savepoint
             MAILBOX_UNAPPLIED.inc()
             logger.error(
                 "message UID %s (%s) of the mailbox of server %s could not be applied (%s); "
@@ -510,7 +526,15 @@ class MailboxReader:
             )
             return 0
 
-    async def apply(self, session: AsyncSession, box: Mailbox, verdict: Feedback) -> int:
+    async def apply(
+        self,
+        session: AsyncSession,
+        box: Mailbox,
+        verdict: Feedback,
+        notices: list[CancelNotice] | None = None,
+    ) -> int:
+        """Record and act on one message; the cancels of jobs already out are added to
+        `notices`, to broadcast after the commit."""
         if verdict.kind is Kind.other:
             return 0
         now = utcnow()
@@ -567,7 +591,9 @@ class MailboxReader:
             email.updated_at = now
             session.add(email)
             if verdict.kind in (Kind.hard_bounce, Kind.soft_bounce, Kind.reply):
-                await _stop_sequence(session, email, now)
+                found = await _stop_sequence(session, email, now)
+                if notices is not None:
+                    notices.extend(found)
         # email.bounced / email.replied, in the transaction that sets the status.
         await events.write(session, events.feedback_events(changed, now))
         if verdict.kind is Kind.reply:
@@ -617,10 +643,25 @@ async def _emails_named(
     return list((await session.exec(query)).all())
 
 
-async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> None:
+async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> list[CancelNotice]:
+    """Cancel the sequence's other emails to the recipient: the queued ones in one statement,
+    the scheduled ones (their jobs out) as the cancel route does; the notices to broadcast."""
     if email.sequence is None:
-        return
+        return []
     table = table_of(Email)
+    out = await session.exec(
+        select(Email.id).where(
+            Email.tenant_id == email.tenant_id,
+            Email.sequence == email.sequence,
+            func.lower(Email.to) == email.to.lower(),
+            Email.status == EmailStatus.scheduled,
+        )
+    )
+    notices = []
+    for email_id in out.all():
+        canceled = await cancels.cancel(session, email.tenant_id, email_id, now)
+        if canceled is not None and canceled[1] is not None:
+            notices.append(canceled[1])
     await session.exec(
         update(table)
         .where(
@@ -631,6 +672,7 @@ async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> 
         )
         .values(status=lifecycle.target(Step.stop_sequence), updated_at=now)
     )
+    return notices
 
 
 async def _soft_bounces(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Body, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from services.scheduler import lifecycle, repository, suppression
+from services.scheduler import cancels, lifecycle, repository, suppression
 from services.scheduler.deps import DispatcherDep
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
@@ -23,10 +23,8 @@ from services.scheduler.models import (
     ItemStatus,
     MessageBatch,
 )
-from shared.broker import Bus
 from shared.db import SessionDep
 from shared.errors import Conflict, raises
-from shared.messages import CancelNotice
 from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
 from shared.pagination import (
     CursorQuery,
@@ -36,7 +34,6 @@ from shared.pagination import (
     encode_cursor,
 )
 from shared.registry_read import tenant_servers
-from shared.settings import BrokerSettings
 from shared.spec import example_response
 from shared.tenancy import TenantDep
 from shared.timeutil import new_id, utcnow
@@ -297,27 +294,15 @@ async def cancel_message(
     """A queued or scheduled email becomes `canceled`; one already handed to a sender is
     skipped by it unless its SMTP transaction has started (then `sent` wins). Anything else
     answers 409 `not_cancelable`."""
-    canceled = await repository.cancel_email(session, tenant.id, email_id, utcnow())
+    canceled = await cancels.cancel(session, tenant.id, email_id, utcnow())
     if canceled is None:
         email = await repository.get_email(session, tenant.id, email_id)  # 404 if not there
         raise NotCancelable(f"This email is already {email.status}.")
-    previous, job_id = canceled
-    if previous == EmailStatus.scheduled and job_id is not None:
-        # Its job is on its way to a sender: every sender is told (after the commit, which the
-        # session dependency does before the response), and the one holding the job reports it
-        # "canceled before sending", which gives the reservation back. A sender already in the
-        # SMTP transaction finishes it, and then `sent` wins.
-        notice = CancelNotice(email_id=email_id, job_id=job_id)
+    _, notice = canceled
+    if notice is not None:
+        # Its job is on its way to a sender: every sender is told after the commit, which the
+        # session dependency does before the response.
         background.add_task(
-            broadcast_cancel, request.app.state.bus, request.app.state.settings, notice
+            cancels.broadcast, request.app.state.bus, request.app.state.settings, notice
         )
     return (await repository.get_email(session, tenant.id, email_id)).to_public()
-
-
-async def broadcast_cancel(bus: Bus, settings: BrokerSettings, notice: CancelNotice) -> None:
-    try:
-        await bus.broadcast(
-            settings.cancels_topic, notice.model_dump_json().encode(), message_id=str(notice.job_id)
-        )
-    except Exception as exc:  # best effort: the job may then be sent, and its result says so
-        logger.warning("cancel of job %s not broadcast: %s", notice.job_id, type(exc).__name__)
