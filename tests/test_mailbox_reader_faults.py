@@ -20,11 +20,12 @@ from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.broker import Delivery
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import CancelNotice, Outcome
-from tests.conftest import Api, make_settings, running, truncate_postgres
+from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
 from tests.support.smtp import SmtpTestServer
 from tests.test_mailbox_reader import (
+    StaticMailboxes,
     add_servers_with_mailboxes,
     mail_key,
     messages_in,
@@ -251,3 +252,81 @@ async def test_a_reply_cancels_the_follow_up_whose_job_is_out_and_tells_the_send
             await asyncio.sleep(0.01)
         job = follow_jobs[follow[0]]
         assert heard == [CancelNotice(email_id=job.email_id, job_id=job.job_id)]
+
+
+async def test_the_idle_connection_of_a_deleted_server_is_closed(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """A server deleted while its mailbox sits in IDLE: after the next round its watcher is
+    stopped and dropped, and Dovecot has no session of that account any more; the others
+    stay."""
+    settings = make_settings(database_url, inbox_poll_seconds=0.3, inbox_timeout_seconds=5.0)
+    async with running(settings, combined=True) as app:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        subject = reader(app)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(subject.run(stop))
+        try:
+            gone, login = next(iter(accounts.items()))
+            for _ in range(200):
+                if len(subject.watching) == len(accounts) and login in dovecot.logged_in():
+                    break
+                await asyncio.sleep(0.05)
+            assert set(subject.watching) == set(map(uuid.UUID, accounts))
+            watcher = subject.watching[uuid.UUID(gone)]
+            deleted = await app.client.delete(f"/v1/servers/{gone}", headers=tenant)
+            assert deleted.status_code == 204
+            for _ in range(200):
+                if watcher.future.done() and login not in dovecot.logged_in():
+                    break
+                await asyncio.sleep(0.05)
+            assert watcher.future.done()
+            assert login not in dovecot.logged_in()
+            assert set(subject.watching) == set(map(uuid.UUID, accounts)) - {uuid.UUID(gone)}
+            assert uuid.UUID(gone) not in subject.targets
+            assert not any(w.future.done() for w in subject.watching.values())
+            assert set(dovecot.logged_in()) >= set(accounts.values()) - {login}
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, timeout=10)
+
+
+async def test_an_idle_connection_logs_in_again_when_the_mailbox_access_changes(
+    database_url: str, dovecot: DovecotServer
+) -> None:
+    """The mailbox's access changes (here to another account) while it sits in IDLE: the
+    connection with the old access is closed, one with the new access opened."""
+    settings = make_settings(database_url, inbox_poll_seconds=0.3, inbox_timeout_seconds=5.0)
+    old, new = list(ACCOUNTS)[:2]
+    server_id = uuid.uuid4()
+
+    def access(login: str) -> ImapEndpoint:
+        return ImapEndpoint("localhost", dovecot.tls_port, ImapSecurity.tls, login, ACCOUNTS[login])
+
+    async with running(settings, combined=True) as app:
+        source = StaticMailboxes(uuid.uuid4(), {server_id: access(old)})
+        subject = reader(app)
+        subject.source = source
+        stop = asyncio.Event()
+        loop = asyncio.create_task(subject.run(stop))
+        try:
+            for _ in range(200):
+                if server_id in subject.watching and old in dovecot.logged_in():
+                    break
+                await asyncio.sleep(0.05)
+            first = subject.watching[server_id]
+            assert old in dovecot.logged_in()
+            source.boxes[server_id] = access(new)
+            for _ in range(200):
+                who = dovecot.logged_in()
+                if first.future.done() and old not in who and new in who:
+                    break
+                await asyncio.sleep(0.05)
+            assert first.future.done()
+            assert old not in dovecot.logged_in()
+            assert new in dovecot.logged_in()
+            assert subject.watching[server_id] is not first
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, timeout=10)

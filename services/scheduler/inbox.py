@@ -92,6 +92,33 @@ class Mailbox(MailboxRef):
     endpoint: imap.ImapEndpoint
 
 
+@dataclass(frozen=True)
+class Watcher:
+    """One mailbox's IDLE connection: its thread's future, the event that stops it, and the
+    access it logged in with."""
+
+    future: asyncio.Future[bool]
+    stop: threading.Event
+    target: tuple[str, Mailbox]
+
+
+def _access(target: tuple[str, Mailbox]) -> tuple[object, ...]:
+    """What a watcher's login depends on. An OAuth server's access token is left out: a new
+    one for the same grant changes nothing for a session already logged in."""
+    address, box = target
+    endpoint = box.endpoint
+    secret = None if endpoint.auth is imap.ImapAuth.xoauth2 else endpoint.password
+    return (
+        address,
+        endpoint.host,
+        endpoint.port,
+        endpoint.security,
+        endpoint.username,
+        endpoint.auth,
+        secret,
+    )
+
+
 class AccessUnavailable(Exception):
     """The registry could not give a mailbox's access now; the mailbox waits for its next
     round."""
@@ -224,8 +251,9 @@ class MailboxReader:
         self.idle_pool = ThreadPoolExecutor(
             max_workers=max(1, settings.inbox_idle_max), thread_name_prefix="abl-idle"
         )
-        self.idle_stop = threading.Event()
-        self.watching: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        # One stop event per watcher: a mailbox no longer listed, or whose access changed, has
+        # its connection closed without touching the others'.
+        self.watching: dict[uuid.UUID, Watcher] = {}
         self.no_idle: set[uuid.UUID] = set()  # servers that do not advertise IDLE
         self.targets: dict[uuid.UUID, tuple[str, Mailbox]] = {}
         self.arrived: set[uuid.UUID] = set()
@@ -236,7 +264,8 @@ class MailboxReader:
         self.wake = asyncio.Event()
 
     def close(self) -> None:
-        self.idle_stop.set()
+        for watcher in self.watching.values():
+            watcher.stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.idle_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -279,13 +308,15 @@ class MailboxReader:
         loop = asyncio.get_running_loop()
         for server_id in server_ids:
             running = self.watching.get(server_id)
-            if running is not None and not running.done():
+            if running is not None and not running.future.done():
                 continue
             if server_id in self.no_idle or server_id not in self.targets:
                 continue
-            if sum(not f.done() for f in self.watching.values()) >= self.settings.inbox_idle_max:
+            live = sum(not w.future.done() for w in self.watching.values())
+            if live >= self.settings.inbox_idle_max:
                 return
             address, box = self.targets[server_id]
+            stop = threading.Event()
 
             def arrived(server_id: uuid.UUID = server_id) -> None:
                 loop.call_soon_threadsafe(self._arrived, server_id)
@@ -297,23 +328,39 @@ class MailboxReader:
                 box.endpoint,
                 self.settings.inbox_timeout_seconds,
                 self.settings.inbox_idle_seconds,
-                self.idle_stop,
+                stop,
                 arrived,
             )
-            future.add_done_callback(functools.partial(self._watch_ended, server_id))
-            self.watching[server_id] = future
+            future.add_done_callback(functools.partial(self._watch_ended, server_id, stop))
+            self.watching[server_id] = Watcher(future, stop, (address, box))
+
+    def _unwatch(self, server_id: uuid.UUID) -> None:
+        """Close the mailbox's IDLE connection (its thread sees the event within a second)."""
+        watcher = self.watching.pop(server_id, None)
+        if watcher is not None:
+            watcher.stop.set()
+
+    def _forget(self, listed: set[uuid.UUID]) -> None:
+        """Stop watching the mailboxes no longer listed (server deleted, IMAP removed)."""
+        for server_id in [s for s in self.watching if s not in listed]:
+            self._unwatch(server_id)
+        for server_id in [s for s in self.targets if s not in listed]:
+            del self.targets[server_id]
+        self.no_idle &= listed
 
     def _arrived(self, server_id: uuid.UUID) -> None:
         self.arrived.add(server_id)
         self.wake.set()
 
-    def _watch_ended(self, server_id: uuid.UUID, done: asyncio.Future[bool]) -> None:
+    def _watch_ended(
+        self, server_id: uuid.UUID, stop: threading.Event, done: asyncio.Future[bool]
+    ) -> None:
         if done.cancelled():
             return
         error = done.exception()
         if error is None and done.result() is False:
             self.no_idle.add(server_id)
-        elif error is not None and not self.idle_stop.is_set():
+        elif error is not None and not stop.is_set():
             # Started again after the mailbox's next good read; polling covers the gap.
             logger.info("IDLE on the mailbox of server %s ended: %s", server_id, _describe(error))
 
@@ -323,6 +370,7 @@ class MailboxReader:
         for server_id in list(self.pending_pauses):
             await self._pause(server_id)
         boxes = await self.source.mailboxes()
+        self._forget({box.server_id for box in boxes})
         results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
         return {
             box.server_id: error for box, (read, error) in zip(boxes, results, strict=True) if read
@@ -408,6 +456,8 @@ class MailboxReader:
         do: the registry refreshes it once for all its readers and senders."""
         endpoint = await self.source.endpoint(ref.server_id)
         if endpoint is None:
+            self._unwatch(ref.server_id)
+            self.targets.pop(ref.server_id, None)
             return False
         try:
             await self.poll(Mailbox(ref.server_id, ref.tenant_id, endpoint))
@@ -429,6 +479,9 @@ class MailboxReader:
             raise OSError(target.detail)
         if self.settings.inbox_idle_max:
             self.targets[box.server_id] = (target, box)
+            watcher = self.watching.get(box.server_id)
+            if watcher is not None and _access(watcher.target) != _access((target, box)):
+                self._unwatch(box.server_id)  # logged in with the old access: started again
         async with self.sessions() as session:
             cursor = await session.get(MailboxCursor, box.server_id)
             validity, last = (cursor.uidvalidity, cursor.last_uid) if cursor else (0, 0)

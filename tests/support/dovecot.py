@@ -57,6 +57,16 @@ class DovecotServer:
         maildir = self.root / "mail" / user / "Maildir"
         shutil.rmtree(maildir, ignore_errors=True)
 
+    def logged_in(self) -> list[str]:
+        """The users with an IMAP session open now (`doveadm who`), once per session."""
+        who = subprocess.run(  # noqa: S603
+            ["doveadm", "-c", str(self.root / "dovecot.conf"), "who", "-1"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return [line.split()[0] for line in who.stdout.splitlines()[1:] if line.strip()]
+
     def flags(self, user: str) -> list[bytes]:
         client = self.client(user)
         try:
