@@ -4,6 +4,7 @@ SQLite does not enforce): a message the database refuses is skipped and the mail
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -13,10 +14,16 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from sqlmodel import col, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from services.scheduler.feedback import Feedback, Kind
-from services.scheduler.inbox import Mailbox, MailboxRef, MailboxSource
+from services.scheduler.inbox import AccessUnavailable, Mailbox, MailboxRef, MailboxSource
+from services.scheduler.mailbox_source import HttpMailboxSource
 from services.scheduler.models import MailboxCursor, MailboxEvent
+from services.sender.clients import DependencyUnavailable, HttpRegistry
 from shared.broker import Delivery
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import CancelNotice, Outcome
@@ -330,3 +337,56 @@ async def test_an_idle_connection_logs_in_again_when_the_mailbox_access_changes(
         finally:
             stop.set()
             await asyncio.wait_for(loop, timeout=10)
+
+
+CANARY = "k-" + uuid.uuid4().hex[:8]
+
+
+def disagreeing_registry() -> httpx.AsyncClient:
+    """A registry of another version: its credentials answers lack fields (and carry a
+    secret)."""
+
+    async def credentials(request: Request) -> JSONResponse:
+        # Short: pydantic elides the middle of a long input in its error text.
+        return JSONResponse({"host": "m.example.org", "password": CANARY})
+
+    app = Starlette(routes=[Route("/{path:path}", credentials, methods=["GET", "POST"])])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://registry")
+
+
+async def test_an_answer_of_another_registry_version_puts_no_secret_in_the_logs(
+    database_url: str,
+    starttls_server: SmtpTestServer,
+    dovecot: DovecotServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mailbox reader and the sender's registry client: the answer does not validate,
+    the mailbox waits (the job would too), and the secret it held is in no log record."""
+    caplog.set_level(logging.DEBUG)
+    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
+    async with running(settings, combined=True) as app, disagreeing_registry() as registry:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        subject = reader(app)
+        subject.source = HttpMailboxSource(registry, "token", app.app.state.sessions)
+        read = await subject.poll_all()
+        no_canary_in(caplog.records)
+        with pytest.raises(AccessUnavailable) as raised:
+            await subject.source.endpoint(uuid.uuid4(), rejected="0" * 64)
+        assert "port" in str(raised.value)
+        senders = HttpRegistry(registry, "token")
+        for call in (senders.fetch(uuid.uuid4()), senders.refresh(uuid.uuid4(), "0" * 64)):
+            with pytest.raises(DependencyUnavailable) as failed:
+                await call
+            logging.getLogger("abl.test").exception("sender: %s", failed.value)
+        logging.getLogger("abl.test").exception("reader: %s", raised.value, exc_info=raised.value)
+    no_canary_in(caplog.records)
+    assert any("no access" in r.getMessage() for r in caplog.records)
+    assert read == dict.fromkeys(
+        map(uuid.UUID, accounts), "the registry did not give the mailbox access"
+    )
+
+
+def no_canary_in(records: list[logging.LogRecord]) -> None:
+    for record in records:
+        assert CANARY not in logging.Formatter().format(record)

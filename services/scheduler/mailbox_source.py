@@ -21,6 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.scheduler.inbox import AccessUnavailable, MailboxRef
 from shared import registry_read
 from shared.imap import ImapAuth, ImapEndpoint, ImapSecurity
+from shared.internal_client import get_model
 from shared.messages import BouncePause, ImapCredentials, MailboxPoll
 
 logger = logging.getLogger("abl.scheduler.inbox")
@@ -63,22 +64,15 @@ class HttpMailboxSource:
         self, server_id: uuid.UUID, rejected: str | None = None
     ) -> ImapEndpoint | None:
         path = f"/internal/v1/servers/{server_id}/imap-credentials"
-        try:
-            if rejected is None:
-                response = await self.client.get(path, headers=self.headers)
-            else:
-                response = await self.client.post(
-                    f"{path}/refresh",
-                    json={"rejected_token_sha256": rejected},
-                    headers=self.headers,
-                )
-        except httpx.HTTPError as exc:
-            raise AccessUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise AccessUnavailable(f"registry answered {response.status_code}")
-        return endpoint_of(ImapCredentials.model_validate_json(response.content))
+        credentials = await get_model(
+            self.client,
+            path if rejected is None else f"{path}/refresh",
+            ImapCredentials,
+            headers=self.headers,
+            unavailable=AccessUnavailable,
+            body=None if rejected is None else {"rejected_token_sha256": rejected},
+        )
+        return None if credentials is None else endpoint_of(credentials)
 
     async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
         body = MailboxPoll(polled_at=at, error=error[:512] if error else None)

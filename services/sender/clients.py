@@ -26,6 +26,7 @@ import httpx
 from pydantic import BaseModel
 
 from shared.errors import TransientMessageError
+from shared.internal_client import get_model
 from shared.messages import SendResult, SmtpCredentials
 from shared.timeutil import utcnow
 
@@ -175,32 +176,23 @@ class HttpRegistry:
         self.headers = {"Authorization": f"Bearer {token}"}
 
     async def fetch(self, server_id: uuid.UUID) -> SmtpCredentials | None:
-        try:
-            response = await self.client.get(
-                f"/internal/v1/servers/{server_id}/credentials", headers=self.headers
-            )
-        except httpx.HTTPError as exc:
-            raise DependencyUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise DependencyUnavailable(f"registry answered {response.status_code}")
-        return SmtpCredentials.model_validate_json(response.content)
+        return await get_model(
+            self.client,
+            f"/internal/v1/servers/{server_id}/credentials",
+            SmtpCredentials,
+            headers=self.headers,
+            unavailable=DependencyUnavailable,
+        )
 
     async def refresh(self, server_id: uuid.UUID, rejected_sha256: str) -> SmtpCredentials | None:
-        try:
-            response = await self.client.post(
-                f"/internal/v1/servers/{server_id}/credentials/refresh",
-                json={"rejected_token_sha256": rejected_sha256},
-                headers=self.headers,
-            )
-        except httpx.HTTPError as exc:
-            raise DependencyUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise DependencyUnavailable(f"registry answered {response.status_code}")
-        return SmtpCredentials.model_validate_json(response.content)
+        return await get_model(
+            self.client,
+            f"/internal/v1/servers/{server_id}/credentials/refresh",
+            SmtpCredentials,
+            headers=self.headers,
+            unavailable=DependencyUnavailable,
+            body={"rejected_token_sha256": rejected_sha256},
+        )
 
     async def report(self, server_id: uuid.UUID, reply: str) -> None:
         # If the registry cannot be told, the scheduler still parks the server from the result.
