@@ -27,6 +27,7 @@ from services.sender.clients import DependencyUnavailable, HttpRegistry
 from shared.broker import Delivery
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import CancelNotice, Outcome
+from shared.settings import Settings
 from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
@@ -40,6 +41,21 @@ from tests.test_mailbox_reader import (
     statuses,
 )
 from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
+
+
+def polling(database_url: str, **extra: Any) -> Settings:
+    """Every mailbox due again right after a read: the tests read them round after round."""
+    return make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001, **extra)
+
+
+async def warm_servers(
+    app: Api, smtp: SmtpTestServer, dovecot: DovecotServer
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A new tenant's three warm servers with mailboxes: (its headers, server id → login)."""
+    tenant = await app.new_tenant()
+    accounts = await add_servers_with_mailboxes(app, tenant, smtp, dovecot)
+    await warm_up(app, list(accounts))
+    return tenant, accounts
 
 
 async def send(
@@ -67,11 +83,8 @@ async def test_a_status_with_a_comment_and_a_long_address_do_not_stop_the_mailbo
 ) -> None:
     """`Status: 5.1.1 (user unknown)` is longer than the status columns: read as 5.1.1, and
     the reply after it is read too, the cursor past both."""
-    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
-    async with running(settings, combined=True) as app:
-        tenant = await app.new_tenant()
-        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
-        await warm_up(app, list(accounts))
+    async with running(polling(database_url), combined=True) as app:
+        tenant, accounts = await warm_servers(app, starttls_server, dovecot)
         run = uuid.uuid4().hex[:6]
         leads = [f"a{run}@example.org", f"b{run}@example.org"]
         ids, jobs = await send(app, tenant, leads)
@@ -136,11 +149,8 @@ async def test_a_bounce_read_before_the_send_result_is_applied_after_it(
 ) -> None:
     """The bounce (and the reply behind it) arrive while the email is still `scheduled`: they
     are not recorded then, and once the `sent` result is applied the next read bounces it."""
-    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
-    async with running(settings, combined=True) as app:
-        tenant = await app.new_tenant()
-        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
-        await warm_up(app, list(accounts))
+    async with running(polling(database_url), combined=True) as app:
+        tenant, accounts = await warm_servers(app, starttls_server, dovecot)
         run = uuid.uuid4().hex[:6]
         leads = [f"c{run}@example.org", f"d{run}@example.org"]
         sent, _ = await send(app, tenant, leads[1:])
@@ -200,13 +210,8 @@ class PauseFailsOnce:
 async def test_a_pause_the_registry_did_not_take_is_tried_again_next_round(
     database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
 ) -> None:
-    settings = make_settings(
-        database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001, bounce_min_sent=1
-    )
-    async with running(settings, combined=True) as app:
-        tenant = await app.new_tenant()
-        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
-        await warm_up(app, list(accounts))
+    async with running(polling(database_url, bounce_min_sent=1), combined=True) as app:
+        tenant, accounts = await warm_servers(app, starttls_server, dovecot)
         lead = f"p{uuid.uuid4().hex[:6]}@example.org"
         ids, jobs = await send(app, tenant, [lead])
         server_id = jobs[ids[0]].server_id
@@ -234,17 +239,14 @@ async def test_a_reply_cancels_the_follow_up_whose_job_is_out_and_tells_the_send
 ) -> None:
     """The follow-up is `scheduled` (its job published) when the reply is read: it ends
     `canceled`, and the senders hear its cancel after the commit, as from the cancel route."""
-    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
-    async with running(settings, combined=True) as app:
+    async with running(polling(database_url), combined=True) as app:
         heard: list[CancelNotice] = []
 
         async def on_cancel(delivery: Delivery) -> None:
             heard.append(CancelNotice.model_validate_json(delivery.body))
 
         await app.app.state.bus.subscribe(app.settings.cancels_topic, on_cancel)
-        tenant = await app.new_tenant()
-        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
-        await warm_up(app, list(accounts))
+        tenant, accounts = await warm_servers(app, starttls_server, dovecot)
         lead = f"s{uuid.uuid4().hex[:6]}@example.org"
         first, jobs = await send(app, tenant, [lead], sequence="intro")
         follow, follow_jobs = await send(app, tenant, [lead], applied=False, sequence="intro")
@@ -363,8 +365,10 @@ async def test_an_answer_of_another_registry_version_puts_no_secret_in_the_logs(
     """The mailbox reader and the sender's registry client: the answer does not validate,
     the mailbox waits (the job would too), and the secret it held is in no log record."""
     caplog.set_level(logging.DEBUG)
-    settings = make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
-    async with running(settings, combined=True) as app, disagreeing_registry() as registry:
+    async with (
+        running(polling(database_url), combined=True) as app,
+        disagreeing_registry() as registry,
+    ):
         tenant = await app.new_tenant()
         accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
         subject = reader(app)
