@@ -37,7 +37,14 @@ def permissive_umask() -> Iterator[None]:
 
 
 def test_dev_env_is_0600_in_a_0700_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ABL_ADMIN_TOKEN", "ABL_INTERNAL_TOKEN", "ABL_ENCRYPTION_KEYS"):
+    # Every secret the file holds: ensure_dev_env loads them into this process's environment,
+    # and monkeypatch removes them again afterwards (a later test's settings would read them).
+    for name in (
+        "ABL_ADMIN_TOKEN",
+        "ABL_INTERNAL_TOKEN",
+        "ABL_ENCRYPTION_KEYS",
+        "ABL_UNSUBSCRIBE_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     path = ensure_dev_env(tmp_path / ".abl" / "dev.env")
     assert mode(path.parent) == 0o700
