@@ -12,7 +12,13 @@ from sqlalchemy import update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import events, repository
-from services.registry.domain import AuthMethod, Security, ServerStatus
+from services.registry.domain import (
+    KEPT_STATUSES,
+    AuthMethod,
+    Security,
+    ServerStatus,
+    settled_status,
+)
 from services.registry.models import SmtpServer
 from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
@@ -86,7 +92,7 @@ async def record_health(
     check = {"last_check_code": status.value, "last_check_reply": reply[:512]}
     changed = await session.exec(
         update(table)
-        .where(table.c.id == server_id, table.c.status.not_in([ServerStatus.paused, status]))
+        .where(table.c.id == server_id, table.c.status.not_in([*KEPT_STATUSES, status]))
         .values(status=status.value, last_checked_at=now, updated_at=now, **check)
     )
     if changed.rowcount:
@@ -104,9 +110,11 @@ async def record_health(
 async def pause_for_bounces(session: AsyncSession, server_id: uuid.UUID, reason: str) -> None:
     """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so."""
     server = await session.get(SmtpServer, server_id)
-    if server is None or server.status in (ServerStatus.paused, ServerStatus.paused_bounces):
+    if server is None:
         return
     previous = str(server.status)
+    if settled_status(ServerStatus(previous), ServerStatus.paused_bounces) == previous:
+        return  # paused by hand, or by the guard already
     server.status = ServerStatus.paused_bounces
     server.status_reason = reason[:512]
     server.updated_at = utcnow()

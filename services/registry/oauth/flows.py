@@ -25,7 +25,13 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
-from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, ServerStatus
+from services.registry.domain import (
+    AuthMethod,
+    CheckCode,
+    CheckOutcome,
+    ServerStatus,
+    settled_status,
+)
 from services.registry.models import OAuthFlow, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
 from services.registry.oauth.providers import Provider
@@ -282,8 +288,7 @@ async def complete(
         server.last_check_code = None
         server.last_check_reply = outcome.detail[:512]
         server.last_checked_at = utcnow()
-        if server.status != ServerStatus.paused:
-            server.status = ServerStatus.active
+        server.status = settled_status(ServerStatus(server.status), ServerStatus.active)
         server.updated_at = utcnow()
         session.add(server)
         try:

@@ -26,7 +26,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
-from services.registry.domain import AuthMethod, CheckCode, ServerStatus
+from services.registry.domain import AuthMethod, CheckCode, ServerStatus, settled_status
 from services.registry.models import SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure
 from services.registry.oauth.providers import Provider
@@ -159,8 +159,7 @@ class TokenKeeper:
         server.last_check_code = CheckCode.auth_failed.value
         server.last_check_reply = reply[:512]
         server.last_checked_at = utcnow()
-        if server.status != ServerStatus.paused:
-            server.status = ServerStatus.auth_failed
+        server.status = settled_status(ServerStatus(server.status), ServerStatus.auth_failed)
         server.updated_at = utcnow()
 
 
