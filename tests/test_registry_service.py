@@ -54,6 +54,12 @@ class Registry:
                 session, self.keyring, self.checker, self.tenant_id, body
             )
 
+    async def verify(self, server_id: uuid.UUID) -> SmtpServer:
+        async with self.sessions() as session, session.begin():
+            return await service.verify_server(
+                session, self.keyring, self.checker, no_tokens(), self.tenant_id, server_id
+            )
+
     async def load(self, server_id: uuid.UUID) -> SmtpServer:
         async with self.sessions() as session:
             return await service.get_server(session, self.tenant_id, server_id)
@@ -94,15 +100,7 @@ async def test_checks_of_a_paused_server_are_recorded_and_resume_takes_the_last(
         await service.pause_server(session, registry.tenant_id, added.id)
     # The mailbox's password changes at the provider: the next check fails.
     registry.smtp.recorder.accounts[LOGIN] = "changed-at-the-provider"
-    async with registry.sessions() as session, session.begin():
-        await service.verify_server(
-            session,
-            registry.keyring,
-            registry.checker,
-            service_tokens(),
-            registry.tenant_id,
-            added.id,
-        )
+    await registry.verify(added.id)
     paused = await registry.load(added.id)
     assert paused.status == ServerStatus.paused, "a pause by hand wins over a check"
     assert paused.last_check_code == "auth_failed"
@@ -113,15 +111,7 @@ async def test_checks_of_a_paused_server_are_recorded_and_resume_takes_the_last(
         resumed = await service.resume_server(session, registry.tenant_id, added.id)
     assert resumed.status == ServerStatus.auth_failed, "resume takes the last check's outcome"
     registry.smtp.recorder.accounts[LOGIN] = PASSWORD
-    async with registry.sessions() as session, session.begin():
-        checked = await service.verify_server(
-            session,
-            registry.keyring,
-            registry.checker,
-            service_tokens(),
-            registry.tenant_id,
-            added.id,
-        )
+    checked = await registry.verify(added.id)
     assert (checked.status, checked.last_check_code) == (ServerStatus.active, None)
 
 
@@ -149,15 +139,7 @@ async def test_every_check_takes_from_the_tenant_budget_before_dialling(
 ) -> None:
     async for registry in registry_on(sqlite_url, own_smtp, burst=2):
         added = await registry.add()
-        async with registry.sessions() as session, session.begin():
-            await service.verify_server(
-                session,
-                registry.keyring,
-                registry.checker,
-                service_tokens(),
-                registry.tenant_id,
-                added.id,
-            )
+        await registry.verify(added.id)
         connections = own_smtp.recorder.connections
         body = SmtpServerUpdate(password=SecretStr(PASSWORD))
         with pytest.raises(RateLimited):
@@ -168,7 +150,7 @@ async def test_every_check_takes_from_the_tenant_budget_before_dialling(
         assert own_smtp.recorder.connections == connections, "a refused check dials nothing"
 
 
-def service_tokens() -> TokenKeeper:
+def no_tokens() -> TokenKeeper:
     # Password servers never ask for a token: a keeper that fails loudly if one is asked for.
     return _NoTokens()  # type: ignore[return-value]
 

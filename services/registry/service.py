@@ -401,16 +401,9 @@ async def _check_oauth(
     return outcome
 
 
-async def list_servers(
-    session: AsyncSession, tenant_id: uuid.UUID, *, after: uuid.UUID | None, limit: int
-) -> tuple[Sequence[SmtpServer], uuid.UUID | None]:
-    return await repository.list_servers(session, tenant_id, after=after, limit=limit)
-
-
-async def get_server(
-    session: AsyncSession, tenant_id: uuid.UUID, server_id: uuid.UUID
-) -> SmtpServer:
-    return await repository.get_server(session, tenant_id, server_id)
+# Reads are the repository's queries as they are: nothing to decide.
+list_servers = repository.list_servers
+get_server = repository.get_server
 
 
 async def delete_server(session: AsyncSession, tenant_id: uuid.UUID, server_id: uuid.UUID) -> None:

@@ -142,29 +142,9 @@ async def accept(
     )
 
 
-async def list_emails(
-    session: AsyncSession,
-    tenant_id: uuid.UUID,
-    *,
-    status: EmailStatus | None,
-    campaign: str | None,
-    server_id: uuid.UUID | None,
-    after: uuid.UUID | None,
-    limit: int,
-) -> tuple[Sequence[Email], uuid.UUID | None]:
-    return await repository.list_emails(
-        session,
-        tenant_id,
-        status=status,
-        campaign=campaign,
-        server_id=server_id,
-        after=after,
-        limit=limit,
-    )
-
-
-async def get_email(session: AsyncSession, tenant_id: uuid.UUID, email_id: uuid.UUID) -> Email:
-    return await repository.get_email(session, tenant_id, email_id)
+# Reads are the repository's queries as they are: nothing to decide.
+list_emails = repository.list_emails
+get_email = repository.get_email
 
 
 @dataclass(frozen=True)
