@@ -3,7 +3,7 @@ resume, delete, and a tenant's creation. Routes parse the request, call one of t
 the answer; the errors raised here are the hierarchy of `shared.errors`, mapped to HTTP there.
 
 Every connection check goes through `Checker` (the tenant's budget, then the check, measured)
-and every outcome is recorded by `record_check`, which applies the one status rule of
+and every outcome is recorded by `SmtpServer.record_check`, which applies the one status rule of
 `domain.settled_status`.
 """
 
@@ -24,7 +24,6 @@ from services.registry.domain import (
     Security,
     ServerStatus,
     TokenBucket,
-    settled_status,
     status_after_check,
     status_hint,
 )
@@ -188,16 +187,6 @@ class Checker:
         return outcome
 
 
-def record_check(server: SmtpServer, outcome: CheckOutcome) -> None:
-    """The check's outcome on the server: its last check, and its status (a pause wins)."""
-    now = utcnow()
-    server.last_check_code = outcome.code.value if outcome.code else None
-    server.last_check_reply = (outcome.reply or outcome.detail)[:512]
-    server.last_checked_at = now
-    server.status = settled_status(ServerStatus(server.status), status_after_check(outcome))
-    server.updated_at = now
-
-
 async def create_tenant(session: AsyncSession, name: str) -> TenantCreated:
     """A tenant and its API key; only the key's SHA-256 is stored."""
     api_key = new_api_key()
@@ -258,7 +247,7 @@ async def add_server(
     repository.seal_password(keyring, server, password)
     if imap_endpoint is not None:
         mailbox.store(keyring, server, imap_endpoint)
-    record_check(server, outcome)
+    server.record_check(outcome, utcnow())
     session.add(server)
     await repository.flush_unique(session)
     return server
@@ -318,7 +307,7 @@ async def update_server(
             username,
             body.password.get_secret_value(),
         )
-        record_check(server, await checker.require(tenant_id, target))
+        server.record_check(await checker.require(tenant_id, target), utcnow())
     for name in _UPDATABLE:
         if name in changes:
             setattr(server, name, changes[name])
@@ -354,7 +343,7 @@ async def verify_server(
             repository.open_password(keyring, server),
         )
         outcome = await checker.check(tenant_id, target)
-    record_check(server, outcome)
+    server.record_check(outcome, utcnow())
     session.add(server)
     return server
 

@@ -29,8 +29,6 @@ from services.registry.domain import (
     AuthMethod,
     CheckCode,
     CheckOutcome,
-    ServerStatus,
-    settled_status,
 )
 from services.registry.models import OAuthFlow, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
@@ -285,11 +283,7 @@ async def complete(
             keyring, server, repository.REFRESH_TOKEN, tokens.refresh_token
         )
         store_tokens(keyring, server, tokens.access_token, tokens.expires_at)
-        server.last_check_code = None
-        server.last_check_reply = outcome.detail[:512]
-        server.last_checked_at = utcnow()
-        server.status = settled_status(ServerStatus(server.status), ServerStatus.active)
-        server.updated_at = utcnow()
+        server.record_check(outcome, utcnow())
         session.add(server)
         try:
             await repository.flush_unique(session)
