@@ -241,6 +241,13 @@ class ServiceUnavailable(AppError):
     hint = "Try again in a moment."
 
 
+class UpstreamUnavailable(ServiceUnavailable):
+    """The service behind the gateway did not answer (it restarts, or is scaled to zero)."""
+
+    code = "upstream_unavailable"
+    hint = "Try again in a moment; the request was not passed on."
+
+
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         problem.model_dump(exclude_none=True),

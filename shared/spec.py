@@ -26,10 +26,14 @@ from shared.errors import (
     PayloadTooLarge,
     Problem,
     Unprocessable,
+    UpstreamUnavailable,
     declared_errors,
 )
 
 REF_TEMPLATE = "#/components/schemas/{model}"
+# The public API's paths: the gateway (and the Ingress) pass these on, and answer 503
+# `upstream_unavailable` themselves when the service behind does not answer.
+GATEWAY_PREFIX = "/v1/"
 PROBLEM_REF = REF_TEMPLATE.format(model="Problem")
 
 # One tag per resource; the internal ones appear in openapi/internal.json only.
@@ -181,7 +185,10 @@ def shape(app: FastAPI, spec: dict[str, Any]) -> None:
         path = str(route.path_format)
         for method in route.methods or ():
             responses = spec["paths"][path][method.lower()]["responses"]
-            responses.update(problem_responses(route_errors(route.dependant), path))
+            errors = route_errors(route.dependant)
+            if path.startswith(GATEWAY_PREFIX):
+                errors.append(UpstreamUnavailable)
+            responses.update(problem_responses(errors, path))
             for status, value in getattr(route.endpoint, _EXAMPLES, {}).items():
                 responses[str(status)]["content"]["application/json"]["example"] = value
     add_component(spec, "Problem", Problem.model_json_schema(ref_template=REF_TEMPLATE))

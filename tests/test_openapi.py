@@ -356,3 +356,13 @@ def test_no_error_code_is_spelled_where_it_is_raised() -> None:
         and isinstance(keyword.value.value, str)
     ]
     assert spelled == []
+
+
+def test_every_public_operation_documents_the_gateways_503() -> None:
+    """The gateway answers `upstream_unavailable` for any /v1 path whose service is away; a
+    client generated from the spec must know that answer."""
+    for name, path, method, operation in OPERATIONS:
+        answer = operation["responses"].get("503", {})
+        schema = answer.get("content", {}).get("application/problem+json", {}).get("schema", {})
+        documented = "upstream_unavailable" in json.dumps(schema)
+        assert documented == (name == "api" and path.startswith("/v1/")), (name, path, method)

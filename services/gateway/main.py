@@ -14,19 +14,13 @@ from fastapi.responses import JSONResponse
 
 from services.gateway.domain import route
 from shared.app import Resource, build_app
-from shared.errors import NotFound, ServiceUnavailable
+from shared.errors import NotFound, UpstreamUnavailable
 from shared.settings import GatewaySettings
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi" / "api.json"
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length"}
 )
-
-
-class UpstreamUnavailable(ServiceUnavailable):
-    """The service behind the gateway did not answer."""
-
-    code = "upstream_unavailable"
 
 
 def upstreams(settings: GatewaySettings) -> Resource:
