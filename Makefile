@@ -100,4 +100,5 @@ bench: install imap-deps
 	$(BIN)/python -m bench.scheduler_tick
 	$(BIN)/python -m bench.sender
 	$(BIN)/python -m bench.inbox
+	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.e2e

@@ -57,6 +57,7 @@ async def main(checks: int, concurrency: int) -> None:
     settings = Settings(
         admin_token="x" * 32,
         internal_token="y" * 32,
+        unsubscribe_key="u" * 32,
         encryption_keys=generate_key(),
         allow_private_hosts=True,
     )

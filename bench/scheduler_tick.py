@@ -6,7 +6,8 @@ that marks the same number of emails (the floor for touching those rows), and a 
 loop publishing as many messages of the same size with confirms and the same window. Then the
 process's memory after each of `--rounds` ticks over freshly queued emails, and scale-out:
 the same queue dispatched by 2 scheduler processes against 1 (advisory locks share the
-tenants out).
+tenants out), beside the same scale-out for bare aio-pika publishers into one queue (what the
+broker and the machine allow at all).
 
     .venv/bin/python -m bench.scheduler_tick                 # small: 100 tenants, 2k servers
     .venv/bin/python -m bench.scheduler_tick --full          # the design: 1k, 100k, 1M
@@ -149,11 +150,15 @@ async def bulk_update_baseline(url: str, count: int) -> float:
     return elapsed
 
 
-async def publish_baseline(count: int, size: int, concurrency: int) -> float:
+async def publish_baseline(
+    count: int, size: int, concurrency: int, queue_name: str | None = None
+) -> float:
+    """Seconds for a bare aio-pika loop to publish `count` messages with confirms; into its
+    own queue (deleted after), or into `queue_name` (kept, for several publishers at once)."""
     connection = await aio_pika.connect(AMQP)
     channel = await connection.channel(publisher_confirms=True)
     queue = await channel.declare_queue(
-        f"abl-bench-bare-{uuid.uuid4().hex[:6]}",
+        queue_name or f"abl-bench-bare-{uuid.uuid4().hex[:6]}",
         durable=True,
         arguments={"x-queue-type": "quorum"},
     )
@@ -170,15 +175,47 @@ async def publish_baseline(count: int, size: int, concurrency: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(count)))
     elapsed = time.perf_counter() - started
-    await queue.delete(if_unused=False, if_empty=False)
+    if queue_name is None:
+        await queue.delete(if_unused=False, if_empty=False)
     await connection.close()
     return elapsed
+
+
+def bare_publisher(queue: str, count: int, size: int) -> None:
+    asyncio.run(publish_baseline(count, size, PUBLISH_WINDOW, queue_name=queue))
+
+
+def bare_publishers_rate(count: int, messages: int, size: int) -> float:
+    """Messages per second of `count` bare aio-pika processes publishing into one queue: what
+    the broker (and this machine) allow, whatever the scheduler does."""
+    queue = f"abl-bench-bare-{uuid.uuid4().hex[:6]}"
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=bare_publisher, args=(queue, messages // count, size))
+        for _ in range(count)
+    ]
+    started = time.perf_counter()
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    rate = messages / (time.perf_counter() - started)
+    asyncio.run(delete_queue(queue))
+    return rate
+
+
+async def delete_queue(name: str) -> None:
+    connection = await aio_pika.connect(AMQP)
+    channel = await connection.channel()
+    await channel.queue_delete(name)
+    await connection.close()
 
 
 def settings_for(url: str, prefix: str) -> Settings:
     return Settings(
         admin_token="x" * 32,
         internal_token="y" * 32,
+        unsubscribe_key="u" * 32,
         encryption_keys=generate_key(),
         database_url=url,
         pacing=False,
@@ -229,7 +266,7 @@ def replicas_rate(url: str, prefix: str, count: int, emails: int) -> float:
     return emails / (time.perf_counter() - started)
 
 
-async def fresh_database(args: argparse.Namespace) -> str:
+async def fresh_database() -> str:
     name = f"abl_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(f"{PG}/postgres")
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -257,7 +294,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.full:
         args.tenants, args.servers, args.emails = 1000, 100_000, 1_000_000
     prefix = f"abl-bench-{uuid.uuid4().hex[:6]}"
-    url = await fresh_database(args)
+    url = await fresh_database()
     try:
         started = time.perf_counter()
         tenant_ids = await seed(url, args.tenants, args.servers, args.emails)
@@ -298,7 +335,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.replicas:
         rates = []
         for count in (1, args.replicas):
-            url = await fresh_database(args)
+            url = await fresh_database()
             prefix = f"abl-bench-{uuid.uuid4().hex[:6]}"
             try:
                 await seed(url, args.tenants, args.servers, args.emails)
@@ -312,6 +349,16 @@ async def main(args: argparse.Namespace) -> None:
             f"scale-out on PostgreSQL: 1 scheduler {rates[0]:,.0f} emails/s dispatched and "
             f"published, {args.replicas} schedulers {rates[1]:,.0f}; "
             f"ratio {rates[1] / rates[0]:.2f}x"
+        )
+        # The same scale-out for bare publishers into one queue: the ceiling the broker and
+        # the machine put on any number of schedulers.
+        ceiling = [
+            await asyncio.to_thread(bare_publishers_rate, count, args.emails, args.job_bytes)
+            for count in (1, args.replicas)
+        ]
+        print(
+            f"  ceiling: 1 bare aio-pika publisher {ceiling[0]:,.0f} msg/s into one queue, "
+            f"{args.replicas} publishers {ceiling[1]:,.0f}; ratio {ceiling[1] / ceiling[0]:.2f}x"
         )
 
 

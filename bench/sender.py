@@ -213,6 +213,7 @@ async def main(args: argparse.Namespace) -> None:
         return Settings(
             admin_token="x" * 32,
             internal_token="y" * 32,
+            unsubscribe_key="u" * 32,
             encryption_keys=generate_key(),
             allow_private_hosts=True,
             sender_prefetch=prefetch,

@@ -6,11 +6,9 @@ registry's and the scheduler's use cases as plain function calls, not HTTP to it
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from datetime import datetime
 
 from fastapi import FastAPI
@@ -24,11 +22,13 @@ from services.registry.oauth.tokens import TokenUnavailable
 from services.scheduler import inbox
 from services.scheduler import main as scheduler
 from services.scheduler import repository as scheduler_repository
+from services.scheduler.mailbox_source import endpoint_of, listed_mailboxes
 from services.sender import main as sender
 from services.sender.clients import DependencyUnavailable, JobKey
 from services.webhooks import main as webhooks
-from shared.app import Resource, build_app, database
+from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
+from shared.imap import ImapEndpoint
 from shared.messages import SendResult, SmtpCredentials
 from shared.settings import Settings, get_settings
 
@@ -79,52 +79,34 @@ async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
     return sender.Ports(fetch, report, InProcessJobStates(), refresh)
 
 
-def mailbox_reader(settings: Settings, *, run_loop: bool) -> Resource:
-    """The scheduler's mailbox reader, fed with the registry's IMAP credentials directly."""
+class InProcessMailboxes:
+    """The mailbox reader's `MailboxSource` as calls of the registry's use cases."""
 
-    @asynccontextmanager
-    async def resource(app: FastAPI) -> AsyncIterator[None]:
-        sessions = app.state.sessions
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.sessions = app.state.sessions
 
-        async def mailboxes() -> list[inbox.Mailbox]:
-            async with sessions() as session:
-                servers = await registry_mailbox.servers_with_mailbox(session)
-                return [
-                    inbox.Mailbox(server.id, server.tenant_id, endpoint)
-                    for server in servers
-                    if (endpoint := registry_mailbox.stored_endpoint(app.state.keyring, server))
-                ]
+    async def mailboxes(self) -> list[inbox.MailboxRef]:
+        return await listed_mailboxes(self.sessions)
 
-        async def report(server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-            async with sessions() as session, session.begin():
-                await registry_mailbox.record_poll(session, server_id, at, error)
+    async def endpoint(self, server_id: uuid.UUID) -> ImapEndpoint | None:
+        async with self.sessions() as session:
+            found = await registry_mailbox.imap_credentials(
+                session, self.app.state.keyring, server_id
+            )
+        return endpoint_of(found) if found is not None else None
 
-        async def pause(server_id: uuid.UUID, reason: str) -> None:
-            async with sessions() as session, session.begin():
-                await registry_use_cases.pause_for_bounces(session, server_id, reason)
+    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        async with self.sessions() as session, session.begin():
+            await registry_mailbox.record_poll(session, server_id, at, error)
 
-        reader = inbox.MailboxReader(
-            settings,
-            sessions,
-            mailboxes,
-            report,
-            allow_private=settings.allow_private_hosts,
-            allowed_ports=settings.allowed_imap_ports,
-            pause=pause,
-        )
-        app.state.mailbox_reader = reader
-        stop = asyncio.Event()
-        task = asyncio.create_task(inbox.run(reader, stop)) if run_loop else None
-        try:
-            yield
-        finally:
-            stop.set()
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(task, timeout=10)
-            reader.close()
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        async with self.sessions() as session, session.begin():
+            await registry_use_cases.pause_for_bounces(session, server_id, reason)
 
-    return resource
+
+async def in_process_mailboxes(app: FastAPI) -> AsyncIterator[inbox.MailboxSource]:
+    yield InProcessMailboxes(app)
 
 
 def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> FastAPI:
@@ -142,7 +124,7 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
             registry.registry_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             *([sender.sender_resources(resolved, ports=in_process_ports)] if run_loops else []),
-            mailbox_reader(resolved, run_loop=run_loops),
+            scheduler.mailbox_reader(resolved, in_process_mailboxes, run_loop=run_loops),
         ],
     )
     registry.install(app)

@@ -56,6 +56,7 @@ def ensure_dev_env(path: Path = DEV_ENV_FILE, wanted: Iterable[str] | None = Non
             f"ABL_ADMIN_TOKEN={secrets.token_urlsafe(32)}",
             f"ABL_INTERNAL_TOKEN={secrets.token_urlsafe(32)}",
             f"ABL_ENCRYPTION_KEYS={generate_key()}",
+            f"ABL_UNSUBSCRIBE_KEY={secrets.token_urlsafe(32)}",
         ]
         write_private(path, "\n".join(lines) + "\n")
     names = None if wanted is None else {name.upper() for name in wanted}
@@ -196,19 +197,23 @@ def cmd_ensure_database(_: argparse.Namespace) -> None:
 
 def cmd_rotate_keys(_: argparse.Namespace) -> None:
     from services.registry.keys import rotate_keys
+    from services.webhooks.keys import reencrypt_secrets
     from shared.db import create_engine, session_factory
 
     settings = load_settings(RegistrySettings)
 
     async def run() -> None:
         engine = create_engine(settings.database_url)
+        keyring = Keyring.from_keys(settings.keys)
         try:
-            report = await rotate_keys(session_factory(engine), Keyring.from_keys(settings.keys))
+            report = await rotate_keys(session_factory(engine), keyring)
+            endpoints, hooks = await reencrypt_secrets(session_factory(engine), keyring)
         finally:
             await engine.dispose()
         print(
-            f"examined {report.examined} servers, re-encrypted {report.reencrypted} "
-            f"under key {Keyring.from_keys(settings.keys).primary_id}"
+            f"examined {report.examined} servers, re-encrypted {report.reencrypted}; examined "
+            f"{endpoints} webhook endpoints, re-encrypted {hooks}; under key "
+            f"{keyring.primary_id}"
         )
 
     asyncio.run(run())

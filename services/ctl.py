@@ -5,15 +5,19 @@ ablctl servers add --preset gmail --username me@gmail.com --from-email me@gmail.
 ablctl servers connect google       # or microsoft: OAuth, no password
 ablctl send leads.csv --campaign november
 ablctl watch
+ablctl listen --register             # print the webhooks this tenant receives, for development
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
@@ -24,12 +28,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 servers = typer.Typer(help="A tenant's SMTP servers.", no_args_is_help=True)
 tenants = typer.Typer(help="Tenants (admin token).", no_args_is_help=True)
 suppressions = typer.Typer(help="The tenant's suppression list.", no_args_is_help=True)
+webhooks = typer.Typer(help="The tenant's webhook endpoints.", no_args_is_help=True)
 app.add_typer(servers, name="servers")
+app.add_typer(webhooks, name="webhooks")
 app.add_typer(tenants, name="tenants")
 app.add_typer(suppressions, name="suppressions")
 console = Console()
@@ -73,6 +80,23 @@ def call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
     if response.status_code >= 400:
         fail(response)
     return response.json() if response.content else None
+
+
+def _pages(url: str, key: str, path: str, **params: Any) -> Iterator[Any]:
+    """Every item of a paginated list, page after page."""
+    cursor = None
+    while True:
+        page = call(
+            url,
+            key,
+            "GET",
+            path,
+            params={"limit": 200, **params} | ({"cursor": cursor} if cursor else {}),
+        )
+        yield from page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return
 
 
 @tenants.command("create")
@@ -216,29 +240,17 @@ def server_connect(
 def server_list(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
     """The tenant's servers with their warmup progress."""
     table = Table("id", "label", "host", "status", "step", "today", "allowance")
-    cursor = None
-    while True:
-        page = call(
-            url,
-            key,
-            "GET",
-            "/v1/servers",
-            params={"limit": 200} | ({"cursor": cursor} if cursor else {}),
+    for item in _pages(url, key, "/v1/servers"):
+        warmup = call(url, key, "GET", f"/v1/servers/{item['id']}/warmup")
+        table.add_row(
+            item["id"],
+            item["label"],
+            f"{item['host']}:{item['port']}",
+            item["status"],
+            str(warmup["step"]),
+            str(warmup["reserved_today"]),
+            str(warmup["allowance_today"]),
         )
-        for item in page["items"]:
-            warmup = call(url, key, "GET", f"/v1/servers/{item['id']}/warmup")
-            table.add_row(
-                item["id"],
-                item["label"],
-                f"{item['host']}:{item['port']}",
-                item["status"],
-                str(warmup["step"]),
-                str(warmup["reserved_today"]),
-                str(warmup["allowance_today"]),
-            )
-        cursor = page["next_cursor"]
-        if cursor is None:
-            break
     console.print(table)
 
 
@@ -302,19 +314,10 @@ def send(
 
 def _counts(url: str, key: str, campaign: str | None) -> dict[str, int]:
     counts: dict[str, int] = {}
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 500}
-        if cursor:
-            params["cursor"] = cursor
-        if campaign:
-            params["campaign"] = campaign
-        page = call(url, key, "GET", "/v1/messages", params=params)
-        for item in page["items"]:
-            counts[item["status"]] = counts.get(item["status"], 0) + 1
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return counts
+    filters = {"campaign": campaign} if campaign else {}
+    for item in _pages(url, key, "/v1/messages", limit=500, **filters):
+        counts[item["status"]] = counts.get(item["status"], 0) + 1
+    return counts
 
 
 def _table(counts: dict[str, int]) -> Table:
@@ -394,23 +397,16 @@ def suppressions_add(
 def suppressions_list(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
     """Every entry of the list."""
     table = Table("id", "address or domain", "source", "reason", "since")
-    cursor = None
     count = 0
-    while True:
-        params: dict[str, Any] = {"limit": 500} | ({"cursor": cursor} if cursor else {})
-        page = call(url, key, "GET", "/v1/suppressions", params=params)
-        for item in page["items"]:
-            table.add_row(
-                item["id"],
-                item["address"] or f"@{item['domain']}",
-                item["source"],
-                item["reason"],
-                item["created_at"],
-            )
-            count += 1
-        cursor = page["next_cursor"]
-        if cursor is None:
-            break
+    for item in _pages(url, key, "/v1/suppressions", limit=500):
+        table.add_row(
+            item["id"],
+            item["address"] or f"@{item['domain']}",
+            item["source"],
+            item["reason"],
+            item["created_at"],
+        )
+        count += 1
     console.print(table)
     console.print(f"{count} entries")
 
@@ -422,6 +418,165 @@ def suppressions_remove(
     """Take an entry off the list."""
     call(url, key, "DELETE", f"/v1/suppressions/{suppression_id}")
     console.print(f"removed {suppression_id}")
+
+
+EventOption = Annotated[
+    list[str] | None,
+    typer.Option("--event", help="An event type to receive (repeat); every type when omitted."),
+]
+
+
+def _add_webhook(url: str, key: str, endpoint_url: str, events: list[str] | None) -> Any:
+    body: dict[str, Any] = {"url": endpoint_url}
+    if events:
+        body["event_types"] = events
+    return call(url, key, "POST", "/v1/webhooks", json=body)
+
+
+@webhooks.command("add")
+def webhooks_add(
+    endpoint_url: Annotated[str, typer.Argument(help="The HTTPS URL that receives the events.")],
+    event: EventOption = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Register an endpoint and print its signing secret (shown only this once)."""
+    endpoint = _add_webhook(url, key, endpoint_url, event)
+    console.print(f"[green]added[/] {endpoint['id']} ({', '.join(endpoint['event_types'])})")
+    console.print(f"signing secret: [bold green]{endpoint['secret']}[/]")
+
+
+@webhooks.command("rotate-secret")
+def webhooks_rotate(endpoint_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Replace an endpoint's signing secret; the old one keeps signing beside it for 24 h."""
+    endpoint = call(url, key, "POST", f"/v1/webhooks/{endpoint_id}/rotate-secret")
+    console.print(f"new signing secret: [bold green]{endpoint['secret']}[/]")
+    console.print(f"the previous secret signs too until {endpoint['previous_secret_until']}")
+
+
+@webhooks.command("list")
+def webhooks_list(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """The tenant's endpoints."""
+    table = Table("id", "url", "enabled", "events", "failing since")
+    for item in _pages(url, key, "/v1/webhooks"):
+        table.add_row(
+            item["id"],
+            item["url"],
+            "yes" if item["enabled"] else f"no ({item['disabled_reason'] or 'by hand'})",
+            ", ".join(item["event_types"]),
+            item["failing_since"] or "",
+        )
+    console.print(table)
+
+
+@webhooks.command("deliveries")
+def webhooks_deliveries(
+    endpoint_id: str,
+    status: Annotated[str | None, typer.Option(help="pending, delivered or failed")] = None,
+    limit: Annotated[int, typer.Option(help="The newest this many.")] = 50,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """An endpoint's delivery log, newest first."""
+    params: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
+    page = call(url, key, "GET", f"/v1/webhooks/{endpoint_id}/deliveries", params=params)
+    table = Table("webhook-id", "event", "status", "attempts", "last answer", "last attempt")
+    for item in page["items"]:
+        table.add_row(
+            item["message_id"],
+            item["event_type"],
+            item["status"],
+            str(item["attempts"]),
+            str(item["last_status_code"] or item["last_error"] or ""),
+            item["last_attempt_at"] or "",
+        )
+    console.print(table)
+    console.print(f"{len(page['items'])} deliveries")
+
+
+def _receiver(
+    verifier: Webhook, count: int | None, done: threading.Event
+) -> type[BaseHTTPRequestHandler]:
+    lock = threading.Lock()
+    seen = [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            try:
+                payload = verifier.verify(body, headers)
+            except WebhookVerificationError as exc:
+                # Never the body: a request that is not ours may carry anything.
+                errors.print(f"[red]refused[/] a request with a bad signature ({exc})")
+                status = 401
+            else:
+                line = {"webhook-id": headers.get("webhook-id"), **payload}
+                with lock:
+                    sys.stdout.write(
+                        json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n"
+                    )
+                    sys.stdout.flush()
+                    seen[0] += 1
+                    if count is not None and seen[0] >= count:
+                        done.set()
+                status = 204
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    return Handler
+
+
+@app.command("listen")
+def listen(
+    secret: Annotated[
+        str | None,
+        typer.Option(envvar="ABL_WEBHOOK_SECRET", help="The endpoint's whsec_ signing secret."),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="Register this listener as an endpoint and use its secret.")
+    ] = False,
+    event: EventOption = None,
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    count: Annotated[int | None, typer.Option(help="Exit after this many events.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+) -> None:
+    """Receive webhooks on a local port for development: each request's signature is verified
+    (Standard Webhooks) and each event printed as one line of JSON; a bad signature is
+    answered 401 and reported on stderr. `--register` adds the endpoint (the API must allow
+    private hosts, as `make run` does) and removes it on exit."""
+    done = threading.Event()
+    # Bound first (the port is part of the URL to register); its handler is set once the
+    # secret is known, before it serves anything.
+    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    address = f"http://{host}:{server.server_address[1]}/"
+    endpoint_id = None
+    if register:
+        endpoint = _add_webhook(url, key, address, event)
+        endpoint_id, secret = endpoint["id"], endpoint["secret"]
+    if not secret:
+        errors.print("[bold red]Error[/]: give --secret (or ABL_WEBHOOK_SECRET), or --register")
+        server.server_close()
+        raise typer.Exit(2)
+    server.RequestHandlerClass = _receiver(Webhook(secret), count, done)
+    errors.print(f"listening on {address}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        if endpoint_id is not None:
+            call(url, key, "DELETE", f"/v1/webhooks/{endpoint_id}")
 
 
 @app.command("watch")

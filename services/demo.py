@@ -39,6 +39,7 @@ def main() -> None:
     settings = Settings(
         admin_token="demo-admin-" + "x" * 24,
         internal_token="demo-internal-" + "y" * 24,
+        unsubscribe_key="demo-unsubscribe-" + "u" * 24,
         encryption_keys=generate_key(),
         database_url=f"sqlite:///{workdir / 'demo.db'}",
     )

@@ -30,6 +30,7 @@ def placeholder_settings() -> Settings:
     return Settings(
         admin_token="x" * 32,
         internal_token="y" * 32,
+        unsubscribe_key="u" * 32,
         encryption_keys=generate_key(),
     )
 

@@ -27,6 +27,8 @@ class EventType(StrEnum):
     email_unknown = "email.unknown"
     email_bounced = "email.bounced"
     email_replied = "email.replied"
+    # A queued email stopped before it left: its recipient (or domain) was suppressed since.
+    email_suppressed = "email.suppressed"
     server_status_changed = "server.status_changed"
     server_warmup_step = "server.warmup_step"
     # The webhooks service's own notice: an endpoint failing for days was switched off.
@@ -41,6 +43,7 @@ EMAIL_EVENTS: dict[str, EventType] = {
     "unknown": EventType.email_unknown,
     "bounced": EventType.email_bounced,
     "replied": EventType.email_replied,
+    "suppressed": EventType.email_suppressed,
 }
 
 

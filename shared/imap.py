@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import imaplib
+import select
 import socket
 import ssl
+import threading
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -98,6 +101,39 @@ def connect(address: str, endpoint: ImapEndpoint, timeout: float) -> imaplib.IMA
         client.shutdown()
         raise
     return client
+
+
+def supports_idle(client: imaplib.IMAP4) -> bool:
+    return "IDLE" in client.capabilities
+
+
+def idle_once(client: imaplib.IMAP4, seconds: float, stop: threading.Event) -> bool:
+    """One IMAP IDLE (RFC 2177) on the selected mailbox, for up to `seconds` or until `stop`;
+    True when the server announced a new message (`* n EXISTS`). Blocking. The standard
+    library's imaplib has no IDLE before Python 3.14, hence the few lines of protocol here."""
+    tag = client._new_tag()
+    client.send(tag + b" IDLE\r\n")
+    if not client.readline().startswith(b"+"):
+        raise imaplib.IMAP4.error("IDLE refused")
+    sock = client.socket()
+    arrived = False
+    deadline = time.monotonic() + seconds
+    while not arrived and not stop.is_set() and time.monotonic() < deadline:
+        # Wait for the server a second at a time, so that `stop` is seen soon. (A timeout on
+        # the socket would leave imaplib's reader unusable.) Bytes TLS has already decrypted
+        # wait in `pending()`, where select() cannot see them.
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        if not pending and not select.select([sock], [], [], 1.0)[0]:
+            continue
+        line = client.readline()
+        if not line:
+            raise imaplib.IMAP4.abort("the server closed the line during IDLE")
+        arrived = line.startswith(b"* ") and line.rstrip().endswith(b"EXISTS")
+    client.send(b"DONE\r\n")
+    while not (line := client.readline()).startswith(tag):
+        if not line:
+            raise imaplib.IMAP4.abort("the server closed the line after IDLE")
+    return arrived
 
 
 class ImapProblem(StrEnum):

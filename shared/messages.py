@@ -118,6 +118,42 @@ class SmtpCredentials(BaseModel):
     from_name: str
     status: str = Field(description="The registry's status; only `active` servers send.")
     daily_cap: int
+    per_minute: int | None = Field(
+        default=None,
+        description="The provider's limit of messages a minute (Microsoft 365: 30), which the "
+        "sender holds; null when it has none.",
+    )
+
+
+class ImapCredentials(BaseModel):
+    """One server's mailbox access, as the registry's internal endpoint gives it to the
+    scheduler's mailbox reader. HTTP only, never on the broker; the repr never shows the
+    password."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    host: str
+    port: int
+    security: Literal["tls", "starttls"]
+    username: str
+    password: str = Field(default="", repr=False)
+
+
+class MailboxPoll(BaseModel):
+    """The mailbox reader's report of one read of a server's INBOX."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    polled_at: datetime
+    error: str | None = Field(default=None, max_length=512)
+
+
+class BouncePause(BaseModel):
+    """The bounce-rate guard's request to pause a server (`paused_bounces`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=512)
 
 
 def parse(model: type[ModelT], body: bytes) -> ModelT:

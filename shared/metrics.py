@@ -111,6 +111,10 @@ BOUNCES = Counter(
     ["kind"],
 )
 REPLIES = Counter("abl_replies_total", "Replies from recipients read from the sending mailboxes.")
+MAILBOX_MESSAGES = Counter(
+    "abl_mailbox_messages_total",
+    "Messages read (fetched and classified) from the sending mailboxes, by all replicas.",
+)
 MAILBOX_POLLS = Counter(
     "abl_mailbox_polls_total",
     "Reads of a sending mailbox, by result (`ok`, `failed`, `timeout`).",

@@ -26,6 +26,7 @@ _servers = table(
     column("label", String),
     column("host", String),
     column("username", String),
+    column("imap_host", String),
 )
 
 
@@ -75,6 +76,21 @@ async def tenant_servers(session: AsyncSession, tenant_id: uuid.UUID) -> list[Se
     return [ServerView(*row) for row in rows]
 
 
+async def servers_of_tenants(
+    session: AsyncSession, tenant_ids: list[uuid.UUID]
+) -> list[ServerView]:
+    """The servers of many tenants in one query (the dispatcher's per-transaction read)."""
+    if not tenant_ids:
+        return []
+    query = (
+        _select_servers()
+        .where(_servers.c.tenant_id.in_(tenant_ids))
+        .order_by(_servers.c.tenant_id, _servers.c.id)
+    )
+    rows = (await session.exec(query)).all()
+    return [ServerView(*row) for row in rows]
+
+
 async def tenant_server(
     session: AsyncSession, tenant_id: uuid.UUID, server_id: uuid.UUID
 ) -> ServerView | None:
@@ -88,3 +104,15 @@ async def server_status_counts(session: AsyncSession) -> dict[str, int]:
     query = select(_servers.c.status, func.count()).group_by(_servers.c.status)
     rows: Any = (await session.exec(query)).all()  # type: ignore[call-overload]
     return {str(status): int(count) for status, count in rows}
+
+
+async def mailbox_servers(session: AsyncSession) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(server id, tenant id) of every server with a mailbox to read, whatever its status: a
+    paused server's bounces and replies still come back."""
+    query = (
+        select(_servers.c.id, _servers.c.tenant_id)
+        .where(_servers.c.imap_host.is_not(None))
+        .order_by(_servers.c.id)
+    )
+    rows: Any = (await session.exec(query)).all()  # type: ignore[call-overload]
+    return [(server_id, tenant_id) for server_id, tenant_id in rows]

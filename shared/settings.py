@@ -158,6 +158,48 @@ class InternalTokenSettings(CommonSettings):
         return self
 
 
+# Signs unsubscribe links where no key is configured (development and tests only): public, so
+# refused in production.
+DEVELOPMENT_UNSUBSCRIBE_KEY = "abl-development-unsubscribe-key-not-a-secret"
+
+
+class UnsubscribeSettings(CommonSettings):
+    """The key of one-click unsubscribe links (HMAC, `services.scheduler.unsubscribe`): the
+    first signs, it and every old key verify, so a rotation does not break links already sent
+    (move the current key to `ABL_UNSUBSCRIBE_OLD_KEYS`, comma-separated, for as long as sent
+    emails may still be clicked). Its own secret: rotating `ABL_INTERNAL_TOKEN` leaves it."""
+
+    unsubscribe_key: SecretStr = SecretStr(DEVELOPMENT_UNSUBSCRIBE_KEY)
+    unsubscribe_old_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    @field_validator("unsubscribe_old_keys", mode="before")
+    @classmethod
+    def _split_old_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_weak_unsubscribe_keys(self) -> Self:
+        key = self.unsubscribe_key.get_secret_value()
+        if key == DEVELOPMENT_UNSUBSCRIBE_KEY:
+            if self.env is Environment.production:
+                raise SettingsError(
+                    "ABL_UNSUBSCRIBE_KEY must be set in production: a random value of at least "
+                    f"{MIN_TOKEN_LENGTH} characters (it signs unsubscribe links)"
+                )
+        else:
+            _refuse_weak_token("unsubscribe_key", self.unsubscribe_key)
+        for old in self.unsubscribe_old_keys:
+            _refuse_weak_token("unsubscribe_old_keys", old)
+        return self
+
+    @property
+    def unsubscribe_secrets(self) -> list[str]:
+        """The signing key first, then the old ones still accepted."""
+        return [k.get_secret_value() for k in [self.unsubscribe_key, *self.unsubscribe_old_keys]]
+
+
 class AddressSettings(CommonSettings):
     """Where a tenant's server may be dialled: the registry's check and the senders agree."""
 
@@ -255,7 +297,13 @@ class RegistrySettings(
         return self
 
 
-class SchedulerSettings(OutboxSettings, InternalTokenSettings):
+class SchedulerSettings(
+    OutboxSettings, InternalTokenSettings, UnsubscribeSettings, AddressSettings, UpstreamSettings
+):
+    """The scheduler; it also reads the sending mailboxes (`services.scheduler.inbox`), so it
+    dials tenants' IMAP servers under the same address rules as the senders, and asks the
+    registry (`ABL_REGISTRY_URL`) for their access."""
+
     pacing: bool = True
     tick_seconds: float = Field(default=1.0, gt=0, le=60)
     publish_lease_seconds: float = Field(default=60.0, gt=0)
@@ -280,6 +328,12 @@ class SchedulerSettings(OutboxSettings, InternalTokenSettings):
     inbox_poll_seconds: float = Field(default=60.0, gt=0)
     inbox_timeout_seconds: float = Field(default=30.0, gt=0)
     inbox_concurrency: int = Field(default=32, ge=1, le=1000)
+    # IMAP IDLE where a server advertises it: after a read, a replica keeps one connection per
+    # mailbox (at most `inbox_idle_max`) in IDLE, renewed every `inbox_idle_seconds` (under
+    # the 29 minutes of RFC 2177), and reads the mailbox as soon as a message arrives. Polling
+    # every `inbox_poll_seconds` stays, as the fallback. 0 turns IDLE off.
+    inbox_idle_max: int = Field(default=100, ge=0, le=10_000)
+    inbox_idle_seconds: float = Field(default=1500.0, gt=0, le=1740)
     # The bounce-rate guard: a server whose hard bounces over its last `bounce_window` sent
     # emails pass `bounce_pause_ratio` (or complaints `complaint_pause_ratio`) is paused; not
     # judged before `bounce_min_sent` sends, where one bounce would be a large ratio.
@@ -319,6 +373,9 @@ class WebhookSettings(DatabaseSettings, BrokerSettings, EncryptionSettings, Addr
     webhook_retry_window_seconds: float = Field(default=3 * 86400.0, ge=0)
     # An endpoint whose every attempt has failed for this long is disabled (and the tenant told).
     webhook_disable_after_seconds: float = Field(default=3 * 86400.0, ge=0)
+    # After a secret rotation, the previous secret signs beside the new one for this long, so
+    # that receivers can switch without losing an event.
+    webhook_secret_overlap_seconds: float = Field(default=86400.0, ge=0)
 
 
 class GatewaySettings(UpstreamSettings):
@@ -346,6 +403,8 @@ SECRET_SETTINGS = (
     "admin_token",
     "internal_token",
     "encryption_keys",
+    "unsubscribe_key",
+    "unsubscribe_old_keys",
     "oauth_google_client_secret",
     "oauth_microsoft_client_secret",
 )

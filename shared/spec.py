@@ -55,6 +55,8 @@ TAGS = {
     "server-health": "Internal: a sender reports a server that refused its credentials.",
     "jobs": "Internal: which send jobs are still their email's attempt.",
     "results": "Internal: send results a sender could not publish through the broker.",
+    "mailbox": "Internal: the mailbox reader's access to a server's INBOX, its reads and the "
+    "bounce-rate pauses it decides.",
 }
 
 

@@ -34,6 +34,6 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
+        if value is None or value.tzinfo is UTC:
+            return value  # asyncpg's timestamptz values are UTC already: read on every row
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -129,10 +129,14 @@ def migrated_postgres(postgres_server_url: str) -> str:
 
 
 async def truncate_postgres(url: str) -> None:
+    """Empty every table but Alembic's. All of them: a table left out (the outboxes, the
+    webhook tables were) carries one test's rows into the next, e.g. a pending delivery to an
+    endpoint whose loopback port the next test's receiver happens to get."""
     await _pg_execute(
         url,
-        "TRUNCATE tenants, smtp_servers, emails, server_days, server_usage_hours, "
-        "server_warmup, sending_profiles, suppressions, mailbox_cursors, mailbox_events CASCADE",
+        "DO $$ BEGIN EXECUTE (SELECT 'TRUNCATE ' || string_agg(quote_ident(tablename), ', ') "
+        "|| ' CASCADE' FROM pg_tables WHERE schemaname = 'public' "
+        "AND tablename <> 'alembic_version'); END $$",
     )
 
 
@@ -164,6 +168,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "database_url": database_url,
         "admin_token": secrets.token_urlsafe(32),
         "internal_token": secrets.token_urlsafe(32),
+        "unsubscribe_key": secrets.token_urlsafe(32),
         "encryption_keys": generate_key(),
         "allow_private_hosts": True,
         "verify_timeout_seconds": 3.0,

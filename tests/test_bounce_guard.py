@@ -6,10 +6,16 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
 
 import pytest
+from sqlalchemy import update
+from sqlmodel import select
 
 from services.scheduler.domain import BounceGuard, bounce_verdict
+from services.scheduler.models import Email, ServerDay, ServerWarmup
+from shared.db import table_of
 from shared.messages import Outcome
 from shared.settings import Settings
 from tests.conftest import Api, make_settings, running
@@ -41,9 +47,28 @@ def test_the_guard_pauses_above_the_ratio(
     assert (bounce_verdict(sent, hard, complaints, GUARD) is not None) is paused
 
 
+async def as_if_sent_yesterday(api: Api) -> None:
+    """Test set-up: move today's sends, counters and warmup state one day back."""
+    day = timedelta(days=1)
+    async with api.app.state.sessions() as session, session.begin():
+        for email in (await session.exec(select(Email))).all():
+            email.sent_at = email.sent_at - day if email.sent_at else None
+            session.add(email)
+        for warmup in (await session.exec(select(ServerWarmup))).all():
+            warmup.state_day -= day
+            session.add(warmup)
+        days = table_of(ServerDay)
+        for row in (await session.exec(select(ServerDay))).all():
+            await session.exec(
+                update(days)
+                .where(days.c.server_id == row.server_id, days.c.day == row.day)
+                .values(day=row.day - day)
+            )
+
+
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return make_settings(database_url, inbox_timeout_seconds=5.0)
+    return make_settings(database_url, inbox_timeout_seconds=5.0, inbox_poll_seconds=0.001)
 
 
 @pytest.fixture
@@ -57,7 +82,7 @@ async def test_a_server_over_the_bounce_threshold_is_paused_and_others_take_its_
 ) -> None:
     tenant = await app.new_tenant()
     accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
-    await warm_up(app, list(accounts))
+    await warm_up(app, list(accounts), step=5)  # 59 a day: room for 30 each, and to climb
     run = uuid.uuid4().hex[:6]
     batch = {
         "messages": [
@@ -90,6 +115,33 @@ async def test_a_server_over_the_bounce_threshold_is_paused_and_others_take_its_
         assert (await app.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()[
             "status"
         ] == "active"
+
+    async def reputation(server_id: str) -> dict[str, Any]:
+        warmup = await app.client.get(f"/v1/servers/{server_id}/warmup", headers=tenant)
+        value: dict[str, Any] = warmup.json()["reputation"]
+        return value
+
+    assert await reputation(bad) == {
+        "sample": 30,
+        "bounce_rate": 0.1,
+        "complaint_rate": 0.0,
+        "bounce_pause_ratio": 0.05,
+        "complaint_pause_ratio": 0.001,
+        "bounced_today": 3,
+        "climb_held_today": True,
+    }
+    clean = await reputation(good[1])
+    assert (clean["bounce_rate"], clean["climb_held_today"]) == (0.0, False)
+    # The day ends: the server whose bounce rate passed half the threshold stays on its step,
+    # the clean one (30 sent of 59, over half its allowance) climbs.
+    await as_if_sent_yesterday(app)
+    steps = {
+        server_id: (await app.client.get(f"/v1/servers/{server_id}/warmup", headers=tenant)).json()[
+            "step"
+        ]
+        for server_id in (bad, good[1])
+    }
+    assert steps == {bad: 5, good[1]: 6}
 
     more = {
         "messages": [

@@ -1,20 +1,26 @@
 """ablctl against a running service (one process): tenants, servers, CSV sending, watching,
-and API errors shown as a person reads them."""
+webhook endpoints and `listen`, and API errors shown as a person reads them."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from services.ctl import app
 from tests.conftest import make_settings
-from tests.support.processes import Service, service_env, start
-from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
+from tests.support.processes import ROOT, Service, service_env, start
+from tests.support.smtp import Certificates, SmtpTestServer, free_port, smtp_server
 
 runner = CliRunner()
 ACCOUNTS = {"a@example.com": "pa", "b@example.com": "pb"}
@@ -58,16 +64,21 @@ def add_server_args(smtp: SmtpTestServer, login: str, from_email: str, password:
     ]
 
 
-def test_ctl_from_tenant_to_sent_emails(
-    service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
-) -> None:
+def tenant_env(service: tuple[Service, str], name: str) -> dict[str, str]:
+    """`ablctl tenants create NAME`; the environment that speaks for the new tenant."""
     running, admin = service
     env = {"ABL_API_URL": running.url, "ABL_ADMIN_TOKEN": admin}
-    created = runner.invoke(app, ["tenants", "create", "acme"], env=env)
+    created = runner.invoke(app, ["tenants", "create", name], env=env)
     assert created.exit_code == 0, created.output
     match = re.search(r"API key: (abl_\S+)", created.output)
     assert match is not None
-    env["ABL_API_KEY"] = match.group(1)
+    return env | {"ABL_API_KEY": match.group(1)}
+
+
+def test_ctl_from_tenant_to_sent_emails(
+    service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
+) -> None:
+    env = tenant_env(service, "acme")
 
     for login, password in ACCOUNTS.items():
         added = runner.invoke(app, add_server_args(smtp, login, login, password), env=env)
@@ -111,12 +122,7 @@ def test_ctl_from_tenant_to_sent_emails(
 def test_ctl_imports_a_suppression_csv_and_send_reports_the_refused(
     service: tuple[Service, str], tmp_path: Path
 ) -> None:
-    running, admin = service
-    env = {"ABL_API_URL": running.url, "ABL_ADMIN_TOKEN": admin}
-    created = runner.invoke(app, ["tenants", "create", "suppressing"], env=env)
-    match = re.search(r"API key: (abl_\S+)", created.output)
-    assert match is not None
-    env["ABL_API_KEY"] = match.group(1)
+    env = tenant_env(service, "suppressing")
 
     listed_csv = tmp_path / "suppress.csv"
     listed_csv.write_text(
@@ -144,3 +150,106 @@ def test_ctl_imports_a_suppression_csv_and_send_reports_the_refused(
     refused = runner.invoke(app, ["suppressions", "import", str(bad)], env=env)
     assert refused.exit_code == 1
     assert "body.items.0.address" in refused.output
+
+
+def _listener(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """`ablctl listen` as a developer runs it, in its own process."""
+    return subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+        [sys.executable, "-m", "services.ctl", "listen", "--port", str(port), *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _forged(url: str) -> int:
+    """Post an event signed with a wrong key until the listener answers; its status code."""
+    headers = {
+        "webhook-id": "evt_" + "0" * 32,
+        "webhook-timestamp": str(int(time.time())),
+        "webhook-signature": "v1,ZmFrZQ==",
+    }
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.post(url, content=b'{"type":"email.sent"}', headers=headers).status_code
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline, "the listener did not start"
+            time.sleep(0.1)
+
+
+def _send(env: dict[str, str], tmp_path: Path, count: int, tag: str) -> None:
+    leads = tmp_path / f"{tag}.csv"
+    leads.write_text(
+        "to,subject,text\n" + "".join(f"{tag}+{i}@example.org,Hi {i},x\n" for i in range(count))
+    )
+    sent = runner.invoke(app, ["send", str(leads)], env=env)
+    assert f"queued {count}" in sent.output, sent.output
+
+
+def test_ctl_webhooks_and_listen_print_each_verified_event(
+    service: tuple[Service, str], smtp: SmtpTestServer, tmp_path: Path
+) -> None:
+    env = tenant_env(service, "hooked")
+    for login, password in ACCOUNTS.items():
+        added = runner.invoke(app, add_server_args(smtp, login, login, password), env=env)
+        assert added.exit_code == 0, added.output
+
+    port = free_port()
+    added = runner.invoke(
+        app, ["webhooks", "add", f"http://127.0.0.1:{port}/", "--event", "email.sent"], env=env
+    )
+    assert added.exit_code == 0, added.output
+    secret = re.search(r"signing secret: (whsec_\S+)", added.output)
+    endpoint = re.search(r"added (\S+) \(email\.sent\)", added.output)
+    assert secret is not None, added.output
+    assert endpoint is not None, added.output
+    listener = _listener(port, {"ABL_WEBHOOK_SECRET": secret.group(1)}, "--count", "5")
+    try:
+        assert _forged(f"http://127.0.0.1:{port}/") == 401
+        _send(env, tmp_path, 5, "hooked")
+        out, err = listener.communicate(timeout=60)
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 5, out
+    assert {e["type"] for e in events} == {"email.sent"}
+    assert len({e["webhook-id"] for e in events}) == 5
+    assert {e["data"]["status"] for e in events} == {"sent"}
+    assert "refused a request with a bad signature" in err
+
+    listed = runner.invoke(app, ["webhooks", "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert endpoint.group(1)[:8] in listed.output
+    deadline = time.monotonic() + 30
+    while True:  # the outcome is recorded just after the listener answered
+        log = runner.invoke(app, ["webhooks", "deliveries", endpoint.group(1)], env=env)
+        if log.output.count("delivered") == 5:
+            break
+        assert time.monotonic() < deadline, log.output
+        time.sleep(0.2)
+    assert "5 deliveries" in log.output
+    rotated = runner.invoke(app, ["webhooks", "rotate-secret", endpoint.group(1)], env=env)
+    assert rotated.exit_code == 0, rotated.output
+    assert "new signing secret: whsec_" in rotated.output
+    assert secret.group(1) not in rotated.output
+    missing = runner.invoke(app, ["webhooks", "deliveries", str(uuid.uuid4())], env=env)
+    assert missing.exit_code == 1
+    assert "Error (webhook_not_found)" in missing.output
+
+    # --register: the listener registers itself, prints what it receives, and unregisters.
+    second = free_port()
+    listener = _listener(second, env, "--register", "--event", "email.sent", "--count", "2")
+    try:
+        assert _forged(f"http://127.0.0.1:{second}/") == 401
+        _send(env, tmp_path, 2, "again")
+        out, err = listener.communicate(timeout=60)
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, err
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["email.sent"] * 2
+    remaining = runner.invoke(app, ["webhooks", "list"], env=env)
+    assert str(second) not in remaining.output

@@ -17,12 +17,13 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlmodel import select
 
-from services.scheduler.inbox import Mailbox, MailboxReader
+from services.registry.models import RegistryOutbox
+from services.scheduler.inbox import MailboxReader, MailboxRef
 from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.imap import ImapEndpoint, ImapSecurity
 from shared.messages import Outcome
 from shared.settings import Settings
-from tests.conftest import ACCOUNTS, Api, make_settings, running
+from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
 from tests.support.smtp import Certificates, SmtpTestServer, silent_server
@@ -31,7 +32,13 @@ from tests.test_scheduler_api import add_servers, dispatcher, published_jobs, re
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return make_settings(database_url, inbox_timeout_seconds=3.0, verify_timeout_seconds=20.0)
+    # Every mailbox due again right after a read: the tests read them round after round.
+    return make_settings(
+        database_url,
+        inbox_timeout_seconds=3.0,
+        inbox_poll_seconds=0.001,
+        verify_timeout_seconds=20.0,
+    )
 
 
 @pytest.fixture
@@ -246,6 +253,28 @@ async def refusing_imap(certs: Certificates) -> asyncio.Server:
     return await asyncio.start_server(session, "127.0.0.1", 0, ssl=certs.server_context())
 
 
+class StaticMailboxes:
+    """A `MailboxSource` of fixed endpoints (mailboxes of no registered server), which keeps
+    what the reader reports."""
+
+    def __init__(self, tenant_id: uuid.UUID, boxes: dict[uuid.UUID, ImapEndpoint]) -> None:
+        self.tenant_id = tenant_id
+        self.boxes = boxes
+        self.reports: dict[uuid.UUID, tuple[datetime, str | None]] = {}
+
+    async def mailboxes(self) -> list[MailboxRef]:
+        return [MailboxRef(server_id, self.tenant_id) for server_id in self.boxes]
+
+    async def endpoint(self, server_id: uuid.UUID) -> ImapEndpoint | None:
+        return self.boxes.get(server_id)
+
+    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        self.reports[server_id] = (at, error)
+
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        raise AssertionError("no server of this test is judged")
+
+
 async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
     app: Api, dovecot: DovecotServer, certs: Certificates
 ) -> None:
@@ -255,23 +284,13 @@ async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
     refuser = await refusing_imap(certs)
     refused_port = refuser.sockets[0].getsockname()[1]
     refused = ImapEndpoint("localhost", refused_port, ImapSecurity.tls, "bob@example.com", "no")
-    reports: dict[uuid.UUID, tuple[datetime, str | None]] = {}
-
-    async def report(server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        reports[server_id] = (at, error)
-
     dovecot.append("carol@example.com", mail.reply("x@example.org", "<abl." + "1" * 32 + "@e.com>"))
     with silent_server() as port:
         hanging = ImapEndpoint("localhost", port, ImapSecurity.tls, "a", "b")
         boxes = {uuid.uuid4(): e for e in (hanging, refused, good)}
-
-        async def mailboxes() -> list[Mailbox]:
-            return [Mailbox(server_id, tenant_id, e) for server_id, e in boxes.items()]
-
+        source = StaticMailboxes(tenant_id, boxes)
         settings: Any = app.settings
-        subject = MailboxReader(
-            settings, app.app.state.sessions, mailboxes, report, allow_private=True
-        )
+        subject = MailboxReader(settings, app.app.state.sessions, source, allow_private=True)
         try:
             started = time.monotonic()
             results = await subject.poll_all()
@@ -288,8 +307,135 @@ async def test_a_mailbox_that_hangs_or_refuses_delays_no_other(
     assert "refused" in refused_error
     # The hanging one was given up on at its bound; the good one finished long before it.
     assert took < app.settings.inbox_timeout_seconds + 2
+    reports = source.reports
     first = min(at for at, _ in reports.values())
     assert (reports[good_id][0] - first).total_seconds() < 0.1 or reports[good_id][0] < reports[
         hang_id
     ][0]
     assert (reports[hang_id][0] - reports[good_id][0]).total_seconds() > 1.5
+
+
+def messages_in(dovecot: DovecotServer, login: str) -> int:
+    client = dovecot.client(login)
+    try:
+        _, data = client.select("INBOX", readonly=True)
+        return int(data[0] or 0)
+    finally:
+        client.logout()
+
+
+@pytest.mark.postgres
+async def test_two_replicas_split_the_mailboxes_and_read_each_message_once(
+    migrated_postgres: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """Two scheduler replicas on one PostgreSQL read at the same moment: each mailbox is read
+    by one of them, each message fetched and classified once; neither reads a mailbox again
+    before its next read is due."""
+    await truncate_postgres(migrated_postgres)
+    settings = make_settings(migrated_postgres, inbox_timeout_seconds=5.0)
+    async with running(settings, combined=True) as one, running(settings, combined=True) as two:
+        tenant = await one.new_tenant()
+        accounts = await add_servers_with_mailboxes(one, tenant, starttls_server, dovecot)
+        for login in accounts.values():
+            for _ in range(5):
+                dovecot.append(
+                    login, mail.reply("x@example.org", mail.our_message_id(uuid.uuid4()))
+                )
+        expected = sum(messages_in(dovecot, login) for login in accounts.values())
+        before = read_messages()
+
+        first, second = await asyncio.gather(reader(one).poll_all(), reader(two).poll_all())
+
+        assert set(first).isdisjoint(second)
+        assert set(first) | set(second) == set(map(uuid.UUID, accounts))
+        assert all(error is None for error in [*first.values(), *second.values()])
+        assert read_messages() - before == expected
+        # Not due again until a poll interval has passed: the next round reads nothing.
+        again = await asyncio.gather(reader(one).poll_all(), reader(two).poll_all())
+        assert not again[0]
+        assert not again[1]
+        assert read_messages() - before == expected
+
+
+def read_messages() -> float:
+    return REGISTRY.get_sample_value("abl_mailbox_messages_total") or 0.0
+
+
+async def test_the_registry_s_internal_routes_for_the_reader(
+    app: Api, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """What the scheduler's reader uses in the stack: a mailbox's access (internal token only,
+    not cached), the report of a read, and a bounce pause that happens once."""
+    tenant = await app.new_tenant()
+    accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+    server_id, login = next(iter(accounts.items()))
+    path = f"/internal/v1/servers/{server_id}"
+    refused = await app.client.get(f"{path}/imap-credentials", headers=tenant)
+    assert refused.status_code == 401
+    access = await app.client.get(f"{path}/imap-credentials", headers=app.internal())
+    assert access.status_code == 200
+    assert access.headers["cache-control"] == "no-store"
+    assert (access.json()["username"], access.json()["password"]) == (login, ACCOUNTS[login])
+    assert access.json()["port"] == dovecot.tls_port
+    missing = await app.client.get(
+        f"/internal/v1/servers/{uuid.uuid4()}/imap-credentials", headers=app.internal()
+    )
+    assert (missing.status_code, missing.json()["code"]) == (404, "mailbox_not_found")
+
+    polled = await app.client.post(
+        f"{path}/mailbox-poll",
+        json={"polled_at": "2026-11-27T10:00:00Z", "error": "timeout: no answer"},
+        headers=app.internal(),
+    )
+    assert polled.status_code == 204
+    view = (await app.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+    assert view["imap"]["last_poll_at"].startswith("2026-11-27T10:00:00")
+    assert view["imap"]["last_poll_error"] == "timeout: no answer"
+    assert "password" not in view["imap"]
+
+    for _ in range(2):  # a second replica's pause changes nothing more
+        paused = await app.client.post(
+            f"{path}/bounce-pause", json={"reason": "hard bounces"}, headers=app.internal()
+        )
+        assert paused.json()["status"] == "paused_bounces"
+    async with app.app.state.sessions() as session:
+        outbox = (await session.exec(select(RegistryOutbox))).all()
+    changes = [row for row in outbox if b"paused_bounces" in row.body]
+    assert len(changes) == 1
+
+
+async def test_idle_reads_a_new_message_long_before_the_next_poll(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """Dovecot advertises IDLE: after its first read the reader keeps each mailbox in IDLE and
+    reads a message that arrives at once, where polling would wait two minutes."""
+    poll = 120.0
+    settings = make_settings(database_url, inbox_poll_seconds=poll, inbox_timeout_seconds=5.0)
+    async with running(settings, combined=True) as app:
+        tenant = await app.new_tenant()
+        accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+        subject = reader(app)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(subject.run(stop))
+        try:
+            for _ in range(200):  # the first round reads every mailbox and starts watching
+                if len(subject.watching) == len(accounts):
+                    break
+                await asyncio.sleep(0.05)
+            assert set(subject.watching) == set(map(uuid.UUID, accounts))
+            await asyncio.sleep(1.0)  # the watchers' IDLE commands are under way
+            raw = mail.reply("x@example.org", mail.our_message_id(uuid.uuid4()))
+            key = mail_key(raw)
+            started = time.monotonic()
+            dovecot.append(next(iter(accounts.values())), raw)
+            found = None
+            while found is None and time.monotonic() - started < poll / 2:
+                async with app.app.state.sessions() as session:
+                    query = select(MailboxEvent).where(MailboxEvent.key == key)
+                    found = (await session.exec(query)).first()
+                await asyncio.sleep(0.1)
+            assert found is not None, "not read before half the poll interval"
+            assert found.kind == "reply"
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, timeout=10)

@@ -167,3 +167,11 @@ def test_a_pause_by_hand_wins(
 def test_only_a_pause_by_hand_is_kept(current: ServerStatus, found: ServerStatus) -> None:
     settled = domain.settled_status(current, found)
     assert settled is (current if current is ServerStatus.paused else found)
+
+
+@given(st.sampled_from(ServerStatus), st.sampled_from(ServerStatus))
+def test_the_update_guard_is_the_same_rule(current: ServerStatus, found: ServerStatus) -> None:
+    # A conditional UPDATE skips exactly the rows the rule would leave as they are.
+    assert (current in domain.unchanged_by(found)) == (
+        domain.settled_status(current, found) is current
+    )

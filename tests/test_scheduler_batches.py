@@ -210,3 +210,25 @@ async def test_tables_filled_by_a_tick_get_fresh_planner_statistics(
             )
             # What ANALYZE wrote: the planner no longer takes them for empty tables.
             assert dict(estimates.all()) == {"server_warmup": 3, "server_days": 3}
+
+
+async def test_a_transaction_claims_up_to_its_bound_and_the_next_tick_takes_the_rest(
+    app: Api, starttls_server: SmtpTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several tenants share one dispatch transaction; its claim is bounded in all, and the
+    # tenants it did not reach are not lost but dispatched by the next tick.
+    monkeypatch.setattr(dispatcher_module, "MAX_CLAIM_PER_TRANSACTION", 4)
+    ids: list[str] = []
+    for _ in range(2):
+        tenant = await app.new_tenant()
+        await warm_up(app, await add_servers(app, tenant, starttls_server))
+        messages = [{"to": f"l{i}@example.org", "subject": "s", "text": "t"} for i in range(3)]
+        response = await app.client.post(
+            "/v1/messages", json={"messages": messages}, headers=tenant
+        )
+        ids += response.json()["ids"]
+    first = await dispatcher(app).tick()
+    assert first.dispatched == 4
+    second = await dispatcher(app).tick()
+    assert second.dispatched == 2
+    assert sorted(str(job.email_id) for job in published_jobs(app)) == sorted(ids)

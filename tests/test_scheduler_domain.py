@@ -60,6 +60,71 @@ def test_close_day_table(
     assert close_day(state, delivered, allowance, SCHEDULE, 500) == expected
 
 
+@pytest.mark.parametrize(
+    ("delivered", "bounced", "pause_ratio", "held"),
+    [
+        (100, 2, 0.05, False),  # 2 %: under half of 5 %
+        (100, 3, 0.05, True),  # 3 % > 2.5 %
+        (200, 5, 0.05, False),  # exactly half: not above
+        (200, 6, 0.05, True),
+        (40, 1, 0.05, False),  # 2.5 %: exactly half
+        (39, 1, 0.05, True),
+        (0, 0, 0.05, False),  # nothing sent: nothing to judge (idle rules apply)
+        (10, 1, 0.5, False),  # 10 % under half of 50 %
+        (10, 3, 0.5, True),
+    ],
+)
+def test_climb_held_above_half_the_pause_ratio(
+    delivered: int, bounced: int, pause_ratio: float, held: bool
+) -> None:
+    assert domain.climb_held(delivered, bounced, pause_ratio) is held
+
+
+@pytest.mark.parametrize(
+    ("state", "delivered", "bounced", "expected_step"),
+    [
+        (WarmupState(3, DAY), 34, 0, 4),
+        (WarmupState(4, DAY), 45, 1, 5),  # 2.2 %: climbs
+        (WarmupState(3, DAY), 34, 2, 3),  # 5.9 %: holds
+        (WarmupState(14, DAY), 500, 400, 14),  # never goes down for bounces: the guard pauses
+        (WarmupState(1, DAY), 9, 0, 1),  # barely used, no bounces: holds as before
+    ],
+)
+def test_a_day_with_many_bounces_does_not_climb(
+    state: WarmupState, delivered: int, bounced: int, expected_step: int
+) -> None:
+    allowance = SCHEDULE.allowance(state.step)
+    after = close_day(state, delivered, allowance, SCHEDULE, 500, bounced)
+    assert (after.step, after.day, after.idle_days) == (expected_step, DAY + timedelta(1), 0)
+
+
+@given(
+    days=st.lists(st.tuples(st.integers(0, 600), st.floats(0, 1)), min_size=1, max_size=40),
+    pause_ratio=st.floats(0.001, 1),
+)
+def test_bounces_only_ever_hold_the_step(days: list[tuple[int, float]], pause_ratio: float) -> None:
+    """Folding days with bounces gives the same as without, except that a day above half the
+    pause ratio never climbs: the step with bounces is never above the step without."""
+    schedule = WarmupSchedule(bounce_pause_ratio=pause_ratio)
+    with_bounces = without = domain.fresh_state(DAY)
+    for delivered, share in days:
+        bounced = int(delivered * share)
+        allowance = schedule.allowance(with_bounces.step)
+        after = close_day(with_bounces, delivered, allowance, schedule, 500, bounced)
+        if domain.climb_held(delivered, bounced, pause_ratio):
+            assert after.step <= with_bounces.step
+        else:
+            assert after == close_day(with_bounces, delivered, allowance, schedule, 500)
+        with_bounces = after
+        without = close_day(without, delivered, schedule.allowance(without.step), schedule, 500)
+        assert with_bounces.step <= without.step or with_bounces.step == 1
+    history = {DAY + timedelta(i): n for i, (n, _) in enumerate(days)}
+    bounces = {DAY + timedelta(i): int(n * f) for i, (n, f) in enumerate(days)}
+    end = DAY + timedelta(len(days))
+    folded = domain.state_on(domain.fresh_state(DAY), end, history, {}, schedule, 500, bounces)
+    assert folded == with_bounces
+
+
 def test_full_sending_reaches_500_on_day_14_and_stays() -> None:
     rows = domain.projection(domain.fresh_state(DAY), 30, SCHEDULE, 500)
     assert [a for _, _, a in rows[:14]] == STEPS

@@ -14,7 +14,7 @@ from services.registry.keys import rotate_keys
 from services.registry.models import SmtpServer
 from shared.crypto import DecryptionError, Keyring, associated_data, generate_key
 from shared.db import create_engine, session_factory
-from shared.settings import Settings, SettingsError, decode_key
+from shared.settings import DEVELOPMENT_UNSUBSCRIBE_KEY, Settings, SettingsError, decode_key
 from tests.conftest import Api, make_settings, running
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
@@ -344,6 +344,10 @@ def test_ciphertext_is_bound_to_tenant_and_server() -> None:
         {"admin_token": ""},
         {"admin_token": "changeme"},
         {"internal_token": "short"},
+        {"unsubscribe_key": "changeme"},
+        {"unsubscribe_key": "short"},
+        {"unsubscribe_old_keys": "u" * 32 + ",short"},
+        {"unsubscribe_key": DEVELOPMENT_UNSUBSCRIBE_KEY},  # production (the default env)
         {"encryption_keys": ""},
         {"encryption_keys": "bm90LTMyLWJ5dGVz"},
     ],
@@ -353,15 +357,34 @@ def test_unsafe_secrets_are_refused(overrides: dict[str, str]) -> None:
         "admin_token": "a" * 32,
         "internal_token": "b" * 32,
         "encryption_keys": generate_key(),
+        "unsubscribe_key": "u" * 32,
     } | overrides
     with pytest.raises((SettingsError, ValueError)):
         Settings(**values)  # type: ignore[arg-type]
+
+
+def test_the_unsubscribe_key_has_a_default_outside_production_and_old_keys_in_order() -> None:
+    values = {
+        "admin_token": "a" * 32,
+        "internal_token": "b" * 32,
+        "encryption_keys": generate_key(),
+    }
+    development = Settings(**values, env="development")  # type: ignore[arg-type]
+    assert development.unsubscribe_secrets == [DEVELOPMENT_UNSUBSCRIBE_KEY]
+    rotated = Settings(
+        **values,  # type: ignore[arg-type]
+        unsubscribe_key="n" * 32,
+        unsubscribe_old_keys="o" * 32 + ", " + "p" * 32,
+    )
+    assert rotated.unsubscribe_secrets == ["n" * 32, "o" * 32, "p" * 32]
+    assert "n" * 32 not in repr(rotated)
 
 
 def test_settings_read_abl_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     keys = f"{generate_key()},{generate_key()}"
     monkeypatch.setenv("ABL_ADMIN_TOKEN", "x" * 32)
     monkeypatch.setenv("ABL_INTERNAL_TOKEN", "y" * 32)
+    monkeypatch.setenv("ABL_UNSUBSCRIBE_KEY", "u" * 32)
     monkeypatch.setenv("ABL_ENCRYPTION_KEYS", keys)
     monkeypatch.setenv("ABL_PORT", "9001")
     monkeypatch.setenv("ABL_ALLOWED_SMTP_PORTS", "587,2525")

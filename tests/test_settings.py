@@ -35,6 +35,8 @@ ALL_SECRETS = {
     "ABL_ADMIN_TOKEN": "a" * 32,
     "ABL_INTERNAL_TOKEN": "i" * 32,
     "ABL_ENCRYPTION_KEYS": generate_key(),
+    "ABL_UNSUBSCRIBE_KEY": "u" * 32,
+    "ABL_UNSUBSCRIBE_OLD_KEYS": "o" * 32,
     "ABL_OAUTH_GOOGLE_CLIENT_SECRET": "google-client-secret",
     "ABL_OAUTH_MICROSOFT_CLIENT_SECRET": "microsoft-client-secret",
 }
@@ -54,7 +56,13 @@ READS = {
         "ABL_OAUTH_GOOGLE_CLIENT_SECRET",
         "ABL_OAUTH_MICROSOFT_CLIENT_SECRET",
     },
-    "scheduler": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
+    "scheduler": {
+        "ABL_DATABASE_URL",
+        "ABL_AMQP_URL",
+        "ABL_INTERNAL_TOKEN",
+        "ABL_UNSUBSCRIBE_KEY",
+        "ABL_UNSUBSCRIBE_OLD_KEYS",
+    },
     "sender": {"ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
     "webhooks": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_ENCRYPTION_KEYS"},
     "gateway": set(),
@@ -107,11 +115,13 @@ def test_a_secret_a_service_does_not_use_is_named_at_start(
         "ABL_DATABASE_URL",
         "ABL_ADMIN_TOKEN",
         "ABL_ENCRYPTION_KEYS",
+        "ABL_UNSUBSCRIBE_KEY",
+        "ABL_UNSUBSCRIBE_OLD_KEYS",
         "ABL_OAUTH_GOOGLE_CLIENT_SECRET",
         "ABL_OAUTH_MICROSOFT_CLIENT_SECRET",
     ]
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 5
+    assert len(lines) == 7
     assert all("sender" in line and "does not use" in line for line in lines)
     # The warning names the variable, never its value.
     assert not any(value in " ".join(lines) for value in ALL_SECRETS.values())

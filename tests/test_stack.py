@@ -68,8 +68,9 @@ def running_stack(
     }
     environment = service_env(settings, **(defaults | env))
     registry = start("registry", "registry", environment, logs)
+    environment |= {"ABL_REGISTRY_URL": registry.url}  # the scheduler's mailbox reader asks it
     scheduler = start("scheduler", "scheduler", environment, logs)
-    environment |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
+    environment |= {"ABL_SCHEDULER_URL": scheduler.url}
     running = Stack(settings, environment, registry, scheduler, [], logs)
     try:
         yield running

@@ -7,8 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlmodel import select
 
-from services.scheduler.models import Email, Suppression
+from services.scheduler.models import Email, SchedulerOutbox, Suppression
+from shared.events import Event, EventType
 from shared.settings import Settings
 from shared.timeutil import utcnow
 from tests.conftest import Api, running
@@ -172,3 +174,10 @@ async def test_an_address_suppressed_after_queueing_is_stopped_at_dispatch(
     ] == "suppressed"
     cancel = await app.client.post(f"/v1/messages/{ids[0]}/cancel", headers=tenant)
     assert cancel.status_code == 409
+    # Both stops are announced (email.suppressed), each in the transaction that made it.
+    async with app.app.state.sessions() as session:
+        bodies = (await session.exec(select(SchedulerOutbox.body))).all()
+    announced = [Event.decode(body) for body in bodies]
+    assert sorted(
+        e.data["email_id"] for e in announced if e.type is EventType.email_suppressed
+    ) == sorted(ids[:2])

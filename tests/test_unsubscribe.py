@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import SecretStr
 
 from services.scheduler import unsubscribe
 from shared.settings import Settings
@@ -19,7 +20,7 @@ from tests.conftest import Api, make_settings, running
 from tests.support.smtp import SmtpTestServer
 from tests.test_scheduler_api import add_servers, warm_up
 
-KEY = unsubscribe.derive_key("an-internal-token-of-enough-length")
+KEY = unsubscribe.derive_key("an-unsubscribe-key-of-enough-length")
 EMAIL = uuid.UUID("01a21cb1-596d-7fd8-be63-db4e57a0008a")
 TENANT = uuid.UUID("01a21cb1-5978-7acf-b487-cddb52280b4d")
 
@@ -28,16 +29,28 @@ def test_a_token_names_one_recipient_of_one_email() -> None:
     token = unsubscribe.sign(KEY, EMAIL, TENANT, "Lead@example.org")
     assert re.match(unsubscribe.TOKEN_PATTERN, token)
     assert unsubscribe.email_of(token) == EMAIL
-    assert unsubscribe.verify(KEY, token, EMAIL, TENANT, "lead@example.org")
-    assert not unsubscribe.verify(KEY, token, EMAIL, TENANT, "other@example.org")
-    assert not unsubscribe.verify(KEY, token, EMAIL, uuid.uuid4(), "lead@example.org")
-    other_key = unsubscribe.derive_key("another-internal-token-of-length")
-    assert not unsubscribe.verify(other_key, token, EMAIL, TENANT, "lead@example.org")
+    assert unsubscribe.verify([KEY], token, EMAIL, TENANT, "lead@example.org")
+    assert not unsubscribe.verify([KEY], token, EMAIL, TENANT, "other@example.org")
+    assert not unsubscribe.verify([KEY], token, EMAIL, uuid.uuid4(), "lead@example.org")
+    other_key = unsubscribe.derive_key("another-unsubscribe-key-of-length")
+    assert not unsubscribe.verify([other_key], token, EMAIL, TENANT, "lead@example.org")
     for position in (0, 20, len(token) - 1):
         flipped = (
             token[:position] + ("A" if token[position] != "A" else "B") + token[position + 1 :]
         )
-        assert not unsubscribe.verify(KEY, flipped, EMAIL, TENANT, "lead@example.org")
+        assert not unsubscribe.verify([KEY], flipped, EMAIL, TENANT, "lead@example.org")
+
+
+def test_a_rotated_key_still_verifies_the_links_it_signed() -> None:
+    old = unsubscribe.keys_from(["the-key-that-signed-last-month!!"])
+    token = unsubscribe.sign(old.signing, EMAIL, TENANT, "lead@example.org")
+    rotated = unsubscribe.keys_from(
+        ["the-new-key-of-this-month!!!!!!!", "the-key-that-signed-last-month!!"]
+    )
+    assert rotated.signing != old.signing  # new links are signed with the new key
+    assert unsubscribe.verify(rotated.accepted, token, EMAIL, TENANT, "lead@example.org")
+    dropped = unsubscribe.keys_from(["the-new-key-of-this-month!!!!!!!"])
+    assert not unsubscribe.verify(dropped.accepted, token, EMAIL, TENANT, "lead@example.org")
 
 
 @pytest.mark.parametrize("token", ["", "short", "x" * 44, "!" * 43, "a" * 42 + "/"])
@@ -159,3 +172,39 @@ async def test_unsubscribe_flag_and_own_header_do_not_mix(live: Api) -> None:
         "/v1/messages", json={**body, "unsubscribe": False}, headers=tenant
     )
     assert own.status_code == 202
+
+
+async def test_links_already_sent_survive_a_key_rotation(
+    https_settings: Settings, starttls_server: SmtpTestServer
+) -> None:
+    """A link signed before `ABL_UNSUBSCRIBE_KEY` changed works while the old key is listed in
+    `ABL_UNSUBSCRIBE_OLD_KEYS`, and no longer once it is dropped."""
+    recipient = f"ok+{uuid.uuid4().hex[:8]}@example.org"
+    async with running(https_settings, combined=True, loops=True) as live:
+        tenant = await live.new_tenant()
+        await warm_up(live, await add_servers(live, tenant, starttls_server))
+        accepted = await live.client.post(
+            "/v1/messages",
+            json={"to": recipient, "subject": "Hi", "text": "x", "unsubscribe": True},
+            headers=tenant,
+        )
+        await wait_for_status(live, tenant, accepted.json()["ids"][0], "sent")
+    envelope = next(e for e in list(starttls_server.recorder.messages) if e.rcpt_tos == [recipient])
+    message = email.message_from_bytes(envelope.original_content or b"")
+    path = urlsplit(re.findall(r"<(https[^>]+)>", str(message["List-Unsubscribe"]))[0]).path
+    new_key = SecretStr("a-new-unsubscribe-key-after-rotation")
+    dropped = https_settings.model_copy(update={"unsubscribe_key": new_key})
+    async with running(dropped, combined=True) as api:
+        refused = await api.client.post(path, content=b"List-Unsubscribe=One-Click")
+        assert refused.status_code == 404
+    rotated = https_settings.model_copy(
+        update={
+            "unsubscribe_key": new_key,
+            "unsubscribe_old_keys": [https_settings.unsubscribe_key],
+        }
+    )
+    async with running(rotated, combined=True) as api:
+        done = await api.client.post(path, content=b"List-Unsubscribe=One-Click")
+        assert done.status_code == 200, done.text
+        listed = (await api.client.get("/v1/suppressions", headers=tenant)).json()["items"]
+        assert [e["address"] for e in listed] == [recipient]

@@ -12,18 +12,13 @@ from sqlalchemy import update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import events, repository
-from services.registry.domain import (
-    KEPT_STATUSES,
-    AuthMethod,
-    Security,
-    ServerStatus,
-    settled_status,
-)
+from services.registry.domain import AuthMethod, Security, ServerStatus, unchanged_by
 from services.registry.models import SmtpServer
 from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
 from shared.db import table_of
 from shared.messages import SmtpCredentials
+from shared.providers import detect
 from shared.timeutil import utcnow
 
 
@@ -74,6 +69,9 @@ async def server_credentials(
         from_name=server.from_name,
         status=status.value,
         daily_cap=server.daily_cap,
+        per_minute=provider.per_minute
+        if (provider := detect(server.host, server.username))
+        else None,
     )
 
 
@@ -92,7 +90,7 @@ async def record_health(
     check = {"last_check_code": status.value, "last_check_reply": reply[:512]}
     changed = await session.exec(
         update(table)
-        .where(table.c.id == server_id, table.c.status.not_in([*KEPT_STATUSES, status]))
+        .where(table.c.id == server_id, table.c.status.not_in(unchanged_by(status)))
         .values(status=status.value, last_checked_at=now, updated_at=now, **check)
     )
     if changed.rowcount:
@@ -107,18 +105,32 @@ async def record_health(
     return server
 
 
-async def pause_for_bounces(session: AsyncSession, server_id: uuid.UUID, reason: str) -> None:
-    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so."""
+async def pause_for_bounces(
+    session: AsyncSession, server_id: uuid.UUID, reason: str
+) -> SmtpServer | None:
+    """The scheduler's bounce-rate guard pauses a server; one paused by hand stays so. The
+    server as it now is; None when it does not exist. One conditional UPDATE, so that of two
+    replicas pausing it at once one writes the `server.status_changed` event."""
     server = await session.get(SmtpServer, server_id)
     if server is None:
-        return
+        return None
     previous = str(server.status)
-    if settled_status(ServerStatus(previous), ServerStatus.paused_bounces) == previous:
-        return  # paused by hand, or by the guard already
-    server.status = ServerStatus.paused_bounces
-    server.status_reason = reason[:512]
-    server.updated_at = utcnow()
-    session.add(server)
-    await events.record_change(
-        session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+    table = table_of(SmtpServer)
+    changed = await session.exec(
+        update(table)
+        .where(
+            table.c.id == server_id,
+            table.c.status.not_in(unchanged_by(ServerStatus.paused_bounces)),
+        )
+        .values(
+            status=ServerStatus.paused_bounces.value,
+            status_reason=reason[:512],
+            updated_at=utcnow(),
+        )
     )
+    if changed.rowcount:
+        await events.record_change(
+            session, server, previous, ServerStatus.paused_bounces.value, reason[:512]
+        )
+    await session.refresh(server)
+    return server

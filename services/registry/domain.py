@@ -267,6 +267,12 @@ def settled_status(current: ServerStatus, found: ServerStatus) -> ServerStatus:
     return current if current in KEPT_STATUSES else found
 
 
+def unchanged_by(found: ServerStatus) -> frozenset[ServerStatus]:
+    """The statuses `settled_status` leaves as they are when a server is found `found`: the
+    guard of a conditional UPDATE, so that of concurrent writers one changes the status."""
+    return KEPT_STATUSES | {found}
+
+
 def status_after_check(outcome: CheckOutcome) -> ServerStatus:
     if outcome.ok:
         return ServerStatus.active

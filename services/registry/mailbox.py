@@ -21,6 +21,7 @@ from services.registry.verifier import Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import FieldError, Unprocessable
 from shared.imap import ImapCheck, ImapEndpoint, ImapProblem, ImapSecurity
+from shared.messages import ImapCredentials
 from shared.providers import PROVIDERS, detect
 from shared.timeutil import utcnow
 
@@ -198,6 +199,26 @@ async def update(
     server.updated_at = utcnow()
 
 
+async def imap_credentials(
+    session: AsyncSession, keyring: Keyring, server_id: uuid.UUID
+) -> ImapCredentials | None:
+    """The mailbox access of a server (any tenant), for the scheduler's mailbox reader; None
+    when the server does not exist or reads no mailbox."""
+    server = await session.get(SmtpServer, server_id)
+    endpoint = stored_endpoint(keyring, server) if server is not None else None
+    if server is None or endpoint is None:
+        return None
+    return ImapCredentials(
+        id=server.id,
+        tenant_id=server.tenant_id,
+        host=endpoint.host,
+        port=endpoint.port,
+        security=endpoint.security.value,
+        username=endpoint.username,
+        password=endpoint.password,
+    )
+
+
 async def servers_with_mailbox(session: AsyncSession) -> list[SmtpServer]:
     query = select(SmtpServer).where(col(SmtpServer.imap_host).is_not(None))
     return list((await session.exec(query)).all())
@@ -205,9 +226,12 @@ async def servers_with_mailbox(session: AsyncSession) -> list[SmtpServer]:
 
 async def record_poll(
     session: AsyncSession, server_id: uuid.UUID, at: datetime, error: str | None
-) -> None:
+) -> bool:
+    """Note the mailbox reader's last read of the server's INBOX; False if no such server."""
     server = await session.get(SmtpServer, server_id)
-    if server is not None:
-        server.imap_last_poll_at = at
-        server.imap_last_poll_error = error[:512] if error else None
-        session.add(server)
+    if server is None:
+        return False
+    server.imap_last_poll_at = at
+    server.imap_last_poll_error = error[:512] if error else None
+    session.add(server)
+    return True

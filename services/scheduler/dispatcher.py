@@ -23,8 +23,8 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, repository, suppression, unsubscribe
-from services.scheduler.domain import RetryPolicy, WarmupSchedule
+from services.scheduler import domain, events, repository, suppression, unsubscribe
+from services.scheduler.domain import RetryPolicy, SendingWindow, WarmupSchedule
 from shared.broker import Bus
 from shared.db import in_transaction
 from shared.messages import SCHEMA_VERSION
@@ -34,7 +34,7 @@ from shared.metrics import (
     RESERVATIONS_REFUSED,
     SCHEDULER_TICK_DURATION,
 )
-from shared.registry_read import tenant_servers
+from shared.registry_read import ServerView, servers_of_tenants
 from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 
@@ -44,13 +44,19 @@ PUBLISH_BATCH = 5000
 # Confirms outstanding at once: enough to keep the broker busy (its confirms come in batches),
 # few enough that a publish failure costs little to redo.
 PUBLISH_WINDOW = 256
-# Tenants dispatched at once, each in its own transaction on its own connection: a tenant's
-# dozen round trips leave the database idle between them, and another tenant's fill the gaps.
-DISPATCH_CONCURRENCY = 4
+# Tenants dispatched together in one transaction, each statement covering all of them: a
+# tenant alone costs a dozen round trips for a few hundred emails (measured: 16 statements per
+# tenant made reserve + mark 6.6x one bulk UPDATE of the same rows).
+TENANTS_PER_TRANSACTION = 50
+# Such transactions at once, each on its own connection: one's round trips leave the database
+# idle, another's fill the gaps.
+DISPATCH_CONCURRENCY = 2
 # New warmup and day rows after which their tables' planner statistics are refreshed.
 ANALYZE_AFTER_ROWS = 5000
-# Bounds one tenant's transaction; what is left over goes in the next tick.
-MAX_CLAIM_PER_TENANT = 20_000
+# Bounds one transaction's claim; what is left over goes in the next tick.
+MAX_CLAIM_PER_TRANSACTION = 20_000
+# How often expired quota parks are cleared and announced.
+UNPARK_EVERY = timedelta(seconds=30)
 
 
 def _interleave(granted: dict[uuid.UUID, int]) -> list[uuid.UUID]:
@@ -66,6 +72,13 @@ def _interleave(granted: dict[uuid.UUID, int]) -> list[uuid.UUID]:
     return order
 
 
+def _by_tenant(servers: list[ServerView]) -> dict[uuid.UUID, list[ServerView]]:
+    grouped: dict[uuid.UUID, list[ServerView]] = {}
+    for server in servers:
+        grouped.setdefault(server.tenant_id, []).append(server)
+    return grouped
+
+
 def schedule_from(settings: SchedulerSettings) -> WarmupSchedule:
     return WarmupSchedule(
         first=settings.warmup_first,
@@ -73,6 +86,7 @@ def schedule_from(settings: SchedulerSettings) -> WarmupSchedule:
         cap=settings.warmup_cap,
         advance_ratio=settings.warmup_advance_ratio,
         idle_reset_days=settings.warmup_idle_reset_days,
+        bounce_pause_ratio=settings.bounce_pause_ratio,
     )
 
 
@@ -106,11 +120,22 @@ class UnsubscribeLinks:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A send job ready to publish: its body is a `SendJob` in JSON."""
+    """A send job to publish: a row of `repository.JOB_COLUMNS` and the attempt it was given.
 
-    email_id: uuid.UUID
+    Its body is written by the publisher just before it goes out (`encode_job`), so encoding
+    overlaps the wait for the broker's confirms instead of holding up the dispatch
+    transaction, and a batch keeps rows rather than rows and bodies.
+    """
+
+    row: Row[Any]
     job_id: uuid.UUID
-    body: bytes
+    server_id: uuid.UUID
+    reserved_day: date
+    republished: bool = False
+
+    @property
+    def email_id(self) -> uuid.UUID:
+        return self.row.id  # type: ignore[no-any-return]
 
 
 def _uuid_text(value: object) -> str:
@@ -120,30 +145,23 @@ def _uuid_text(value: object) -> str:
     raise TypeError(f"{type(value).__name__} in a send job")
 
 
-def encode_job(
-    row: Row[Any],
-    *,
-    job_id: uuid.UUID,
-    server_id: uuid.UUID,
-    reserved_day: date,
-    republished: bool = False,
-    links: UnsubscribeLinks | None = None,
-) -> Job:
-    """The `SendJob` of a row of `repository.JOB_COLUMNS`, written with orjson.
+def encode_job(job: Job, links: UnsubscribeLinks | None = None) -> bytes:
+    """The job's `SendJob` in JSON, written with orjson.
 
     Measured (bench/encoding.py): building and dumping the pydantic model costs about 10x
     orjson on a dict, and a scheduler publishes millions a day. The schema stays pydantic's:
     a test parses these bytes with `SendJob` and compares them with its own dump.
     """
-    body = orjson.dumps(
+    row = job.row
+    return orjson.dumps(
         {
             "version": SCHEMA_VERSION,
-            "job_id": job_id,
+            "job_id": job.job_id,
             "email_id": row.id,
             "tenant_id": row.tenant_id,
-            "server_id": server_id,
+            "server_id": job.server_id,
             "attempt": row.attempts + 1,
-            "reserved_day": reserved_day.isoformat(),
+            "reserved_day": job.reserved_day.isoformat(),
             "content": {
                 "to": row.to,
                 "subject": row.subject,
@@ -156,12 +174,11 @@ def encode_job(
                 **(links.for_row(row) if links else NO_LINKS),
             },
             "not_before": None,
-            "republished": republished,
+            "republished": job.republished,
         },
         default=_uuid_text,
         option=orjson.OPT_UTC_Z,  # "Z" for UTC, as pydantic writes it
     )
-    return Job(row.id, job_id, body)
 
 
 @dataclass
@@ -195,27 +212,36 @@ class Dispatcher:
         self.lease = timedelta(seconds=settings.publish_lease_seconds)
         self.wake = asyncio.Event()
         self.links = UnsubscribeLinks(
-            unsubscribe.derive_key(settings.internal_token.get_secret_value()),
+            unsubscribe.keys_from(settings.unsubscribe_secrets).signing,
             settings.public_url,
         )
         # Rows created in warmup and day tables since their statistics were last refreshed.
         self.created_rows: Counter[str] = Counter()
         self.analyzed_rows: Counter[str] = Counter()
+        self.unparked_at: datetime | None = None
 
     async def tick(self, now: datetime | None = None) -> TickReport:
         started = time.perf_counter()
         moment = now or utcnow()
         report = TickReport()
         await self._republish_expired(moment, report)
+        if self.unparked_at is None or moment - self.unparked_at >= UNPARK_EVERY:
+            await self.unpark(moment)
         async with self.sessions() as session:
             tenants = await repository.tenants_with_due_emails(session, moment)
         # Replicas start at different tenants instead of all queueing for the same locks.
         self.rng.shuffle(tenants)
+        groups = [
+            tenants[start : start + TENANTS_PER_TRANSACTION]
+            for start in range(0, len(tenants), TENANTS_PER_TRANSACTION)
+        ]
         pending: list[Job] = []
-        for start in range(0, len(tenants), DISPATCH_CONCURRENCY):
-            group = tenants[start : start + DISPATCH_CONCURRENCY]
+        for start in range(0, len(groups), DISPATCH_CONCURRENCY):
             for jobs in await asyncio.gather(
-                *(self._dispatch_tenant(tenant_id, moment, report) for tenant_id in group)
+                *(
+                    self._dispatch_group(group, moment, report)
+                    for group in groups[start : start + DISPATCH_CONCURRENCY]
+                )
             ):
                 pending += jobs
             await self._refresh_statistics()
@@ -226,6 +252,17 @@ class Dispatcher:
         report.total_seconds = time.perf_counter() - started
         SCHEDULER_TICK_DURATION.observe(report.total_seconds)
         return report
+
+    async def unpark(self, now: datetime) -> None:
+        """Clear the parks that are over and announce the quota parks' end (`active` again).
+        Dispatch reads an expired park as none already; this is for the tenant, who learns
+        the server is back without polling, within `UNPARK_EVERY`."""
+        async with self.sessions() as session, session.begin():
+            back = await repository.unpark_expired(session, now)
+            await events.write(
+                session, [events.unparked_event(p.tenant_id, p.server_id, now) for p in back]
+            )
+        self.unparked_at = now
 
     async def _refresh_statistics(self) -> None:
         # Each time a table has at least doubled (and by ANALYZE_AFTER_ROWS): a few ANALYZEs
@@ -241,66 +278,97 @@ class Dispatcher:
             for table in grown:
                 self.analyzed_rows[table] += self.created_rows.pop(table)
 
-    async def _dispatch_tenant(
-        self, tenant_id: uuid.UUID, now: datetime, report: TickReport
+    async def _dispatch_group(
+        self, tenant_ids: list[uuid.UUID], now: datetime, report: TickReport
     ) -> list[Job]:
-        """Reserve and mark one tenant's due emails in one transaction; return their jobs."""
+        """Reserve and mark the due emails of several tenants in one transaction, a few
+        statements for all of them; return their jobs.
+
+        Each tenant keeps its own share (its servers, its window, its even spread): only the
+        round trips are shared. Tenants in different time zones may be on different local
+        days, so the day-keyed steps run once per distinct day (one or two).
+        """
         async with self.sessions() as session, session.begin():
-            if not await repository.try_lock_tenant(session, tenant_id):
-                return []  # another replica is dispatching this tenant right now
-            window = await repository.sending_window(session, tenant_id)
-            today = window.local_day(now)
+            # Those another replica is dispatching right now are left to it.
+            tenant_ids = await repository.try_lock_tenants(session, tenant_ids)
+            if not tenant_ids:
+                return []
+            windows = await repository.sending_windows(session, tenant_ids)
+            today_of = {tenant_id: windows[tenant_id].local_day(now) for tenant_id in tenant_ids}
             # Only servers that may send get warmup and allowance rows; `domain.eligible` then
             # decides among them (own tenant, active, not parked).
-            servers = [s for s in await tenant_servers(session, tenant_id) if s.sendable]
-            warmups = await repository.warmup_states(
-                session, servers, today, self.schedule, created=self.created_rows
-            )
+            servers = [s for s in await servers_of_tenants(session, tenant_ids) if s.sendable]
+            # Warmup and day rows are read per local day and window (one or two groups): the
+            # window places each day's bounces, the day keys the counters.
+            by_day: dict[tuple[date, SendingWindow], list[ServerView]] = {}
+            for server in servers:
+                window = windows[server.tenant_id]
+                by_day.setdefault((today_of[server.tenant_id], window), []).append(server)
             limits = {s.id: repository.limits_of(s, self.schedule) for s in servers}
-            allowances = {
-                s.id: self.schedule.allowance(warmups[s.id].step, limits[s.id].top) for s in servers
-            }
-            days = await repository.server_days(
-                session, servers, today, allowances, created=self.created_rows
-            )
+            warmups: dict[uuid.UUID, repository.WarmupRow] = {}
+            days: dict[uuid.UUID, repository.DayRow] = {}
+            for (day, window), on_day in by_day.items():
+                warmups |= await repository.warmup_states(
+                    session, on_day, day, self.schedule, created=self.created_rows, window=window
+                )
+                allowances = {
+                    s.id: self.schedule.allowance(warmups[s.id].step, limits[s.id].top)
+                    for s in on_day
+                }
+                days |= await repository.server_days(
+                    session, on_day, day, allowances, created=self.created_rows
+                )
             rolling = await repository.rolling_usage(session, [s.id for s in servers], now)
-            candidates = [
-                domain.Candidate(
-                    str(s.id), str(s.tenant_id), s.sendable, warmups[s.id].parked_until
-                )
-                for s in servers
-            ]
-            eligible = set(domain.eligible(candidates, str(tenant_id), now))
-            loads = [
-                domain.ServerLoad(
-                    str(s.id),
-                    days[s.id].reserved,
-                    min(
-                        domain.sendable_now(
-                            now=now,
-                            window=window,
-                            allowance=days[s.id].allowance,
-                            used_today=days[s.id].reserved,
-                            rolling_used=rolling.get(s.id, 0),
-                            pacing=self.settings.pacing,
-                            jitter_key=str(s.id),
+            loads: dict[uuid.UUID, list[domain.ServerLoad]] = {t: [] for t in tenant_ids}
+            for tenant_id, own_servers in _by_tenant(servers).items():
+                candidates = [
+                    domain.Candidate(
+                        str(s.id), str(s.tenant_id), s.sendable, warmups[s.id].parked_until
+                    )
+                    for s in own_servers
+                ]
+                eligible = set(domain.eligible(candidates, str(tenant_id), now))
+                loads[tenant_id] = [
+                    domain.ServerLoad(
+                        str(s.id),
+                        days[s.id].reserved,
+                        min(
+                            domain.sendable_now(
+                                now=now,
+                                window=windows[tenant_id],
+                                allowance=days[s.id].allowance,
+                                used_today=days[s.id].reserved,
+                                rolling_used=rolling.get(s.id, 0),
+                                pacing=self.settings.pacing,
+                                jitter_key=str(s.id),
+                            ),
+                            domain.minute_budget(
+                                warmups[s.id].pace_at, now, limits[s.id].per_minute
+                            ),
                         ),
-                        domain.minute_budget(warmups[s.id].pace_at, now, limits[s.id].per_minute),
-                    ),
-                )
-                for s in servers
-                if str(s.id) in eligible
-            ]
-            capacity = min(sum(load.can_take for load in loads), MAX_CLAIM_PER_TENANT)
-            if capacity == 0:
-                return []
-            emails = await repository.claim_due(session, tenant_id, capacity, now)
+                    )
+                    for s in own_servers
+                    if str(s.id) in eligible
+                ]
+            capacities = {t: sum(load.can_take for load in loads[t]) for t in tenant_ids}
+            claimed = await repository.claim_due(
+                session, capacities, now, MAX_CLAIM_PER_TRANSACTION
+            )
             # Suppressed since it was queued (a bounce, an unsubscribe): never sent.
-            emails = await suppression.drop_suppressed(session, tenant_id, emails, now)
-            plan = domain.plan_share(loads, len(emails), self.rng)
-            wanted = {uuid.UUID(server_id): n for server_id, n in plan.items()}
-            granted = await repository.reserve_many(session, today, wanted, now)
-            refused = sum(wanted.values()) - sum(granted.values())
+            claimed = await suppression.drop_suppressed(session, claimed, now)
+            emails_of: dict[uuid.UUID, list[Row[Any]]] = {}
+            for email in claimed:
+                emails_of.setdefault(email.tenant_id, []).append(email)
+            wanted: dict[date, dict[uuid.UUID, int]] = {}
+            for tenant_id, emails in emails_of.items():
+                plan = domain.plan_share(loads[tenant_id], len(emails), self.rng)
+                wanted.setdefault(today_of[tenant_id], {}).update(
+                    {uuid.UUID(server_id): n for server_id, n in plan.items()}
+                )
+            granted: dict[uuid.UUID, int] = {}
+            for day, on_day_wanted in wanted.items():
+                granted |= await repository.reserve_many(session, day, on_day_wanted, now)
+            refused = sum(sum(w.values()) for w in wanted.values()) - sum(granted.values())
             if refused:
                 RESERVATIONS_REFUSED.inc(refused)
             paces = {
@@ -309,47 +377,63 @@ class Dispatcher:
                 if (per_minute := limits[server_id].per_minute) is not None
             }
             await repository.set_pace(session, paces)
-            chosen = emails[: sum(granted.values())]
-            assigned = domain.avoid_previous_server(
-                [str(email.server_id) if email.server_id else None for email in chosen],
-                [str(server_id) for server_id in _interleave(granted)],
-            )
-            assignments = [
-                (email.id, uuid.UUID(server_id), uuid.uuid4())
-                for email, server_id in zip(chosen, assigned, strict=True)
-            ]
+            tenant_of = {s.id: s.tenant_id for s in servers}
+            granted_of: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
+            for server_id, n in granted.items():
+                granted_of.setdefault(tenant_of[server_id], {})[server_id] = n
+            # (email row, server id, job id) of every email given a server, by local day.
+            assigned_on: dict[date, list[tuple[Row[Any], uuid.UUID, uuid.UUID]]] = {}
+            for tenant_id, emails in emails_of.items():
+                tenant_granted = granted_of.get(tenant_id, {})
+                chosen = emails[: sum(tenant_granted.values())]
+                picks = domain.avoid_previous_server(
+                    [email.server_id for email in chosen], _interleave(tenant_granted)
+                )
+                assigned_on.setdefault(today_of[tenant_id], []).extend(
+                    (email, server_id, uuid.uuid4())
+                    for email, server_id in zip(chosen, picks, strict=True)
+                )
             hour = domain.hour_bucket(now)
-            marked = await repository.mark_scheduled(
-                session,
-                assignments,
-                day=today,
-                hour=hour,
-                lease_until=now + self.lease,
-                now=now,
-            )
-            if len(marked) < len(assignments):
-                # Canceled between the claim and the mark: their reservations go back.
-                unmarked = Counter(s for e, s, _ in assignments if e not in marked)
-                await repository.write_counters(
-                    session,
-                    days={(s, today): (n, 0) for s, n in unmarked.items()},
-                    hours={(s, hour): n for s, n in unmarked.items()},
-                )
-            jobs = [
-                encode_job(
-                    email,
-                    job_id=job_id,
-                    server_id=server_id,
-                    reserved_day=today,
-                    links=self.links,
-                )
-                for email, (email_id, server_id, job_id) in zip(chosen, assignments, strict=True)
-                if email_id in marked
-            ]
+            jobs: list[Job] = []
+            for day, assigned in assigned_on.items():
+                jobs += await self._mark(session, assigned, day, hour, now, report)
         report.dispatched += len(jobs)
-        for email_id, server_id, _ in assignments:
-            if email_id in marked:
-                report.by_server[server_id] = report.by_server.get(server_id, 0) + 1
+        return jobs
+
+    async def _mark(
+        self,
+        session: AsyncSession,
+        assigned: list[tuple[Row[Any], uuid.UUID, uuid.UUID]],
+        day: date,
+        hour: datetime,
+        now: datetime,
+        report: TickReport,
+    ) -> list[Job]:
+        """Mark emails of one local day scheduled; give back the reservations of those canceled
+        meanwhile; return the jobs of the marked."""
+        marked = await repository.mark_scheduled(
+            session,
+            [(email.id, server_id, job_id) for email, server_id, job_id in assigned],
+            day=day,
+            hour=hour,
+            lease_until=now + self.lease,
+            now=now,
+        )
+        if len(marked) < len(assigned):
+            # Canceled between the claim and the mark: their reservations go back.
+            unmarked = Counter(s for email, s, _ in assigned if email.id not in marked)
+            await repository.write_counters(
+                session,
+                days={(s, day): (n, 0) for s, n in unmarked.items()},
+                hours={(s, hour): n for s, n in unmarked.items()},
+            )
+        jobs = [
+            Job(email, job_id, server_id, day)
+            for email, server_id, job_id in assigned
+            if email.id in marked
+        ]
+        for server_id, n in Counter(job.server_id for job in jobs).items():
+            report.by_server[server_id] = report.by_server.get(server_id, 0) + n
         return jobs
 
     async def _republish_expired(self, now: datetime, report: TickReport) -> None:
@@ -359,14 +443,7 @@ class Dispatcher:
             )
             # The same job again: same job id, server, reserved day and attempt.
             jobs = [
-                encode_job(
-                    row,
-                    job_id=row.job_id,
-                    server_id=row.server_id,
-                    reserved_day=row.reserved_day,
-                    republished=True,
-                    links=self.links,
-                )
+                Job(row, row.job_id, row.server_id, row.reserved_day, republished=True)
                 for row in rows
             ]
         if jobs:
@@ -392,11 +469,12 @@ class Dispatcher:
         async def worker() -> None:
             nonlocal failures
             for job in pending:
+                body = encode_job(job, self.links)
                 sent_at = time.perf_counter()
                 try:
                     await self.bus.publish(
                         queue,
-                        job.body,
+                        body,
                         message_id=str(job.job_id),
                         # A job left waiting this long is dead-lettered, and its email settled.
                         expires_in=self.settings.job_ttl_seconds,

@@ -12,9 +12,12 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from shared.providers import Provider, detect
+
+ServerT = TypeVar("ServerT")  # a server's id, whatever its type
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,9 @@ class WarmupSchedule:
     cap: int = 500
     advance_ratio: float = 0.5
     idle_reset_days: int = 3
+    # The bounce-rate guard's pause ratio: a day whose hard-bounce rate passed half of it does
+    # not count toward the next step (`climb_held`).
+    bounce_pause_ratio: float = 0.05
 
     def steps(self, daily_cap: int | None = None) -> list[int]:
         """Allowance of each step, from step 1 to the first that reaches the cap."""
@@ -102,18 +108,37 @@ def fresh_state(day: date) -> WarmupState:
     return WarmupState(step=1, day=day, idle_days=0)
 
 
+def ratio(part: int, whole: int) -> float | None:
+    """`part / whole`, rounded for display; None when there is no whole to speak of."""
+    return round(part / whole, 6) if whole > 0 else None
+
+
+def climb_held(delivered: int, bounced: int, pause_ratio: float) -> bool:
+    """Whether a day's hard bounces keep the server on its step: a rate above half the pause
+    threshold is a warning well before the guard pauses, and more volume would make it worse."""
+    return delivered > 0 and bounced > delivered * pause_ratio / 2
+
+
 def close_day(
-    state: WarmupState, delivered: int, allowance: int, schedule: WarmupSchedule, daily_cap: int
+    state: WarmupState,
+    delivered: int,
+    allowance: int,
+    schedule: WarmupSchedule,
+    daily_cap: int,
+    bounced: int = 0,
 ) -> WarmupState:
-    """The state on the next day, given what the server delivered on `state.day`."""
+    """The state on the next day, given what the server delivered on `state.day` and how many
+    of those emails bounced hard."""
     next_day = state.day + timedelta(days=1)
     if delivered <= 0:
         idle = state.idle_days + 1
         step = 1 if idle >= schedule.idle_reset_days else state.step
         return WarmupState(step=step, day=next_day, idle_days=idle)
     step = state.step
-    # Climb only on proven volume: a barely used server does not move up.
-    if delivered >= allowance * schedule.advance_ratio:
+    # Climb only on proven volume: a barely used server does not move up, nor one whose
+    # recipients bounced too often that day.
+    held = climb_held(delivered, bounced, schedule.bounce_pause_ratio)
+    if delivered >= allowance * schedule.advance_ratio and not held:
         step = min(step + 1, schedule.top_step(daily_cap))
     return WarmupState(step=step, day=next_day, idle_days=0)
 
@@ -125,11 +150,21 @@ def state_on(
     allowances: Mapping[date, int],
     schedule: WarmupSchedule,
     daily_cap: int,
+    bounced: Mapping[date, int] | None = None,
 ) -> WarmupState:
-    """Fold every day from `state.day` up to (not including) `day`. Missing days delivered 0."""
+    """Fold every day from `state.day` up to (not including) `day`. Missing days delivered 0
+    (and bounced 0)."""
+    bounces = bounced or {}
     while state.day < day:
         allowance = allowances.get(state.day, schedule.allowance(state.step, daily_cap))
-        state = close_day(state, delivered.get(state.day, 0), allowance, schedule, daily_cap)
+        state = close_day(
+            state,
+            delivered.get(state.day, 0),
+            allowance,
+            schedule,
+            daily_cap,
+            bounces.get(state.day, 0),
+        )
     return state
 
 
@@ -300,7 +335,9 @@ def plan_share(servers: Sequence[ServerLoad], emails: int, rng: random.Random) -
     return plan
 
 
-def avoid_previous_server(previous: Sequence[str | None], assigned: Sequence[str]) -> list[str]:
+def avoid_previous_server(
+    previous: Sequence[ServerT | None], assigned: Sequence[ServerT]
+) -> list[ServerT]:
     """Swap assignments so that a retried email leaves through another server when one of
     this batch's servers is free to trade; the share per server stays the same."""
     result = list(assigned)

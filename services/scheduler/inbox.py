@@ -4,9 +4,13 @@ statuses, suppressions and canceled sequence emails.
 It runs as a loop in the scheduler, not as a service of its own: everything it learns is
 written to tables the scheduler owns (emails, suppressions), in the same transaction as the
 event that caused it, and the work is small next to the SMTP side (one IMAP session per
-mailbox per `ABL_INBOX_POLL_SECONDS`). Scaling it out would only need the mailboxes split
-between replicas; today every replica that runs it reads every mailbox, and the events' unique
-key keeps a double read from counting twice.
+mailbox per `ABL_INBOX_POLL_SECONDS`). What it needs from the registry (a mailbox's access) and
+tells it (the last read, a `paused_bounces` pause) goes through a `MailboxSource`: the
+registry's internal routes in the stack, its use cases in the one-process shape.
+
+Replicas split the mailboxes: a mailbox is read by the replica that takes its lease (one
+conditional UPDATE of its cursor's `due_at`), which then holds it until its next read is due;
+the events' unique key keeps a read that slipped through anyway from counting twice.
 
 Rules of reading: only INBOX, opened read-only (EXAMINE) and fetched with BODY.PEEK, so
 nothing is marked read, moved or deleted; only UIDs above the last one seen, and everything
@@ -19,21 +23,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import imaplib
 import logging
+import threading
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
-from sqlalchemy import func, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, feedback, suppression, unsubscribe
+from services.scheduler import (
+    domain,
+    events,
+    feedback,
+    lifecycle,
+    repository,
+    suppression,
+    unsubscribe,
+)
 from services.scheduler.feedback import Feedback, Kind
+from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
@@ -44,7 +60,7 @@ from services.scheduler.models import (
 from shared import imap
 from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
-from shared.metrics import BOUNCES, MAILBOX_POLLS, REPLIES
+from shared.metrics import BOUNCES, MAILBOX_MESSAGES, MAILBOX_POLLS, REPLIES
 from shared.settings import SchedulerSettings
 from shared.timeutil import new_id, utcnow
 
@@ -54,21 +70,48 @@ FETCH_BATCH = 50
 SOFT_BOUNCE_LIMIT = 3
 SOFT_BOUNCE_WINDOW = timedelta(days=30)
 # A bounce or reply can only follow a send; a canceled or suppressed email stays what it is.
-AFTER_SEND = (EmailStatus.sent, EmailStatus.unknown)
+AFTER_SEND = lifecycle.sources(Step.bounce)
 
 
 @dataclass(frozen=True)
-class Mailbox:
+class MailboxRef:
     server_id: uuid.UUID
     tenant_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Mailbox(MailboxRef):
     endpoint: imap.ImapEndpoint
 
 
-MailboxLister = Callable[[], Awaitable[Sequence[Mailbox]]]
-PollReporter = Callable[[uuid.UUID, datetime, str | None], Awaitable[None]]
-ServerPauser = Callable[[uuid.UUID, str], Awaitable[None]]
-# Emails that left: the bounce-rate guard's denominator.
-LEFT = (EmailStatus.sent, EmailStatus.unknown, EmailStatus.bounced, EmailStatus.replied)
+class AccessUnavailable(Exception):
+    """The registry could not give a mailbox's access now; the mailbox waits for its next
+    round."""
+
+
+class MailboxSource(Protocol):
+    """What the reader needs from the registry, and what it tells it."""
+
+    async def mailboxes(self) -> Sequence[MailboxRef]:
+        """The servers that have a mailbox to read."""
+
+    async def endpoint(self, server_id: uuid.UUID) -> imap.ImapEndpoint | None:
+        """The mailbox's access (with its password); None when it has none any more. Raises
+        `AccessUnavailable` when the registry cannot answer."""
+
+    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+        """The last read's time and error, shown on the server."""
+
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        """Pause the server (`paused_bounces`): the bounce-rate guard said so."""
+
+
+# A lease outlives the read it covers (bounded by `inbox_timeout_seconds`) by this factor, so
+# that a replica that died mid-read hands the mailbox on soon after.
+LEASE_FACTOR = 2.0
+# The next read is due a little before a whole interval, so the replica that just read a
+# mailbox finds it due again on its next round (rounds start `inbox_poll_seconds` apart).
+DUE_FACTOR = 0.9
 
 
 def fetch_new(
@@ -102,20 +145,44 @@ def fetch_new(
             client.logout()
 
 
+def watch_idle(
+    address: str,
+    endpoint: imap.ImapEndpoint,
+    timeout: float,
+    renew_seconds: float,
+    stop: threading.Event,
+    arrived: Callable[[], None],
+) -> bool:
+    """Sit in IMAP IDLE on INBOX (read-only) and call `arrived` whenever the server announces
+    a new message, until `stop` is set; False at once when the server does not advertise IDLE.
+    Blocking: one thread of the reader's IDLE pool."""
+    client = imap.connect(address, endpoint, timeout)
+    try:
+        if not imap.supports_idle(client):
+            return False
+        typ, _ = client.select("INBOX", readonly=True)
+        if typ != "OK":
+            raise imaplib.IMAP4.error("INBOX cannot be selected")
+        while not stop.is_set():
+            if imap.idle_once(client, renew_seconds, stop):
+                arrived()
+        return True
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+
+
 class MailboxReader:
     def __init__(
         self,
         settings: SchedulerSettings,
         sessions: async_sessionmaker[AsyncSession],
-        mailboxes: MailboxLister,
-        report: PollReporter,
+        source: MailboxSource,
         *,
         allow_private: bool = False,
         allowed_ports: tuple[int, ...] = imap.DEFAULT_IMAP_PORTS,
-        pause: ServerPauser | None = None,
     ) -> None:
         self.settings = settings
-        self.pause = pause
         self.guard = domain.BounceGuard(
             window=settings.bounce_window,
             pause_ratio=settings.bounce_pause_ratio,
@@ -123,50 +190,193 @@ class MailboxReader:
             min_sent=settings.bounce_min_sent,
         )
         self.sessions = sessions
-        self.mailboxes = mailboxes
-        self.report = report
+        self.source = source
         self.allow_private = allow_private
         self.allowed_ports = allowed_ports
-        self.key = unsubscribe.derive_key(settings.internal_token.get_secret_value())
+        self.keys = unsubscribe.keys_from(settings.unsubscribe_secrets)
         # Its own threads: a mailbox that hangs holds one of these, never the event loop's
         # default pool, and never more than `inbox_concurrency` of them.
         self.pool = ThreadPoolExecutor(
             max_workers=settings.inbox_concurrency, thread_name_prefix="abl-inbox"
         )
         self.slots = asyncio.Semaphore(settings.inbox_concurrency)
+        # IMAP IDLE: one thread and connection per watched mailbox, in a pool of their own.
+        self.idle_pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.inbox_idle_max), thread_name_prefix="abl-idle"
+        )
+        self.idle_stop = threading.Event()
+        self.watching: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        self.no_idle: set[uuid.UUID] = set()  # servers that do not advertise IDLE
+        self.targets: dict[uuid.UUID, tuple[str, Mailbox]] = {}
+        self.arrived: set[uuid.UUID] = set()
+        self.wake = asyncio.Event()
 
     def close(self) -> None:
+        self.idle_stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.idle_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read the due mailboxes every `inbox_poll_seconds`, and a watched mailbox as soon as
+        IDLE says a message arrived, until `stop` is set."""
+        while not stop.is_set():
+            try:
+                arrived, self.arrived = self.arrived, set()
+                await self._make_due(arrived)
+                read = await self.poll_all()
+                self._watch([server_id for server_id, error in read.items() if error is None])
+            except Exception:
+                logger.exception("reading the mailboxes failed; trying again")
+            self.wake.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            await asyncio.wait(
+                waits, timeout=self.settings.inbox_poll_seconds, return_when="FIRST_COMPLETED"
+            )
+            for waiting in waits:
+                waiting.cancel()
+
+    async def _make_due(self, server_ids: set[uuid.UUID]) -> None:
+        """Due now: a message arrived. (Should another replica be reading the mailbox at this
+        moment, its lease is cut short and the mailbox may be read twice at once; the events'
+        unique key still counts each message once.)"""
+        if not server_ids:
+            return
+        table = table_of(MailboxCursor)
+        async with self.sessions() as session, session.begin():
+            await session.exec(
+                update(table)
+                .where(table.c.server_id.in_(sorted(server_ids)))
+                .values(due_at=utcnow())
+            )
+
+    def _watch(self, server_ids: list[uuid.UUID]) -> None:
+        """Keep an IDLE connection on each of these mailboxes (read just now without error),
+        up to `inbox_idle_max`; a server that does not advertise IDLE is polled only."""
+        loop = asyncio.get_running_loop()
+        for server_id in server_ids:
+            running = self.watching.get(server_id)
+            if running is not None and not running.done():
+                continue
+            if server_id in self.no_idle or server_id not in self.targets:
+                continue
+            if sum(not f.done() for f in self.watching.values()) >= self.settings.inbox_idle_max:
+                return
+            address, box = self.targets[server_id]
+
+            def arrived(server_id: uuid.UUID = server_id) -> None:
+                loop.call_soon_threadsafe(self._arrived, server_id)
+
+            future = loop.run_in_executor(
+                self.idle_pool,
+                watch_idle,
+                address,
+                box.endpoint,
+                self.settings.inbox_timeout_seconds,
+                self.settings.inbox_idle_seconds,
+                self.idle_stop,
+                arrived,
+            )
+            future.add_done_callback(functools.partial(self._watch_ended, server_id))
+            self.watching[server_id] = future
+
+    def _arrived(self, server_id: uuid.UUID) -> None:
+        self.arrived.add(server_id)
+        self.wake.set()
+
+    def _watch_ended(self, server_id: uuid.UUID, done: asyncio.Future[bool]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None and done.result() is False:
+            self.no_idle.add(server_id)
+        elif error is not None and not self.idle_stop.is_set():
+            # Started again after the mailbox's next good read; polling covers the gap.
+            logger.info("IDLE on the mailbox of server %s ended: %s", server_id, _describe(error))
 
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
-        """Read every mailbox once, concurrently; each one's error (or None)."""
-        boxes = await self.mailboxes()
+        """Read every mailbox that is due and that no other replica holds, concurrently; each
+        one read's error (or None). Mailboxes not read this time are not in the answer."""
+        boxes = await self.source.mailboxes()
         results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
-        return {box.server_id: error for box, error in zip(boxes, results, strict=True)}
+        return {
+            box.server_id: error for box, (read, error) in zip(boxes, results, strict=True) if read
+        }
 
-    async def _poll_bounded(self, box: Mailbox) -> str | None:
+    async def _claim(self, box: MailboxRef) -> bool:
+        """Take the mailbox's lease if it is due and free: one conditional UPDATE, so of two
+        replicas asking at once exactly one gets it."""
+        now = utcnow()
+        table = table_of(MailboxCursor)
+        async with self.sessions() as session, session.begin():
+            await session.exec(
+                insert_ignore_statement(
+                    session,
+                    table,
+                    {
+                        "server_id": box.server_id,
+                        "tenant_id": box.tenant_id,
+                        "uidvalidity": 0,
+                        "last_uid": 0,
+                    },
+                )
+            )
+            lease = timedelta(seconds=self.settings.inbox_timeout_seconds * LEASE_FACTOR)
+            taken = await session.exec(
+                update(table)
+                .where(
+                    table.c.server_id == box.server_id,
+                    or_(table.c.due_at.is_(None), table.c.due_at <= now),
+                )
+                .values(due_at=now + lease)
+            )
+            return bool(taken.rowcount)
+
+    async def _next_due(self, box: MailboxRef) -> None:
+        table = table_of(MailboxCursor)
+        due = utcnow() + timedelta(seconds=self.settings.inbox_poll_seconds * DUE_FACTOR)
+        async with self.sessions() as session, session.begin():
+            await session.exec(
+                update(table).where(table.c.server_id == box.server_id).values(due_at=due)
+            )
+
+    async def _poll_bounded(self, ref: MailboxRef) -> tuple[bool, str | None]:
+        """(read, error): whether this replica read the mailbox, and what went wrong."""
         async with self.slots:
+            if not await self._claim(ref):
+                return False, None
             error: str | None
             try:
                 async with asyncio.timeout(self.settings.inbox_timeout_seconds):
-                    await self.poll(box)
+                    endpoint = await self.source.endpoint(ref.server_id)
+                    if endpoint is not None:
+                        await self.poll(Mailbox(ref.server_id, ref.tenant_id, endpoint))
+                if endpoint is None:
+                    return False, None  # its IMAP access was removed since it was listed
                 error = None
                 MAILBOX_POLLS.labels("ok").inc()
             except TimeoutError:
                 error = "timeout: the IMAP server did not answer in time"
                 MAILBOX_POLLS.labels("timeout").inc()
+            except AccessUnavailable:
+                # Not the mailbox's fault: nothing to report on the server; tried next round.
+                logger.warning("no access to the mailbox of server %s now", ref.server_id)
+                MAILBOX_POLLS.labels("failed").inc()
+                return True, "the registry did not give the mailbox access"
             except (imaplib.IMAP4.error, OSError) as exc:
                 error = _describe(exc)
                 MAILBOX_POLLS.labels("failed").inc()
             except Exception:
-                logger.exception("reading mailbox of server %s failed", box.server_id)
+                logger.exception("reading mailbox of server %s failed", ref.server_id)
                 error = "internal error while reading the mailbox"
                 MAILBOX_POLLS.labels("failed").inc()
+            finally:
+                with contextlib.suppress(Exception):
+                    await self._next_due(ref)
             try:
-                await self.report(box.server_id, utcnow(), error)
+                await self.source.report(ref.server_id, utcnow(), error)
             except Exception:
-                logger.warning("could not record the poll of server %s", box.server_id)
-            return error
+                logger.warning("could not record the poll of server %s", ref.server_id)
+            return True, error
 
     async def poll(self, box: Mailbox) -> int:
         """Read one mailbox's new messages and apply them; how many were new events."""
@@ -175,6 +385,8 @@ class MailboxReader:
         )
         if isinstance(target, imap.ImapCheck):
             raise OSError(target.detail)
+        if self.settings.inbox_idle_max:
+            self.targets[box.server_id] = (target, box)
         async with self.sessions() as session:
             cursor = await session.get(MailboxCursor, box.server_id)
             validity, last = (cursor.uidvalidity, cursor.last_uid) if cursor else (0, 0)
@@ -184,6 +396,7 @@ class MailboxReader:
             self.pool, fetch_new, target, box.endpoint, validity, last, timeout
         )
         verdicts = [feedback.classify(raw) for _, raw in messages]
+        MAILBOX_MESSAGES.inc(len(verdicts))
         applied = 0
         reason = None
         async with self.sessions() as session, session.begin():
@@ -199,32 +412,15 @@ class MailboxReader:
                 [uid for uid, _ in messages], default=0 if current != validity else last
             )
             session.add(row)
-        if reason is not None and self.pause is not None:
+        if reason is not None:
             logger.warning("pausing server %s: %s", box.server_id, reason)
-            await self.pause(box.server_id, reason)
+            await self.source.pause(box.server_id, reason)
         return applied
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
         """The guard's verdict on the server's last `bounce_window` sent emails."""
-        query = (
-            select(Email.id, Email.status)
-            .where(Email.server_id == server_id, col(Email.status).in_(LEFT))
-            .order_by(col(Email.sent_at).desc())
-            .limit(self.guard.window)
-        )
-        rows = (await session.exec(query)).all()
-        ids = [email_id for email_id, _ in rows]
-        hard = sum(1 for _, status in rows if status == EmailStatus.bounced)
-        complaints = 0
-        if ids:
-            counted = await session.exec(
-                select(func.count()).where(
-                    MailboxEvent.kind == Kind.complaint.value,
-                    col(MailboxEvent.email_id).in_(ids),
-                )
-            )
-            complaints = int(counted.one())
-        return domain.bounce_verdict(len(rows), hard, complaints, self.guard)
+        counts = await repository.bounce_counts(session, server_id, self.guard.window)
+        return domain.bounce_verdict(counts.sent, counts.hard, counts.complaints, self.guard)
 
     async def apply(self, session: AsyncSession, box: Mailbox, verdict: Feedback) -> int:
         if verdict.kind is Kind.other:
@@ -253,7 +449,7 @@ class MailboxReader:
             return 0  # read before (a second replica, or a UIDVALIDITY change)
         if verdict.kind is Kind.unsubscribe and verdict.token:
             with contextlib.suppress(AppError):  # tampered or used: nothing more to do
-                await unsubscribe.use(session, self.key, verdict.token, now, via="mailto")
+                await unsubscribe.use(session, self.keys, verdict.token, now, via="mailto")
             return 1
         if verdict.kind is Kind.auto_reply:
             return 1  # recorded, not a reply: an out-of-office does not stop a sequence
@@ -261,21 +457,27 @@ class MailboxReader:
             # Names none of this tenant's emails (an older mailbox's mail, another sender's
             # bounce): kept on record, acted on never.
             return 1
+        changed = []
         for email in emails:
-            if verdict.kind is Kind.hard_bounce and email.status in AFTER_SEND:
-                email.status = EmailStatus.bounced
+            status = EmailStatus(email.status)
+            if verdict.kind is Kind.hard_bounce and lifecycle.can(status, Step.bounce):
+                email.status = lifecycle.after(status, Step.bounce)
                 email.bounce_status = verdict.status
                 email.bounce_diagnostic = verdict.diagnostic
+                changed.append(email)
             elif verdict.kind is Kind.soft_bounce:
                 email.bounce_status = verdict.status
                 email.bounce_diagnostic = verdict.diagnostic
-            elif verdict.kind is Kind.reply and email.status in AFTER_SEND:
-                email.status = EmailStatus.replied
+            elif verdict.kind is Kind.reply and lifecycle.can(status, Step.reply):
+                email.status = lifecycle.after(status, Step.reply)
                 email.replied_at = now
+                changed.append(email)
             email.updated_at = now
             session.add(email)
             if verdict.kind in (Kind.hard_bounce, Kind.soft_bounce, Kind.reply):
                 await _stop_sequence(session, email, now)
+        # email.bounced / email.replied, in the transaction that sets the status.
+        await events.write(session, events.feedback_events(changed, now))
         if verdict.kind is Kind.reply:
             REPLIES.inc()
             return 1
@@ -333,9 +535,9 @@ async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> 
             table.c.tenant_id == email.tenant_id,
             table.c.sequence == email.sequence,
             func.lower(table.c.to) == email.to.lower(),
-            table.c.status == EmailStatus.queued,
+            table.c.status.in_(lifecycle.sources(Step.stop_sequence)),
         )
-        .values(status=EmailStatus.canceled, updated_at=now)
+        .values(status=lifecycle.target(Step.stop_sequence), updated_at=now)
     )
 
 
@@ -355,13 +557,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, imaplib.IMAP4.error):
         return "the IMAP server refused the login or the command"
     return f"could not read the mailbox ({type(exc).__name__})"
-
-
-async def run(reader: MailboxReader, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await reader.poll_all()
-        except Exception:
-            logger.exception("reading the mailboxes failed; trying again")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=reader.settings.inbox_poll_seconds)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 from pydantic import TypeAdapter
 
-from services.scheduler import repository, stats
+from services.scheduler import inbox, repository, stats
 from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
+from services.scheduler.mailbox_source import HttpMailboxSource
 from services.scheduler.models import MessageBatch, SchedulerOutbox
 from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
@@ -105,6 +107,45 @@ def scheduler_resources(
     return resource
 
 
+def mailbox_reader(
+    settings: SchedulerSettings,
+    source: Callable[[FastAPI], AsyncIterator[inbox.MailboxSource]],
+    *,
+    run_loop: bool = True,
+) -> Resource:
+    """The mailbox reader (`services.scheduler.inbox`) and its loop; `source` opens what it
+    reads the registry through, for as long as the reader runs. Needs `app.state.sessions`."""
+
+    @asynccontextmanager
+    async def resource(app: FastAPI) -> AsyncIterator[None]:
+        async with asynccontextmanager(source)(app) as opened:
+            reader = inbox.MailboxReader(
+                settings,
+                app.state.sessions,
+                opened,
+                allow_private=settings.allow_private_hosts,
+                allowed_ports=settings.allowed_imap_ports,
+            )
+            app.state.mailbox_reader = reader
+            try:
+                async with background_loops(*([reader.run] if run_loop else []), grace_seconds=10):
+                    yield
+            finally:
+                reader.close()
+
+    return resource
+
+
+async def registry_over_http(app: FastAPI) -> AsyncIterator[inbox.MailboxSource]:
+    settings: SchedulerSettings = app.state.settings
+    async with httpx.AsyncClient(
+        base_url=settings.registry_url, timeout=settings.inbox_timeout_seconds
+    ) as client:
+        yield HttpMailboxSource(
+            client, settings.internal_token.get_secret_value(), app.state.sessions
+        )
+
+
 def install(app: FastAPI) -> None:
     app.include_router(router)
     generate = app.openapi
@@ -128,7 +169,12 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
         title="ABillionLeads scheduler",
         service="scheduler",
         settings=resolved,
-        resources=[database(resolved), rabbit_bus(resolved), scheduler_resources(resolved)],
+        resources=[
+            database(resolved),
+            rabbit_bus(resolved),
+            scheduler_resources(resolved),
+            mailbox_reader(resolved, registry_over_http),
+        ],
     )
     install(app)
     return app

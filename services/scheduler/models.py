@@ -402,6 +402,24 @@ class WarmupDay(SQLModel):
     allowance: int
 
 
+class ReputationPublic(SQLModel):
+    """What came back from the server's recent emails, as the bounce-rate guard sees it."""
+
+    sample: int = Field(
+        description="Emails that left among the server's last `ABL_BOUNCE_WINDOW` (rates are "
+        "over these)."
+    )
+    bounce_rate: float | None = Field(description="Hard bounces / sample; null before a send.")
+    complaint_rate: float | None = Field(description="Complaints / sample; null before a send.")
+    bounce_pause_ratio: float = Field(description="Above this bounce rate the server pauses.")
+    complaint_pause_ratio: float = Field(description="Above this complaint rate it pauses.")
+    bounced_today: int = Field(description="Of today's sent emails, how many bounced hard.")
+    climb_held_today: bool = Field(
+        description="Today's bounce rate is above half the pause ratio: the warmup step does "
+        "not climb tomorrow."
+    )
+
+
 class WarmupPublic(SQLModel):
     server_id: uuid.UUID
     status: str
@@ -424,6 +442,7 @@ class WarmupPublic(SQLModel):
     rolling_24h_used: int
     parked_until: datetime | None
     next_send_at: datetime | None
+    reputation: ReputationPublic
     projection: list[WarmupDay]
 
 
@@ -545,6 +564,9 @@ class MailboxCursor(SQLModel, table=True):
     tenant_id: uuid.UUID = Field(index=True)
     uidvalidity: int = Field(default=0, sa_type=BigInteger)
     last_uid: int = Field(default=0, sa_type=BigInteger)
+    # Until when one replica holds the mailbox (while it reads it), then when it is next due:
+    # replicas split the mailboxes instead of each reading every one.
+    due_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class MailboxEvent(SQLModel, table=True):

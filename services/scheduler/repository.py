@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -9,28 +10,43 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Date, Integer, Row, String, Table, Uuid, func, insert, text, update
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    Integer,
+    Row,
+    String,
+    Table,
+    Uuid,
+    func,
+    insert,
+    text,
+    true,
+    update,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import domain, lifecycle
+from services.scheduler import domain, events, lifecycle
 from services.scheduler.domain import SendingWindow, WarmupSchedule
+from services.scheduler.feedback import Kind
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
     EmailStatus,
+    MailboxEvent,
     SendingProfile,
     ServerDay,
     ServerUsageHour,
     ServerWarmup,
 )
-from shared.db import RowSet, insert_ignore, is_postgres, table_of, upsert_increment
+from shared.db import RowSet, among, insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
 from shared.registry_read import ServerView
-from shared.timeutil import UtcDateTime
+from shared.timeutil import UtcDateTime, utcnow
 
 _email_table = table_of(Email)
 
@@ -119,6 +135,21 @@ async def sending_window(session: AsyncSession, tenant_id: uuid.UUID) -> Sending
     return SendingWindow(profile.time_zone, profile.start_hour, profile.end_hour)
 
 
+async def sending_windows(
+    session: AsyncSession, tenant_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, SendingWindow]:
+    """Each tenant's sending window (the default for a tenant without a profile), one query."""
+    p = table_of(SendingProfile)
+    connection = await session.connection()
+    rows = await connection.execute(
+        sa_select(p.c.tenant_id, p.c.time_zone, p.c.start_hour, p.c.end_hour).where(
+            p.c.tenant_id.in_(tenant_ids)
+        )
+    )
+    found = {tenant_id: SendingWindow(zone, start, end) for tenant_id, zone, start, end in rows}
+    return {tenant_id: found.get(tenant_id, SendingWindow()) for tenant_id in tenant_ids}
+
+
 # --- warmup and allowances ----------------------------------------------------------------
 
 
@@ -160,15 +191,18 @@ async def _warmup_rows(
         t.c.server_id, t.c.step, t.c.state_day, t.c.idle_days, t.c.parked_until, t.c.pace_at
     )
     connection = await session.connection()
-    rows = await connection.execute(query.where(t.c.server_id.in_(server_ids)))
+    rows = await connection.execute(query.where(among(session, t.c.server_id, server_ids, Uuid())))
     return {row.server_id: WarmupRow(*row) for row in rows}
 
 
 async def set_pace(session: AsyncSession, paces: dict[uuid.UUID, datetime]) -> None:
     """Record the next per-minute slot of servers whose provider limits sends per minute."""
+    rows = RowSet(session, {"server_id": Uuid(), "pace_at": UtcDateTime()}, sorted(paces.items()))
     w = _warmup_table
-    for server_id, pace_at in sorted(paces.items()):
-        await session.exec(update(w).where(w.c.server_id == server_id).values(pace_at=pace_at))
+    await rows.execute(
+        session,
+        update(w).where(w.c.server_id == rows.c["server_id"]).values(pace_at=rows.c["pace_at"]),
+    )
 
 
 async def warmup_states(
@@ -177,9 +211,11 @@ async def warmup_states(
     today: date,
     schedule: WarmupSchedule,
     created: Counter[str] | None = None,
+    window: SendingWindow | None = None,
 ) -> dict[uuid.UUID, WarmupRow]:
     """Each server's warmup row, folded forward to `today` (created fresh for a new server);
-    `created` counts the rows inserted."""
+    `created` counts the rows inserted. `window` says where the tenant's days start (UTC
+    without it), to count each day's hard bounces."""
     if not servers:
         return {}
     by_id = {server.id: server for server in servers}
@@ -209,7 +245,7 @@ async def warmup_states(
         connection = await session.connection()
         history = await connection.execute(
             sa_select(d.c.server_id, d.c.day, d.c.sent, d.c.allowance).where(
-                d.c.server_id.in_([row.server_id for row in stale]),
+                among(session, d.c.server_id, [row.server_id for row in stale], Uuid()),
                 d.c.day >= min(row.state_day for row in stale),
                 d.c.day < today,
             )
@@ -219,39 +255,151 @@ async def warmup_states(
         for server_id, day, sent, allowance in history:
             delivered.setdefault(server_id, {})[day] = sent
             allowances.setdefault(server_id, {})[day] = allowance
-        folded: list[tuple[uuid.UUID, int, date, int]] = []
+        since = min(row.state_day for row in stale)
+        bounced = await bounced_by_day(
+            session, [row.server_id for row in stale], since, window or SendingWindow()
+        )
+        folded: list[tuple[uuid.UUID, int, date, int, date]] = []
+        stepped: list[tuple[events.WarmupStep, int, date]] = []
         for row in stale:
+            top = limits_of(by_id[row.server_id], schedule).top
             state = domain.state_on(
                 domain.WarmupState(row.step, row.state_day, row.idle_days),
                 today,
                 delivered=delivered.get(row.server_id, {}),
                 allowances=allowances.get(row.server_id, {}),
                 schedule=schedule,
-                daily_cap=limits_of(by_id[row.server_id], schedule).top,
+                daily_cap=top,
+                bounced=bounced.get(row.server_id, {}),
             )
-            folded.append((row.server_id, state.step, state.day, state.idle_days))
-            rows[row.server_id] = WarmupRow(
-                row.server_id, state.step, state.day, state.idle_days, row.parked_until, row.pace_at
+            if state.step > row.step:
+                stepped.append(
+                    (
+                        events.WarmupStep(
+                            server_id=row.server_id,
+                            tenant_id=by_id[row.server_id].tenant_id,
+                            day=today,
+                            step=state.step,
+                            previous_step=row.step,
+                            allowance=schedule.allowance(state.step, top),
+                            previous_allowance=schedule.allowance(row.step, top),
+                            top_step=schedule.top_step(top),
+                        ),
+                        state.idle_days,
+                        row.state_day,
+                    )
+                )
+            else:
+                folded.append(
+                    (row.server_id, state.step, state.day, state.idle_days, row.state_day)
+                )
+            rows[row.server_id] = dataclasses.replace(
+                row, step=state.step, state_day=state.day, idle_days=state.idle_days
             )
+        w = _warmup_table
         values = RowSet(
             session,
-            {"server_id": Uuid(), "step": Integer(), "day": Date(), "idle": Integer()},
+            {
+                "server_id": Uuid(),
+                "step": Integer(),
+                "day": Date(),
+                "idle": Integer(),
+                "old_day": Date(),
+            },
             sorted(folded),
         )
-        w = _warmup_table
         await values.execute(
             session,
             update(w)
-            .where(w.c.server_id == values.c["server_id"])
+            .where(w.c.server_id == values.c["server_id"], w.c.state_day == values.c["old_day"])
             .values(step=values.c["step"], state_day=values.c["day"], idle_days=values.c["idle"]),
         )
+        await _record_steps(session, stepped)
     return rows
 
 
+async def _record_steps(
+    session: AsyncSession, stepped: list[tuple[events.WarmupStep, int, date]]
+) -> None:
+    """Write the step-ups and announce them (`server.warmup_step`), in the caller's
+    transaction. Each row is updated only from the day it was read at, and announced only when
+    that update took: two transactions folding the same day (the dispatcher and a GET of
+    /warmup) announce it once. A step-up happens once per server and day at most."""
+    w = _warmup_table
+    announced = []
+    for step, idle_days, old_day in sorted(stepped, key=lambda s: s[0].server_id):
+        result = await session.exec(
+            update(w)
+            .where(w.c.server_id == step.server_id, w.c.state_day == old_day)
+            .values(step=step.step, state_day=step.day, idle_days=idle_days)
+        )
+        if result.rowcount:
+            announced.append(events.warmup_step_event(step, utcnow()))
+    await events.write(session, announced)
+
+
 async def warmup_state(
-    session: AsyncSession, server: ServerView, today: date, schedule: WarmupSchedule
+    session: AsyncSession,
+    server: ServerView,
+    today: date,
+    schedule: WarmupSchedule,
+    window: SendingWindow | None = None,
 ) -> WarmupRow:
-    return (await warmup_states(session, [server], today, schedule))[server.id]
+    return (await warmup_states(session, [server], today, schedule, window=window))[server.id]
+
+
+async def bounced_by_day(
+    session: AsyncSession, server_ids: Sequence[uuid.UUID], since: date, window: SendingWindow
+) -> dict[uuid.UUID, dict[date, int]]:
+    """Each server's hard-bounced emails by the (tenant's) day they were sent, from `since`."""
+    query = select(Email.server_id, Email.sent_at).where(
+        col(Email.server_id).in_(server_ids),
+        Email.status == EmailStatus.bounced,
+        col(Email.sent_at) >= window.bounds(since)[0],
+    )
+    counts: dict[uuid.UUID, dict[date, int]] = {}
+    for server_id, sent_at in (await session.exec(query)).all():
+        if server_id is None or sent_at is None:
+            continue
+        day = window.local_day(sent_at)
+        per_day = counts.setdefault(server_id, {})
+        per_day[day] = per_day.get(day, 0) + 1
+    return counts
+
+
+# Emails that left: the bounce-rate guard's denominator.
+LEFT = tuple(lifecycle.LEFT)
+
+
+@dataclass(frozen=True)
+class BounceCounts:
+    """A server's last `sent` emails that left, and how many of them bounced hard or drew a
+    complaint."""
+
+    sent: int
+    hard: int
+    complaints: int
+
+
+async def bounce_counts(session: AsyncSession, server_id: uuid.UUID, window: int) -> BounceCounts:
+    query = (
+        select(Email.id, Email.status)
+        .where(Email.server_id == server_id, col(Email.status).in_(LEFT))
+        .order_by(col(Email.sent_at).desc())
+        .limit(window)
+    )
+    rows = (await session.exec(query)).all()
+    ids = [email_id for email_id, _ in rows]
+    hard = sum(1 for _, status in rows if status == EmailStatus.bounced)
+    complaints = 0
+    if ids:
+        counted = await session.exec(
+            select(func.count()).where(
+                MailboxEvent.kind == Kind.complaint.value, col(MailboxEvent.email_id).in_(ids)
+            )
+        )
+        complaints = int(counted.one())
+    return BounceCounts(len(rows), hard, complaints)
 
 
 async def server_days(
@@ -269,7 +417,7 @@ async def server_days(
         return {}
     d = _day_table
     query = sa_select(d.c.server_id, d.c.allowance, d.c.reserved, d.c.sent).where(
-        d.c.server_id.in_([s.id for s in servers]), d.c.day == day
+        among(session, d.c.server_id, [s.id for s in servers], Uuid()), d.c.day == day
     )
     connection = await session.connection()
     rows = {row.server_id: DayRow(*row) for row in await connection.execute(query)}
@@ -293,7 +441,7 @@ async def server_days(
             ],
         )
         query = sa_select(d.c.server_id, d.c.allowance, d.c.reserved, d.c.sent).where(
-            d.c.server_id.in_([s.id for s in missing]), d.c.day == day
+            among(session, d.c.server_id, [s.id for s in missing], Uuid()), d.c.day == day
         )
         rows.update({row.server_id: DayRow(*row) for row in await connection.execute(query)})
     return rows
@@ -315,7 +463,7 @@ async def rolling_usage(
     query = (
         select(hours.c.server_id, func.sum(hours.c.used))
         .where(
-            hours.c.server_id.in_(server_ids),
+            among(session, hours.c.server_id, server_ids, Uuid()),
             hours.c.hour >= domain.rolling_window_start(now),
         )
         .group_by(hours.c.server_id)
@@ -400,7 +548,7 @@ async def reserve_many(
         connection = await session.connection()
         rows = await connection.execute(
             sa_select(d.c.server_id, d.c.allowance).where(
-                d.c.server_id.in_(missing), d.c.day == day
+                among(session, d.c.server_id, missing, Uuid()), d.c.day == day
             )
         )
         allowances.update({server_id: allowance for server_id, allowance in rows})
@@ -568,20 +716,71 @@ async def _locked_rows(
     return RowSet(session, columns, rows)
 
 
-async def park_many(session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]]) -> None:
-    """Park servers until the given times, in server order (see `write_counters`)."""
+# The park_reason of a server its provider refused for quota: parked until its next day.
+QUOTA_PARK = "quota"
+
+
+class Parked(NamedTuple):
+    server_id: uuid.UUID
+    tenant_id: uuid.UUID
+    until: datetime
+    reason: str
+
+
+async def park_many(
+    session: AsyncSession, parks: dict[uuid.UUID, tuple[datetime, str]], now: datetime
+) -> list[Parked]:
+    """Park servers until the given times, in server order (see `write_counters`); returns
+    those that were not parked already (a park announced once, not once per refused email).
+    Their rows are locked first, so two replicas applying results agree on which was first."""
+    table = table_of(ServerWarmup)
+    query = (
+        sa_select(table.c.server_id, table.c.tenant_id, table.c.parked_until)
+        .where(table.c.server_id.in_(sorted(parks)))
+        .order_by(table.c.server_id)
+    )
+    if is_postgres(session):
+        query = query.with_for_update()
+    connection = await session.connection()
+    before = (await connection.execute(query)).all()
     rows = RowSet(
         session,
         {"server_id": Uuid(), "until": UtcDateTime(), "reason": String()},
         [(server_id, until, reason[:200]) for server_id, (until, reason) in sorted(parks.items())],
     )
-    table = table_of(ServerWarmup)
     await rows.execute(
         session,
         update(table)
         .where(table.c.server_id == rows.c["server_id"])
         .values(parked_until=rows.c["until"], park_reason=rows.c["reason"]),
     )
+    return [
+        Parked(server_id, tenant_id, *parks[server_id])
+        for server_id, tenant_id, until in before
+        if until is None or until <= now
+    ]
+
+
+async def unpark_expired(session: AsyncSession, now: datetime) -> list[Parked]:
+    """Clear every park that is over; returns the quota parks this transaction cleared (each
+    row is cleared from the value it was read with, so two replicas announce it once)."""
+    table = table_of(ServerWarmup)
+    connection = await session.connection()
+    expired = await connection.execute(
+        sa_select(table.c.server_id, table.c.tenant_id, table.c.parked_until, table.c.park_reason)
+        .where(table.c.parked_until <= now)
+        .order_by(table.c.server_id)
+    )
+    cleared = []
+    for server_id, tenant_id, until, reason in expired.all():
+        result = await session.exec(
+            update(table)
+            .where(table.c.server_id == server_id, table.c.parked_until == until)
+            .values(parked_until=None, park_reason=None)
+        )
+        if result.rowcount and reason == QUOTA_PARK:
+            cleared.append(Parked(server_id, tenant_id, until, reason))
+    return cleared
 
 
 # The columns the result applier decides from.
@@ -603,7 +802,7 @@ async def emails_for_results(session: AsyncSession, email_ids: set[uuid.UUID]) -
     """Rows of RESULT_COLUMNS, locked until commit on PostgreSQL (in id order)."""
     query = (
         sa_select(*RESULT_COLUMNS)
-        .where(_email_table.c.id.in_(email_ids))
+        .where(among(session, _email_table.c.id, sorted(email_ids), Uuid()))
         .order_by(_email_table.c.id)
     )
     if is_postgres(session):
@@ -678,26 +877,45 @@ JOB_COLUMNS = (
 )
 
 
-async def claim_due(
-    session: AsyncSession, tenant_id: uuid.UUID, limit: int, now: datetime
-) -> Sequence[Any]:
-    """The tenant's oldest due emails, as rows of JOB_COLUMNS.
+def _due(query: Any, now: datetime) -> Any:
+    return query.where(
+        _email.c.status == lifecycle.source(Step.dispatch), _email.c.not_before <= now
+    ).order_by(_email.c.id)
 
+
+async def claim_due(
+    session: AsyncSession, limits: dict[uuid.UUID, int], now: datetime, total: int
+) -> Sequence[Any]:
+    """Each tenant's oldest due emails, up to its limit and `total` in all, as rows of
+    JOB_COLUMNS. Tenants are taken in the order of `limits` (the dispatcher shuffles them each
+    tick), so the ones past `total`, left for the next tick, are not always the same.
+
+    PostgreSQL: one statement for every tenant, a LATERAL join that walks each tenant's part of
+    the (tenant, status, id) index only as far as its limit. SQLite: one query per tenant.
     Nothing is locked here: `mark_scheduled` is guarded by the status, so an email canceled or
     taken meanwhile is simply not marked (and the per-tenant advisory lock keeps replicas off
     each other's emails anyway). A row lock would cost a write per email.
     """
-    query = (
-        sa_select(*JOB_COLUMNS)
-        .where(
-            _email.c.tenant_id == tenant_id,
-            _email.c.status == EmailStatus.queued,
-            _email.c.not_before <= now,
+    wanted = [(tenant_id, n) for tenant_id, n in limits.items() if n > 0]
+    if not wanted:
+        return []
+    connection = await session.connection()
+    if is_postgres(session):
+        v = RowSet(session, {"tenant_id": Uuid(), "n": Integer()}, wanted)
+        picked = (
+            _due(sa_select(*JOB_COLUMNS).where(_email.c.tenant_id == v.c["tenant_id"]), now)
+            .limit(v.c["n"])
+            .lateral("picked")
         )
-        .order_by(_email.c.id)
-        .limit(limit)
-    )
-    return (await (await session.connection()).execute(query)).all()
+        query = sa_select(picked).select_from(v.source.join(picked, true())).limit(total)
+        return (await connection.execute(query)).all()
+    rows: list[Any] = []
+    for tenant_id, n in wanted:
+        if len(rows) >= total:
+            break
+        query = _due(sa_select(*JOB_COLUMNS).where(_email.c.tenant_id == tenant_id), now)
+        rows += (await connection.execute(query.limit(min(n, total - len(rows))))).all()
+    return rows
 
 
 async def mark_scheduled(
@@ -730,14 +948,15 @@ async def mark_scheduled(
             updated_at=now,
         )
     )
-    if rows.postgres:
-        result = await rows.execute(session, statement.returning(_email.c.id))
-        return set(result.scalars().all())
+    # The count tells whether every email was marked (the common case), without sending back
+    # an id per email; only when some were not are the marked ones looked up, by key.
     result = await rows.execute(session, statement)
     if result.rowcount == len(assignments):
         return {email_id for email_id, _, _ in assignments}
-    jobs = [job_id for _, _, job_id in assignments]
-    query = sa_select(_email.c.id).where(_email.c.job_id.in_(jobs))
+    query = sa_select(_email.c.id).where(
+        among(session, _email.c.id, [email_id for email_id, _, _ in assignments], Uuid()),
+        among(session, _email.c.job_id, [job_id for _, _, job_id in assignments], Uuid()),
+    )
     return set((await (await session.connection()).execute(query)).scalars().all())
 
 
@@ -797,17 +1016,22 @@ async def refresh_statistics(session: AsyncSession, tables: Sequence[str]) -> No
                 await session.exec(text(f"ANALYZE {table}"))  # type: ignore[call-overload]
 
 
-async def try_lock_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
-    """One dispatcher per tenant at a time (PostgreSQL advisory lock, held until commit).
+async def try_lock_tenants(
+    session: AsyncSession, tenant_ids: Sequence[uuid.UUID]
+) -> list[uuid.UUID]:
+    """The tenants of these this transaction now dispatches alone (PostgreSQL advisory locks,
+    tried in one statement, held until commit); the others are another replica's right now.
 
-    The allowance guard is what keeps the cap; this lock keeps replicas from contending for the
-    same servers' rows, and keeps the even share exact.
+    The allowance guard is what keeps the cap; these locks keep replicas from contending for
+    the same servers' rows, and keep the even share exact.
     """
     if not is_postgres(session):
-        return True  # SQLite has a single writer already
-    key = int.from_bytes(tenant_id.bytes[:8], "big", signed=True)
-    result = await session.exec(select(func.pg_try_advisory_xact_lock(key)))
-    return bool(result.one())
+        return list(tenant_ids)  # SQLite has a single writer already
+    by_key = {int.from_bytes(t.bytes[:8], "big", signed=True): t for t in tenant_ids}
+    keys = RowSet(session, {"k": BigInteger()}, [(key,) for key in sorted(by_key)])
+    query = sa_select(keys.c["k"]).where(func.pg_try_advisory_xact_lock(keys.c["k"]))
+    locked = (await keys.execute(session, query)).scalars().all()
+    return [by_key[key] for key in sorted(locked)]
 
 
 async def park(session: AsyncSession, server_id: uuid.UUID, until: datetime, reason: str) -> None:

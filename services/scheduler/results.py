@@ -36,7 +36,7 @@ from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.scheduler.results")
 
-QUOTA_PROBLEM = "quota"
+QUOTA_PROBLEM = repository.QUOTA_PARK
 AUTH_PROBLEM = "auth_failed"
 BATCH_SIZE = 200
 
@@ -50,14 +50,24 @@ class CounterChanges:
     delivered: Counter[tuple[uuid.UUID, date]] = field(default_factory=Counter)
     parks: dict[uuid.UUID, tuple[datetime, str]] = field(default_factory=dict)
 
-    async def write(self, session: AsyncSession) -> None:
+    async def write(self, session: AsyncSession, now: datetime) -> None:
         days = {
             key: (self.released[key], self.delivered[key])
             for key in self.released.keys() | self.delivered.keys()
         }
         await repository.write_counters(session, days=days, hours=dict(self.released_hours))
         if self.parks:
-            await repository.park_many(session, self.parks)
+            parked = await repository.park_many(session, self.parks, now)
+            # An auth park is announced by the registry (`auth_failed`); a quota park is the
+            # scheduler's own status change.
+            await events.write(
+                session,
+                [
+                    events.parked_event(p.tenant_id, p.server_id, p.reason, p.until, now)
+                    for p in parked
+                    if p.reason == QUOTA_PROBLEM
+                ],
+            )
 
 
 @dataclass(slots=True)
@@ -202,7 +212,7 @@ class ResultApplier:
             await repository.update_results(
                 session, [email.row() for email in changed.values()], moment
             )
-            await changes.write(session)
+            await changes.write(session, moment)
             # email.sent / failed / unknown for the webhooks, in this transaction: written
             # exactly when the status is, and published after the commit.
             await events.write(session, events.email_events(finished(changed.values()), moment))

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import String, Uuid, func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler import lifecycle
+from services.scheduler import events, lifecycle
 from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Email,
@@ -26,12 +26,12 @@ from services.scheduler.models import (
     SuppressionCreate,
     SuppressionSource,
 )
-from shared.db import insert_ignore_statement, table_of
+from shared.db import among, insert_ignore_statement, table_of
 from shared.errors import NotFound
 from shared.metrics import SUPPRESSED
 from shared.timeutil import new_id
 
-RowT = TypeVar("RowT", bound=Any)  # a claimed row: has `id` and `to`
+RowT = TypeVar("RowT", bound=Any)  # a claimed row: has `id`, `tenant_id` and `to`
 
 
 def address_key(address: str) -> tuple[str, str]:
@@ -146,29 +146,67 @@ async def stop_queued_to(
             match,
         )
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
+        .returning(table.c.id, table.c.campaign, table.c.attempts)
     )
-    stopped = int(result.rowcount or 0)
+    stopped = result.all()
     if stopped:
-        SUPPRESSED.labels("queued").inc(stopped)
-    return stopped
+        SUPPRESSED.labels("queued").inc(len(stopped))
+        await events.write(session, events.suppressed_events(tenant_id, stopped, now))
+    return len(stopped)
 
 
 async def drop_suppressed(
-    session: AsyncSession, tenant_id: uuid.UUID, emails: Sequence[RowT], now: datetime
+    session: AsyncSession, emails: Sequence[RowT], now: datetime
 ) -> list[RowT]:
-    """Mark the claimed emails whose recipient became suppressed; return the others."""
-    suppressed = await suppressed_among(session, tenant_id, (e.to for e in emails))
-    if not suppressed:
+    """Mark the claimed emails (of any tenants) whose recipient became suppressed; return the
+    others. One query reads the lists of every tenant among them."""
+    key_of = {e.id: (e.tenant_id, *address_key(e.to)) for e in emails}
+    keys = set(key_of.values())
+    if not keys:
         return list(emails)
-    stopped = [e.id for e in emails if e.to.lower() in suppressed]
+    query = select(Suppression.tenant_id, Suppression.address, Suppression.domain).where(
+        among(session, Suppression.tenant_id, sorted({t for t, _, _ in keys}), Uuid()),
+        or_(
+            among(session, Suppression.address, sorted({a for _, a, _ in keys}), String()),
+            among(session, Suppression.domain, sorted({d for _, _, d in keys}), String()),
+        ),
+    )
+    rows = (await session.exec(query)).all()
+    if not rows:
+        return list(emails)
+    by_address = {(t, a) for t, a, _ in rows if a}
+    by_domain = {(t, d) for t, _, d in rows if d}
+
+    def suppressed(email: RowT) -> bool:
+        tenant_id, address, domain = key_of[email.id]
+        return (tenant_id, address) in by_address or (tenant_id, domain) in by_domain
+
+    stopped = [e.id for e in emails if suppressed(e)]
+    if not stopped:
+        return list(emails)
     table = table_of(Email)
-    await session.exec(
+    result = await session.exec(
         update(table)
-        .where(table.c.id.in_(stopped), table.c.status.in_(lifecycle.sources(Step.suppress)))
+        .where(
+            among(session, table.c.id, stopped, Uuid()),
+            table.c.status.in_(lifecycle.sources(Step.suppress)),
+        )
         .values(status=lifecycle.target(Step.suppress), updated_at=now)
+        .returning(table.c.tenant_id, table.c.id, table.c.campaign, table.c.attempts)
+    )
+    by_tenant: dict[uuid.UUID, list[tuple[uuid.UUID, str | None, int]]] = {}
+    for tenant_id, email_id, campaign, attempts in result.all():
+        by_tenant.setdefault(tenant_id, []).append((email_id, campaign, attempts))
+    await events.write(
+        session,
+        [
+            event
+            for tenant_id, rows in by_tenant.items()
+            for event in events.suppressed_events(tenant_id, rows, now)
+        ],
     )
     SUPPRESSED.labels("dispatch").inc(len(stopped))
-    return [e for e in emails if e.to.lower() not in suppressed]
+    return [e for e in emails if not suppressed(e)]
 
 
 class SuppressionNotFound(NotFound):

@@ -5,10 +5,9 @@ recipient, so a token names one recipient of one email and cannot be forged or m
 another address. A token works once: the email records when it was used, and a second use is
 refused (a recipient who is already suppressed needs nothing more).
 
-The key is derived from `ABL_INTERNAL_TOKEN` rather than being one more secret to deploy: only
-the scheduler signs and checks, and it already holds that token. Rotating the internal token
-therefore invalidates links already sent; the `mailto:` variant (read by the mailbox reader)
-keeps working, and a recipient can always reply.
+The key is its own secret, `ABL_UNSUBSCRIBE_KEY`, read by the scheduler only (it signs, the
+public route and the mailbox reader verify). Old keys listed in `ABL_UNSUBSCRIBE_OLD_KEYS`
+still verify, so a rotation does not break the links in emails already sent.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import hashlib
 import hmac
 import re
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -34,8 +35,22 @@ SUBJECT_PREFIX = "unsubscribe "
 _SUBJECT_TOKEN = re.compile(r"\bunsubscribe ([A-Za-z0-9_-]{43})\b")
 
 
-def derive_key(internal_token: str) -> bytes:
-    return hmac.new(internal_token.encode(), b"abl/unsubscribe/v1", hashlib.sha256).digest()
+def derive_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"abl/unsubscribe/v1", hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key that signs new links, and every key a link may have been signed with."""
+
+    signing: bytes
+    accepted: tuple[bytes, ...]
+
+
+def keys_from(secrets: Sequence[str]) -> Keys:
+    """From the configured secrets, the current one first (`unsubscribe_secrets`)."""
+    derived = tuple(derive_key(secret) for secret in secrets)
+    return Keys(signing=derived[0], accepted=derived)
 
 
 def _mac(key: bytes, email_id: uuid.UUID, tenant_id: uuid.UUID, to: str) -> bytes:
@@ -59,9 +74,15 @@ def email_of(token: str) -> uuid.UUID | None:
     return uuid.UUID(bytes=raw[:16]) if len(raw) == 16 + _MAC_BYTES else None
 
 
-def verify(key: bytes, token: str, email_id: uuid.UUID, tenant_id: uuid.UUID, to: str) -> bool:
-    expected = sign(key, email_id, tenant_id, to)
-    return hmac.compare_digest(expected.encode(), token.encode())
+def verify(
+    keys: Sequence[bytes], token: str, email_id: uuid.UUID, tenant_id: uuid.UUID, to: str
+) -> bool:
+    """Whether any of `keys` signed `token` for this recipient of this email."""
+    found = False
+    for key in keys:  # every key is tried, so the time taken does not say which one matched
+        expected = sign(key, email_id, tenant_id, to)
+        found |= hmac.compare_digest(expected.encode(), token.encode())
+    return found
 
 
 def url(public_url: str, token: str) -> str:
@@ -94,11 +115,11 @@ def invalid() -> NotFound:
     return UnsubscribeInvalid()
 
 
-async def use(session: AsyncSession, key: bytes, token: str, now: datetime, *, via: str) -> Email:
+async def use(session: AsyncSession, keys: Keys, token: str, now: datetime, *, via: str) -> Email:
     """Suppress the recipient the token names; refuse a tampered or already used token."""
     email_id = email_of(token)
     email = await session.get(Email, email_id) if email_id else None
-    if email is None or not verify(key, token, email.id, email.tenant_id, email.to):
+    if email is None or not verify(keys.accepted, token, email.id, email.tenant_id, email.to):
         raise invalid()
     if email.unsubscribed_at is not None:
         raise UnsubscribeUsed()

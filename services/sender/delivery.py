@@ -2,6 +2,9 @@
 
 Each server has its own pool (at most `ABL_SENDER_CONNECTIONS_PER_SERVER` connections), so a
 slow server holds up only its own jobs; an open connection is reused for the server's next job.
+A server whose provider limits messages per minute (`SmtpCredentials.per_minute`) also has a
+`MinuteLimit`: the dispatcher spaces its jobs, and this holds the limit when they arrive in a
+burst anyway (a backlog after an outage, redeliveries).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,10 +46,45 @@ class _Idle:
     since: float
 
 
+class MinuteLimit:
+    """At most `limit` sends of one server in any `period` seconds, in this process
+    (`domain.minute_wait`)."""
+
+    def __init__(self, limit: int, period: float = 60.0) -> None:
+        self.limit = limit
+        self.period = period
+        self.ends: deque[float] = deque()
+        self.in_flight = 0
+        self.changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self.changed:
+            while True:
+                now = time.monotonic()
+                while self.ends and self.ends[0] <= now - self.period:
+                    self.ends.popleft()
+                wait = domain.minute_wait(self.ends, self.in_flight, now, self.limit, self.period)
+                if wait == 0.0:
+                    break
+                # Woken by a send that ends, or when the oldest one leaves the window.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), timeout=wait)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.in_flight -= 1
+                self.ends.append(time.monotonic())
+                self.changed.notify_all()
+
+
 @dataclass
 class ServerConnections:
     slots: asyncio.Semaphore
     idle: list[_Idle] = field(default_factory=list)
+    minute: MinuteLimit | None = None
 
 
 def fingerprint(credentials: SmtpCredentials) -> str:
@@ -79,16 +118,26 @@ async def authenticate(client: aiosmtplib.SMTP, credentials: SmtpCredentials) ->
 
 
 class Deliverer:
-    def __init__(self, settings: SenderSettings) -> None:
+    def __init__(self, settings: SenderSettings, *, minute_seconds: float = 60.0) -> None:
         self.settings = settings
         self.pools: dict[uuid.UUID, ServerConnections] = {}
+        # The length of a provider's "minute"; only tests shorten it.
+        self.minute_seconds = minute_seconds
 
-    def _pool(self, server_id: uuid.UUID, host: str) -> ServerConnections:
+    def _pool(self, server_id: uuid.UUID, credentials: SmtpCredentials) -> ServerConnections:
         pool = self.pools.get(server_id)
         if pool is None:
-            limit = domain.connection_limit(host, self.settings.sender_connections_per_server)
+            limit = domain.connection_limit(
+                credentials.host, self.settings.sender_connections_per_server
+            )
             pool = ServerConnections(asyncio.Semaphore(limit))
             self.pools[server_id] = pool
+        if credentials.per_minute is None:
+            pool.minute = None
+        elif pool.minute is None:
+            pool.minute = MinuteLimit(credentials.per_minute, self.minute_seconds)
+        else:
+            pool.minute.limit = credentials.per_minute
         return pool
 
     def _take_idle(self, pool: ServerConnections, key: str) -> aiosmtplib.SMTP | None:
@@ -139,7 +188,7 @@ class Deliverer:
         now: datetime,
         canceled: Callable[[], bool] = lambda: False,
     ) -> Attempt:
-        pool = self._pool(job.server_id, credentials.host)
+        pool = self._pool(job.server_id, credentials)
         key = fingerprint(credentials)
         try:
             # Built once per attempt, and the same bytes on every attempt of the email.
@@ -157,7 +206,7 @@ class Deliverer:
                 None,
                 f"the message cannot be built: {type(exc).__name__}",
             )
-        async with pool.slots:
+        async with pool.minute.slot() if pool.minute else contextlib.nullcontext(), pool.slots:
             if canceled():
                 # Canceled while it waited for a connection to its server: nothing was sent.
                 return Attempt(Verdict(Outcome.failed, False, reason=CANCELED_BEFORE_SENDING))

@@ -8,6 +8,7 @@ it may have delivered, so the email is `unknown` and never resent on its own.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -90,3 +91,21 @@ PROVIDER_CONNECTION_LIMITS = {
 def connection_limit(host: str, default: int) -> int:
     """How many SMTP sessions a sender keeps open at once to one server."""
     return max(default, PROVIDER_CONNECTION_LIMITS.get(host.lower(), default))
+
+
+def minute_wait(
+    ends: Sequence[float], in_flight: int, now: float, limit: int, period: float = 60.0
+) -> float | None:
+    """How long a send must wait under a provider's per-minute limit (Microsoft 365: 30 a
+    minute): 0 to start now, a number of seconds, or None to wait for a send in flight to end.
+
+    A send counts from its start until `period` after its end (`ends`: when the last sends
+    ended, oldest first), so no `period` seconds ever see more than `limit` messages reach the
+    server, however the jobs arrive and however long each transaction takes."""
+    recent = [end for end in ends if end > now - period]
+    if len(recent) + in_flight < limit:
+        return 0.0
+    if len(recent) + in_flight - limit < len(recent):
+        # Enough ended sends leave the window over time: the oldest one that must leave.
+        return recent[len(recent) + in_flight - limit] + period - now
+    return None

@@ -18,6 +18,9 @@ from services.webhooks import delivery as engine
 from services.webhooks import domain
 from services.webhooks.models import (
     DeliveryStatus,
+    WebhookAttempt,
+    WebhookAttemptPage,
+    WebhookAttemptPublic,
     WebhookDelivery,
     WebhookDeliveryPage,
     WebhookDeliveryPublic,
@@ -101,6 +104,16 @@ async def owned(
     return endpoint
 
 
+def encrypt_secret(request: Request, endpoint: WebhookEndpoint) -> str:
+    """A new signing secret for `endpoint`, stored encrypted; returned to be shown once."""
+    keyring: Keyring = request.app.state.keyring
+    secret = new_secret()
+    endpoint.secret_ciphertext = keyring.encrypt(
+        secret, engine.secret_aad(endpoint.tenant_id, endpoint.id)
+    )
+    return secret
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -133,8 +146,6 @@ async def create_webhook(
     addresses only (the rules of server checks)."""
     settings = _settings(request)
     await check_url(body.url, settings)
-    keyring: Keyring = request.app.state.keyring
-    secret = new_secret()
     endpoint = WebhookEndpoint(
         tenant_id=tenant.id,
         url=body.url,
@@ -143,7 +154,7 @@ async def create_webhook(
         event_types=[t.value for t in body.event_types],
         secret_ciphertext="",
     )
-    endpoint.secret_ciphertext = keyring.encrypt(secret, engine.secret_aad(tenant.id, endpoint.id))
+    secret = encrypt_secret(request, endpoint)
     session.add(endpoint)
     await session.flush()
     return WebhookEndpointCreated(**public(endpoint).model_dump(), secret=secret)
@@ -232,6 +243,33 @@ async def delete_webhook(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+@router.post(
+    "/{endpoint_id}/rotate-secret",
+    summary="Replace the signing secret; the new one is returned once, and the old one keeps "
+    "signing beside it for 24 hours",
+)
+@raises(WebhookNotFound)
+async def rotate_webhook_secret(
+    endpoint_id: uuid.UUID, tenant: TenantDep, session: SessionDep, request: Request
+) -> WebhookEndpointCreated:
+    """Keep `secret` from this answer: it is not shown again. Until `previous_secret_until`
+    (`ABL_WEBHOOK_SECRET_OVERLAP_SECONDS`, 24 h) every request carries two signatures in
+    `webhook-signature`, with the new and the previous secret, so a receiver verifies with
+    either while it switches. A second rotation within that time drops the oldest secret."""
+    endpoint = await owned(session, tenant.id, endpoint_id)
+    now = utcnow()
+    # A second rotation within the overlap drops the oldest secret: two sign at most.
+    endpoint.previous_secret_ciphertext = endpoint.secret_ciphertext
+    endpoint.previous_secret_until = now + timedelta(
+        seconds=_settings(request).webhook_secret_overlap_seconds
+    )
+    secret = encrypt_secret(request, endpoint)
+    endpoint.updated_at = now
+    session.add(endpoint)
+    await session.flush()
+    return WebhookEndpointCreated(**public(endpoint).model_dump(), secret=secret)
+
+
 def delivery_public(row: WebhookDelivery) -> WebhookDeliveryPublic:
     return WebhookDeliveryPublic.model_validate(row, from_attributes=True)
 
@@ -290,3 +328,34 @@ async def redeliver_webhook(
     await session.commit()
     request.app.state.webhook_deliverer.wake()
     return delivery_public(row)
+
+
+@router.get(
+    "/{endpoint_id}/deliveries/{delivery_id}/attempts",
+    summary="Every attempt of one delivery, first first: when, the answer, how long it took",
+)
+@raises(WebhookNotFound, DeliveryNotFound, InvalidCursor)
+async def list_webhook_delivery_attempts(
+    endpoint_id: uuid.UUID,
+    delivery_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: Limit200Query = 50,
+    cursor: CursorQuery = None,
+) -> WebhookAttemptPage:
+    """The delivery row keeps the last attempt only; this is each one (`attempt` 1, 2, ...).
+    Paginated: up to `limit` attempts per page; pass `next_cursor` as `cursor` for the next
+    page, null on the last."""
+    await owned(session, tenant.id, endpoint_id)
+    found = await session.get(WebhookDelivery, delivery_id)
+    if found is None or found.endpoint_id != endpoint_id:
+        raise DeliveryNotFound()
+    query = select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)
+    if cursor is not None:
+        query = query.where(col(WebhookAttempt.id) > decode_cursor(cursor))
+    rows = list((await session.exec(query.order_by(col(WebhookAttempt.id)).limit(limit + 1))).all())
+    page = rows[:limit]
+    return WebhookAttemptPage(
+        items=[WebhookAttemptPublic.model_validate(a, from_attributes=True) for a in page],
+        next_cursor=encode_cursor(page[-1].id) if len(rows) > limit else None,
+    )

@@ -35,6 +35,7 @@ from standardwebhooks.webhooks import Webhook
 from services.webhooks import domain
 from services.webhooks.models import (
     DeliveryStatus,
+    WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookMessage,
@@ -60,6 +61,7 @@ logger = logging.getLogger("abl.webhooks")
 ENDPOINTS = table_of(WebhookEndpoint)
 MESSAGES = table_of(WebhookMessage)
 DELIVERIES = table_of(WebhookDelivery)
+ATTEMPTS = table_of(WebhookAttempt)
 CLAIM_BATCH = 200
 
 
@@ -137,7 +139,13 @@ async def fan_out(
 
 
 class Intake:
-    """Consumes the events queue into the deliveries table."""
+    """Consumes the events queue into the deliveries table.
+
+    The events that arrive while a transaction is being written (up to the consumer's
+    prefetch) are stored together in the next one: one transaction per batch instead of one
+    per event. Each message is acked only once its batch committed; a batch that fails fails
+    each of its messages, which the bus delivers again.
+    """
 
     def __init__(
         self,
@@ -148,17 +156,40 @@ class Intake:
         self.sessions = sessions
         self.retry_window = timedelta(seconds=settings.webhook_retry_window_seconds)
         self.on_new = on_new
+        self.waiting: list[tuple[Event, asyncio.Future[None]]] = []
+        self.writer: asyncio.Task[None] | None = None
 
     async def handle(self, delivery: Delivery) -> None:
         try:
             event = Event.decode(delivery.body)
         except ValueError as exc:
             raise PermanentMessageError("not an event") from exc
-        async with self.sessions() as session, session.begin():
-            added = await fan_out(session, [event], self.retry_window)
-        WEBHOOK_EVENTS.labels(event.type.value).inc()
-        if added and self.on_new is not None:
-            self.on_new.wake()
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((event, stored))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write_waiting())
+        await stored
+
+    async def _write_waiting(self) -> None:
+        await asyncio.sleep(0)  # the handlers already scheduled join this batch
+        while self.waiting:
+            batch, self.waiting = self.waiting[:CLAIM_BATCH], self.waiting[CLAIM_BATCH:]
+            try:
+                async with self.sessions() as session, session.begin():
+                    # A message delivered twice in one batch is stored once.
+                    events = list({e.id: e for e, _ in batch}.values())
+                    added = await fan_out(session, events, self.retry_window)
+            except Exception as exc:
+                for _, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(exc)
+                continue
+            for event, stored in batch:
+                WEBHOOK_EVENTS.labels(event.type.value).inc()
+                if not stored.done():
+                    stored.set_result(None)
+            if added and self.on_new is not None:
+                self.on_new.wake()
 
 
 @dataclass(frozen=True)
@@ -172,6 +203,8 @@ class Claimed:
     url: str
     secret_ciphertext: str
     payload: str
+    previous_secret_ciphertext: str | None = None
+    previous_secret_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +213,7 @@ class Outcome:
     status_code: int | None
     error: str | None
     at: datetime
+    duration_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -205,6 +239,7 @@ class Deliverer:
         self.slots = asyncio.Semaphore(settings.webhook_concurrency)
         self._wake = asyncio.Event()
         self._signers: dict[tuple[uuid.UUID, str], Webhook] = {}
+        self._recording: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -253,6 +288,8 @@ class Deliverer:
                         ENDPOINTS.c.url,
                         ENDPOINTS.c.secret_ciphertext,
                         MESSAGES.c.payload,
+                        ENDPOINTS.c.previous_secret_ciphertext,
+                        ENDPOINTS.c.previous_secret_until,
                     )
                     .join(ENDPOINTS, ENDPOINTS.c.id == DELIVERIES.c.endpoint_id)
                     .join(MESSAGES, MESSAGES.c.id == DELIVERIES.c.message_id)
@@ -261,12 +298,12 @@ class Deliverer:
             ).all()
         return [Claimed(*row) for row in rows]
 
-    def signer(self, claimed: Claimed) -> Webhook:
-        key = (claimed.endpoint_id, claimed.secret_ciphertext)
+    def signer(self, claimed: Claimed, ciphertext: str) -> Webhook:
+        key = (claimed.endpoint_id, ciphertext)
         signer = self._signers.get(key)
         if signer is None:
             secret = self.keyring.decrypt(
-                claimed.secret_ciphertext, secret_aad(claimed.tenant_id, claimed.endpoint_id)
+                ciphertext, secret_aad(claimed.tenant_id, claimed.endpoint_id)
             )
             signer = Webhook(secret)
             if len(self._signers) > 10_000:
@@ -274,9 +311,25 @@ class Deliverer:
             self._signers[key] = signer
         return signer
 
+    def signature(self, claimed: Claimed, now: datetime) -> str:
+        """`v1,<sig>` with the endpoint's secret, and within a rotation's overlap also with the
+        previous one, space-separated (Standard Webhooks): a receiver holding either secret
+        verifies the request."""
+        ciphertexts = [claimed.secret_ciphertext]
+        if (
+            claimed.previous_secret_ciphertext
+            and claimed.previous_secret_until is not None
+            and now < claimed.previous_secret_until
+        ):
+            ciphertexts.append(claimed.previous_secret_ciphertext)
+        return " ".join(
+            self.signer(claimed, c).sign(claimed.message_id, now, claimed.payload)
+            for c in ciphertexts
+        )
+
     async def attempt(self, claimed: Claimed) -> Outcome:
         now = utcnow()
-        signature = self.signer(claimed).sign(claimed.message_id, now, claimed.payload)
+        signature = self.signature(claimed, now)
         headers = {
             "content-type": "application/json",
             "webhook-id": claimed.message_id,
@@ -299,9 +352,10 @@ class Deliverer:
             error = outcome = "timeout"
         except httpx.HTTPError:
             error = outcome = "connect_failed"
+        duration = time.perf_counter() - started
         WEBHOOK_ATTEMPTS.labels(outcome).inc()
-        WEBHOOK_ATTEMPT_DURATION.observe(time.perf_counter() - started)
-        return Outcome(claimed, status_code, error, utcnow())
+        WEBHOOK_ATTEMPT_DURATION.observe(duration)
+        return Outcome(claimed, status_code, error, utcnow(), duration)
 
     async def record(self, outcomes: list[Outcome]) -> None:
         """Write every outcome of a pass in one transaction, then disable endpoints that have
@@ -311,6 +365,22 @@ class Deliverer:
         settings = self.settings
         disable_after = timedelta(seconds=settings.webhook_disable_after_seconds)
         async with self.sessions() as session, session.begin():
+            # The per-attempt log; the delivery row below keeps the last attempt only.
+            await session.exec(
+                ATTEMPTS.insert(),
+                params=[
+                    {
+                        "id": new_id(),
+                        "delivery_id": o.claimed.id,
+                        "attempt": o.claimed.attempts + 1,
+                        "at": o.at,
+                        "status_code": o.status_code,
+                        "error": o.error,
+                        "duration_seconds": o.duration_seconds,
+                    }
+                    for o in outcomes
+                ],
+            )
             ok = [o for o in outcomes if o.ok]
             if ok:
                 await session.exec(
@@ -326,9 +396,14 @@ class Deliverer:
                         next_attempt_at=None,
                     )
                 )
+                # Only an endpoint that was failing is written: a healthy one's row is not
+                # rewritten (and locked) by every pass.
                 await session.exec(
                     update(ENDPOINTS)
-                    .where(ENDPOINTS.c.id.in_({o.claimed.endpoint_id for o in ok}))
+                    .where(
+                        ENDPOINTS.c.id.in_({o.claimed.endpoint_id for o in ok}),
+                        ENDPOINTS.c.failing_since.is_not(None),
+                    )
                     .values(failing_since=None)
                 )
             for o in outcomes:
@@ -415,13 +490,29 @@ class Deliverer:
             )
 
     async def run_once(self) -> int:
-        """One pass: claim, post concurrently, record. Returns how many were attempted."""
+        """One pass: claim, post concurrently, record. Returns how many were attempted.
+
+        The outcomes are written while the next pass claims and posts (one write in flight
+        at most): what was claimed stays leased until its outcome lands, so no delivery is
+        claimed twice, and the posts do not wait for the database in between."""
         claimed = await self.claim(utcnow())
         if not claimed:
+            await self.finish_recording()
             return 0
         outcomes = await asyncio.gather(*(self.attempt(c) for c in claimed))
-        await self.record(list(outcomes))
+        await self.finish_recording()
+        self._recording = asyncio.create_task(self.record(list(outcomes)))
         return len(claimed)
+
+    async def finish_recording(self) -> None:
+        task, self._recording = self._recording, None
+        if task is None:
+            return
+        try:
+            await task
+        except Exception:
+            # Those deliveries stay leased and are tried again after the lease.
+            logger.exception("recording webhook outcomes failed")
 
     async def backlog(self) -> int:
         async with self.sessions() as session:
@@ -461,6 +552,7 @@ class Deliverer:
                 )
             waiter.cancel()
             stopper.cancel()
+        await self.finish_recording()
 
 
 def _status_of(ok: list[Outcome]) -> Any:

@@ -113,6 +113,11 @@ class WebhookEndpointPublic(WebhookEndpointBase):
     failing_since: datetime | None = Field(
         default=None, description="First failed attempt since the last success."
     )
+    previous_secret_until: datetime | None = Field(
+        default=None,
+        description="After a rotation: until then, deliveries carry a signature with the "
+        "previous secret too (`webhook-signature` holds both).",
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -137,6 +142,9 @@ class WebhookEndpoint(WebhookEndpointBase, table=True):
     tenant_id: uuid.UUID = Field(index=True)
     event_types: list[str] = Field(sa_column=Column(JSON, nullable=False))
     secret_ciphertext: str = Field(max_length=512)
+    # The secret a rotation replaced, still signing beside the new one until the time given.
+    previous_secret_ciphertext: str | None = Field(default=None, max_length=512)
+    previous_secret_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
     disabled_reason: str | None = Field(default=None, max_length=200)
     failing_since: datetime | None = Field(default=None, sa_type=UtcDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
@@ -202,3 +210,35 @@ class WebhookDelivery(WebhookDeliveryBase, table=True):
     # Past this, a failing delivery is abandoned (`failed`); a manual redeliver opens a new
     # window.
     retry_until: datetime = Field(sa_type=UtcDateTime)
+
+
+class WebhookAttemptBase(SQLModel):
+    attempt: int = Field(description="1 for the first attempt of the delivery, then 2, ...")
+    at: datetime = Field(sa_type=UtcDateTime)
+    status_code: int | None = Field(default=None, description="The endpoint's answer.")
+    error: str | None = Field(
+        default=None, max_length=200, description="`timeout`, `connect_failed`, ... or null."
+    )
+    duration_seconds: float = Field(description="From the request sent to the answer read.")
+
+
+class WebhookAttemptPublic(WebhookAttemptBase):
+    id: uuid.UUID
+    delivery_id: uuid.UUID
+
+
+class WebhookAttemptPage(SQLModel):
+    items: list[WebhookAttemptPublic]
+    next_cursor: str | None = None
+
+
+class WebhookAttempt(WebhookAttemptBase, table=True):
+    """One HTTP attempt of a delivery: the delivery row keeps only the last one."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "id"),)
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    delivery_id: uuid.UUID = Field(
+        sa_column=Column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False)
+    )

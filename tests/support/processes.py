@@ -30,6 +30,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
             "ABL_QUEUE_PREFIX": settings.queue_prefix,
             "ABL_ADMIN_TOKEN": settings.admin_token.get_secret_value(),
             "ABL_INTERNAL_TOKEN": settings.internal_token.get_secret_value(),
+            "ABL_UNSUBSCRIBE_KEY": settings.unsubscribe_key.get_secret_value(),
             "ABL_ENCRYPTION_KEYS": ",".join(
                 key.get_secret_value() for key in settings.encryption_keys
             ),
@@ -133,7 +134,7 @@ def add_smtp_servers(
     tenant: Mapping[str, str],
     port: int,
     accounts: Mapping[str, str],
-    **extra: str,
+    **extra: object,
 ) -> list[dict[str, object]]:
     """Add one STARTTLS server on localhost:`port` per account; return the servers."""
     servers = []

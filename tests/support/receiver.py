@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -30,6 +31,10 @@ class Received:
     id: str
     type: str
     data: dict[str, Any]
+    # When the change happened: deliveries are concurrent, so arrival order is not that order.
+    timestamp: datetime = datetime.min
+    # How many signatures `webhook-signature` held (two during a secret rotation's overlap).
+    signatures: int = 1
 
 
 @dataclass
@@ -73,7 +78,15 @@ class Receiver:
             self.answered[status] += 1
             if 200 <= status < 300:
                 payload = json.loads(body)
-                self.accepted.append(Received(msg_id, payload["type"], payload["data"]))
+                self.accepted.append(
+                    Received(
+                        msg_id,
+                        payload["type"],
+                        payload["data"],
+                        datetime.fromisoformat(payload["timestamp"]),
+                        len(signatures),
+                    )
+                )
             return status
 
 

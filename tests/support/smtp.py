@@ -10,6 +10,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,8 @@ class Recorder:
     connections: int = 0
     logins: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
+    # When each message was taken (time.monotonic()), in order: what a provider counts.
+    accepted_at: list[float] = field(default_factory=list)
     messages: list[Envelope] = field(default_factory=list)
     basic_auth_off: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -118,6 +121,7 @@ class Recorder:
             await asyncio.sleep(self.data_delay)
         with self.lock:
             self.accepted[str(session.auth_data)] += 1
+            self.accepted_at.append(time.monotonic())
             self.messages.append(envelope)
         if script == "dropafter":
             # The message is taken, but the line dies before the reply: maybe delivered.

@@ -8,13 +8,14 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from services.registry import credentials as use_cases
+from services.registry import mailbox
 from services.registry.deps import KeyringDep, TokenKeeperDep
 from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import ServiceUnavailable, raises
-from shared.messages import SmtpCredentials
+from shared.errors import NotFound, ServiceUnavailable, raises
+from shared.messages import BouncePause, ImapCredentials, MailboxPoll, SmtpCredentials
 from shared.registry_read import ServerNotFound, server_not_found
 from shared.tenancy import InternalDep
 
@@ -27,6 +28,14 @@ class OAuthProviderUnavailable(ServiceUnavailable):
     code = "oauth_provider_unavailable"
     default_detail = "The OAuth provider could not refresh this server's access token now."
     hint = "Try again shortly."
+
+
+class MailboxNotFound(NotFound):
+    """The server does not exist or reads no mailbox."""
+
+    code = "mailbox_not_found"
+    default_detail = "Server 01900000-0000-7000-8000-000000000000 reads no mailbox."
+    hint = "Only servers with an `imap` object have a mailbox to read."
 
 
 class TokenRejected(BaseModel):
@@ -107,4 +116,50 @@ async def report_server_health(
     """The server's status becomes the reported one (a paused server stays paused), and one
     `server.status_changed` event is written when it changed."""
     server = await use_cases.record_health(session, server_id, body.status, body.reply)
+    return HealthAck(id=server.id, status=ServerStatus(server.status))
+
+
+@router.get(
+    "/servers/{server_id}/imap-credentials",
+    tags=["mailbox"],
+    summary="One server's mailbox access, for the scheduler's mailbox reader",
+)
+@raises(MailboxNotFound)
+async def get_imap_credentials(
+    server_id: uuid.UUID, session: SessionDep, keyring: KeyringDep, response: Response
+) -> ImapCredentials:
+    """`Cache-Control: no-store`; the reader keeps them in memory for one read only."""
+    response.headers["Cache-Control"] = "no-store"
+    found = await mailbox.imap_credentials(session, keyring, server_id)
+    if found is None:
+        raise MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
+    return found
+
+
+@router.post(
+    "/servers/{server_id}/mailbox-poll",
+    tags=["mailbox"],
+    status_code=204,
+    summary="The mailbox reader reports one read of a server's INBOX (time and error)",
+)
+@raises(ServerNotFound)
+async def report_mailbox_poll(server_id: uuid.UUID, body: MailboxPoll, session: SessionDep) -> None:
+    """Shown as `imap.last_poll_at` and `imap.last_poll_error` on the server's view."""
+    if not await mailbox.record_poll(session, server_id, body.polled_at, body.error):
+        raise server_not_found(server_id)
+
+
+@router.post(
+    "/servers/{server_id}/bounce-pause",
+    tags=["mailbox"],
+    summary="The bounce-rate guard pauses a server (`paused_bounces`, with the reason)",
+)
+@raises(ServerNotFound)
+async def pause_for_bounces(
+    server_id: uuid.UUID, body: BouncePause, session: SessionDep
+) -> HealthAck:
+    """One conditional update: two replicas pausing at once write one status event."""
+    server = await use_cases.pause_for_bounces(session, server_id, body.reason)
+    if server is None:
+        raise server_not_found(server_id)
     return HealthAck(id=server.id, status=ServerStatus(server.status))

@@ -28,9 +28,9 @@ class Unsubscribed(SQLModel):
     unsubscribed: bool = True
 
 
-def key_of(request: Request) -> bytes:
+def keys_of(request: Request) -> unsubscribe.Keys:
     settings: SchedulerSettings = request.app.state.settings
-    return unsubscribe.derive_key(settings.internal_token.get_secret_value())
+    return unsubscribe.keys_from(settings.unsubscribe_secrets)
 
 
 @router.post(
@@ -44,7 +44,7 @@ async def unsubscribe_one_click(
     """Sent by the recipient's mailbox provider, not by the frontend: no API key, the signed
     link is the proof. The recipient goes on the sender's suppression list."""
     # The body (`List-Unsubscribe=One-Click`, form-encoded) carries nothing the link does not.
-    await unsubscribe.use(session, key_of(request), token, utcnow(), via="one-click")
+    await unsubscribe.use(session, keys_of(request), token, utcnow(), via="one-click")
     return Unsubscribed()
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from services.scheduler import domain, repository
 from services.scheduler.dispatcher import schedule_from
-from services.scheduler.models import CapacityPublic, WarmupDay, WarmupPublic
+from services.scheduler.models import CapacityPublic, ReputationPublic, WarmupDay, WarmupPublic
 from shared.db import SessionDep
 from shared.errors import raises
 from shared.registry_read import ServerNotFound, server_not_found, tenant_server, tenant_servers
@@ -36,6 +36,15 @@ WARMUP_EXAMPLE = {
     "rolling_24h_used": 31,
     "parked_until": None,
     "next_send_at": "2026-11-27T10:12:00Z",
+    "reputation": {
+        "sample": 120,
+        "bounce_rate": 0.0167,
+        "complaint_rate": 0.0,
+        "bounce_pause_ratio": 0.05,
+        "complaint_pause_ratio": 0.001,
+        "bounced_today": 1,
+        "climb_held_today": False,
+    },
     "projection": [
         {"day": "2026-11-28", "step": 4, "allowance": 60},
         {"day": "2026-11-29", "step": 5, "allowance": 80},
@@ -70,7 +79,7 @@ async def get_warmup(
     now = utcnow()
     window = await repository.sending_window(session, tenant.id)
     today = window.local_day(now)
-    warmup = await repository.warmup_state(session, server, today, schedule)
+    warmup = await repository.warmup_state(session, server, today, schedule, window)
     limits = repository.limits_of(server, schedule)
     allowance = schedule.allowance(warmup.step, limits.top)
     day = await repository.server_day(session, server, today, allowance)
@@ -92,6 +101,12 @@ async def get_warmup(
         )
     )
     state = domain.WarmupState(warmup.step, today, warmup.idle_days)
+    counts = await repository.bounce_counts(session, server.id, settings.bounce_window)
+    bounced_today = (
+        (await repository.bounced_by_day(session, [server.id], today, window))
+        .get(server.id, {})
+        .get(today, 0)
+    )
     return WarmupPublic(
         server_id=server.id,
         status=server.status,
@@ -107,6 +122,17 @@ async def get_warmup(
         rolling_24h_used=rolling,
         parked_until=parked,
         next_send_at=next_at,
+        reputation=ReputationPublic(
+            sample=counts.sent,
+            bounce_rate=domain.ratio(counts.hard, counts.sent),
+            complaint_rate=domain.ratio(counts.complaints, counts.sent),
+            bounce_pause_ratio=settings.bounce_pause_ratio,
+            complaint_pause_ratio=settings.complaint_pause_ratio,
+            bounced_today=bounced_today,
+            climb_held_today=domain.climb_held(
+                day.sent, bounced_today, settings.bounce_pause_ratio
+            ),
+        ),
         projection=[
             WarmupDay(day=d, step=s, allowance=a)
             for d, s, a in domain.projection(state, 30, schedule, limits.top)
