@@ -89,11 +89,20 @@ class InProcessMailboxes:
     async def mailboxes(self) -> list[inbox.MailboxRef]:
         return await listed_mailboxes(self.sessions)
 
-    async def endpoint(self, server_id: uuid.UUID) -> ImapEndpoint | None:
-        async with self.sessions() as session:
-            found = await registry_mailbox.imap_credentials(
-                session, self.app.state.keyring, server_id
-            )
+    async def endpoint(
+        self, server_id: uuid.UUID, rejected: str | None = None
+    ) -> ImapEndpoint | None:
+        try:
+            async with self.sessions() as session:
+                found = await registry_mailbox.imap_credentials(
+                    session,
+                    self.app.state.keyring,
+                    self.app.state.token_keeper,
+                    server_id,
+                    rejected_token=rejected,
+                )
+        except TokenUnavailable as exc:
+            raise inbox.AccessUnavailable("the OAuth provider cannot refresh now") from exc
         return endpoint_of(found) if found is not None else None
 
     async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:

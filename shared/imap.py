@@ -4,7 +4,8 @@ The host is resolved once and every answer must pass `shared/addresses.py`; the 
 to the address that was checked while TLS verifies the certificate against the typed host name
 (SNI and hostname pinned), so DNS rebinding cannot point a stored password elsewhere. Only
 IMAPS (993, implicit TLS) and IMAP with STARTTLS (143) are dialled; LOGIN never travels in
-plain text.
+plain text. A mailbox of an OAuth server authenticates with SASL XOAUTH2 instead (the same
+`user=…\x01auth=Bearer …\x01\x01` string as SMTP), with a short-lived access token.
 
 The standard library's `imaplib` is used, in a worker thread per mailbox: it is the best-kept
 IMAP client for Python, it takes a socket timeout, and a thread per connection keeps one slow
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import imaplib
 import select
 import socket
@@ -34,16 +36,65 @@ class ImapSecurity(StrEnum):
     starttls = "starttls"
 
 
+class ImapAuth(StrEnum):
+    password = "password"  # noqa: S105  # the method's name
+    xoauth2 = "xoauth2"
+
+
 @dataclass(frozen=True)
 class ImapEndpoint:
     host: str
     port: int
     security: ImapSecurity
     username: str
+    # The password, or with `xoauth2` the access token ("" when the grant is gone).
     password: str
+    auth: ImapAuth = ImapAuth.password
 
-    def __repr__(self) -> str:  # the password must never reach a log or a traceback
-        return f"ImapEndpoint(host={self.host!r}, port={self.port}, {self.security.value})"
+    def __repr__(self) -> str:  # the secret must never reach a log or a traceback
+        return (
+            f"ImapEndpoint(host={self.host!r}, port={self.port}, {self.security.value}, "
+            f"{self.auth.value})"
+        )
+
+    @property
+    def token_sha256(self) -> str:
+        """How the reader names an access token it saw refused, without sending it back."""
+        return hashlib.sha256(self.password.encode()).hexdigest()
+
+
+class LoginRefused(imaplib.IMAP4.error):
+    """The IMAP server refused the password or the access token."""
+
+
+class GrantGone(LoginRefused):
+    """An OAuth server's mailbox has no access token: its grant was revoked or expired."""
+
+
+def xoauth2_string(username: str, token: str) -> bytes:
+    return f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def authenticate(client: imaplib.IMAP4, endpoint: ImapEndpoint) -> None:
+    """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the access token. A refused token
+    may first get a continuation holding a JSON error (Gmail's way): answered with an empty
+    line, which brings the final NO. Either refusal raises `LoginRefused`."""
+    try:
+        if endpoint.auth is ImapAuth.xoauth2:
+            if not endpoint.password:
+                raise GrantGone("no access token: the OAuth grant is gone")
+            answers = iter([xoauth2_string(endpoint.username, endpoint.password)])
+            client.authenticate("XOAUTH2", lambda _challenge: next(answers, b""))
+        else:
+            client.login(endpoint.username, endpoint.password)
+    except LoginRefused:
+        raise
+    except imaplib.IMAP4.abort:
+        raise
+    except imaplib.IMAP4.error:
+        # The server's words are not repeated: they could echo what was sent.
+        refused = "access token" if endpoint.auth is ImapAuth.xoauth2 else "login"
+        raise LoginRefused(f"the IMAP server refused the {refused}") from None
 
 
 class _PinnedImap(imaplib.IMAP4):
@@ -96,7 +147,7 @@ def connect(address: str, endpoint: ImapEndpoint, timeout: float) -> imaplib.IMA
             raise
         client = plain
     try:
-        client.login(endpoint.username, endpoint.password)
+        authenticate(client, endpoint)
     except BaseException:
         client.shutdown()
         raise
@@ -159,6 +210,7 @@ class ImapCheck:
 
 
 IMAP_PASSED = ImapCheck(None, "LOGIN, SELECT INBOX and LOGOUT passed.")
+XOAUTH2_PASSED = ImapCheck(None, "AUTHENTICATE XOAUTH2, SELECT INBOX and LOGOUT passed.")
 
 
 async def checked_address(
@@ -181,10 +233,13 @@ async def checked_address(
 def _check_blocking(address: str, endpoint: ImapEndpoint, timeout: float) -> ImapCheck:
     try:
         client = connect(address, endpoint, timeout)
+    except LoginRefused:
+        refused = "access token" if endpoint.auth is ImapAuth.xoauth2 else "credentials"
+        return ImapCheck(ImapProblem.auth_failed, f"The IMAP server refused the {refused}.")
     except imaplib.IMAP4.error as exc:
         if "STARTTLS" in str(exc):
             return ImapCheck(ImapProblem.tls_failed, "The server did not offer STARTTLS.")
-        return ImapCheck(ImapProblem.auth_failed, "The IMAP server refused the credentials.")
+        return ImapCheck(ImapProblem.protocol_error, "The IMAP server broke off the session.")
     except ssl.SSLError as exc:
         reason = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
         return ImapCheck(ImapProblem.tls_failed, f"TLS failed: {reason}.")
@@ -197,7 +252,7 @@ def _check_blocking(address: str, endpoint: ImapEndpoint, timeout: float) -> Ima
         typ, _ = client.select("INBOX", readonly=True)
         if typ != "OK":
             return ImapCheck(ImapProblem.no_inbox, "The mailbox has no INBOX to read.")
-        return IMAP_PASSED
+        return XOAUTH2_PASSED if endpoint.auth is ImapAuth.xoauth2 else IMAP_PASSED
     except (imaplib.IMAP4.error, OSError):
         return ImapCheck(ImapProblem.protocol_error, "The IMAP server broke off the session.")
     finally:

@@ -128,7 +128,11 @@ class SmtpCredentials(BaseModel):
 class ImapCredentials(BaseModel):
     """One server's mailbox access, as the registry's internal endpoint gives it to the
     scheduler's mailbox reader. HTTP only, never on the broker; the repr never shows the
-    password."""
+    password or the token.
+
+    `auth: xoauth2` (an OAuth server's own mailbox): a short-lived access token instead of the
+    password, null when the server's grant is gone; the refresh token never leaves the
+    registry."""
 
     id: uuid.UUID
     tenant_id: uuid.UUID
@@ -136,7 +140,10 @@ class ImapCredentials(BaseModel):
     port: int
     security: Literal["tls", "starttls"]
     username: str
+    auth: Literal["password", "xoauth2"] = "password"
     password: str = Field(default="", repr=False)
+    access_token: str | None = Field(default=None, repr=False)
+    access_token_expires_at: datetime | None = None
 
 
 class MailboxPoll(BaseModel):

@@ -224,9 +224,9 @@ class UpstreamSettings(CommonSettings):
 class OAuthSettings(CommonSettings):
     """The platform's OAuth clients ("Sign in with Google or Microsoft"), read by the registry.
 
-    A provider is configured when its client id and secret are set; every endpoint and SMTP
-    setting of the provider table (`services.registry.oauth.providers`) can be overridden, for
-    tests and for national clouds.
+    A provider is configured when its client id and secret are set; every endpoint, SMTP and
+    IMAP setting and the scopes of the provider table (`services.registry.oauth.providers`) can
+    be overridden, for tests and for national clouds.
     """
 
     oauth_google_client_id: str = ""
@@ -238,6 +238,10 @@ class OAuthSettings(CommonSettings):
     oauth_google_issuer: str | None = None
     oauth_google_smtp_host: str | None = None
     oauth_google_smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    oauth_google_imap_host: str | None = None
+    oauth_google_imap_port: int | None = Field(default=None, ge=1, le=65535)
+    # Space-separated; replaces the table's scopes (they must still allow SMTP and IMAP).
+    oauth_google_scopes: str | None = None
 
     oauth_microsoft_client_id: str = ""
     oauth_microsoft_client_secret: SecretStr = SecretStr("")
@@ -251,6 +255,10 @@ class OAuthSettings(CommonSettings):
     oauth_microsoft_issuer: str | None = None
     oauth_microsoft_smtp_host: str | None = None
     oauth_microsoft_smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    oauth_microsoft_imap_host: str | None = None
+    oauth_microsoft_imap_port: int | None = Field(default=None, ge=1, le=65535)
+    # Space-separated; replaces the table's scopes (they must still allow SMTP and IMAP).
+    oauth_microsoft_scopes: str | None = None
 
     # The public base URL of the API: the redirect URI is `{this}/v1/oauth/callback`, exactly as
     # registered with each provider.

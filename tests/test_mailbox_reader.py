@@ -265,7 +265,9 @@ class StaticMailboxes:
     async def mailboxes(self) -> list[MailboxRef]:
         return [MailboxRef(server_id, self.tenant_id) for server_id in self.boxes]
 
-    async def endpoint(self, server_id: uuid.UUID) -> ImapEndpoint | None:
+    async def endpoint(
+        self, server_id: uuid.UUID, rejected: str | None = None
+    ) -> ImapEndpoint | None:
         return self.boxes.get(server_id)
 
     async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:

@@ -165,6 +165,13 @@ def test_bounces_and_replies_read_in_the_stack_pause_a_server_and_stop_sequences
         remaining = LEADS - len(stopped)
         wait_until(lambda: smtp.recorder.accepted.total() == LEADS + remaining, seconds=90)
         assert smtp.recorder.accepted[login_of[bad]] == DAILY_CAP
+        # Accepted at the SMTP server first, recorded once the results are applied.
+        wait_until(
+            lambda: (
+                not {"queued", "scheduled"} & {e["status"] for e in all_emails(scheduler, tenant)}
+            ),
+            seconds=60,
+        )
         emails = all_emails(scheduler, tenant)
         final = Counter(
             ("intro" if e["subject"] == "Hi" else "follow", e["status"]) for e in emails

@@ -18,8 +18,9 @@ from sqlmodel import select
 
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import ServerDay, ServerWarmup
+from services.webhooks.delivery import fan_out
 from services.webhooks.keys import reencrypt_secrets
-from services.webhooks.models import WebhookEndpoint
+from services.webhooks.models import WebhookEndpoint, WebhookMessage
 from shared.broker import Delivery
 from shared.crypto import Keyring, generate_key
 from shared.db import create_engine, session_factory
@@ -71,6 +72,24 @@ async def register(api: Api, tenant: dict[str, str], hook: Receiver, **body: Any
     created: dict[str, Any] = response.json()
     hook.secret = created["secret"]
     return created
+
+
+async def test_only_events_an_endpoint_wants_are_stored(database_url: str, hook: Receiver) -> None:
+    """A tenant without endpoints (most of them) costs no webhook row per email."""
+    async with product(database_url) as api:
+        quiet, listening = await api.new_tenant("quiet"), await api.new_tenant("listening")
+        await register(api, listening, hook, event_types=["email.sent"])
+        ids = {name: await tenant_id(api, key) for name, key in (("q", quiet), ("l", listening))}
+        events = [
+            Event(type=EventType(kind), tenant_id=ids[who], data={"email_id": str(uuid.uuid4())})
+            for who in ("q", "l")
+            for kind in ("email.sent", "email.failed")
+        ]
+        async with api.app.state.sessions() as session, session.begin():
+            added = await fan_out(session, events, timedelta(days=1))
+            stored = (await session.exec(select(WebhookMessage.id))).all()
+        assert added == 1
+        assert stored == [events[2].id]  # the listening tenant's email.sent only
 
 
 async def test_an_endpoint_shows_its_secret_once_and_only_to_its_tenant(

@@ -10,17 +10,21 @@ the verified SMTP account (the same account at the same provider).
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import datetime
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
-from services.registry.models import ImapCreate, SmtpServer
+from services.registry.domain import AuthMethod, ServerStatus
+from services.registry.models import ImapCreate, OAuthImap, SmtpServer
+from services.registry.oauth.providers import Provider as OAuthProvider
+from services.registry.oauth.tokens import AccessToken, TokenKeeper
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import FieldError, Unprocessable
-from shared.imap import ImapCheck, ImapEndpoint, ImapProblem, ImapSecurity
+from shared.imap import ImapAuth, ImapCheck, ImapEndpoint, ImapProblem, ImapSecurity
 from shared.messages import ImapCredentials
 from shared.providers import PROVIDERS, detect
 from shared.timeutil import utcnow
@@ -105,7 +109,8 @@ def check_failed(outcome: ImapCheck) -> Unprocessable:
     assert outcome.problem is not None
     hints = {
         "auth_failed": "Check the IMAP username and password; Gmail, Outlook and Yahoo need an "
-        "app password and IMAP turned on in the mailbox settings.",
+        "app password and IMAP turned on in the mailbox settings. A server connected with "
+        "OAuth: turn IMAP on in the mailbox, or reconnect it to grant mailbox access.",
         "tls_failed": "Use port 993 with security tls, or 143 with starttls.",
         "blocked_host": "The IMAP host must be reachable on the public internet.",
         "blocked_port": "Use port 993 (tls) or 143 (starttls).",
@@ -128,7 +133,10 @@ def store(keyring: Keyring, server: SmtpServer, endpoint: ImapEndpoint) -> None:
     server.imap_port = endpoint.port
     server.imap_security = endpoint.security.value
     server.imap_username = endpoint.username
-    store_password(keyring, server, endpoint.password)
+    if endpoint.auth is ImapAuth.xoauth2:
+        server.imap_password_ciphertext = None  # the access token is never stored here
+    else:
+        store_password(keyring, server, endpoint.password)
     server.imap_last_poll_at = None
     server.imap_last_poll_error = None
 
@@ -147,22 +155,99 @@ def open_password(keyring: Keyring, server: SmtpServer) -> str:
     )
 
 
-def stored_endpoint(keyring: Keyring, server: SmtpServer) -> ImapEndpoint | None:
+def reads_with_grant(server: SmtpServer) -> bool:
+    return server.auth == AuthMethod.xoauth2 and server.imap_password_ciphertext is None
+
+
+def stored_endpoint(keyring: Keyring, server: SmtpServer, token: str = "") -> ImapEndpoint | None:
+    """The stored mailbox access; for one read with the grant, `token` is its access token."""
     if server.imap_host is None or server.imap_port is None or server.imap_username is None:
+        return None
+    grant = reads_with_grant(server)
+    if server.imap_password_ciphertext is None and not grant:
         return None
     return ImapEndpoint(
         server.imap_host,
         server.imap_port,
         ImapSecurity(server.imap_security or "tls"),
         server.imap_username,
-        open_password(keyring, server),
+        token if grant else open_password(keyring, server),
+        ImapAuth.xoauth2 if grant else ImapAuth.password,
     )
+
+
+def _keeper(verifier: Verifier) -> TokenKeeper:
+    assert verifier.tokens is not None, "the registry builds its verifier with the TokenKeeper"
+    return verifier.tokens
+
+
+def grant_endpoint(
+    provider: OAuthProvider | None,
+    account: str,
+    imap: ImapCreate | OAuthImap,
+) -> ImapEndpoint:
+    """An OAuth server's own mailbox, read with its grant: the provider's IMAP server (a port
+    and security may be given), the grant's account. Another host or account needs a password:
+    the access token goes to the provider only. The token itself is added for each use."""
+    host = imap.host if isinstance(imap, ImapCreate) else None
+    username = imap.username if isinstance(imap, ImapCreate) else None
+    if provider is None or (host or provider.imap_host) != provider.imap_host:
+        raise _missing(
+            "password",
+            "required for an IMAP host other than the OAuth provider's",
+            "The IMAP password is needed for this IMAP endpoint.",
+            "Leave imap.host out to read the mailbox with the server's OAuth grant, or send "
+            "imap.password: the access token is only ever sent to the provider's IMAP server.",
+        )
+    if (username or account) != account:
+        raise _missing(
+            "password",
+            "required for an account other than the OAuth grant's",
+            "The IMAP password is needed for another account.",
+            "Leave imap.username out to read the connected mailbox with its OAuth grant.",
+        )
+    security = imap.security or ImapSecurity.tls
+    port = imap.port or (provider.imap_port if security is ImapSecurity.tls else 143)
+    return ImapEndpoint(provider.imap_host, port, security, account, "", ImapAuth.xoauth2)
+
+
+async def grant_token(
+    tokens: TokenKeeper, server: SmtpServer, rejected: str | None = None
+) -> AccessToken | None:
+    """The access token to read the mailbox with; None when the grant is gone. A server whose
+    grant was found gone (`auth_failed`) is not refreshed again on every read: its stored token
+    only, until the tenant reconnects it."""
+    if ServerStatus(server.status) is ServerStatus.auth_failed:
+        return tokens.current(server, rejected)
+    return await tokens.token(server, rejected)
+
+
+async def verify_with_grant(verifier: Verifier, server: SmtpServer, endpoint: ImapEndpoint) -> None:
+    # The token kept for sending, when it has time left: no refresh (nor its transaction) in
+    # the middle of the caller's.
+    tokens = _keeper(verifier)
+    token = tokens.current(server) or await grant_token(tokens, server)
+    if token is None:
+        raise ImapCheckFailed(
+            "The server's OAuth grant is gone: its mailbox cannot be read.",
+            code=imap_code(ImapProblem.auth_failed),
+            hint="Reconnect the server with OAuth (POST /v1/oauth/{provider}/start with its "
+            "server_id), then add the imap object again.",
+        )
+    await verify(verifier, replace(endpoint, password=token.value))
 
 
 async def update(
     verifier: Verifier, keyring: Keyring, server: SmtpServer, imap: ImapCreate
 ) -> None:
     """PATCH: check the new mailbox access, then store it."""
+    if imap.password is None and server.auth == AuthMethod.xoauth2:
+        provider = _keeper(verifier).providers.get(server.oauth_provider or "")
+        endpoint = grant_endpoint(provider, server.username, imap)
+        await verify_with_grant(verifier, server, endpoint)
+        store(keyring, server, endpoint)
+        server.updated_at = utcnow()
+        return
     stored = stored_endpoint(keyring, server)
     password = None
     if imap.password is None:
@@ -200,14 +285,28 @@ async def update(
 
 
 async def imap_credentials(
-    session: AsyncSession, keyring: Keyring, server_id: uuid.UUID
+    session: AsyncSession,
+    keyring: Keyring,
+    tokens: TokenKeeper,
+    server_id: uuid.UUID,
+    *,
+    rejected_token: str | None = None,
 ) -> ImapCredentials | None:
     """The mailbox access of a server (any tenant), for the scheduler's mailbox reader; None
-    when the server does not exist or reads no mailbox."""
+    when the server does not exist or reads no mailbox.
+
+    A mailbox read with the OAuth grant gets a short-lived access token (null when the grant
+    is gone); `rejected_token` (its SHA-256) names one the IMAP server refused: a new one is
+    fetched unless another caller already did. Raises `TokenUnavailable`."""
     server = await session.get(SmtpServer, server_id)
     endpoint = stored_endpoint(keyring, server) if server is not None else None
     if server is None or endpoint is None:
         return None
+    token = None
+    if endpoint.auth is ImapAuth.xoauth2:
+        # The read is over: end its transaction before a refresh may wait for the row's lock.
+        await session.commit()
+        token = await grant_token(tokens, server, rejected_token)
     return ImapCredentials(
         id=server.id,
         tenant_id=server.tenant_id,
@@ -215,7 +314,10 @@ async def imap_credentials(
         port=endpoint.port,
         security=endpoint.security.value,
         username=endpoint.username,
+        auth=endpoint.auth.value,
         password=endpoint.password,
+        access_token=token.value if token else None,
+        access_token_expires_at=token.expires_at if token else None,
     )
 
 

@@ -35,7 +35,6 @@ def registry_resources(
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         keyring = Keyring.from_keys(settings.keys)
         app.state.keyring = keyring
-        app.state.verifier = Verifier(settings)
         app.state.check_limiter = CheckLimiter(settings)
         providers = oauth_providers.configured(settings)
         client = OAuthClient(settings.oauth_http_timeout_seconds)
@@ -45,6 +44,7 @@ def registry_resources(
         app.state.token_keeper = TokenKeeper(
             app.state.sessions, keyring, client, providers, settings.oauth_refresh_margin_seconds
         )
+        app.state.verifier = Verifier(settings, app.state.token_keeper)
         events.install()
         relay = Outbox(
             RegistryOutbox,

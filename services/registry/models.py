@@ -152,6 +152,16 @@ class ImapCreate(SQLModel):
     _clean_password = field_validator("password")(_clean_secret)
 
 
+class OAuthImap(SQLModel):
+    """Read the connected mailbox over IMAP with the same grant (SASL XOAUTH2): at the
+    provider's IMAP server, as the grant's account, with no password."""
+
+    port: Port | None = Field(default=None, description="The provider's IMAP port (993) if unset.")
+    security: ImapSecurity | None = Field(
+        default=None, description="`tls` (the default) or `starttls` (port 143)."
+    )
+
+
 class ImapPublic(SQLModel):
     host: str
     port: int
@@ -425,6 +435,11 @@ class OAuthStart(SQLModel):
         default=None,
         description="Reconnect this existing server (after `auth_failed`) instead of adding one.",
     )
+    imap: OAuthImap | None = Field(
+        default=None,
+        description="Also read the mailbox (bounces, replies) with the same grant: checked at "
+        "the callback (AUTHENTICATE XOAUTH2, SELECT INBOX, LOGOUT) like the SMTP side.",
+    )
 
     _clean_label = field_validator("label", "from_name")(_clean_text)
 
@@ -460,6 +475,10 @@ class OAuthFlow(SQLModel, table=True):
     label: str = Field(default="", max_length=100)
     from_name: str = Field(default="", max_length=100)
     daily_cap: int = Field(default=MAX_DAILY_CAP)
+    # The start's `imap`: read the mailbox with the grant (checked at the callback).
+    read_mailbox: bool = Field(default=False)
+    imap_port: int | None = None
+    imap_security: str | None = Field(default=None, max_length=16)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UtcDateTime)
     expires_at: datetime = Field(sa_type=UtcDateTime, index=True)
     used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

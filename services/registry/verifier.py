@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
@@ -22,6 +23,9 @@ from shared import addresses as addresses_module
 from shared import imap
 from shared.settings import RegistrySettings
 from shared.smtp_tls import smtp_client
+
+if TYPE_CHECKING:
+    from services.registry.oauth.tokens import TokenKeeper
 
 logger = logging.getLogger("abl.registry.verifier")
 
@@ -40,7 +44,9 @@ class Target:
 
 
 class Verifier:
-    def __init__(self, settings: RegistrySettings) -> None:
+    def __init__(self, settings: RegistrySettings, tokens: TokenKeeper | None = None) -> None:
+        # An OAuth server's mailbox is checked with its access token, kept by this keeper.
+        self.tokens = tokens
         self.timeout = settings.verify_timeout_seconds
         self.allow_private = settings.allow_private_hosts
         self.allowed_ports = settings.allowed_smtp_ports

@@ -95,9 +95,12 @@ class MailboxSource(Protocol):
     async def mailboxes(self) -> Sequence[MailboxRef]:
         """The servers that have a mailbox to read."""
 
-    async def endpoint(self, server_id: uuid.UUID) -> imap.ImapEndpoint | None:
-        """The mailbox's access (with its password); None when it has none any more. Raises
-        `AccessUnavailable` when the registry cannot answer."""
+    async def endpoint(
+        self, server_id: uuid.UUID, rejected: str | None = None
+    ) -> imap.ImapEndpoint | None:
+        """The mailbox's access (with its password, or an OAuth server's access token); None
+        when it has none any more. `rejected`: the SHA-256 of an access token the IMAP server
+        refused, for a new one. Raises `AccessUnavailable` when the registry cannot answer."""
 
     async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
         """The last read's time and error, shown on the server."""
@@ -347,10 +350,8 @@ class MailboxReader:
             error: str | None
             try:
                 async with asyncio.timeout(self.settings.inbox_timeout_seconds):
-                    endpoint = await self.source.endpoint(ref.server_id)
-                    if endpoint is not None:
-                        await self.poll(Mailbox(ref.server_id, ref.tenant_id, endpoint))
-                if endpoint is None:
+                    listed = await self._read(ref)
+                if not listed:
                     return False, None  # its IMAP access was removed since it was listed
                 error = None
                 MAILBOX_POLLS.labels("ok").inc()
@@ -377,6 +378,24 @@ class MailboxReader:
             except Exception:
                 logger.warning("could not record the poll of server %s", ref.server_id)
             return True, error
+
+    async def _read(self, ref: MailboxRef) -> bool:
+        """Read the mailbox; False when it has no access any more. An access token the IMAP
+        server refuses (expired early, revoked) is exchanged for a new one once, as senders
+        do: the registry refreshes it once for all its readers and senders."""
+        endpoint = await self.source.endpoint(ref.server_id)
+        if endpoint is None:
+            return False
+        try:
+            await self.poll(Mailbox(ref.server_id, ref.tenant_id, endpoint))
+        except imap.LoginRefused:
+            if endpoint.auth is not imap.ImapAuth.xoauth2 or not endpoint.password:
+                raise
+            endpoint = await self.source.endpoint(ref.server_id, endpoint.token_sha256)
+            if endpoint is None:
+                return False
+            await self.poll(Mailbox(ref.server_id, ref.tenant_id, endpoint))
+        return True
 
     async def poll(self, box: Mailbox) -> int:
         """Read one mailbox's new messages and apply them; how many were new events."""
@@ -554,6 +573,13 @@ async def _soft_bounces(
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, imap.GrantGone):
+        return (
+            "the server's OAuth grant is gone (revoked or expired): reconnect the server with "
+            "OAuth to read its mailbox"
+        )
+    if isinstance(exc, imap.LoginRefused):
+        return str(exc)  # our own words: the server's could echo what was sent
     if isinstance(exc, imaplib.IMAP4.error):
         return "the IMAP server refused the login or the command"
     return f"could not read the mailbox ({type(exc).__name__})"

@@ -1,10 +1,11 @@
 """Where the mailbox reader gets a mailbox's access and tells what it saw, in the stack: the
 registry's internal routes (`ABL_REGISTRY_URL`, authenticated by `ABL_INTERNAL_TOKEN`).
 
-The IMAP password travels only in the answer of `GET /internal/v1/servers/{id}/imap-credentials`
-(HTTP, `Cache-Control: no-store`), is held for the one read it serves, and is never logged or
-put on the broker. Which servers have a mailbox is read from the registry's table like the
-servers' caps (`shared/registry_read.py`), without any secret.
+The IMAP password (or an OAuth server's short-lived access token) travels only in the answer of
+`GET /internal/v1/servers/{id}/imap-credentials` (HTTP, `Cache-Control: no-store`), is held for
+the one read it serves, and is never logged or put on the broker. Which servers have a mailbox is
+read from the registry's table like the servers' caps (`shared/registry_read.py`), without any
+secret.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler.inbox import AccessUnavailable, MailboxRef
 from shared import registry_read
-from shared.imap import ImapEndpoint, ImapSecurity
+from shared.imap import ImapAuth, ImapEndpoint, ImapSecurity
 from shared.messages import BouncePause, ImapCredentials, MailboxPoll
 
 logger = logging.getLogger("abl.scheduler.inbox")
@@ -37,7 +38,8 @@ def endpoint_of(credentials: ImapCredentials) -> ImapEndpoint:
         credentials.port,
         ImapSecurity(credentials.security),
         credentials.username,
-        credentials.password,
+        (credentials.access_token or "") if credentials.auth == "xoauth2" else credentials.password,
+        ImapAuth(credentials.auth),
     )
 
 
@@ -57,11 +59,19 @@ class HttpMailboxSource:
     async def mailboxes(self) -> list[MailboxRef]:
         return await listed_mailboxes(self.sessions)
 
-    async def endpoint(self, server_id: uuid.UUID) -> ImapEndpoint | None:
+    async def endpoint(
+        self, server_id: uuid.UUID, rejected: str | None = None
+    ) -> ImapEndpoint | None:
+        path = f"/internal/v1/servers/{server_id}/imap-credentials"
         try:
-            response = await self.client.get(
-                f"/internal/v1/servers/{server_id}/imap-credentials", headers=self.headers
-            )
+            if rejected is None:
+                response = await self.client.get(path, headers=self.headers)
+            else:
+                response = await self.client.post(
+                    f"{path}/refresh",
+                    json={"rejected_token_sha256": rejected},
+                    headers=self.headers,
+                )
         except httpx.HTTPError as exc:
             raise AccessUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
         if response.status_code == 404:

@@ -86,27 +86,11 @@ async def fan_out(
     *,
     skip_endpoint: uuid.UUID | None = None,
 ) -> int:
-    """Store `events` and one delivery per interested enabled endpoint; returns how many
-    deliveries were added (none for an event seen before)."""
+    """Store the `events` an enabled endpoint wants, with one delivery per such endpoint;
+    returns how many deliveries were added (none for an event seen before)."""
     if not events:
         return 0
     now = utcnow()
-    await session.exec(
-        _insert_ignore(
-            session,
-            MESSAGES,
-            [
-                {
-                    "id": e.id,
-                    "tenant_id": e.tenant_id,
-                    "type": e.type.value,
-                    "payload": e.payload().decode(),
-                    "created_at": now,
-                }
-                for e in events
-            ],
-        )
-    )
     tenants = {e.tenant_id for e in events}
     endpoints = (
         await session.exec(
@@ -133,7 +117,26 @@ async def fan_out(
         if tenant_id == e.tenant_id and wants(types, e.type.value) and endpoint_id != skip_endpoint
     ]
     if not rows:
+        # Most events concern tenants with no endpoint for them: nothing is stored, so that
+        # webhooks cost nothing per email to a tenant that uses none.
         return 0
+    wanted = {row["message_id"] for row in rows}
+    await session.exec(
+        _insert_ignore(
+            session,
+            MESSAGES,
+            [
+                {
+                    "id": e.id,
+                    "tenant_id": e.tenant_id,
+                    "type": e.type.value,
+                    "payload": e.payload().decode(),
+                    "created_at": now,
+                }
+                for e in {e.id: e for e in events if e.id in wanted}.values()
+            ],
+        )
+    )
     result = await session.exec(_insert_ignore(session, DELIVERIES, rows))
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -74,7 +74,42 @@ def _mail_user() -> tuple[str, int, int]:
     return name, entry.pw_uid, entry.pw_gid
 
 
-def _config(root: Path, certs: Certificates, tls_port: int, starttls_port: int) -> Path:
+def _oauth2_passdb(root: Path, certs: Certificates, tokeninfo_url: str | None) -> str:
+    """A second passdb taking SASL XOAUTH2/OAUTHBEARER, each token checked by GET at
+    `tokeninfo_url` + token (the test authorization server), as Dovecot does for Gmail."""
+    if tokeninfo_url is None:
+        return ""
+    conf = root / "dovecot-oauth2.conf.ext"
+    # Dovecot's auth process runs unprivileged: the CA goes where it can read it.
+    ca_file = root / "oauth-ca.pem"
+    shutil.copyfile(certs.ca_file, ca_file)
+    os.chmod(ca_file, 0o644)
+    conf.write_text(
+        f"""tokeninfo_url = {tokeninfo_url}
+introspection_mode = auth
+username_attribute = email
+active_attribute = active
+active_value = true
+tls_ca_cert_file = {ca_file}
+"""
+    )
+    os.chmod(conf, 0o644)
+    return f"""
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {conf}
+}}
+"""
+
+
+def _config(
+    root: Path,
+    certs: Certificates,
+    tls_port: int,
+    starttls_port: int,
+    tokeninfo_url: str | None = None,
+) -> Path:
     cert = certs.ca.issue_cert("localhost", "127.0.0.1")
     cert_file, key_file = root / "cert.pem", root / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
@@ -92,7 +127,7 @@ ssl = yes
 ssl_cert = <{cert_file}
 ssl_key = <{key_file}
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if tokeninfo_url else ""}
 # A refused login answers at once (Dovecot waits 2 s by default, and more for repeats from
 # one address), so a test of refusals is not a test of timeouts.
 auth_failure_delay = 0
@@ -105,8 +140,10 @@ first_valid_gid = {gid}
 mail_location = maildir:{root}/mail/%u/Maildir
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = scheme=PLAIN username_format=%u {root}/passwd
 }}
+{_oauth2_passdb(root, certs, tokeninfo_url)}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/mail/%u
@@ -138,7 +175,10 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
 
 
 @contextlib.contextmanager
-def dovecot_server(certs: Certificates, users: dict[str, str]) -> Iterator[DovecotServer]:
+def dovecot_server(
+    certs: Certificates, users: dict[str, str], *, oauth2_tokeninfo_url: str | None = None
+) -> Iterator[DovecotServer]:
+    """`oauth2_tokeninfo_url`: also take OAuth access tokens (XOAUTH2), checked there."""
     # Its own directory, reachable by Dovecot's unprivileged processes (pytest's temporary
     # directories are private to the user running the tests).
     root = Path(tempfile.mkdtemp(prefix="abl-dovecot-"))
@@ -149,7 +189,7 @@ def dovecot_server(certs: Certificates, users: dict[str, str]) -> Iterator[Dovec
     (root / "passwd").write_text(
         "".join(f"{user}:{{PLAIN}}{password}\n" for user, password in users.items())
     )
-    config = _config(root, certs, tls_port, starttls_port)
+    config = _config(root, certs, tls_port, starttls_port, oauth2_tokeninfo_url)
     _, uid, gid = _mail_user()
     _chown_tree(root / "mail", uid, gid)
     os.chmod(root / "passwd", 0o644)

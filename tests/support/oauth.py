@@ -97,6 +97,7 @@ class AuthorizationServer:
     forge_next: str | None = None  # one of FORGERIES: the next ID token is spoiled that way
     key: RSAKey = field(default_factory=lambda: _signing_key("abl-test-1"))
     jwks_fetches: int = 0
+    tokeninfo_calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # The test's controls.
@@ -295,6 +296,17 @@ class AuthorizationServer:
             with self.lock:
                 self.jwks_fetches += 1
                 return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+
+        @app.get("/{provider}/tokeninfo")
+        async def tokeninfo(provider: str, access_token: str = "") -> Response:
+            # For an IMAP server's oauth2 passdb (Dovecot `tokeninfo_url`): who a token is
+            # for, and whether it is still good. A refused token is a 401, as Google's is.
+            with self.lock:
+                issued = self.tokens.get(access_token)
+                self.tokeninfo_calls += 1
+            if issued is None or issued.expires < time.time() or issued.grant.revoked:
+                return JSONResponse({"error": "invalid_token"}, status_code=401)
+            return JSONResponse({"email": issued.grant.user, "active": "true"})
 
         @app.get("/{provider}/userinfo")
         async def userinfo(provider: str, authorization: Annotated[str, Header()] = "") -> Response:

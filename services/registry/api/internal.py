@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
@@ -14,10 +16,12 @@ from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import NotFound, ServiceUnavailable, raises
+from shared.errors import AppError, NotFound, ServiceUnavailable, raises
 from shared.messages import BouncePause, ImapCredentials, MailboxPoll, SmtpCredentials
 from shared.registry_read import ServerNotFound, server_not_found
 from shared.tenancy import InternalDep
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/internal/v1", dependencies=[InternalDep])
 
@@ -41,8 +45,23 @@ class MailboxNotFound(NotFound):
 class TokenRejected(BaseModel):
     rejected_token_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 (hex) of the access token the SMTP server refused.",
+        description="SHA-256 (hex) of the access token the SMTP (or IMAP) server refused.",
     )
+
+
+async def _no_store(
+    response: Response, lookup: Awaitable[T | None], missing: Callable[[], AppError]
+) -> T:
+    """Secrets for one use: never cached; a provider that cannot refresh now is a 503."""
+    response.headers["Cache-Control"] = "no-store"
+    try:
+        found = await lookup
+    except TokenUnavailable:
+        # The caller waits with backoff and asks again; the server is not at fault.
+        raise OAuthProviderUnavailable() from None
+    if found is None:
+        raise missing()
+    return found
 
 
 async def _credentials(
@@ -53,17 +72,10 @@ async def _credentials(
     response: Response,
     rejected: str | None,
 ) -> SmtpCredentials:
-    response.headers["Cache-Control"] = "no-store"
-    try:
-        credentials = await use_cases.server_credentials(
-            session, keyring, tokens, server_id, rejected_token=rejected
-        )
-    except TokenUnavailable:
-        # The sender waits with backoff and asks again; the server is not at fault.
-        raise OAuthProviderUnavailable() from None
-    if credentials is None:
-        raise server_not_found(server_id)
-    return credentials
+    found = use_cases.server_credentials(
+        session, keyring, tokens, server_id, rejected_token=rejected
+    )
+    return await _no_store(response, found, lambda: server_not_found(server_id))
 
 
 @router.get(
@@ -119,21 +131,58 @@ async def report_server_health(
     return HealthAck(id=server.id, status=ServerStatus(server.status))
 
 
+async def _imap_credentials(
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    server_id: uuid.UUID,
+    response: Response,
+    rejected: str | None,
+) -> ImapCredentials:
+    found = mailbox.imap_credentials(session, keyring, tokens, server_id, rejected_token=rejected)
+    return await _no_store(
+        response,
+        found,
+        lambda: MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox."),
+    )
+
+
 @router.get(
     "/servers/{server_id}/imap-credentials",
     tags=["mailbox"],
     summary="One server's mailbox access, for the scheduler's mailbox reader",
 )
-@raises(MailboxNotFound)
+@raises(MailboxNotFound, OAuthProviderUnavailable)
 async def get_imap_credentials(
-    server_id: uuid.UUID, session: SessionDep, keyring: KeyringDep, response: Response
+    server_id: uuid.UUID,
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    response: Response,
 ) -> ImapCredentials:
-    """`Cache-Control: no-store`; the reader keeps them in memory for one read only."""
-    response.headers["Cache-Control"] = "no-store"
-    found = await mailbox.imap_credentials(session, keyring, server_id)
-    if found is None:
-        raise MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
-    return found
+    """`Cache-Control: no-store`; the reader keeps them in memory for one read only. An OAuth
+    server's own mailbox (`auth: xoauth2`) comes with a short-lived access token only."""
+    return await _imap_credentials(session, keyring, tokens, server_id, response, None)
+
+
+@router.post(
+    "/servers/{server_id}/imap-credentials/refresh",
+    tags=["mailbox"],
+    summary="The IMAP server refused this access token: a new one (refreshed once for all)",
+)
+@raises(MailboxNotFound, OAuthProviderUnavailable)
+async def refresh_imap_credentials(
+    server_id: uuid.UUID,
+    body: TokenRejected,
+    session: SessionDep,
+    keyring: KeyringDep,
+    tokens: TokenKeeperDep,
+    response: Response,
+) -> ImapCredentials:
+    """The same single-flight refresh as the senders': the provider is asked once."""
+    return await _imap_credentials(
+        session, keyring, tokens, server_id, response, body.rejected_token_sha256
+    )
 
 
 @router.post(

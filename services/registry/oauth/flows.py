@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, update
@@ -24,19 +24,16 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.registry import repository
-from services.registry.domain import (
-    AuthMethod,
-    CheckCode,
-    CheckOutcome,
-)
-from services.registry.models import OAuthFlow, OAuthStart, SmtpServer
+from services.registry import mailbox, repository
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome
+from services.registry.models import OAuthFlow, OAuthImap, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
 from services.registry.oauth.providers import Provider
 from services.registry.oauth.tokens import store_tokens
 from services.registry.verifier import Target, Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import AppError, Conflict, NotFound
+from shared.imap import ImapProblem, ImapSecurity
 from shared.metrics import OAUTH_CONNECTS
 from shared.timeutil import utcnow
 
@@ -66,7 +63,14 @@ CALLBACK_ERRORS = (
     "oauth_provider_not_configured",
     "internal_error",
 )
-_OUTCOMES = frozenset({"connected", *CALLBACK_ERRORS, *(code.value for code in CheckCode)})
+_OUTCOMES = frozenset(
+    {
+        "connected",
+        *CALLBACK_ERRORS,
+        *(code.value for code in CheckCode),
+        *(mailbox.imap_code(problem) for problem in ImapProblem),
+    }
+)
 
 
 def record_outcome(provider: str | None, outcome: str) -> None:
@@ -163,6 +167,9 @@ async def start(
         label=body.label,
         from_name=body.from_name,
         daily_cap=body.daily_cap,
+        read_mailbox=body.imap is not None,
+        imap_port=body.imap.port if body.imap else None,
+        imap_security=body.imap.security.value if body.imap and body.imap.security else None,
         expires_at=now + timedelta(seconds=ttl_seconds),
     )
     flow.verifier_ciphertext = keyring.encrypt(
@@ -227,7 +234,8 @@ async def complete(
     code: str,
     code_verifier: str,
 ) -> uuid.UUID:
-    """Exchange the code, find the address, check the server with XOAUTH2, store it."""
+    """Exchange the code, find the address, check the server (and the mailbox, when the start
+    asked for it) with XOAUTH2, store it."""
     try:
         tokens = await client.exchange(provider, code, code_verifier)
         address = address_from_claims(tokens.claims) or await client.userinfo_address(
@@ -253,6 +261,20 @@ async def complete(
         assert outcome.code is not None
         logger.info("oauth connect refused by the SMTP check: %s", outcome.code.value)
         raise FlowError(outcome.code.value)
+    imap_endpoint = None
+    if flow.read_mailbox:
+        imap_endpoint = mailbox.grant_endpoint(
+            provider,
+            address,
+            OAuthImap(
+                port=flow.imap_port,
+                security=ImapSecurity(flow.imap_security) if flow.imap_security else None,
+            ),
+        )
+        checked = await verifier.check_imap(replace(imap_endpoint, password=tokens.access_token))
+        if checked.problem is not None:
+            logger.info("oauth connect refused by the IMAP check: %s", checked.problem.value)
+            raise FlowError(mailbox.imap_code(checked.problem))
 
     async with sessions() as session, session.begin():
         server = await _target_server(session, flow, provider, address)
@@ -283,6 +305,8 @@ async def complete(
             keyring, server, repository.REFRESH_TOKEN, tokens.refresh_token
         )
         store_tokens(keyring, server, tokens.access_token, tokens.expires_at)
+        if imap_endpoint is not None:
+            mailbox.store(keyring, server, imap_endpoint)
         server.record_check(outcome, utcnow())
         session.add(server)
         try:

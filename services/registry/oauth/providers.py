@@ -1,9 +1,10 @@
 """The OAuth providers a tenant can connect a mailbox with: one table, free of I/O.
 
-Each row names the provider's endpoints, the scopes that allow SMTP submission (and an
-address), and the SMTP server that accepts its tokens with SASL XOAUTH2. A provider is offered
-only when the operator configured its client; every endpoint and SMTP setting can be overridden
-by `ABL_OAUTH_<PROVIDER>_*` settings (tests, national clouds).
+Each row names the provider's endpoints, the scopes that allow SMTP submission and reading the
+mailbox over IMAP (and an address), and the SMTP and IMAP servers that accept its tokens with
+SASL XOAUTH2. A provider is offered only when the operator configured its client; every
+endpoint, SMTP and IMAP setting and the scopes can be overridden by `ABL_OAUTH_<PROVIDER>_*`
+settings (tests, national clouds).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Provider:
     smtp_host: str
     smtp_port: int
     security: Security
+    # The IMAP server (implicit TLS) that takes the same access token: the mailbox reader's.
+    imap_host: str
+    imap_port: int
     # Other spellings of the issuer the provider uses.
     issuer_aliases: tuple[str, ...] = ()
     # Extra query parameters of the authorization request.
@@ -54,11 +58,14 @@ PROVIDERS: dict[str, Provider] = {
         jwks_url="https://www.googleapis.com/oauth2/v3/certs",
         issuer="https://accounts.google.com",
         issuer_aliases=("accounts.google.com",),  # Google documents both
-        # https://mail.google.com/ is the only Google scope that allows SMTP.
+        # https://mail.google.com/ is the only Google scope that allows SMTP, and it covers IMAP
+        # (https://developers.google.com/gmail/imap/xoauth2-protocol).
         scopes=("openid", "email", "https://mail.google.com/"),
         smtp_host="smtp.gmail.com",
         smtp_port=587,
         security=Security.starttls,
+        imap_host="imap.gmail.com",
+        imap_port=993,
         # offline: a refresh token; consent: Google gives one again on a reconnect.
         authorize_params={"access_type": "offline", "prompt": "consent"},
     ),
@@ -72,10 +79,21 @@ PROVIDERS: dict[str, Provider] = {
         userinfo_url="https://graph.microsoft.com/oidc/userinfo",
         jwks_url="https://login.microsoftonline.com/{tenant}/discovery/v2.0/keys",
         issuer="https://login.microsoftonline.com/{tenantid}/v2.0",
-        scopes=("openid", "email", "offline_access", "https://outlook.office.com/SMTP.Send"),
+        # One token for both: SMTP.Send and IMAP.AccessAsUser.All share the audience
+        # outlook.office.com (https://learn.microsoft.com/exchange/client-developer/
+        # legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth).
+        scopes=(
+            "openid",
+            "email",
+            "offline_access",
+            "https://outlook.office.com/SMTP.Send",
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+        ),
         smtp_host="smtp.office365.com",
         smtp_port=587,
         security=Security.starttls,
+        imap_host="outlook.office365.com",
+        imap_port=993,
         authorize_params={"prompt": "select_account"},
     ),
 }
@@ -110,9 +128,14 @@ def configured(settings: OAuthSettings) -> dict[str, Provider]:
                 "issuer",
                 "smtp_host",
                 "smtp_port",
+                "imap_host",
+                "imap_port",
             )
             if getattr(settings, f"oauth_{name}_{key}") is not None
         }
+        scopes: str | None = getattr(settings, f"oauth_{name}_scopes")
+        if scopes:
+            overrides["scopes"] = tuple(scopes.split())
         if "issuer" in overrides:
             overrides["issuer_aliases"] = ()
         found[name] = replace(provider, **overrides)
