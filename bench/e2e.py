@@ -8,6 +8,7 @@ connection per email: what the product must beat). Each figure comes with the CP
 Then scale-out: the stack with 4 senders against 1, to a sink that waits 50 ms before each reply.
 
     .venv/bin/python -m bench.e2e --emails 1500 --scale-emails 600
+    .venv/bin/python -m bench.e2e --shapes single --scale-emails 0   # one shape, quicker
 """
 
 from __future__ import annotations
@@ -213,27 +214,30 @@ def main(args: argparse.Namespace) -> None:
             f"{celery / bare:8.2f}x {1:8.2f}x  {per_thousand(celery_cpu, n)}"
         )
 
-        single = make_settings(f"sqlite:///{workdir / 'single.db'}")
-        service = start("all", "all", service_env(single, **extra), workdir)
-        try:
-            rate, (cpu,) = through_the_product(
-                service.url, single, sink_port, n, [service.process.pid]
+        if "single" in args.shapes:
+            single = make_settings(f"sqlite:///{workdir / 'single.db'}")
+            service = start("all", "all", service_env(single, **extra), workdir)
+            try:
+                rate, (cpu,) = through_the_product(
+                    service.url, single, sink_port, n, [service.process.pid]
+                )
+            finally:
+                service.stop()
+            print(
+                f"{'make run shape (one process, SQLite)':48} {rate:9.1f} {rate / bare:8.2f}x "
+                f"{rate / celery:8.2f}x  {per_thousand(cpu, n)}  "
+                f"({cpu / bare_cpu:.1f}x the bare CPU)"
             )
-        finally:
-            service.stop()
-        print(
-            f"{'make run shape (one process, SQLite)':48} {rate:9.1f} {rate / bare:8.2f}x "
-            f"{rate / celery:8.2f}x  {per_thousand(cpu, n)}  ({cpu / bare_cpu:.1f}x the bare CPU)"
-        )
-        rate, cpus = run_stack(workdir, sink_port, n, 2, extra)
-        total = sum(cpus.values())
-        print(
-            f"{'stack shape (5 processes, PostgreSQL, RabbitMQ)':48} {rate:9.1f} "
-            f"{rate / bare:8.2f}x {rate / celery:8.2f}x  {per_thousand(total, n)}  "
-            f"({total / bare_cpu:.1f}x the bare CPU)"
-        )
-        for name, seconds in cpus.items():
-            print(f"    {name:44} {'':9} {'':8} {'':9}  {per_thousand(seconds, n)}")
+        if "stack" in args.shapes:
+            rate, cpus = run_stack(workdir, sink_port, n, 2, extra)
+            total = sum(cpus.values())
+            print(
+                f"{'stack shape (5 processes, PostgreSQL, RabbitMQ)':48} {rate:9.1f} "
+                f"{rate / bare:8.2f}x {rate / celery:8.2f}x  {per_thousand(total, n)}  "
+                f"({total / bare_cpu:.1f}x the bare CPU)"
+            )
+            for name, seconds in cpus.items():
+                print(f"    {name:44} {'':9} {'':8} {'':9}  {per_thousand(seconds, n)}")
     finally:
         sink.terminate()
         sink.wait()
@@ -257,5 +261,11 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--emails", type=int, default=1500)
-    parser.add_argument("--scale-emails", type=int, default=600)
+    parser.add_argument("--scale-emails", type=int, default=600, help="0 skips the scale-out")
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: set(text.split(",")),
+        default={"single", "stack"},
+        help="which shapes to measure: single, stack or single,stack",
+    )
     main(parser.parse_args())
