@@ -25,7 +25,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import mailbox, repository
-from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, ServerStatus
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome
 from services.registry.models import OAuthFlow, OAuthImap, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
 from services.registry.oauth.providers import Provider
@@ -307,12 +307,7 @@ async def complete(
         store_tokens(keyring, server, tokens.access_token, tokens.expires_at)
         if imap_endpoint is not None:
             mailbox.store(keyring, server, imap_endpoint)
-        server.last_check_code = None
-        server.last_check_reply = outcome.detail[:512]
-        server.last_checked_at = utcnow()
-        if server.status != ServerStatus.paused:
-            server.status = ServerStatus.active
-        server.updated_at = utcnow()
+        server.record_check(outcome, utcnow())
         session.add(server)
         try:
             await repository.flush_unique(session)
