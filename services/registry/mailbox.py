@@ -296,7 +296,8 @@ async def imap_credentials(
     rejected_token: str | None = None,
 ) -> ImapCredentials | None:
     """The mailbox access of a server (any tenant), for the scheduler's mailbox reader; None
-    when the server does not exist or reads no mailbox.
+    when the server does not exist or reads no mailbox, or when a mailbox read with the grant
+    names a host other than its provider's IMAP server.
 
     A mailbox read with the OAuth grant gets a short-lived access token (null when the grant
     is gone); `rejected_token` (its SHA-256) names one the IMAP server refused: a new one is
