@@ -37,8 +37,13 @@ def permissive_umask() -> Iterator[None]:
 
 
 def test_dev_env_is_0600_in_a_0700_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ABL_ADMIN_TOKEN", "ABL_INTERNAL_TOKEN", "ABL_ENCRYPTION_KEYS"):
-        monkeypatch.delenv(name, raising=False)
+    # ensure_dev_env loads the secrets it writes into the environment: a copy of it here, so
+    # that no later test's settings read them.
+    monkeypatch.setattr(
+        os,
+        "environ",
+        {name: value for name, value in os.environ.items() if not name.startswith("ABL_")},
+    )
     path = ensure_dev_env(tmp_path / ".abl" / "dev.env")
     assert mode(path.parent) == 0o700
     assert mode(path) == 0o600

@@ -13,11 +13,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from services.registry.keys import rotate_keys
+from services.registry.models import SmtpServer
 from services.registry.oauth.providers import PROVIDERS, configured
 from services.scheduler.inbox import MailboxReader
 from services.scheduler.mailbox_source import HttpMailboxSource
 from services.sender.clients import token_digest
+from shared.crypto import Keyring, generate_key
 from shared.messages import Outcome
+from shared.settings import decode_key
 from tests.conftest import Api, make_settings, running
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer, dovecot_server
@@ -53,7 +57,8 @@ async def api(
         oauth_smtp,
         oauth_google_imap_host="localhost",
         oauth_google_imap_port=oauth_dovecot.tls_port,
-        oauth_microsoft_imap_host="localhost",
+        # Another name for the same Dovecot: each provider has its own IMAP host.
+        oauth_microsoft_imap_host="127.0.0.1",
         oauth_microsoft_imap_port=oauth_dovecot.tls_port,
         inbox_timeout_seconds=5.0,
         inbox_poll_seconds=0.001,  # every mailbox due again right after a read
@@ -241,6 +246,71 @@ async def test_a_connection_asking_for_the_mailbox_checks_it_at_the_callback(
     assert view["imap"]["port"] == oauth_dovecot.tls_port
     assert view["imap"]["username"] == USER
     assert await reader(api).poll_all() == {uuid.UUID(connected["server_id"]): None}
+
+
+async def read_with_xoauth2(api: Api, authority: AuthorizationServer, server_id: str) -> None:
+    """The reader gets an access token for the mailbox and Dovecot checks it."""
+    access = await api.client.get(
+        f"/internal/v1/servers/{server_id}/imap-credentials", headers=api.internal()
+    )
+    assert access.status_code == 200, access.text
+    assert (access.json()["auth"], access.json()["password"]) == ("xoauth2", "")
+    before = authority.tokeninfo_calls
+    assert await reader(api).poll_all() == {uuid.UUID(server_id): None}
+    assert authority.tokeninfo_calls > before
+
+
+async def test_key_rotation_keeps_a_mailbox_read_with_the_grant(
+    api: Api, authority: AuthorizationServer
+) -> None:
+    tenant = await api.new_tenant()
+    server_id = await oauth_server_with_mailbox(api, authority, tenant)
+    sessions = api.app.state.sessions
+
+    # Everything is under the first key already: nothing to re-encrypt, and the mailbox (no
+    # IMAP password) is not given an empty one.
+    report = await rotate_keys(sessions, Keyring.from_keys(api.settings.keys))
+    await read_with_xoauth2(api, authority, server_id)
+    assert report.reencrypted == 0
+
+    # Under a new key: the tokens move, the mailbox still has no password of its own.
+    new_key = decode_key(generate_key())
+    assert (await rotate_keys(sessions, Keyring.from_keys([new_key, *api.settings.keys]))) == (
+        type(report)(examined=1, reencrypted=1)
+    )
+    async with sessions() as session:
+        row = await session.get(SmtpServer, uuid.UUID(server_id))
+        assert row is not None
+        assert row.imap_password_ciphertext is None
+        assert row.imap_host == "localhost"
+
+
+async def test_a_reconnect_under_another_provider_moves_the_mailbox_to_its_imap_server(
+    api: Api, authority: AuthorizationServer, oauth_dovecot: DovecotServer
+) -> None:
+    tenant = await api.new_tenant()
+    server_id = await oauth_server_with_mailbox(api, authority, tenant)
+    # The same address, reconnected under Microsoft without an imap object.
+    again = await connect(api, authority, tenant, USER, "microsoft", server_id=server_id)
+    assert again == {"server_id": server_id}
+    view = (await api.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+    assert (view["imap"]["host"], view["imap"]["port"]) == ("127.0.0.1", oauth_dovecot.tls_port)
+    assert view["imap"]["username"] == USER
+    await read_with_xoauth2(api, authority, server_id)
+
+    # A row that names another provider's IMAP host (as one stored before this was kept in
+    # step) gets no token: the mailbox is not read.
+    async with api.app.state.sessions() as session, session.begin():
+        row = await session.get(SmtpServer, uuid.UUID(server_id))
+        assert row is not None
+        row.imap_host = "localhost"  # Google's in this test
+    access = await api.client.get(
+        f"/internal/v1/servers/{server_id}/imap-credentials", headers=api.internal()
+    )
+    assert (access.status_code, access.json()["code"]) == (404, "mailbox_not_found")
+    before = authority.tokeninfo_calls
+    assert uuid.UUID(server_id) not in await reader(api).poll_all()
+    assert authority.tokeninfo_calls == before
 
 
 def test_the_provider_table_names_imap_and_its_scopes_and_both_can_be_overridden() -> None:

@@ -138,3 +138,40 @@ def test_token_bucket_never_grants_more_than_burst_plus_rate_times_time(
         assert wait >= 0
         granted += wait == 0
     assert granted <= burst + rate * (now - 1000.0) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("current", "found", "settled"),
+    [
+        # A pause by hand wins over whatever is found: a check, a sender's report, a refused
+        # OAuth refresh, the bounce-rate guard.
+        (ServerStatus.paused, ServerStatus.active, ServerStatus.paused),
+        (ServerStatus.paused, ServerStatus.auth_failed, ServerStatus.paused),
+        (ServerStatus.paused, ServerStatus.paused_bounces, ServerStatus.paused),
+        # Anything else takes what was found, a pause for bounces included (a check that passes
+        # after one is the tenant's own doing, through PATCH or verify).
+        (ServerStatus.paused_bounces, ServerStatus.active, ServerStatus.active),
+        (ServerStatus.paused_bounces, ServerStatus.paused_bounces, ServerStatus.paused_bounces),
+        (ServerStatus.active, ServerStatus.auth_failed, ServerStatus.auth_failed),
+        (ServerStatus.auth_failed, ServerStatus.active, ServerStatus.active),
+        (ServerStatus.tls_failed, ServerStatus.paused_bounces, ServerStatus.paused_bounces),
+    ],
+)
+def test_a_pause_by_hand_wins(
+    current: ServerStatus, found: ServerStatus, settled: ServerStatus
+) -> None:
+    assert domain.settled_status(current, found) is settled
+
+
+@given(st.sampled_from(ServerStatus), st.sampled_from(ServerStatus))
+def test_only_a_pause_by_hand_is_kept(current: ServerStatus, found: ServerStatus) -> None:
+    settled = domain.settled_status(current, found)
+    assert settled is (current if current is ServerStatus.paused else found)
+
+
+@given(st.sampled_from(ServerStatus), st.sampled_from(ServerStatus))
+def test_the_update_guard_is_the_same_rule(current: ServerStatus, found: ServerStatus) -> None:
+    # A conditional UPDATE skips exactly the rows the rule would leave as they are.
+    assert (current in domain.unchanged_by(found)) == (
+        domain.settled_status(current, found) is current
+    )

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.sender.delivery import Deliverer
+from services.sender.delivery import Deliverer, MinuteLimit
 from services.sender.domain import minute_wait
 from shared.messages import EmailContent, Outcome, SendJob, SmtpCredentials
 from shared.timeutil import utcnow
@@ -155,3 +155,19 @@ async def test_without_a_limit_the_same_burst_goes_at_once(smtp: SmtpTestServer)
     taken = sorted(smtp.recorder.accepted_at)
     assert len(taken) == 12
     assert taken[-1] - taken[0] < 1.5
+
+
+async def test_a_slot_that_sent_nothing_is_given_back() -> None:
+    """A job canceled while it waited takes no place in its server's minute."""
+    limit = MinuteLimit(2, period=60.0)
+    async with limit.slot() as place:
+        place.nothing_sent()
+    async with limit.slot():
+        pass
+    async with limit.slot():
+        pass
+    assert len(limit.ends) == 2
+    # The minute is full now: a third send would wait for the oldest to leave it.
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2), limit.slot():
+            pass

@@ -18,7 +18,8 @@ from sqlmodel import select
 
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import ServerDay, ServerWarmup
-from services.webhooks.delivery import fan_out
+from services.webhooks import delivery
+from services.webhooks.delivery import Intake, fan_out
 from services.webhooks.keys import reencrypt_secrets
 from services.webhooks.models import WebhookEndpoint, WebhookMessage
 from shared.broker import Delivery
@@ -90,6 +91,38 @@ async def test_only_events_an_endpoint_wants_are_stored(database_url: str, hook:
             stored = (await session.exec(select(WebhookMessage.id))).all()
         assert added == 1
         assert stored == [events[2].id]  # the listening tenant's email.sent only
+
+
+async def test_an_event_that_cannot_be_stored_fails_alone(
+    database_url: str, hook: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events arriving together are stored in one transaction; when that fails, each is
+    tried alone, so only the bad one goes back to the broker (and towards its delivery
+    limit)."""
+    async with product(database_url) as api:
+        key = await api.new_tenant("acme")
+        await register(api, key, hook, event_types=["email.sent"])
+        tenant = await tenant_id(api, key)
+        events = [
+            Event(type=EventType.email_sent, tenant_id=tenant, data={"n": n}) for n in range(5)
+        ]
+        poisoned = events[2].id
+
+        async def fan_out_refusing_one(session: Any, batch: list[Event], *args: Any) -> int:
+            if any(e.id == poisoned for e in batch):
+                raise RuntimeError("cannot store this one")
+            return await fan_out(session, batch, *args)
+
+        monkeypatch.setattr(delivery, "fan_out", fan_out_refusing_one)
+        intake = Intake(api.app.state.sessions, api.settings)
+        outcomes = await asyncio.gather(
+            *(intake.handle(Delivery(e.encode(), e.id, 1)) for e in events),
+            return_exceptions=True,
+        )
+        assert [isinstance(o, RuntimeError) for o in outcomes] == [False, False, True, False, False]
+        async with api.app.state.sessions() as session:
+            stored = set((await session.exec(select(WebhookMessage.id))).all())
+        assert stored == {e.id for e in events} - {poisoned}
 
 
 async def test_an_endpoint_shows_its_secret_once_and_only_to_its_tenant(

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import events, repository
-from services.registry.domain import AuthMethod, Security, ServerStatus
+from services.registry.domain import AuthMethod, Security, ServerStatus, unchanged_by
 from services.registry.models import SmtpServer
 from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
@@ -90,7 +90,7 @@ async def record_health(
     check = {"last_check_code": status.value, "last_check_reply": reply[:512]}
     changed = await session.exec(
         update(table)
-        .where(table.c.id == server_id, table.c.status.not_in([ServerStatus.paused, status]))
+        .where(table.c.id == server_id, table.c.status.not_in(unchanged_by(status)))
         .values(status=status.value, last_checked_at=now, updated_at=now, **check)
     )
     if changed.rowcount:
@@ -116,10 +116,12 @@ async def pause_for_bounces(
         return None
     previous = str(server.status)
     table = table_of(SmtpServer)
-    paused = (ServerStatus.paused, ServerStatus.paused_bounces)
     changed = await session.exec(
         update(table)
-        .where(table.c.id == server_id, table.c.status.not_in(paused))
+        .where(
+            table.c.id == server_id,
+            table.c.status.not_in(unchanged_by(ServerStatus.paused_bounces)),
+        )
         .values(
             status=ServerStatus.paused_bounces.value,
             status_reason=reason[:512],

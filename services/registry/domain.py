@@ -256,6 +256,23 @@ def protocol_error(reply_code: int, reply: str) -> CheckOutcome:
     )
 
 
+# Statuses only the tenant's own resume ends: a check, a sender's report, a refused OAuth refresh
+# or the bounce-rate guard records what it found but leaves the status as it is.
+KEPT_STATUSES = frozenset({ServerStatus.paused})
+
+
+def settled_status(current: ServerStatus, found: ServerStatus) -> ServerStatus:
+    """The status a server takes when something other than resume finds it `found`: a pause
+    by hand wins."""
+    return current if current in KEPT_STATUSES else found
+
+
+def unchanged_by(found: ServerStatus) -> frozenset[ServerStatus]:
+    """The statuses `settled_status` leaves as they are when a server is found `found`: the
+    guard of a conditional UPDATE, so that of concurrent writers one changes the status."""
+    return KEPT_STATUSES | {found}
+
+
 def status_after_check(outcome: CheckOutcome) -> ServerStatus:
     if outcome.ok:
         return ServerStatus.active

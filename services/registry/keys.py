@@ -41,11 +41,12 @@ async def rotate_keys(
                     plain = repository.open_token(keyring, server, purpose, sealed)
                     setattr(server, column, repository.seal_token(keyring, server, purpose, plain))
                     changed = True
-            endpoint = mailbox.stored_endpoint(keyring, server)
-            if endpoint is not None and keyring.needs_rotation(
-                server.imap_password_ciphertext or ""
+            # A mailbox read with the OAuth grant has no IMAP password (a null column): sealing
+            # an empty one would turn its reads into a LOGIN with an empty password.
+            if server.imap_password_ciphertext and keyring.needs_rotation(
+                server.imap_password_ciphertext
             ):
-                mailbox.store_password(keyring, server, endpoint.password)
+                mailbox.store_password(keyring, server, mailbox.open_password(keyring, server))
                 changed = True
             if not changed:
                 continue

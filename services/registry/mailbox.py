@@ -9,6 +9,7 @@ the verified SMTP account (the same account at the same provider).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import replace
 from datetime import datetime
@@ -30,6 +31,8 @@ from shared.providers import PROVIDERS, detect
 from shared.timeutil import utcnow
 
 IMAP_PURPOSE = "imap-password"
+
+logger = logging.getLogger("abl.registry.mailbox")
 
 
 def provider_imap_host(preset: str | None, smtp_host: str, smtp_username: str) -> str | None:
@@ -159,8 +162,8 @@ def reads_with_grant(server: SmtpServer) -> bool:
     return server.auth == AuthMethod.xoauth2 and server.imap_password_ciphertext is None
 
 
-def stored_endpoint(keyring: Keyring, server: SmtpServer, token: str = "") -> ImapEndpoint | None:
-    """The stored mailbox access; for one read with the grant, `token` is its access token."""
+def stored_endpoint(keyring: Keyring, server: SmtpServer) -> ImapEndpoint | None:
+    """The stored mailbox access; one read with the grant gets its access token per use."""
     if server.imap_host is None or server.imap_port is None or server.imap_username is None:
         return None
     grant = reads_with_grant(server)
@@ -171,7 +174,7 @@ def stored_endpoint(keyring: Keyring, server: SmtpServer, token: str = "") -> Im
         server.imap_port,
         ImapSecurity(server.imap_security or "tls"),
         server.imap_username,
-        token if grant else open_password(keyring, server),
+        "" if grant else open_password(keyring, server),
         ImapAuth.xoauth2 if grant else ImapAuth.password,
     )
 
@@ -293,7 +296,8 @@ async def imap_credentials(
     rejected_token: str | None = None,
 ) -> ImapCredentials | None:
     """The mailbox access of a server (any tenant), for the scheduler's mailbox reader; None
-    when the server does not exist or reads no mailbox.
+    when the server does not exist or reads no mailbox, or when a mailbox read with the grant
+    names a host other than its provider's IMAP server.
 
     A mailbox read with the OAuth grant gets a short-lived access token (null when the grant
     is gone); `rejected_token` (its SHA-256) names one the IMAP server refused: a new one is
@@ -304,6 +308,17 @@ async def imap_credentials(
         return None
     token = None
     if endpoint.auth is ImapAuth.xoauth2:
+        provider = tokens.providers.get(server.oauth_provider or "")
+        if provider is None or endpoint.host != provider.imap_host:
+            # The access token only ever goes to its provider's IMAP server: a stored host
+            # that is not (any more) the provider's gets no token.
+            logger.warning(
+                "server %s: its mailbox %s is not the IMAP server of its OAuth provider %s",
+                server.id,
+                endpoint.host,
+                server.oauth_provider,
+            )
+            return None
         # The read is over: end its transaction before a refresh may wait for the row's lock.
         await session.commit()
         token = await grant_token(tokens, server, rejected_token)

@@ -9,11 +9,11 @@ from fastapi import FastAPI
 
 from services.registry import events
 from services.registry.api import router
-from services.registry.deps import CheckLimiter
 from services.registry.models import RegistryOutbox
 from services.registry.oauth import providers as oauth_providers
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.tokens import TokenKeeper
+from services.registry.service import CheckLimiter
 from services.registry.verifier import Verifier
 from shared.app import Resource, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus

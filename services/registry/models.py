@@ -18,7 +18,16 @@ from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
-from services.registry.domain import PRESETS, AuthMethod, Security, ServerStatus, status_hint
+from services.registry.domain import (
+    PRESETS,
+    AuthMethod,
+    CheckOutcome,
+    Security,
+    ServerStatus,
+    settled_status,
+    status_after_check,
+    status_hint,
+)
 from shared.imap import ImapSecurity
 from shared.outbox import OutboxRecord
 from shared.providers import detect
@@ -370,6 +379,15 @@ class SmtpServer(SmtpServerBase, table=True):
             last_poll_at=self.imap_last_poll_at,
             last_poll_error=self.imap_last_poll_error,
         )
+
+    def record_check(self, outcome: CheckOutcome, now: datetime) -> None:
+        """A connection check's outcome, whoever ran it: the last check, and the status it
+        means (a pause by hand wins)."""
+        self.last_check_code = outcome.code.value if outcome.code else None
+        self.last_check_reply = (outcome.reply or outcome.detail)[:512]
+        self.last_checked_at = now
+        self.status = settled_status(ServerStatus(self.status), status_after_check(outcome))
+        self.updated_at = now
 
     def to_public(self) -> SmtpServerPublic:
         return SmtpServerPublic(

@@ -40,12 +40,12 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler import (
-    cancels,
     domain,
     events,
     feedback,
     lifecycle,
     repository,
+    service,
     suppression,
     unsubscribe,
 )
@@ -228,7 +228,7 @@ class MailboxReader:
         broadcast: Callable[[CancelNotice], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
-        # Tells the senders of canceled emails whose jobs are out (`cancels.broadcast`).
+        # Tells the senders of canceled emails whose jobs are out (`service.broadcast_cancel`).
         self.broadcast = broadcast
         self.guard = domain.BounceGuard(
             window=settings.bounce_window,
@@ -712,7 +712,7 @@ async def _stop_sequence(session: AsyncSession, email: Email, now: datetime) -> 
     )
     notices = []
     for email_id in out.all():
-        canceled = await cancels.cancel(session, email.tenant_id, email_id, now)
+        canceled = await service.stop(session, email.tenant_id, email_id, now)
         if canceled is not None and canceled[1] is not None:
             notices.append(canceled[1])
     await session.exec(

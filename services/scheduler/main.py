@@ -12,7 +12,7 @@ import httpx
 from fastapi import FastAPI
 from pydantic import TypeAdapter
 
-from services.scheduler import cancels, inbox, repository, stats
+from services.scheduler import inbox, repository, service, stats
 from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.mailbox_source import HttpMailboxSource
@@ -125,7 +125,7 @@ def mailbox_reader(
                 opened,
                 allow_private=settings.allow_private_hosts,
                 allowed_ports=settings.allowed_imap_ports,
-                broadcast=partial(cancels.broadcast, app.state.bus, settings),
+                broadcast=partial(service.broadcast_cancel, app.state.bus, settings),
             )
             app.state.mailbox_reader = reader
             try:

@@ -46,9 +46,21 @@ class _Idle:
     since: float
 
 
+@dataclass
+class MinuteSlot:
+    """One send's place in its server's minute; one that sent nothing gives its place back."""
+
+    counted: bool = True
+
+    def nothing_sent(self) -> None:
+        self.counted = False
+
+
 class MinuteLimit:
     """At most `limit` sends of one server in any `period` seconds, in this process
-    (`domain.minute_wait`)."""
+    (`domain.minute_wait`). Per process: the dispatcher already releases a server's jobs no
+    faster than its limit (one every 60 / limit seconds), whichever sender takes them; this
+    bound holds when released jobs pile up in one sender (a burst after a broker restart)."""
 
     def __init__(self, limit: int, period: float = 60.0) -> None:
         self.limit = limit
@@ -58,7 +70,7 @@ class MinuteLimit:
         self.changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[MinuteSlot]:
         async with self.changed:
             while True:
                 now = time.monotonic()
@@ -71,12 +83,14 @@ class MinuteLimit:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), timeout=wait)
             self.in_flight += 1
+        use = MinuteSlot()
         try:
-            yield
+            yield use
         finally:
             async with self.changed:
                 self.in_flight -= 1
-                self.ends.append(time.monotonic())
+                if use.counted:
+                    self.ends.append(time.monotonic())
                 self.changed.notify_all()
 
 
@@ -206,9 +220,11 @@ class Deliverer:
                 None,
                 f"the message cannot be built: {type(exc).__name__}",
             )
-        async with pool.minute.slot() if pool.minute else contextlib.nullcontext(), pool.slots:
+        minute = pool.minute.slot() if pool.minute else contextlib.nullcontext(MinuteSlot())
+        async with minute as place, pool.slots:
             if canceled():
                 # Canceled while it waited for a connection to its server: nothing was sent.
+                place.nothing_sent()
                 return Attempt(Verdict(Outcome.failed, False, reason=CANCELED_BEFORE_SENDING))
             client = self._take_idle(pool, key)
             stage = Stage.connect

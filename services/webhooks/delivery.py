@@ -178,21 +178,29 @@ class Intake:
         while self.waiting:
             batch, self.waiting = self.waiting[:CLAIM_BATCH], self.waiting[CLAIM_BATCH:]
             try:
-                async with self.sessions() as session, session.begin():
-                    # A message delivered twice in one batch is stored once.
-                    events = list({e.id: e for e, _ in batch}.values())
-                    added = await fan_out(session, events, self.retry_window)
-            except Exception as exc:
-                for _, stored in batch:
-                    if not stored.done():
-                        stored.set_exception(exc)
-                continue
+                added = await self._store([event for event, _ in batch])
+            except Exception:
+                # One event that cannot be stored must not fail the others with it (each
+                # failure counts towards its message's delivery limit): one at a time.
+                added = 0
+                for event, stored in batch:
+                    try:
+                        added += await self._store([event])
+                    except Exception as exc:
+                        if not stored.done():
+                            stored.set_exception(exc)
             for event, stored in batch:
-                WEBHOOK_EVENTS.labels(event.type.value).inc()
                 if not stored.done():
+                    WEBHOOK_EVENTS.labels(event.type.value).inc()
                     stored.set_result(None)
             if added and self.on_new is not None:
                 self.on_new.wake()
+
+    async def _store(self, events: list[Event]) -> int:
+        async with self.sessions() as session, session.begin():
+            # A message delivered twice in one batch is stored once.
+            unique = list({e.id: e for e in events}.values())
+            return await fan_out(session, unique, self.retry_window)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,10 @@ class MailboxNotFound(NotFound):
     hint = "Only servers with an `imap` object have a mailbox to read."
 
 
+def _mailbox_not_found(server_id: uuid.UUID) -> MailboxNotFound:
+    return MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox.")
+
+
 class TokenRejected(BaseModel):
     rejected_token_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$",
@@ -64,20 +68,6 @@ async def _no_store(
     return found
 
 
-async def _credentials(
-    session: SessionDep,
-    keyring: KeyringDep,
-    tokens: TokenKeeperDep,
-    server_id: uuid.UUID,
-    response: Response,
-    rejected: str | None,
-) -> SmtpCredentials:
-    found = use_cases.server_credentials(
-        session, keyring, tokens, server_id, rejected_token=rejected
-    )
-    return await _no_store(response, found, lambda: server_not_found(server_id))
-
-
 @router.get(
     "/servers/{server_id}/credentials",
     tags=["credentials"],
@@ -92,7 +82,11 @@ async def get_server_credentials(
     response: Response,
 ) -> SmtpCredentials:
     """`Cache-Control: no-store`; a sender keeps them briefly in memory only."""
-    return await _credentials(session, keyring, tokens, server_id, response, None)
+    return await _no_store(
+        response,
+        use_cases.server_credentials(session, keyring, tokens, server_id),
+        lambda: server_not_found(server_id),
+    )
 
 
 @router.post(
@@ -111,8 +105,12 @@ async def refresh_server_credentials(
 ) -> SmtpCredentials:
     """Senders that saw the same token refused get the same new one: the provider is asked
     once."""
-    return await _credentials(
-        session, keyring, tokens, server_id, response, body.rejected_token_sha256
+    return await _no_store(
+        response,
+        use_cases.server_credentials(
+            session, keyring, tokens, server_id, rejected_token=body.rejected_token_sha256
+        ),
+        lambda: server_not_found(server_id),
     )
 
 
@@ -131,22 +129,6 @@ async def report_server_health(
     return HealthAck(id=server.id, status=ServerStatus(server.status))
 
 
-async def _imap_credentials(
-    session: SessionDep,
-    keyring: KeyringDep,
-    tokens: TokenKeeperDep,
-    server_id: uuid.UUID,
-    response: Response,
-    rejected: str | None,
-) -> ImapCredentials:
-    found = mailbox.imap_credentials(session, keyring, tokens, server_id, rejected_token=rejected)
-    return await _no_store(
-        response,
-        found,
-        lambda: MailboxNotFound(f"Server {server_id} does not exist or reads no mailbox."),
-    )
-
-
 @router.get(
     "/servers/{server_id}/imap-credentials",
     tags=["mailbox"],
@@ -162,7 +144,11 @@ async def get_imap_credentials(
 ) -> ImapCredentials:
     """`Cache-Control: no-store`; the reader keeps them in memory for one read only. An OAuth
     server's own mailbox (`auth: xoauth2`) comes with a short-lived access token only."""
-    return await _imap_credentials(session, keyring, tokens, server_id, response, None)
+    return await _no_store(
+        response,
+        mailbox.imap_credentials(session, keyring, tokens, server_id),
+        lambda: _mailbox_not_found(server_id),
+    )
 
 
 @router.post(
@@ -180,8 +166,12 @@ async def refresh_imap_credentials(
     response: Response,
 ) -> ImapCredentials:
     """The same single-flight refresh as the senders': the provider is asked once."""
-    return await _imap_credentials(
-        session, keyring, tokens, server_id, response, body.rejected_token_sha256
+    return await _no_store(
+        response,
+        mailbox.imap_credentials(
+            session, keyring, tokens, server_id, rejected_token=body.rejected_token_sha256
+        ),
+        lambda: _mailbox_not_found(server_id),
     )
 
 

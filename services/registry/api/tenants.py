@@ -7,17 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Body, status
 from fastapi.openapi.models import Example
 
-from services.registry import repository
+from services.registry import service
 from shared.db import SessionDep
 from shared.spec import example_response
-from shared.tenancy import (
-    AdminDep,
-    Tenant,
-    TenantCreate,
-    TenantCreated,
-    hash_api_key,
-    new_api_key,
-)
+from shared.tenancy import AdminDep, TenantCreate, TenantCreated
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -47,13 +40,4 @@ async def create_tenant(
 ) -> TenantCreated:
     """Needs the operator's admin token (`ABL_ADMIN_TOKEN`), not a tenant key. Only the key's
     SHA-256 is stored: keep `api_key` from this answer, it cannot be read again."""
-    api_key = new_api_key()
-    tenant = Tenant(name=body.name, api_key_hash=hash_api_key(api_key), api_key_prefix=api_key[:12])
-    await repository.add_tenant(session, tenant)
-    return TenantCreated(
-        id=tenant.id,
-        name=tenant.name,
-        api_key_prefix=tenant.api_key_prefix,
-        created_at=tenant.created_at,
-        api_key=api_key,
-    )
+    return await service.create_tenant(session, body.name)

@@ -25,7 +25,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import mailbox, repository
-from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, ServerStatus
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome
 from services.registry.models import OAuthFlow, OAuthImap, OAuthStart, SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure, address_from_claims
 from services.registry.oauth.providers import Provider
@@ -33,7 +33,7 @@ from services.registry.oauth.tokens import store_tokens
 from services.registry.verifier import Target, Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import AppError, Conflict, NotFound
-from shared.imap import ImapProblem, ImapSecurity
+from shared.imap import ImapEndpoint, ImapProblem, ImapSecurity
 from shared.metrics import OAUTH_CONNECTS
 from shared.timeutil import utcnow
 
@@ -305,20 +305,35 @@ async def complete(
             keyring, server, repository.REFRESH_TOKEN, tokens.refresh_token
         )
         store_tokens(keyring, server, tokens.access_token, tokens.expires_at)
+        if imap_endpoint is None and mailbox.reads_with_grant(server):
+            # A reconnect, perhaps under another provider, of a server that reads its mailbox
+            # with the grant: the new token must go to the new provider's IMAP server only.
+            imap_endpoint = _grant_mailbox_for(provider, server)
         if imap_endpoint is not None:
             mailbox.store(keyring, server, imap_endpoint)
-        server.last_check_code = None
-        server.last_check_reply = outcome.detail[:512]
-        server.last_checked_at = utcnow()
-        if server.status != ServerStatus.paused:
-            server.status = ServerStatus.active
-        server.updated_at = utcnow()
+        server.record_check(outcome, utcnow())
         session.add(server)
         try:
             await repository.flush_unique(session)
         except Conflict:
             raise FlowError("server_exists") from None
         return server.id
+
+
+def _grant_mailbox_for(provider: Provider, server: SmtpServer) -> ImapEndpoint | None:
+    """The mailbox a server read with its grant, at `provider`: kept as it was under the same
+    IMAP host, else the provider's own IMAP server with its defaults."""
+    if server.imap_host is None:
+        return None
+    kept = server.imap_host == provider.imap_host
+    return mailbox.grant_endpoint(
+        provider,
+        server.username,
+        OAuthImap(
+            port=server.imap_port if kept else None,
+            security=ImapSecurity(server.imap_security) if kept and server.imap_security else None,
+        ),
+    )
 
 
 async def _target_server(

@@ -26,7 +26,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry import repository
-from services.registry.domain import AuthMethod, CheckCode, ServerStatus
+from services.registry.domain import AuthMethod, CheckCode, CheckOutcome
 from services.registry.models import SmtpServer
 from services.registry.oauth.client import OAuthClient, OAuthFailure
 from services.registry.oauth.providers import Provider
@@ -156,12 +156,7 @@ class TokenKeeper:
     def _grant_gone(self, server: SmtpServer, reply: str) -> None:
         server.access_token_ciphertext = None
         server.access_token_expires_at = None
-        server.last_check_code = CheckCode.auth_failed.value
-        server.last_check_reply = reply[:512]
-        server.last_checked_at = utcnow()
-        if server.status != ServerStatus.paused:
-            server.status = ServerStatus.auth_failed
-        server.updated_at = utcnow()
+        server.record_check(CheckOutcome(CheckCode.auth_failed, reply), utcnow())
 
 
 def store_tokens(keyring: Keyring, server: SmtpServer, access: str, expires_at: datetime) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Annotated, Any
 
@@ -10,22 +9,18 @@ from fastapi import APIRouter, BackgroundTasks, Body, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from services.scheduler import cancels, lifecycle, repository, suppression
+from services.scheduler import repository, service
 from services.scheduler.deps import DispatcherDep
-from services.scheduler.lifecycle import Step
 from services.scheduler.models import (
     Accepted,
-    AcceptedItem,
     EmailCreate,
     EmailPage,
     EmailPublic,
     EmailStatus,
-    ItemStatus,
     MessageBatch,
 )
 from shared.db import SessionDep
-from shared.errors import Conflict, raises
-from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
+from shared.errors import raises
 from shared.pagination import (
     CursorQuery,
     InvalidCursor,
@@ -33,38 +28,11 @@ from shared.pagination import (
     decode_cursor,
     encode_cursor,
 )
-from shared.registry_read import tenant_servers
 from shared.spec import example_response
 from shared.tenancy import TenantDep
-from shared.timeutil import new_id, utcnow
-
-logger = logging.getLogger("abl.scheduler.messages")
+from shared.timeutil import utcnow
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
-
-
-class DuplicateIdempotencyKey(Conflict):
-    """The same `idempotency_key` appears twice in one batch."""
-
-    code = "duplicate_idempotency_key"
-    default_detail = "The same idempotency_key appears twice in this batch."
-    hint = "Give each email of a batch its own idempotency_key."
-
-
-class IdempotencyConflict(Conflict):
-    """Another request with the same `idempotency_key` is being stored at this moment."""
-
-    code = "idempotency_conflict"
-    default_detail = "Another request with the same idempotency_key is being stored."
-    hint = "Send the request again: it will return the first request's ids."
-
-
-class NotCancelable(Conflict):
-    """The email was already sent, or has finished otherwise."""
-
-    code = "not_cancelable"
-    default_detail = "This email is already sent."
-    hint = "Only queued or scheduled emails can be canceled."
 
 
 _batch = TypeAdapter(MessageBatch)
@@ -150,11 +118,6 @@ def parse_payload(payload: Any) -> list[EmailCreate]:
         raise RequestValidationError(errors) from exc
 
 
-def message_id_for(email_id: uuid.UUID) -> str:
-    # Stable across retries; the sender adds the From domain to make the Message-ID header.
-    return f"abl.{email_id.hex}"
-
-
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -162,7 +125,7 @@ def message_id_for(email_id: uuid.UUID) -> str:
     summary="Queue one email or a batch of up to 1,000; 202 means stored",
 )
 @example_response(status.HTTP_202_ACCEPTED, ACCEPTED_EXAMPLE)
-@raises(DuplicateIdempotencyKey, IdempotencyConflict)
+@raises(service.DuplicateIdempotencyKey, service.IdempotencyConflict)
 async def accept_messages(
     payload: Annotated[Any, Body(include_in_schema=False)],
     tenant: TenantDep,
@@ -178,72 +141,8 @@ async def accept_messages(
     email's id, so a batch sent again after a timeout queues nothing twice. A key twice in one
     batch is refused (409 `duplicate_idempotency_key`); two requests storing the same key at the
     same moment: one wins, the other gets 409 `idempotency_conflict` and may be sent again."""
-    items = parse_payload(payload)
-    keys = [item.idempotency_key for item in items if item.idempotency_key]
-    if len(keys) != len(set(keys)):
-        raise DuplicateIdempotencyKey()
-    known = await repository.emails_by_keys(session, tenant.id, keys)
-    blocked = await suppression.suppressed_among(session, tenant.id, (i.to for i in items))
-    now = utcnow()
-    ids: list[uuid.UUID] = []
-    results: list[AcceptedItem] = []
-    fresh: list[dict[str, Any]] = []
-    for item in items:
-        if item.idempotency_key and item.idempotency_key in known:
-            ids.append(known[item.idempotency_key])
-            results.append(AcceptedItem(id=ids[-1], status=ItemStatus.duplicate))
-            continue
-        # Plain rows for one multi-row INSERT: an ORM object per email cost more CPU than the
-        # rest of the request.
-        refused = item.to.lower() in blocked
-        email_id = new_id()
-        fresh.append(
-            {
-                "id": email_id,
-                "tenant_id": tenant.id,
-                # Stored all the same, so that its id answers and the refusal is on record.
-                "status": lifecycle.after(None, Step.refuse_suppressed if refused else Step.accept),
-                "to": item.to,
-                "subject": item.subject,
-                "text": item.text,
-                "html": item.html,
-                "reply_to": item.reply_to,
-                "campaign": item.campaign,
-                "sequence": item.sequence,
-                "unsubscribe": item.unsubscribe,
-                "headers": item.headers,
-                "idempotency_key": item.idempotency_key,
-                "message_id": message_id_for(email_id),
-                "attempts": 0,
-                "not_before": now,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
-        ids.append(email_id)
-        results.append(
-            AcceptedItem(
-                id=email_id, status=ItemStatus.suppressed if refused else ItemStatus.queued
-            )
-        )
-    if fresh and not await repository.add_emails(session, fresh):
-        raise IdempotencyConflict()
-    servers = [s for s in await tenant_servers(session, tenant.id) if s.sendable]
-    suppressed = sum(1 for r in results if r.status == ItemStatus.suppressed)
-    EMAILS_ACCEPTED.inc(len(fresh) - suppressed)
-    if suppressed:
-        SUPPRESSED.labels("intake").inc(suppressed)
-    dispatcher.wake.set()
-    return Accepted(
-        ids=ids,
-        items=results,
-        queued=len(fresh) - suppressed,
-        duplicates=len(items) - len(fresh),
-        suppressed=suppressed,
-        active_servers=len(servers),
-        warning=None
-        if servers
-        else "No active server: the emails stay queued until one is added or resumed.",
+    return await service.accept(
+        session, tenant.id, parse_payload(payload), utcnow(), dispatcher.wake
     )
 
 
@@ -260,7 +159,7 @@ async def list_messages(
 ) -> EmailPage:
     """Filtered by `status`, `campaign` and `server_id`. Paginated: up to `limit` emails per
     page; pass `next_cursor` as `cursor` for the next page (null on the last)."""
-    rows, next_after = await repository.list_emails(
+    rows, next_after = await service.list_emails(
         session,
         tenant.id,
         status=status_filter,
@@ -279,11 +178,11 @@ async def list_messages(
 @raises(repository.EmailNotFound)
 async def get_message(email_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> EmailPublic:
     """Another tenant's id answers 404 like an id that does not exist."""
-    return (await repository.get_email(session, tenant.id, email_id)).to_public()
+    return (await service.get_email(session, tenant.id, email_id)).to_public()
 
 
 @router.post("/{email_id}/cancel", summary="Cancel an email that has not been sent yet")
-@raises(repository.EmailNotFound, NotCancelable)
+@raises(repository.EmailNotFound, service.NotCancelable)
 async def cancel_message(
     email_id: uuid.UUID,
     tenant: TenantDep,
@@ -294,15 +193,13 @@ async def cancel_message(
     """A queued or scheduled email becomes `canceled`; one already handed to a sender is
     skipped by it unless its SMTP transaction has started (then `sent` wins). Anything else
     answers 409 `not_cancelable`."""
-    canceled = await cancels.cancel(session, tenant.id, email_id, utcnow())
-    if canceled is None:
-        email = await repository.get_email(session, tenant.id, email_id)  # 404 if not there
-        raise NotCancelable(f"This email is already {email.status}.")
-    _, notice = canceled
-    if notice is not None:
-        # Its job is on its way to a sender: every sender is told after the commit, which the
-        # session dependency does before the response.
+    canceled = await service.cancel(session, tenant.id, email_id, utcnow())
+    if canceled.notice is not None:
+        # After the commit, which the session dependency does before the response.
         background.add_task(
-            cancels.broadcast, request.app.state.bus, request.app.state.settings, notice
+            service.broadcast_cancel,
+            request.app.state.bus,
+            request.app.state.settings,
+            canceled.notice,
         )
-    return (await repository.get_email(session, tenant.id, email_id)).to_public()
+    return canceled.email.to_public()

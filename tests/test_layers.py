@@ -1,0 +1,47 @@
+"""The layers' boundaries: use cases and repositories know nothing of HTTP. A route maps their
+errors (the hierarchy of shared/errors.py) to responses; none of them imports the framework."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAMEWORKS = ("fastapi", "starlette")
+LAYERS = sorted(
+    {
+        *ROOT.glob("services/*/repository*.py"),
+        *ROOT.glob("services/*/repository/**/*.py"),
+        *ROOT.glob("services/*/service*.py"),
+        *ROOT.glob("services/*/service/**/*.py"),
+    }
+)
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_every_service_has_a_service_layer() -> None:
+    layered = {path.relative_to(ROOT).parts[1] for path in LAYERS if "service" in path.name}
+    assert {"registry", "scheduler"} <= layered
+
+
+@pytest.mark.parametrize("path", LAYERS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_no_framework_in_use_cases_or_repositories(path: Path) -> None:
+    framework = sorted(name for name in imported_modules(path) if name.split(".")[0] in FRAMEWORKS)
+    assert framework == [], f"{path.relative_to(ROOT)} imports {framework}"
+
+
+def test_the_check_finds_a_framework_import(tmp_path: Path) -> None:
+    module = tmp_path / "service.py"
+    module.write_text("import json\nfrom starlette.exceptions import HTTPException\n")
+    assert "starlette.exceptions" in imported_modules(module)
