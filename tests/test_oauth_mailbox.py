@@ -60,7 +60,9 @@ async def api(
         # Another name for the same Dovecot: each provider has its own IMAP host.
         oauth_microsoft_imap_host="127.0.0.1",
         oauth_microsoft_imap_port=oauth_dovecot.tls_port,
-        inbox_timeout_seconds=5.0,
+        # Each login makes Dovecot's auth process ask the test's authorization server about
+        # the token over HTTPS: under a loaded CI machine that hop alone took over 5 s once.
+        inbox_timeout_seconds=30.0,
         inbox_poll_seconds=0.001,  # every mailbox due again right after a read
     )
     async with running(settings, combined=True) as value:
