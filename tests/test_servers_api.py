@@ -370,7 +370,9 @@ async def test_unanswered_handshake_looks_like_a_closed_port(database_url: str) 
             elapsed = time.monotonic() - started
         refused = await api.client.post("/v1/servers", json=closed, headers=tenant)
     assert_problem(dropped, 422, "connect_failed")
-    assert elapsed < 2.0
+    # Bounded by the check's own timeout, not the system's connect timeout (minutes); the
+    # margin covers a request's own cost on a loaded machine.
+    assert elapsed < settings.verify_timeout_seconds + 2.5
     # Same code, same words: the check cannot tell a scanner which ports are filtered.
     assert {k: v for k, v in dropped.json().items() if k != "instance"} == {
         k: v for k, v in refused.json().items() if k != "instance"
