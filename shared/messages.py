@@ -96,13 +96,11 @@ class CancelNotice(MessageBody):
     job_id: uuid.UUID
 
 
-class SmtpCredentials(BaseModel):
-    """One server's credentials, as the registry's internal endpoint gives them to a sender.
-
-    HTTP only, never on the broker; the repr never shows the password or the token. A server
-    connected with OAuth (`auth: xoauth2`) comes with a short-lived access token only: the
-    refresh token never leaves the registry.
-    """
+class ServerAccess(BaseModel):
+    """How to log in to one of a tenant's mail servers, as the registry's internal endpoints
+    give it out: HTTP only, never on the broker; the repr never shows the password or the
+    token. A server connected with OAuth (`auth: xoauth2`) comes with a short-lived access
+    token only (null when its grant is gone): the refresh token never leaves the registry."""
 
     id: uuid.UUID
     tenant_id: uuid.UUID
@@ -114,6 +112,12 @@ class SmtpCredentials(BaseModel):
     password: str = Field(default="", repr=False)
     access_token: str | None = Field(default=None, repr=False)
     access_token_expires_at: datetime | None = None
+
+
+class SmtpCredentials(ServerAccess):
+    """One server's SMTP submission access and sending identity, for a sender (the login
+    fields and their rules: `ServerAccess`; an OAuth server's comes with an access token only)."""
+
     from_email: str
     from_name: str
     status: str = Field(description="The registry's status; only `active` servers send.")
@@ -125,25 +129,9 @@ class SmtpCredentials(BaseModel):
     )
 
 
-class ImapCredentials(BaseModel):
-    """One server's mailbox access, as the registry's internal endpoint gives it to the
-    scheduler's mailbox reader. HTTP only, never on the broker; the repr never shows the
-    password or the token.
-
-    `auth: xoauth2` (an OAuth server's own mailbox): a short-lived access token instead of the
-    password, null when the server's grant is gone; the refresh token never leaves the
-    registry."""
-
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    host: str
-    port: int
-    security: Literal["tls", "starttls"]
-    username: str
-    auth: Literal["password", "xoauth2"] = "password"
-    password: str = Field(default="", repr=False)
-    access_token: str | None = Field(default=None, repr=False)
-    access_token_expires_at: datetime | None = None
+class ImapCredentials(ServerAccess):
+    """One server's mailbox access, for the scheduler's mailbox reader (the login fields and
+    their rules: `ServerAccess`; an OAuth server's comes with an access token only)."""
 
 
 class MailboxPoll(BaseModel):
