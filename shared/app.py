@@ -14,10 +14,11 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from shared.db import create_engine, session_factory
-from shared.errors import ServiceUnavailable, install_problem_handlers, raises
+from shared.errors import ServiceUnavailable, raises
 from shared.limits import BodyLimitMiddleware
 from shared.metrics import install_metrics
 from shared.migrate import private_sqlite_file
+from shared.problems import install_problem_handlers
 from shared.settings import CommonSettings, DatabaseSettings
 from shared.spec import install_spec, operation_id
 

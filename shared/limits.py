@@ -11,7 +11,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import problem_response, status_problem
+from shared.problems import problem_response, status_problem
 
 # The routes whose bodies are batches of emails; every other route takes a small JSON object.
 LARGE_BODY_PATHS = frozenset({"/v1/messages"})

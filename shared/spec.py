@@ -18,7 +18,6 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from shared.errors import (
-    PROBLEM_MEDIA_TYPE,
     AppError,
     Endpoint,
     MalformedBody,
@@ -29,6 +28,7 @@ from shared.errors import (
     UpstreamUnavailable,
     declared_errors,
 )
+from shared.problems import PROBLEM_MEDIA_TYPE
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 # The public API's paths: the gateway (and the Ingress) pass these on, and answer 503

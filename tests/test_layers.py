@@ -16,6 +16,10 @@ LAYERS = sorted(
         *ROOT.glob("services/*/repository/**/*.py"),
         *ROOT.glob("services/*/service*.py"),
         *ROOT.glob("services/*/service/**/*.py"),
+        *ROOT.glob("services/*/domain.py"),
+        ROOT / "services/scheduler/lifecycle.py",
+        # The hierarchy every layer raises from; its HTTP rendering is shared/problems.py.
+        ROOT / "shared/errors.py",
     }
 )
 
@@ -45,3 +49,12 @@ def test_the_check_finds_a_framework_import(tmp_path: Path) -> None:
     module = tmp_path / "service.py"
     module.write_text("import json\nfrom starlette.exceptions import HTTPException\n")
     assert "starlette.exceptions" in imported_modules(module)
+
+
+def test_broker_errors_are_not_request_errors() -> None:
+    from services.sender.clients import DependencyUnavailable
+    from shared.errors import AblError, AppError, MessageError, PermanentMessageError
+
+    for error in (MessageError, PermanentMessageError, DependencyUnavailable):
+        assert issubclass(error, AblError)
+        assert not issubclass(error, AppError), f"{error.__name__} would render as a response"

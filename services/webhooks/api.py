@@ -34,7 +34,7 @@ from services.webhooks.models import (
 from shared import addresses
 from shared.crypto import Keyring
 from shared.db import SessionDep
-from shared.errors import KnownQueryOnly, NotFound, raises
+from shared.errors import NotFound, raises
 from shared.pagination import (
     CursorQuery,
     InvalidCursor,
@@ -42,6 +42,7 @@ from shared.pagination import (
     decode_cursor,
     encode_cursor,
 )
+from shared.problems import KnownQueryOnly
 from shared.settings import WebhookSettings
 from shared.tenancy import TenantDep
 from shared.timeutil import utcnow

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from services.registry.api import internal, oauth, servers, tenants
-from shared.errors import KnownQueryOnly
+from shared.problems import KnownQueryOnly
 
 # Every API route refuses query parameters its spec does not list. Not the OAuth routes: the
 # provider's redirect adds parameters of its own (scope, authuser, prompt, session_state, ...).

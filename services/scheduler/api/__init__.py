@@ -10,7 +10,7 @@ from services.scheduler.api import (
     unsubscribe,
     warmup,
 )
-from shared.errors import KnownQueryOnly
+from shared.problems import KnownQueryOnly
 
 # Every route refuses query parameters its spec does not list.
 router = APIRouter(dependencies=[KnownQueryOnly])
