@@ -1,6 +1,7 @@
 """Tenants and how a request proves which tenant it speaks for.
 
-The registry owns the `tenants` table; other services authenticate tenants through this module.
+The registry owns the `tenants` table (services/registry/models.py); every service authenticates
+tenants through this module.
 API keys are random 256-bit tokens, so a SHA-256 digest is enough to store them: no slow hash is
 needed against guessing, and a lookup by digest stays one indexed query.
 """
@@ -11,20 +12,17 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import field_validator
+from sqlalchemy import String, Uuid, column, select, table
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.errors import Unauthorized, raises
 from shared.settings import CommonSettings, InternalTokenSettings, RegistrySettings
-from shared.timeutil import UtcDateTime, new_id, utcnow
-from shared.validation import OneLineText, refuse_control_chars
 
 API_KEY_PREFIX = "abl_"
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
@@ -33,44 +31,22 @@ bearer = HTTPBearer(auto_error=False, description="A tenant API key, or a servic
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-class TenantBase(SQLModel):
-    name: OneLineText = Field(min_length=1, max_length=200)
+@dataclass(frozen=True)
+class AuthenticatedTenant:
+    """The tenant a request speaks for, as every service's routes see it."""
 
-    @field_validator("name")
-    @classmethod
-    def _clean_name(cls, value: str) -> str:
-        # min_length is checked before this strip: a name of spaces would pass it and then be
-        # stored empty (and fail the response model with a 500).
-        cleaned = refuse_control_chars(value).strip()
-        if not cleaned:
-            raise ValueError("must not be blank")
-        return cleaned
-
-
-class TenantCreate(TenantBase):
-    pass
-
-
-class TenantPublic(TenantBase):
     id: uuid.UUID
-    api_key_prefix: str
-    created_at: datetime
+    name: str
 
 
-class TenantCreated(TenantPublic):
-    api_key: str
-
-
-class Tenant(TenantBase, table=True):
-    __tablename__ = "tenants"
-
-    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
-    api_key_hash: str = Field(max_length=64, unique=True, index=True)
-    api_key_prefix: str = Field(max_length=16)
-    created_at: datetime = Field(
-        default_factory=utcnow,
-        sa_type=UtcDateTime,
-    )
+# The registry owns `tenants` (services/registry/models.py); the other services only look up an
+# API key's digest in it, by the two columns named here.
+_tenants = table(
+    "tenants",
+    column("id", Uuid),
+    column("name", String),
+    column("api_key_hash", String),
+)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -101,7 +77,7 @@ def get_internal_settings(request: Request) -> InternalTokenSettings:
 
 
 @raises(Unauthorized)
-async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
+async def current_tenant(request: Request, credentials: BearerDep) -> AuthenticatedTenant:
     if credentials is None or not credentials.credentials.startswith(API_KEY_PREFIX):
         raise Unauthorized("A tenant API key is required.")
     digest = hash_api_key(credentials.credentials)
@@ -109,11 +85,11 @@ async def current_tenant(request: Request, credentials: BearerDep) -> Tenant:
     # connection while the handler waits on a slow SMTP server.
     factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
     async with factory() as session:
-        query = select(Tenant).where(Tenant.api_key_hash == digest)
-        tenant = (await session.exec(query)).first()
-    if tenant is None:
+        query = select(_tenants.c.id, _tenants.c.name).where(_tenants.c.api_key_hash == digest)
+        row = (await session.exec(query)).first()  # type: ignore[call-overload]
+    if row is None:
         raise Unauthorized("This API key is not valid.")
-    return tenant
+    return AuthenticatedTenant(id=row[0], name=row[1])
 
 
 @raises(Unauthorized)
@@ -135,6 +111,6 @@ def require_internal(
         raise Unauthorized("The internal token is required.", hint="Use ABL_INTERNAL_TOKEN.")
 
 
-TenantDep = Annotated[Tenant, Depends(current_tenant)]
+TenantDep = Annotated[AuthenticatedTenant, Depends(current_tenant)]
 AdminDep = Depends(require_admin)
 InternalDep = Depends(require_internal)

@@ -136,7 +136,7 @@ async def truncate_postgres(url: str) -> None:
         url,
         "DO $$ BEGIN EXECUTE (SELECT 'TRUNCATE ' || string_agg(quote_ident(tablename), ', ') "
         "|| ' CASCADE' FROM pg_tables WHERE schemaname = 'public' "
-        "AND tablename <> 'alembic_version'); END $$",
+        "AND tablename NOT LIKE 'alembic\\_version%'); END $$",
     )
 
 

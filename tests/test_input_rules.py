@@ -20,12 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from services.registry.models import SmtpServerCreate, SmtpServerUpdate
+from services.registry.models import SmtpServerCreate, SmtpServerUpdate, TenantCreate
 from services.scheduler.models import EmailCreate, SendingProfileUpdate
 from services.sender.message import build_message, wire_bytes
 from shared.messages import EmailContent
 from shared.settings import Settings
-from shared.tenancy import TenantCreate
 from shared.validation import LINE_BREAKS
 from tests.conftest import Api, make_settings, running
 from tests.support.smtp import SmtpTestServer
@@ -530,9 +529,9 @@ def fuzz_call(
 async def stored_server(app: Any) -> str:
     """A server row written directly: with every address forbidden, none can pass a check."""
     from services.registry.domain import Security
-    from services.registry.models import SmtpServer
+    from services.registry.models import SmtpServer, Tenant
     from services.registry.repository import seal_password
-    from shared.tenancy import Tenant, hash_api_key
+    from shared.tenancy import hash_api_key
 
     async with app.state.sessions() as session, session.begin():
         tenant = Tenant(name="fuzz", api_key_hash=hash_api_key("abl_fuzz"), api_key_prefix="abl_")

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from sqlmodel import select
 
+from services.registry.models import Tenant
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import ServerDay, ServerWarmup
 from services.webhooks import delivery
@@ -27,7 +28,7 @@ from shared.crypto import Keyring, generate_key
 from shared.db import create_engine, session_factory
 from shared.events import Event, EventType
 from shared.settings import decode_key
-from shared.tenancy import Tenant, hash_api_key
+from shared.tenancy import hash_api_key
 from shared.timeutil import utcnow
 from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail

@@ -120,6 +120,46 @@ def _clean_secret(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+class TenantBase(SQLModel):
+    name: OneLineText = Field(min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _clean_name(cls, value: str) -> str:
+        # min_length is checked before this strip: a name of spaces would pass it and then be
+        # stored empty (and fail the response model with a 500).
+        cleaned = refuse_control_chars(value).strip()
+        if not cleaned:
+            raise ValueError("must not be blank")
+        return cleaned
+
+
+class TenantCreate(TenantBase):
+    pass
+
+
+class TenantPublic(TenantBase):
+    id: uuid.UUID
+    api_key_prefix: str
+    created_at: datetime
+
+
+class TenantCreated(TenantPublic):
+    api_key: str
+
+
+class Tenant(TenantBase, table=True):
+    __tablename__ = "tenants"
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    api_key_hash: str = Field(max_length=64, unique=True, index=True)
+    api_key_prefix: str = Field(max_length=16)
+    created_at: datetime = Field(
+        default_factory=utcnow,
+        sa_type=UtcDateTime,
+    )
+
+
 class SmtpServerBase(SQLModel):
     label: OneLineText = Field(default="", max_length=100)
     # A plain string here: checked on the way in (Create, Update) and stored in ASCII form,

@@ -9,11 +9,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.registry.models import SmtpServer
+from services.registry.models import SmtpServer, Tenant
 from shared.crypto import Keyring, associated_data
 from shared.errors import Conflict
 from shared.registry_read import server_not_found
-from shared.tenancy import Tenant
 
 
 class ServerExists(Conflict):

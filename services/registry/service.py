@@ -33,6 +33,8 @@ from services.registry.models import (
     SmtpServer,
     SmtpServerCreate,
     SmtpServerUpdate,
+    Tenant,
+    TenantCreated,
 )
 from services.registry.oauth.tokens import TokenKeeper, TokenUnavailable, token_digest
 from services.registry.verifier import Target, Verifier
@@ -40,7 +42,7 @@ from shared.crypto import Keyring
 from shared.errors import FieldError, RateLimited, Unprocessable
 from shared.metrics import SERVER_VERIFICATION_DURATION, SERVER_VERIFICATIONS
 from shared.settings import RegistrySettings
-from shared.tenancy import Tenant, TenantCreated, hash_api_key, new_api_key
+from shared.tenancy import hash_api_key, new_api_key
 from shared.timeutil import utcnow
 
 

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Body, status
 from fastapi.openapi.models import Example
 
 from services.registry import service
+from services.registry.models import TenantCreate, TenantCreated
 from shared.db import SessionDep
 from shared.spec import example_response
-from shared.tenancy import AdminDep, TenantCreate, TenantCreated
+from shared.tenancy import AdminDep
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
