@@ -27,6 +27,7 @@ _servers = table(
     column("host", String),
     column("username", String),
     column("imap_host", String),
+    column("provider", String),
 )
 
 
@@ -49,9 +50,11 @@ class ServerView:
     status: str
     daily_cap: int
     label: str
-    # Where it submits, so that the scheduler can tell its provider's limits.
+    # Where it submits, and the provider the registry stored at its check (null for a row
+    # stored before it did: the host then tells), so that the scheduler keeps its limits.
     host: str = ""
     username: str = ""
+    provider: str | None = None
 
     @property
     def sendable(self) -> bool:
@@ -67,6 +70,7 @@ def _select_servers() -> Any:  # Any: sqlmodel's exec() is typed for its own sel
         _servers.c.label,
         _servers.c.host,
         _servers.c.username,
+        _servers.c.provider,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 from collections.abc import Mapping
 from enum import StrEnum
@@ -30,6 +31,25 @@ PLACEHOLDER_SECRETS = frozenset(
 MIN_TOKEN_LENGTH = 24
 DEFAULT_SMTP_PORTS = (25, 465, 587, 2525)
 DEFAULT_IMAP_PORTS = (143, 993)
+
+
+def nameserver_address(value: str) -> tuple[str, int]:
+    """`ip`, `ip:port` or `[ipv6]:port` as (address, port); ValueError for anything else."""
+    text = value.strip()
+    address, port = text, 53
+    if text.startswith("["):
+        address, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"not an ip, ip:port or [ipv6]:port: {value!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        address, _, port_text = text.partition(":")
+        port = int(port_text)
+    ipaddress.ip_address(address)  # a name would need a resolver to find the resolver
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range: {value!r}")
+    return address, port
 
 
 class Environment(StrEnum):
@@ -298,6 +318,21 @@ class RegistrySettings(
     verify_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     verify_rate_per_minute: int = Field(default=10, ge=1)
     verify_burst: int = Field(default=5, ge=1)
+    # Provider detection at the server check (the SMTP host's CNAME chain, the account domain's
+    # MX): the resolvers to ask, `ip` or `ip:port` (`[ipv6]:port`), comma-separated; none means
+    # the system's (/etc/resolv.conf). The lookups run beside the check, bounded by the timeout.
+    dns_nameservers: Annotated[tuple[str, ...], NoDecode] = ()
+    dns_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+    @field_validator("dns_nameservers", mode="before")
+    @classmethod
+    def _split_nameservers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list | tuple):
+            for item in value:
+                nameserver_address(str(item))  # refused at start-up, not at the first check
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_secrets(self) -> Self:

@@ -18,7 +18,7 @@ from services.registry.oauth.tokens import TokenKeeper
 from shared.crypto import Keyring
 from shared.db import table_of
 from shared.messages import SmtpCredentials
-from shared.providers import detect
+from shared.providers import provider_of
 from shared.timeutil import utcnow
 
 
@@ -70,7 +70,7 @@ async def server_credentials(
         status=status.value,
         daily_cap=server.daily_cap,
         per_minute=provider.per_minute
-        if (provider := detect(server.host, server.username))
+        if (provider := provider_of(server.provider, server.host, server.username))
         else None,
     )
 

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Literal, Self
 
 from annotated_types import Interval
-from pydantic import SecretStr, WithJsonSchema, field_validator, model_validator
+from pydantic import PrivateAttr, SecretStr, WithJsonSchema, field_validator, model_validator
 from sqlalchemy import Column, ForeignKey, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
@@ -30,7 +30,7 @@ from services.registry.domain import (
 )
 from shared.imap import ImapSecurity
 from shared.outbox import OutboxRecord
-from shared.providers import detect
+from shared.providers import Provider, detect, provider_of
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
     JSON_INTEGER,
@@ -74,6 +74,10 @@ Password = Annotated[SecretStr, SchemaPattern(ONE_LINE_PATTERN)]
 Port = Annotated[int, Interval(ge=1, le=65535), JSON_INTEGER]
 DailyCap = Annotated[int, Interval(ge=1, le=MAX_DAILY_CAP), JSON_INTEGER]
 PresetName = StrEnum("PresetName", {name: name for name in PRESETS})  # type: ignore[misc]
+
+
+def default_daily_cap(provider: Provider | None) -> int:
+    return provider.daily if provider else DEFAULT_DAILY_CAP
 
 
 def _clean_text(value: str | None) -> str | None:
@@ -241,7 +245,9 @@ class SmtpServerCreate(SmtpServerBase):
         ge=1,
         le=MAX_DAILY_CAP,
         description="Defaults to the provider's daily limit (Gmail 500, Google Workspace "
-        "2,000, Microsoft 365 10,000, ...), or 500 for a server of unknown provider.",
+        "2,000, Microsoft 365 10,000, ...), or 500 for a server of unknown provider. The "
+        "provider is told from the SMTP host, else at the check from its CNAME chain or the "
+        "MX records of the account's domain (see `provider` in the answer).",
     )
 
     preset: PresetName | None = Field(
@@ -260,6 +266,13 @@ class SmtpServerCreate(SmtpServerBase):
     _clean_host = field_validator("host")(_clean_host)
     _clean_username = field_validator("username")(_clean_lower)
     _clean_password = field_validator("password")(_clean_secret)
+    # `daily_cap` was left out: the check's DNS answers may still name the provider, whose
+    # limit then replaces the host's default (`service.add_server`).
+    _daily_cap_defaulted: bool = PrivateAttr(default=False)
+
+    @property
+    def daily_cap_defaulted(self) -> bool:
+        return self._daily_cap_defaulted
 
     @model_validator(mode="after")
     def _apply_preset(self) -> Self:
@@ -269,8 +282,8 @@ class SmtpServerCreate(SmtpServerBase):
             self.port = self.port or preset.port
             self.security = self.security or preset.security
         if self.daily_cap is None:
-            provider = detect(self.host or "", self.username)
-            self.daily_cap = provider.daily if provider else DEFAULT_DAILY_CAP
+            self._daily_cap_defaulted = True
+            self.daily_cap = default_daily_cap(detect(self.host or "", self.username))
         return self
 
     def missing_connection_fields(self) -> list[str]:
@@ -331,6 +344,14 @@ class SmtpServerPublic(SmtpServerBase):
         default=None, description="`google` or `microsoft` for a server connected with OAuth."
     )
     has_password: bool = True
+    provider: str | None = Field(
+        default=None,
+        description="The mailbox provider behind the server, stored at its check: told from "
+        "the SMTP host, else its CNAME chain, else the MX records of the account's domain "
+        "(gmail, google_workspace, office365, outlook, zoho, yahoo, icloud, fastmail); null "
+        "for an unknown server (an own MTA), or when DNS did not answer. Its limits are the "
+        "ones the scheduler keeps (see GET /v1/servers/{id}/warmup).",
+    )
     last_check: LastCheck
     status_reason: str | None = Field(
         default=None, description="Why the server was paused by the bounce-rate guard."
@@ -379,6 +400,9 @@ class SmtpServer(SmtpServerBase, table=True):
         sa_column=Column(String(16), nullable=False, server_default=AuthMethod.password.value),
     )
     oauth_provider: str | None = Field(default=None, max_length=32)
+    # A key of `shared.providers.PROVIDERS`, detected at the last check that could tell;
+    # null for an unknown server and for rows stored before it was (then the host decides).
+    provider: str | None = Field(default=None, max_length=32)
     # Encrypted like the password (same keyring, associated data naming tenant, server and
     # purpose); the refresh token never leaves the registry.
     refresh_token_ciphertext: str | None = Field(default=None, max_length=8192)
@@ -420,6 +444,11 @@ class SmtpServer(SmtpServerBase, table=True):
             last_poll_error=self.imap_last_poll_error,
         )
 
+    def provider_key(self) -> str | None:
+        """The stored provider; for a row stored before it was, the one its host names."""
+        provider = provider_of(self.provider, self.host, self.username)
+        return provider.key if provider else None
+
     def record_check(self, outcome: CheckOutcome, now: datetime) -> None:
         """A connection check's outcome, whoever ran it: the last check, and the status it
         means (a pause by hand wins)."""
@@ -444,6 +473,7 @@ class SmtpServer(SmtpServerBase, table=True):
             auth=AuthMethod(self.auth),
             oauth_provider=self.oauth_provider,
             has_password=AuthMethod(self.auth) is AuthMethod.password,
+            provider=self.provider_key(),
             last_check=LastCheck(
                 ok=self.last_check_code is None and self.last_checked_at is not None,
                 code=self.last_check_code,

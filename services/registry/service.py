@@ -9,9 +9,10 @@ and every outcome is recorded by `SmtpServer.record_check`, which applies the on
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass
 
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -35,8 +36,10 @@ from services.registry.models import (
     SmtpServerUpdate,
     Tenant,
     TenantCreated,
+    default_daily_cap,
 )
 from services.registry.oauth.tokens import TokenKeeper, TokenUnavailable, token_digest
+from services.registry.provider_dns import Detection
 from services.registry.verifier import Target, Verifier
 from shared.crypto import Keyring
 from shared.errors import FieldError, RateLimited, Unprocessable
@@ -188,6 +191,49 @@ class Checker:
             raise check_failed(outcome)
         return outcome
 
+    async def require_detecting(
+        self, tenant_id: uuid.UUID, target: Target, from_email: str
+    ) -> tuple[CheckOutcome, Detection]:
+        """`require`, and the provider behind the account, looked up beside the check."""
+        outcome, detection = await beside(
+            self.check(tenant_id, target),
+            self.verifier.provider_dns.detect(target.host, target.username, from_email),
+            cancel_on_failure=True,
+        )
+        if not outcome.ok:
+            raise check_failed(outcome)
+        assert detection is not None
+        return outcome, detection
+
+
+async def beside(
+    check: Awaitable[CheckOutcome],
+    detection: Awaitable[Detection],
+    *,
+    cancel_on_failure: bool = False,
+) -> tuple[CheckOutcome, Detection | None]:
+    """The check and the provider's DNS lookups at once: the lookups add nothing to a check
+    that takes longer than they do, and a timeout of theirs nothing past
+    `ABL_DNS_TIMEOUT_SECONDS`. A check that raises (the tenant's budget) cancels them."""
+    lookups = asyncio.ensure_future(detection)
+    try:
+        outcome = await check
+    except BaseException:
+        lookups.cancel()
+        raise
+    if cancel_on_failure and not outcome.ok:
+        lookups.cancel()  # nothing will be stored: no need to wait for DNS
+        return outcome, None
+    return outcome, await lookups
+
+
+def apply_detection(server: SmtpServer, detection: Detection, *, endpoint_changed: bool) -> None:
+    """Store what the check's lookups found. A lookup that failed and found nothing leaves the
+    stored provider of the same endpoint as it was: a DNS hiccup at a re-check must not drop a
+    Microsoft 365 server to the cap of an unknown one."""
+    if detection.provider is not None or not detection.failed or endpoint_changed:
+        server.provider = detection.provider.key if detection.provider else None
+
 
 async def create_tenant(session: AsyncSession, name: str) -> TenantCreated:
     """A tenant and its API key; only the key's SHA-256 is stored."""
@@ -220,7 +266,8 @@ async def add_server(
     assert body.daily_cap is not None  # the model gives the provider's default
     password = body.password.get_secret_value()
     target = Target(body.host, body.port, body.security, body.username, password)
-    outcome = await checker.require(tenant_id, target)
+    outcome, detection = await checker.require_detecting(tenant_id, target, body.from_email)
+    provider = detection.provider
     imap_endpoint = None
     if body.imap is not None:
         imap_endpoint = mailbox.endpoint_for(
@@ -242,9 +289,11 @@ async def add_server(
         username=body.username,
         from_email=body.from_email,
         from_name=body.from_name,
-        daily_cap=body.daily_cap,
+        # Left out, it follows the provider the check found (perhaps only through DNS).
+        daily_cap=default_daily_cap(provider) if body.daily_cap_defaulted else body.daily_cap,
         password_ciphertext="",
         status=ServerStatus.active,
+        provider=provider.key if provider else None,
     )
     repository.seal_password(keyring, server, password)
     if imap_endpoint is not None:
@@ -309,7 +358,13 @@ async def update_server(
             username,
             body.password.get_secret_value(),
         )
-        server.record_check(await checker.require(tenant_id, target), utcnow())
+        outcome, detection = await checker.require_detecting(
+            tenant_id, target, body.from_email or server.from_email
+        )
+        server.record_check(outcome, utcnow())
+        apply_detection(
+            server, detection, endpoint_changed=bool({"host", "username"} & connection_changed)
+        )
     for name in _UPDATABLE:
         if name in changes:
             setattr(server, name, changes[name])
@@ -333,9 +388,10 @@ async def verify_server(
 ) -> SmtpServer:
     """Check the server again with its stored credentials; the outcome is its status."""
     server = await repository.get_server(session, tenant_id, server_id)
+    check: Awaitable[CheckOutcome]
     if AuthMethod(server.auth) is AuthMethod.xoauth2:
         checker.limiter.take(tenant_id)
-        outcome = await _check_oauth(session, server, checker, tokens)
+        check = _check_oauth(session, server, checker, tokens)
     else:
         target = Target(
             server.host,
@@ -344,8 +400,14 @@ async def verify_server(
             server.username,
             repository.open_password(keyring, server),
         )
-        outcome = await checker.check(tenant_id, target)
+        check = checker.check(tenant_id, target)
+    # The provider is looked up again whatever the outcome: a re-check is how a tenant whose
+    # domain moved (to Microsoft 365, say) gets the new limits.
+    lookups = checker.verifier.provider_dns.detect(server.host, server.username, server.from_email)
+    outcome, detection = await beside(check, lookups)
+    assert detection is not None
     server.record_check(outcome, utcnow())
+    apply_detection(server, detection, endpoint_changed=False)
     session.add(server)
     return server
 

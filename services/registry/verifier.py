@@ -19,6 +19,7 @@ import aiosmtplib
 
 from services.registry import domain
 from services.registry.domain import AuthMethod, CheckCode, CheckOutcome, Security
+from services.registry.provider_dns import ProviderDns
 from shared import addresses as addresses_module
 from shared import imap
 from shared.settings import RegistrySettings
@@ -51,6 +52,8 @@ class Verifier:
         self.allow_private = settings.allow_private_hosts
         self.allowed_ports = settings.allowed_smtp_ports
         self.allowed_imap_ports = settings.allowed_imap_ports
+        # The provider behind the account, looked up beside each check (CNAME chain, MX).
+        self.provider_dns = ProviderDns(settings)
 
     async def check_imap(self, endpoint: imap.ImapEndpoint) -> imap.ImapCheck:
         """LOGIN, SELECT INBOX (read-only), LOGOUT under the same address rules as SMTP."""

@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
-from shared.providers import Provider, detect
+from shared.providers import Provider, provider_of
 
 ServerT = TypeVar("ServerT")  # a server's id, whatever its type
 
@@ -65,9 +65,15 @@ class ServerLimits:
 
 
 def server_limits(
-    host: str, username: str, daily_cap: int, schedule: WarmupSchedule
+    host: str,
+    username: str,
+    daily_cap: int,
+    schedule: WarmupSchedule,
+    provider_key: str | None = None,
 ) -> ServerLimits:
-    provider = detect(host, username)
+    """`provider_key`: the provider the registry stored at the server's check (from its host,
+    CNAME chain or MX); without one (a row stored before it did), the host tells."""
+    provider = provider_of(provider_key, host, username)
     return ServerLimits(
         provider=provider.key if provider else None,
         top=ramp_top(provider, daily_cap, schedule),

@@ -426,8 +426,10 @@ class WarmupPublic(SQLModel):
     step: int
     top_step: int
     provider: str | None = Field(
-        description="The provider detected from the SMTP host (gmail, google_workspace, "
-        "office365, outlook, zoho, yahoo, icloud, fastmail), or null for an unknown server."
+        description="The provider the registry stored at the server's check, told from the "
+        "SMTP host, its CNAME chain or the MX records of the account's domain (gmail, "
+        "google_workspace, office365, outlook, zoho, yahoo, icloud, fastmail), or null for an "
+        "unknown server."
     )
     daily_limit: int = Field(
         description="The top of the ramp: the lowest of daily_cap and the provider's limit."

@@ -154,7 +154,9 @@ async def sending_windows(
 
 
 def limits_of(server: ServerView, schedule: WarmupSchedule) -> domain.ServerLimits:
-    return domain.server_limits(server.host, server.username, server.daily_cap, schedule)
+    return domain.server_limits(
+        server.host, server.username, server.daily_cap, schedule, server.provider
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,9 +35,11 @@ class Certificates:
     ca: trustme.CA
     ca_file: str
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, names: tuple[str, ...] = ()) -> ssl.SSLContext:
+        """`names`: more host names the certificate holds, for a test that dials the server
+        under another name (mapped to loopback)."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert = self.ca.issue_cert("localhost", "127.0.0.1", "::1", "smtp.test")
+        cert = self.ca.issue_cert("localhost", "127.0.0.1", "::1", "smtp.test", *names)
         cert.configure_cert(context)
         return context
 
@@ -184,14 +186,15 @@ def smtp_server(
     accept_any: bool = False,
     recorder: Recorder | None = None,
     exclude_auth: tuple[str, ...] = (),
+    names: tuple[str, ...] = (),
 ) -> Iterator[SmtpTestServer]:
     """`recorder` replaces the password one (e.g. an XOAUTH2 one); `exclude_auth` withdraws
-    mechanisms from the EHLO answer."""
+    mechanisms from the EHLO answer; `names` are more host names its certificate holds."""
     recorder = recorder or Recorder(
         accounts=dict(accounts), data_delay=data_delay, accept_any=accept_any
     )
     port = free_port()
-    context = certs.server_context()
+    context = certs.server_context(names)
     kwargs: dict[str, Any] = {
         "authenticator": recorder.authenticate,
         "auth_required": True,

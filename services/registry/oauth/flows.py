@@ -35,6 +35,7 @@ from shared.crypto import Keyring, associated_data
 from shared.errors import AppError, Conflict, NotFound
 from shared.imap import ImapEndpoint, ImapProblem, ImapSecurity
 from shared.metrics import OAUTH_CONNECTS
+from shared.providers import detect
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")
@@ -300,6 +301,10 @@ async def complete(
             server.security = provider.security
         server.auth = AuthMethod.xoauth2
         server.oauth_provider = provider.name
+        # The provider's own SMTP host names it (no DNS needed); the account's domain tells
+        # Workspace from Gmail and Outlook.com from Microsoft 365.
+        mailbox_provider = detect(server.host, address)
+        server.provider = mailbox_provider.key if mailbox_provider else None
         server.password_ciphertext = ""
         server.refresh_token_ciphertext = repository.seal_token(
             keyring, server, repository.REFRESH_TOKEN, tokens.refresh_token
