@@ -172,8 +172,9 @@ def run_stack(
         upgrade_database(url)
         env = service_env(stack, **extra)
         registry = start("registry", "registry", env, workdir)
+        env |= {"ABL_REGISTRY_URL": registry.url}  # the scheduler's copy of the registry
         scheduler = start("scheduler", "scheduler", env, workdir)
-        env |= {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
+        env |= {"ABL_SCHEDULER_URL": scheduler.url}
         services += [registry, scheduler]
         services += [start(f"sender-{n}", "sender", env, workdir) for n in range(senders)]
         services.append(start("gateway", "gateway", env, workdir))

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 
 from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError
 
+from services.registry import changes as registry_changes
 from services.registry import credentials as registry_use_cases
 from services.registry import mailbox as registry_mailbox
 from services.registry import main as registry
@@ -28,8 +29,11 @@ from services.sender.clients import DependencyUnavailable, JobKey
 from services.webhooks import main as webhooks
 from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
+from shared.errors import ServerNotFound
 from shared.imap import ImapEndpoint
 from shared.messages import SendResult, SmtpCredentials
+from shared.pagination import decode_cursor
+from shared.registry_changes import RegistrySource, ServerCopyPage, TenantCopyPage
 from shared.settings import Settings, get_settings
 
 
@@ -57,10 +61,15 @@ async def in_process_ports(app: FastAPI, _: AsyncExitStack) -> sender.Ports:
         return await fetch(server_id, rejected_token)
 
     async def report(server_id: uuid.UUID, reply: str) -> None:
-        async with sessions() as session, session.begin():
-            await registry_use_cases.record_health(
-                session, server_id, ServerStatus.auth_failed, reply
-            )
+        try:
+            async with sessions() as session, session.begin():
+                await registry_use_cases.record_health(
+                    session, server_id, ServerStatus.auth_failed, reply
+                )
+        except ServerNotFound:
+            return  # deleted meanwhile: nobody to tell
+        except DBAPIError as exc:
+            raise DependencyUnavailable("database unavailable") from exc
 
     class InProcessJobStates:
         async def sendable(self, jobs: Iterable[JobKey]) -> set[uuid.UUID]:
@@ -114,12 +123,49 @@ class InProcessMailboxes:
             await registry_use_cases.pause_for_bounces(session, server_id, reason)
 
 
+class InProcessRegistry:
+    """The copies' `RegistrySource` as calls of the registry's snapshot reads."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.sessions = app.state.sessions
+
+    async def tenants(
+        self, *, cursor: str | None, limit: int, key_digest: str | None = None
+    ) -> TenantCopyPage:
+        async with self.sessions() as session:
+            return await registry_changes.tenant_copies(
+                session, after=_after(cursor), limit=limit, key_digest=key_digest
+            )
+
+    async def servers(
+        self, *, cursor: str | None, limit: int, tenant_id: uuid.UUID | None = None
+    ) -> ServerCopyPage:
+        async with self.sessions() as session:
+            return await registry_changes.server_copies(
+                session, after=_after(cursor), limit=limit, tenant_id=tenant_id
+            )
+
+
+def _after(cursor: str | None) -> uuid.UUID | None:
+    return decode_cursor(cursor) if cursor else None
+
+
+@asynccontextmanager
+async def in_process_registry(app: FastAPI) -> AsyncIterator[RegistrySource]:
+    yield InProcessRegistry(app)
+
+
 async def in_process_mailboxes(app: FastAPI) -> AsyncIterator[inbox.MailboxSource]:
     yield InProcessMailboxes(app)
 
 
-def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> FastAPI:
-    """Every service in one app; `run_loops=False` leaves dispatching and sending to a test."""
+def create_app(
+    settings: Settings | None = None, *, run_loops: bool = True, follow_registry: bool = True
+) -> FastAPI:
+    """Every service in one app; `run_loops=False` leaves dispatching and sending to a test.
+    `follow_registry=False` also stops the copies of the registry following its changes in
+    the background (they are then filled on demand only): for a client that sends requests
+    from another event loop than the app's, which the background tasks' pool would refuse."""
     resolved = settings or get_settings()
     app = build_app(
         title="ABillionLeads sending API",
@@ -130,7 +176,16 @@ def create_app(settings: Settings | None = None, *, run_loops: bool = True) -> F
             in_process_bus(),
             # Before the services whose events it consumes: it stops after their last publish.
             webhooks.webhooks_resources(resolved, run_loop=run_loops),
-            registry.registry_resources(resolved, run_loop=run_loops, recover_in_memory=True),
+            registry.registry_resources(
+                resolved,
+                run_loop=run_loops,
+                recover_in_memory=True,
+                relay_changes=follow_registry,
+            ),
+            # Kept current whether or not the loops run: tests that drive dispatch themselves
+            # still see the servers they add and the keys they make.
+            scheduler.scheduler_copy(resolved, in_process_registry, run_loop=follow_registry),
+            webhooks.webhooks_copy(resolved, in_process_registry, run_loop=follow_registry),
             scheduler.scheduler_resources(resolved, run_loop=run_loops, recover_in_memory=True),
             *([sender.sender_resources(resolved, ports=in_process_ports)] if run_loops else []),
             scheduler.mailbox_reader(resolved, in_process_mailboxes, run_loop=run_loops),

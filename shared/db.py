@@ -24,6 +24,10 @@ from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from shared.backoff import GaveUp, patiently
+from shared.broker import Delivery
+from shared.errors import TransientMessageError
+
 logger = logging.getLogger("abl.db")
 
 T = TypeVar("T")
@@ -240,3 +244,25 @@ class RowSet:
         if self.postgres:
             return await connection.execute(statement)
         return await connection.execute(statement, self.params)
+
+
+def patient_handler(
+    handler: Callable[[Delivery], Awaitable[None]], wait_seconds: float, what: str
+) -> Callable[[Delivery], Awaitable[None]]:
+    """A consumer's `handler`, waiting for the database with backoff instead of returning the
+    message to its queue at once (a database outage must not burn its delivery limit); past
+    `wait_seconds` (a service's `dependency_wait_seconds`) the message goes back."""
+
+    async def handle(delivery: Delivery) -> None:
+        try:
+            await patiently(
+                lambda: handler(delivery),
+                retry_on=(DBAPIError, OSError),
+                limit_seconds=wait_seconds,
+                what=f"database ({what})",
+                logger=logger,
+            )
+        except GaveUp as exc:
+            raise TransientMessageError(str(exc)) from exc
+
+    return handle

@@ -9,6 +9,7 @@ message (retry or dead-letter), which no request ever answers with.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar, TypeVar
@@ -162,6 +163,19 @@ class NotFound(AppError):
     code = "not_found"
     default_detail = "Not Found"
     hint = "Check the URL and the id; ids are per tenant."
+
+
+# The registry's servers, and the scheduler's view of their warmup, answer with it.
+class ServerNotFound(NotFound):
+    """No server with this id for this tenant."""
+
+    code = "server_not_found"
+    default_detail = "No server 01900000-0000-7000-8000-000000000000 for this tenant."
+    hint = "List your servers with GET /v1/servers."
+
+
+def server_not_found(server_id: uuid.UUID) -> ServerNotFound:
+    return ServerNotFound(f"No server {server_id} for this tenant.")
 
 
 class MethodNotAllowed(AppError):

@@ -25,6 +25,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import LargeBinary, delete, event, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -80,7 +81,16 @@ def _listen_once() -> None:
         _listening = True
 
 
-def rows(events: Sequence[Event]) -> list[dict[str, object]]:
+class Message(Protocol):
+    """What an outbox carries: an event for the webhooks, a registry change for the copies."""
+
+    @property
+    def id(self) -> str: ...
+
+    def encode(self) -> bytes: ...
+
+
+def rows(events: Sequence[Message]) -> list[dict[str, object]]:
     """Outbox rows of `events`, for an INSERT into any service's outbox table."""
     now = utcnow()
     return [
@@ -108,7 +118,7 @@ class Outbox:
         model: type[OutboxRecord],
         sessions: async_sessionmaker[AsyncSession],
         bus: Bus,
-        queue: str,
+        queue: str | Sequence[str],
         *,
         service: str,
         poll_seconds: float = 1.0,
@@ -120,7 +130,8 @@ class Outbox:
         self.table = table_of(model)
         self.sessions = sessions
         self.bus = bus
-        self.queue = queue
+        # Each row goes to every queue named (one per consuming service) before it is marked.
+        self.queues = (queue,) if isinstance(queue, str) else tuple(queue)
         self.service = service
         self.poll_seconds = poll_seconds
         self.keep_seconds = keep_seconds
@@ -163,7 +174,8 @@ class Outbox:
             done: list[uuid.UUID] = []
             try:
                 for row_id, message_id, body in rows:
-                    await self.bus.publish(self.queue, body, message_id=message_id)
+                    for queue in self.queues:
+                        await self.bus.publish(queue, body, message_id=message_id)
                     done.append(row_id)
             finally:
                 # What was confirmed is marked even when a later publish failed: the rest

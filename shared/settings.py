@@ -131,6 +131,11 @@ class BrokerSettings(CommonSettings):
         """Where the registry's and the scheduler's outboxes publish, for the webhooks service."""
         return f"{self.queue_prefix}.events"
 
+    def registry_changes_queue(self, service: str) -> str:
+        """Where the registry's changes reach `service`'s copy of its tenants and servers
+        (`shared/registry_changes.py`): one queue for each service that keeps a copy."""
+        return f"{self.queue_prefix}.registry-changes.{service}"
+
 
 class OutboxSettings(DatabaseSettings, BrokerSettings):
     # The relay publishes right after each commit that wrote events; this pass also catches
@@ -241,6 +246,15 @@ class UpstreamSettings(CommonSettings):
     webhooks_url: str = "http://127.0.0.1:8000"
 
 
+class RegistryCopySettings(CommonSettings):
+    """A service that keeps its own copy of the registry's tenants (and servers): it asks the
+    registry's snapshot routes (`ABL_REGISTRY_URL`, `ABL_INTERNAL_TOKEN`) when its copy is empty,
+    for a record a request needs before its change has arrived, and every
+    `copy_resync_seconds` to heal what a lost change would have left behind."""
+
+    copy_resync_seconds: float = Field(default=600.0, gt=0)
+
+
 class OAuthSettings(CommonSettings):
     """The platform's OAuth clients ("Sign in with Google or Microsoft"), read by the registry.
 
@@ -341,7 +355,12 @@ class RegistrySettings(
 
 
 class SchedulerSettings(
-    OutboxSettings, InternalTokenSettings, UnsubscribeSettings, AddressSettings, UpstreamSettings
+    OutboxSettings,
+    InternalTokenSettings,
+    UnsubscribeSettings,
+    AddressSettings,
+    UpstreamSettings,
+    RegistryCopySettings,
 ):
     """The scheduler; it also reads the sending mailboxes (`services.scheduler.inbox`), so it
     dials tenants' IMAP servers under the same address rules as the senders, and asks the
@@ -363,9 +382,6 @@ class SchedulerSettings(
     job_ttl_seconds: float = Field(default=1800.0, gt=0)
     sweep_after_seconds: float = Field(default=3600.0, gt=0)
     capacity_headroom: float = Field(default=0.25, ge=0, le=5)
-    # The registry marks the server auth_failed; this short park only covers the time until
-    # that status is seen (or the case where the sender could not tell the registry).
-    auth_park_seconds: float = Field(default=300.0, ge=0)
     # The mailbox reader: how often each server's INBOX is read, how long one read may take
     # (a mailbox that hangs is given up on for this round; the others go on), how many at once.
     inbox_poll_seconds: float = Field(default=60.0, gt=0)
@@ -398,7 +414,15 @@ class SenderSettings(BrokerSettings, InternalTokenSettings, AddressSettings, Ups
     credentials_ttl_seconds: float = Field(default=60.0, ge=0)
 
 
-class WebhookSettings(DatabaseSettings, BrokerSettings, EncryptionSettings, AddressSettings):
+class WebhookSettings(
+    DatabaseSettings,
+    BrokerSettings,
+    EncryptionSettings,
+    InternalTokenSettings,
+    AddressSettings,
+    UpstreamSettings,
+    RegistryCopySettings,
+):
     """The webhooks service: tenants' endpoints, their signing secrets (encrypted with the
     keyring), and delivery to URLs the tenants chose (the SSRF rules of server checks apply;
     `ABL_ALLOW_PRIVATE_HOSTS` also allows plain http, for tests and local development)."""
@@ -425,7 +449,10 @@ class GatewaySettings(UpstreamSettings):
     """The gateway of `make stack` routes requests; it holds no secret."""
 
 
-class Settings(
+# The ignore: pydantic's mypy plugin gives each base a `model_construct` of its own fields and
+# finds two bases' signatures "incompatible" wherever both hold fields the other lacks; the
+# runtime class is consistent (its MRO is checked at import).
+class Settings(  # type: ignore[misc]
     RegistrySettings, SchedulerSettings, SenderSettings, WebhookSettings, GatewaySettings
 ):
     """Every service's settings together: the one-process shape (`make run`)."""

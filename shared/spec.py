@@ -57,6 +57,8 @@ TAGS = {
     "results": "Internal: send results a sender could not publish through the broker.",
     "mailbox": "Internal: the mailbox reader's access to a server's INBOX, its reads and the "
     "bounce-rate pauses it decides.",
+    "copies": "Internal: the registry's tenants and servers, as the scheduler's and the webhooks "
+    "service's own copies hold them.",
 }
 
 

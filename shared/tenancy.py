@@ -1,7 +1,8 @@
 """Tenants and how a request proves which tenant it speaks for.
 
-The registry owns the `tenants` table (services/registry/models.py); every service authenticates
-tenants through this module.
+The registry owns the `tenants` table (services/registry/models.py); the other services keep a
+copy of what they need of it (`shared/copies.py`). Every service authenticates tenants through
+this module, each against its own table.
 API keys are random 256-bit tokens, so a SHA-256 digest is enough to store them: no slow hash is
 needed against guessing, and a lookup by digest stays one indexed query.
 """
@@ -12,14 +13,12 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import String, Uuid, column, select, table
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from shared.errors import Unauthorized, raises
 from shared.settings import CommonSettings, InternalTokenSettings, RegistrySettings
@@ -39,14 +38,11 @@ class AuthenticatedTenant:
     name: str
 
 
-# The registry owns `tenants` (services/registry/models.py); the other services only look up an
-# API key's digest in it, by the two columns named here.
-_tenants = table(
-    "tenants",
-    column("id", Uuid),
-    column("name", String),
-    column("api_key_hash", String),
-)
+class TenantLookup(Protocol):
+    """Who an API key's digest belongs to: the registry's own `tenants` table, or the copy of
+    it that each other service keeps in its own tables (`shared/copies.py`)."""
+
+    async def authenticate(self, digest: str) -> AuthenticatedTenant | None: ...
 
 
 def hash_api_key(api_key: str) -> str:
@@ -76,20 +72,29 @@ def get_internal_settings(request: Request) -> InternalTokenSettings:
     return _settings_of(request, InternalTokenSettings)
 
 
-@raises(Unauthorized)
-async def current_tenant(request: Request, credentials: BearerDep) -> AuthenticatedTenant:
-    if credentials is None or not credentials.credentials.startswith(API_KEY_PREFIX):
-        raise Unauthorized("A tenant API key is required.")
-    digest = hash_api_key(credentials.credentials)
-    # A session of its own, closed at once: the request's session must not hold a pooled
-    # connection while the handler waits on a slow SMTP server.
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    async with factory() as session:
-        query = select(_tenants.c.id, _tenants.c.name).where(_tenants.c.api_key_hash == digest)
-        row = (await session.exec(query)).first()  # type: ignore[call-overload]
-    if row is None:
-        raise Unauthorized("This API key is not valid.")
-    return AuthenticatedTenant(id=row[0], name=row[1])
+def tenant_dependency(service: str) -> Callable[..., Awaitable[AuthenticatedTenant]]:
+    """The dependency of `service`'s routes (each declares
+    `TenantDep = Annotated[AuthenticatedTenant, Depends(tenant_dependency(...))]`): the key is
+    looked up in the `TenantLookup` that service put in `app.state.tenant_lookups[service]`
+    when it started."""
+
+    @raises(Unauthorized)
+    async def current_tenant(request: Request, credentials: BearerDep) -> AuthenticatedTenant:
+        if credentials is None or not credentials.credentials.startswith(API_KEY_PREFIX):
+            raise Unauthorized("A tenant API key is required.")
+        lookup: TenantLookup = request.app.state.tenant_lookups[service]
+        found = await lookup.authenticate(hash_api_key(credentials.credentials))
+        if found is None:
+            raise Unauthorized("This API key is not valid.")
+        return found
+
+    return current_tenant
+
+
+def add_tenant_lookup(app: Any, service: str, lookup: TenantLookup) -> None:
+    lookups: dict[str, TenantLookup] = getattr(app.state, "tenant_lookups", {})
+    lookups[service] = lookup
+    app.state.tenant_lookups = lookups
 
 
 @raises(Unauthorized)
@@ -111,6 +116,5 @@ def require_internal(
         raise Unauthorized("The internal token is required.", hint="Use ABL_INTERNAL_TOKEN.")
 
 
-TenantDep = Annotated[AuthenticatedTenant, Depends(current_tenant)]
 AdminDep = Depends(require_admin)
 InternalDep = Depends(require_internal)

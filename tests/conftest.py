@@ -26,6 +26,7 @@ from services.registry.main import create_app
 from shared.crypto import generate_key
 from shared.migrate import upgrade_database
 from shared.settings import Settings
+from tests.support.copies import copies_match
 from tests.support.dovecot import DOVECOT, DovecotServer, dovecot_server
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
@@ -199,10 +200,27 @@ class Api:
     def internal(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.settings.internal_token.get_secret_value()}"}
 
+    async def copies_caught_up(self) -> None:
+        await copies_caught_up(self.app)
+
     async def new_tenant(self, name: str = "acme") -> dict[str, str]:
         response = await self.client.post("/v1/tenants", json={"name": name}, headers=self.admin())
         assert response.status_code == 201, response.text
         return {"Authorization": f"Bearer {response.json()['api_key']}"}
+
+
+async def copies_caught_up(app: FastAPI, seconds: float = 10.0) -> None:
+    """Wait until the copies `app` keeps (the scheduler's, the webhooks service's) hold every
+    change of the registry's tenants and servers (they travel by outbox and bus, a moment after
+    the registry's answer): for a test that drives dispatch or the mailbox reader itself."""
+    copies = getattr(app.state, "copies", {})
+    if not copies:
+        return
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await copies_match(app.state.sessions, copies):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the copies did not follow the registry in {seconds} s")
+        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

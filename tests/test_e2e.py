@@ -42,7 +42,10 @@ class Deployment:
             self.services["all"] = start("all", "all", self.env, self.logs)
             return
         registry = start("registry", "registry", self.env, self.logs)
-        scheduler = start("scheduler", "scheduler", self.env, self.logs)
+        # The scheduler's copy of the registry and its mailbox reader ask the registry.
+        scheduler = start(
+            "scheduler", "scheduler", self.env | {"ABL_REGISTRY_URL": registry.url}, self.logs
+        )
         urls = {"ABL_REGISTRY_URL": registry.url, "ABL_SCHEDULER_URL": scheduler.url}
         self.services = {"registry": registry, "scheduler": scheduler}
         for name in ("sender-1", "sender-2"):

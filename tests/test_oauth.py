@@ -548,7 +548,6 @@ def send_settings(
         # Every email opens its own SMTP session, so each one authenticates with the current
         # token (a pooled session would carry on with the old one).
         sender_idle_seconds=0.001,
-        auth_park_seconds=60.0,
     )
 
 

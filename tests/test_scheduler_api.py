@@ -50,6 +50,7 @@ async def add_servers(
         response = await api.client.post("/v1/servers", json=body, headers=tenant)
         assert response.status_code == 201, response.text
         ids.append(response.json()["id"])
+    await api.copies_caught_up()
     return ids
 
 

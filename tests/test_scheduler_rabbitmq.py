@@ -16,7 +16,14 @@ from services.scheduler.main import create_app as create_scheduler
 from shared.broker import RabbitBus
 from shared.messages import Outcome, SendJob
 from shared.settings import Settings
-from tests.conftest import AMQP_URL, make_settings, require_service, running, truncate_postgres
+from tests.conftest import (
+    AMQP_URL,
+    copies_caught_up,
+    make_settings,
+    require_service,
+    running,
+    truncate_postgres,
+)
 from tests.support.smtp import SmtpTestServer
 from tests.test_scheduler_api import add_servers, emails, result_for, warm_up
 
@@ -71,6 +78,8 @@ async def test_scheduler_service_publishes_to_rabbitmq_and_applies_results(
 
         scheduler_app = create_scheduler(stack_settings)
         async with scheduler_app.router.lifespan_context(scheduler_app):
+            # The registry's changes wait in RabbitMQ for the scheduler's copy to take them.
+            await copies_caught_up(scheduler_app)
             transport = httpx.ASGITransport(app=scheduler_app)
             async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
                 accepted = await client.post("/v1/messages", json=emails(30), headers=tenant)

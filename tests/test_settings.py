@@ -64,7 +64,13 @@ READS = {
         "ABL_UNSUBSCRIBE_OLD_KEYS",
     },
     "sender": {"ABL_AMQP_URL", "ABL_INTERNAL_TOKEN"},
-    "webhooks": {"ABL_DATABASE_URL", "ABL_AMQP_URL", "ABL_ENCRYPTION_KEYS"},
+    # The internal token: its copy of the tenants reads the registry's snapshot routes.
+    "webhooks": {
+        "ABL_DATABASE_URL",
+        "ABL_AMQP_URL",
+        "ABL_ENCRYPTION_KEYS",
+        "ABL_INTERNAL_TOKEN",
+    },
     "gateway": set(),
     "all": set(ALL_SECRETS),
 }

@@ -68,7 +68,8 @@ def running_stack(
     }
     environment = service_env(settings, **(defaults | env))
     registry = start("registry", "registry", environment, logs)
-    environment |= {"ABL_REGISTRY_URL": registry.url}  # the scheduler's mailbox reader asks it
+    # The scheduler's copy of the registry and its mailbox reader ask it.
+    environment |= {"ABL_REGISTRY_URL": registry.url}
     scheduler = start("scheduler", "scheduler", environment, logs)
     environment |= {"ABL_SCHEDULER_URL": scheduler.url}
     running = Stack(settings, environment, registry, scheduler, [], logs)

@@ -11,6 +11,7 @@ from services.registry.service import Checker, CheckLimiter
 from services.registry.verifier import Verifier
 from shared.crypto import Keyring
 from shared.errors import RateLimited, raises
+from shared.tenancy import AuthenticatedTenant, tenant_dependency
 
 
 def get_keyring(request: Request) -> Keyring:
@@ -46,3 +47,6 @@ def get_checker(verifier: VerifierDep, limiter: LimiterDep) -> Checker:
 
 
 CheckerDep = Annotated[Checker, Depends(get_checker)]
+
+# A tenant's API key, looked up in the registry's own `tenants`.
+TenantDep = Annotated[AuthenticatedTenant, Depends(tenant_dependency("registry"))]

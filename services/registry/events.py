@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, object_session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.registry import changes
 from services.registry.models import RegistryOutbox, SmtpServer
 from shared import outbox
 from shared.db import table_of
@@ -60,6 +61,7 @@ async def record_change(
     )
     await session.exec(OUTBOX.insert(), params=outbox.rows([change]))
     outbox.mark_written(session.sync_session, OUTBOX.name)
+    await changes.server_changed(session, server.id)
 
 
 def install() -> None:

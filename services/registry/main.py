@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.registry import events
+from services.registry import changes, events
 from services.registry.api import router
-from services.registry.models import RegistryOutbox
+from services.registry.models import RegistryChangesOutbox, RegistryOutbox
 from services.registry.oauth import providers as oauth_providers
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.tokens import TokenKeeper
+from services.registry.repository import RegistryTenants
 from services.registry.service import CheckLimiter
 from services.registry.verifier import Verifier
 from shared.app import Resource, background_loops, build_app, database
@@ -20,10 +21,18 @@ from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
 from shared.outbox import Outbox
 from shared.settings import RegistrySettings
+from shared.tenancy import add_tenant_lookup
+
+# The services whose own tables hold a copy of the registry's tenants (and servers).
+COPY_KEEPERS = ("scheduler", "webhooks")
 
 
 def registry_resources(
-    settings: RegistrySettings, *, run_loop: bool = True, recover_in_memory: bool = False
+    settings: RegistrySettings,
+    *,
+    run_loop: bool = True,
+    recover_in_memory: bool = False,
+    relay_changes: bool = True,
 ) -> Resource:
     """Needs `app.state.sessions` and `app.state.bus` from resources opened before it.
 
@@ -56,9 +65,26 @@ def registry_resources(
             keep_seconds=settings.outbox_keep_seconds,
         )
         app.state.registry_outbox = relay
+        changes.install()
+        # Every tenant and server change, to each service that keeps a copy of them.
+        copies = Outbox(
+            RegistryChangesOutbox,
+            app.state.sessions,
+            app.state.bus,
+            [settings.registry_changes_queue(service) for service in COPY_KEEPERS],
+            service="registry",
+            poll_seconds=settings.outbox_poll_seconds,
+            keep_seconds=settings.outbox_keep_seconds,
+        )
+        app.state.registry_changes = copies
+        add_tenant_lookup(app, "registry", RegistryTenants(app.state.sessions))
         if recover_in_memory:
             await relay.republish_recent()
-        async with background_loops(*([relay.run] if run_loop else [])):
+            await copies.republish_recent()
+        # The copies' relay runs even without `run_loop` (tests that drive dispatch and
+        # sending themselves): the other services' view of tenants and servers is plumbing.
+        loops = ([copies.run] if relay_changes else []) + ([relay.run] if run_loop else [])
+        async with background_loops(*loops):
             yield
 
     return resource

@@ -162,6 +162,8 @@ class Tenant(TenantBase, table=True):
         default_factory=utcnow,
         sa_type=UtcDateTime,
     )
+    # Raised by every change the copies of other services hear of (`services.registry.changes`).
+    version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class SmtpServerBase(SQLModel):
@@ -423,6 +425,8 @@ class SmtpServer(SmtpServerBase, table=True):
     imap_password_ciphertext: str | None = Field(default=None, max_length=4096)
     imap_last_poll_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     imap_last_poll_error: str | None = Field(default=None, max_length=512)
+    # Raised by every change the copies of other services hear of (`services.registry.changes`).
+    version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = Field(
         default_factory=utcnow,
         sa_type=UtcDateTime,
@@ -560,3 +564,10 @@ class RegistryOutbox(OutboxRecord, table=True):
     """Events of the registry (a server's status changed), published after commit."""
 
     __tablename__ = "registry_outbox"
+
+
+class RegistryChangesOutbox(OutboxRecord, table=True):
+    """Changes of tenants and servers for the services that keep a copy of them
+    (`shared/registry_changes.py`), published after commit to each one's queue."""
+
+    __tablename__ = "registry_changes_outbox"

@@ -6,13 +6,14 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.registry.models import SmtpServer, Tenant
 from shared.crypto import Keyring, associated_data
-from shared.errors import Conflict
-from shared.registry_read import server_not_found
+from shared.errors import Conflict, server_not_found
+from shared.tenancy import AuthenticatedTenant
 
 
 class ServerExists(Conflict):
@@ -121,3 +122,18 @@ async def iter_all_servers(session: AsyncSession, batch: int = 500) -> AsyncIter
         for row in rows:
             yield row
         after = rows[-1].id
+
+
+class RegistryTenants:
+    """The registry's own `tenants`, as the `TenantLookup` of its routes."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    async def authenticate(self, digest: str) -> AuthenticatedTenant | None:
+        # A session of its own, closed at once: the request's session must not hold a pooled
+        # connection while the handler waits on a slow SMTP server.
+        async with self.sessions() as session:
+            query = select(Tenant).where(Tenant.api_key_hash == digest)
+            tenant = (await session.exec(query)).first()
+        return None if tenant is None else AuthenticatedTenant(id=tenant.id, name=tenant.name)

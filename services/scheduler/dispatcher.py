@@ -25,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler import domain, events, repository, suppression, unsubscribe
 from services.scheduler.domain import RetryPolicy, SendingWindow, WarmupSchedule
+from services.scheduler.registry_copy import ServerView, servers_of_tenants
 from shared.broker import Bus
 from shared.db import in_transaction
 from shared.messages import SCHEMA_VERSION
@@ -34,7 +35,6 @@ from shared.metrics import (
     RESERVATIONS_REFUSED,
     SCHEDULER_TICK_DURATION,
 )
-from shared.registry_read import ServerView, servers_of_tenants
 from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 

@@ -226,8 +226,12 @@ class MailboxReader:
         allow_private: bool = False,
         allowed_ports: tuple[int, ...] = imap.DEFAULT_IMAP_PORTS,
         broadcast: Callable[[CancelNotice], Awaitable[None]] | None = None,
+        paused: Callable[[uuid.UUID], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        # Told of each pause the registry took, so this scheduler's copy of the server follows
+        # at once (`RegistryCopy.refresh_server`).
+        self.paused = paused
         # Tells the senders of canceled emails whose jobs are out (`service.broadcast_cancel`).
         self.broadcast = broadcast
         self.guard = domain.BounceGuard(
@@ -543,6 +547,11 @@ class MailboxReader:
             )
         else:
             del self.pending_pauses[server_id]
+            if self.paused is not None:
+                try:
+                    await self.paused(server_id)
+                except Exception as exc:  # the change still arrives by the bus
+                    logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
         """The guard's verdict on the server's last `bounce_window` sent emails."""

@@ -4,8 +4,8 @@ registry's internal routes (`ABL_REGISTRY_URL`, authenticated by `ABL_INTERNAL_T
 The IMAP password (or an OAuth server's short-lived access token) travels only in the answer of
 `GET /internal/v1/servers/{id}/imap-credentials` (HTTP, `Cache-Control: no-store`), is held for
 the one read it serves, and is never logged or put on the broker. Which servers have a mailbox is
-read from the registry's table like the servers' caps (`shared/registry_read.py`), without any
-secret.
+read from the scheduler's copy of the registry's servers (`services.scheduler.registry_copy`),
+which holds no secret.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import httpx
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from services.scheduler import registry_copy
 from services.scheduler.inbox import AccessUnavailable, MailboxRef
-from shared import registry_read
 from shared.imap import ImapAuth, ImapEndpoint, ImapSecurity
 from shared.internal_client import get_model
 from shared.messages import BouncePause, ImapCredentials, MailboxPoll
@@ -29,7 +29,7 @@ logger = logging.getLogger("abl.scheduler.inbox")
 
 async def listed_mailboxes(sessions: async_sessionmaker[AsyncSession]) -> list[MailboxRef]:
     async with sessions() as session:
-        rows = await registry_read.mailbox_servers(session)
+        rows = await registry_copy.mailbox_servers(session)
     return [MailboxRef(server_id, tenant_id) for server_id, tenant_id in rows]
 
 

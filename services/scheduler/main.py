@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -17,6 +16,7 @@ from services.scheduler.api import router
 from services.scheduler.dispatcher import Dispatcher, retry_policy_from
 from services.scheduler.mailbox_source import HttpMailboxSource
 from services.scheduler.models import MessageBatch, SchedulerOutbox
+from services.scheduler.registry_copy import RegistryCopy
 from services.scheduler.results import ResultApplier
 from services.scheduler.settlement import Settler, patient_handler
 from shared.app import (
@@ -28,6 +28,7 @@ from shared.app import (
     database,
 )
 from shared.bus_resource import rabbit_bus
+from shared.copies import SourceFactory, copy_resource, registry_source_over_http
 from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
 from shared.spec import REF_TEMPLATE, add_component
@@ -48,11 +49,7 @@ def scheduler_resources(
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         bus = app.state.bus
         dispatcher = Dispatcher(settings, app.state.sessions, bus)
-        applier = ResultApplier(
-            app.state.sessions,
-            retry_policy_from(settings),
-            timedelta(seconds=settings.auth_park_seconds),
-        )
+        applier = ResultApplier(app.state.sessions, retry_policy_from(settings))
         app.state.dispatcher = dispatcher
         app.state.result_applier = applier
         # Email and server events for the webhooks service, written with the change they
@@ -77,7 +74,7 @@ def scheduler_resources(
         # With the broker away, consuming starts as soon as it answers.
         await bus.consume(
             settings.results_queue,
-            patient_handler(applier.handle, settings, "result"),
+            patient_handler(applier.handle, settings.dependency_wait_seconds, "result"),
             prefetch=RESULT_PREFETCH,
         )
         await settler.start()
@@ -107,6 +104,21 @@ def scheduler_resources(
     return resource
 
 
+def scheduler_copy(
+    settings: SchedulerSettings, source: SourceFactory, *, run_loop: bool = True
+) -> Resource:
+    """The scheduler's copy of the registry's tenants and servers (`registry_copy`)."""
+    return copy_resource(
+        settings,
+        "scheduler",
+        lambda sessions, opened: RegistryCopy(
+            sessions, opened, resync_seconds=settings.copy_resync_seconds
+        ),
+        source,
+        run_loop=run_loop,
+    )
+
+
 def mailbox_reader(
     settings: SchedulerSettings,
     source: Callable[[FastAPI], AsyncIterator[inbox.MailboxSource]],
@@ -126,6 +138,7 @@ def mailbox_reader(
                 allow_private=settings.allow_private_hosts,
                 allowed_ports=settings.allowed_imap_ports,
                 broadcast=partial(service.broadcast_cancel, app.state.bus, settings),
+                paused=copy.refresh_server if (copy := _copy_of(app)) else None,
             )
             app.state.mailbox_reader = reader
             try:
@@ -135,6 +148,11 @@ def mailbox_reader(
                 reader.close()
 
     return resource
+
+
+def _copy_of(app: FastAPI) -> RegistryCopy | None:
+    copy: RegistryCopy | None = getattr(app.state, "copies", {}).get("scheduler")
+    return copy
 
 
 async def registry_over_http(app: FastAPI) -> AsyncIterator[inbox.MailboxSource]:
@@ -173,6 +191,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
         resources=[
             database(resolved),
             rabbit_bus(resolved),
+            scheduler_copy(resolved, registry_source_over_http),
             scheduler_resources(resolved),
             mailbox_reader(resolved, registry_over_http),
         ],

@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.scheduler.lifecycle import EmailStatus as EmailStatus
+from shared.copies import CopyRecord, TenantCopyRecord
 from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
@@ -596,3 +597,25 @@ class SchedulerOutbox(OutboxRecord, table=True):
     step), written in the transaction that makes the change, published after commit."""
 
     __tablename__ = "scheduler_outbox"
+
+
+class SchedulerTenant(TenantCopyRecord, table=True):
+    """The scheduler's copy of the registry's tenants: enough to tell whose an API key is."""
+
+    __tablename__ = "scheduler_tenants"
+
+
+class SchedulerServer(CopyRecord, table=True):
+    """The scheduler's copy of what it needs of the registry's servers: which may send, their
+    caps and providers, which have a mailbox to read (`services.scheduler.registry_copy`)."""
+
+    __tablename__ = "scheduler_servers"
+
+    tenant_id: uuid.UUID = Field(index=True)
+    status: str = Field(max_length=32)
+    daily_cap: int
+    label: str = Field(default="", max_length=100)
+    host: str = Field(default="", max_length=253)
+    username: str = Field(default="", max_length=320)
+    provider: str | None = Field(default=None, max_length=32)
+    reads_mailbox: bool = Field(default=False)

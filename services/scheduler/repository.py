@@ -43,9 +43,9 @@ from services.scheduler.models import (
     ServerUsageHour,
     ServerWarmup,
 )
+from services.scheduler.registry_copy import ServerView
 from shared.db import RowSet, among, insert_ignore, is_postgres, table_of, upsert_increment
 from shared.errors import NotFound
-from shared.registry_read import ServerView
 from shared.timeutil import UtcDateTime, utcnow
 
 _email_table = table_of(Email)

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -58,8 +58,7 @@ class CounterChanges:
         await repository.write_counters(session, days=days, hours=dict(self.released_hours))
         if self.parks:
             parked = await repository.park_many(session, self.parks, now)
-            # An auth park is announced by the registry (`auth_failed`); a quota park is the
-            # scheduler's own status change.
+            # A quota park is the scheduler's own status change.
             await events.write(
                 session,
                 [
@@ -125,12 +124,10 @@ class ResultApplier:
         self,
         sessions: async_sessionmaker[AsyncSession],
         retry: RetryPolicy,
-        auth_park: timedelta,
         rng: random.Random | None = None,
     ) -> None:
         self.sessions = sessions
         self.retry = retry
-        self.auth_park = auth_park
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not security
         self.pending: asyncio.Queue[tuple[SendResult, asyncio.Future[bool]]] = asyncio.Queue()
         self.batcher: asyncio.Task[None] | None = None
@@ -257,16 +254,16 @@ class ResultApplier:
         # it must not give the reservation back twice.
         over = email.status in (EmailStatus.queued, EmailStatus.canceled)
         email.job_id = None if over else email.job_id
-        if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM):
+        if result.server_problem == QUOTA_PROBLEM:
             window = windows.get(email.tenant_id)
             if window is None:
                 window = await repository.sending_window(session, email.tenant_id)
                 windows[email.tenant_id] = window
-            until = (
-                window.next_day_start(now)
-                if result.server_problem == QUOTA_PROBLEM
-                else now + self.auth_park
-            )
-            changes.parks[server_id] = (until, result.server_problem)
-            if email.status == EmailStatus.queued:
-                email.not_before = now  # another server may take it at once
+            changes.parks[server_id] = (window.next_day_start(now), QUOTA_PROBLEM)
+        if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM) and (
+            email.status == EmailStatus.queued
+        ):
+            # Another server may take it at once. A refused login is the registry's to decide
+            # (the sender told it): the server's new status reaches this scheduler's copy by
+            # the registry's change, not through this result.
+            email.not_before = now

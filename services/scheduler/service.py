@@ -24,11 +24,11 @@ from services.scheduler.models import (
     EmailStatus,
     ItemStatus,
 )
+from services.scheduler.registry_copy import tenant_servers
 from shared.broker import Bus
 from shared.errors import Conflict
 from shared.messages import CancelNotice
 from shared.metrics import EMAILS_ACCEPTED, SUPPRESSED
-from shared.registry_read import tenant_servers
 from shared.settings import BrokerSettings
 from shared.timeutil import new_id
 

@@ -21,20 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler import repository
 from services.scheduler.repository import SendResultKey
 from services.scheduler.results import ResultApplier
-from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery, dead_letter_queue, queue_kind
-from shared.errors import TransientMessageError
+from shared.db import patient_handler as patient_handler
 from shared.messages import Outcome, SendJob, SendResult
 from shared.metrics import DEAD_LETTERS_SETTLED, EMAILS_SWEPT
 from shared.settings import SchedulerSettings
@@ -63,27 +60,6 @@ def settlement(key: SendResultKey, attempt: int, reason: str, now: datetime) -> 
     )
 
 
-def patient_handler(
-    handler: Callable[[Delivery], Awaitable[None]], settings: SchedulerSettings, what: str
-) -> Callable[[Delivery], Awaitable[None]]:
-    """`handler`, waiting for the database with backoff instead of returning the message to
-    its queue at once; past the bound the message goes back."""
-
-    async def handle(delivery: Delivery) -> None:
-        try:
-            await patiently(
-                lambda: handler(delivery),
-                retry_on=(DBAPIError, OSError),
-                limit_seconds=settings.dependency_wait_seconds,
-                what=f"database ({what})",
-                logger=logger,
-            )
-        except GaveUp as exc:
-            raise TransientMessageError(str(exc)) from exc
-
-    return handle
-
-
 class Settler:
     def __init__(
         self,
@@ -108,12 +84,14 @@ class Settler:
     async def start(self) -> None:
         await self.bus.consume(
             self.dead_job_queue,
-            patient_handler(self.on_dead_job, self.settings, "dead job"),
+            patient_handler(self.on_dead_job, self.settings.dependency_wait_seconds, "dead job"),
             prefetch=DEAD_LETTER_PREFETCH,
         )
         await self.bus.consume(
             self.dead_result_queue,
-            patient_handler(self.on_dead_result, self.settings, "dead result"),
+            patient_handler(
+                self.on_dead_result, self.settings.dependency_wait_seconds, "dead result"
+            ),
             prefetch=DEAD_LETTER_PREFETCH,
         )
 

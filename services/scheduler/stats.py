@@ -17,6 +17,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services.scheduler.models import Email, EmailStatus, ServerWarmup
+from services.scheduler.registry_copy import server_status_counts
 from shared.broker import Bus, queue_kind
 from shared.metrics import (
     BROKER_QUEUE_MESSAGES,
@@ -24,7 +25,6 @@ from shared.metrics import (
     SERVERS_BY_STATUS,
     SERVERS_BY_STEP,
 )
-from shared.registry_read import server_status_counts
 from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
 

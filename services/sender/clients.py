@@ -14,7 +14,6 @@ a new access token after an OAuth server refused one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 import uuid
@@ -195,13 +194,18 @@ class HttpRegistry:
         )
 
     async def report(self, server_id: uuid.UUID, reply: str) -> None:
-        # If the registry cannot be told, the scheduler still parks the server from the result.
-        with contextlib.suppress(httpx.HTTPError):
-            await self.client.post(
+        """Raises `DependencyUnavailable` while the registry cannot take the report (the worker
+        waits and tries again); a server deleted meanwhile (404) needs no report."""
+        try:
+            response = await self.client.post(
                 f"/internal/v1/servers/{server_id}/health",
                 json={"status": "auth_failed", "reply": reply[:1000]},
                 headers=self.headers,
             )
+        except httpx.HTTPError as exc:
+            raise DependencyUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
+        if response.status_code not in (200, 404):
+            raise DependencyUnavailable(f"registry answered {response.status_code}")
 
 
 class JobRef(BaseModel):

@@ -180,8 +180,11 @@ class Worker:
         if attempt.code is not None:
             SMTP_REPLIES.labels(f"{attempt.code // 100}xx").inc()
         if verdict.server_problem is ServerProblem.auth_failed and report:
-            await self.registry.report_auth_failure(
-                job.server_id, f"{attempt.code} {attempt.reply or ''}".strip()
+            # The one path of a refused login: the registry decides the server's status, and
+            # the scheduler learns it from the registry's change, so the registry must hear it.
+            reply = f"{attempt.code} {attempt.reply or ''}".strip()
+            await self._patiently(
+                "registry", lambda: self.registry.report_auth_failure(job.server_id, reply)
             )
         result = SendResult(
             job_id=job.job_id,

@@ -9,7 +9,7 @@ import uuid
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
 from fastapi.openapi.models import Example
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -44,8 +44,11 @@ from shared.pagination import (
 )
 from shared.problems import KnownQueryOnly
 from shared.settings import WebhookSettings
-from shared.tenancy import TenantDep
+from shared.tenancy import AuthenticatedTenant, tenant_dependency
 from shared.timeutil import utcnow
+
+# A tenant's API key, looked up in the webhooks service's copy of the registry's tenants.
+TenantDep = Annotated[AuthenticatedTenant, Depends(tenant_dependency("webhooks"))]
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[KnownQueryOnly])
 

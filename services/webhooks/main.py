@@ -9,9 +9,12 @@ from fastapi import FastAPI
 
 from services.webhooks.api import router
 from services.webhooks.delivery import Deliverer, Intake
+from services.webhooks.models import WebhooksTenant
 from shared.app import Resource, add_readiness_check, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus
+from shared.copies import CopyKeeper, SourceFactory, copy_resource, registry_source_over_http
 from shared.crypto import Keyring
+from shared.db import table_of
 from shared.settings import WebhookSettings
 
 EVENT_PREFETCH = 64
@@ -47,6 +50,21 @@ def webhooks_resources(settings: WebhookSettings, *, run_loop: bool = True) -> R
     return resource
 
 
+def webhooks_copy(
+    settings: WebhookSettings, source: SourceFactory, *, run_loop: bool = True
+) -> Resource:
+    """The webhooks service's copy of the registry's tenants (whose API key is whose)."""
+    return copy_resource(
+        settings,
+        "webhooks",
+        lambda sessions, opened: CopyKeeper(
+            sessions, opened, table_of(WebhooksTenant), resync_seconds=settings.copy_resync_seconds
+        ),
+        source,
+        run_loop=run_loop,
+    )
+
+
 def install(app: FastAPI) -> None:
     app.include_router(router)
 
@@ -57,7 +75,12 @@ def create_app(settings: WebhookSettings | None = None) -> FastAPI:
         title="ABillionLeads webhooks",
         service="webhooks",
         settings=resolved,
-        resources=[database(resolved), rabbit_bus(resolved), webhooks_resources(resolved)],
+        resources=[
+            database(resolved),
+            rabbit_bus(resolved),
+            webhooks_copy(resolved, registry_source_over_http),
+            webhooks_resources(resolved),
+        ],
     )
     install(app)
     return app

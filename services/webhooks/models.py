@@ -16,6 +16,7 @@ from pydantic import StrictBool, field_validator
 from sqlalchemy import JSON, Column, ForeignKey, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from shared.copies import TenantCopyRecord
 from shared.events import EventType
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import OneLineText, SchemaPattern, refuse_control_chars
@@ -242,3 +243,9 @@ class WebhookAttempt(WebhookAttemptBase, table=True):
     delivery_id: uuid.UUID = Field(
         sa_column=Column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False)
     )
+
+
+class WebhooksTenant(TenantCopyRecord, table=True):
+    """The webhooks service's copy of the registry's tenants: whose API key is whose."""
+
+    __tablename__ = "webhooks_tenants"

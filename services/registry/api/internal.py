@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
+from services.registry import changes, mailbox
 from services.registry import credentials as use_cases
-from services.registry import mailbox
 from services.registry.deps import KeyringDep, TokenKeeperDep
 from services.registry.domain import ServerStatus
 from services.registry.models import HealthAck, HealthReport
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
-from shared.errors import AppError, NotFound, ServiceUnavailable, raises
+from shared.errors import (
+    AppError,
+    NotFound,
+    ServerNotFound,
+    ServiceUnavailable,
+    raises,
+    server_not_found,
+)
 from shared.messages import BouncePause, ImapCredentials, MailboxPoll, SmtpCredentials
-from shared.registry_read import ServerNotFound, server_not_found
+from shared.pagination import LIMIT_DESCRIPTION, CursorQuery, InvalidCursor, decode_cursor
+from shared.registry_changes import COPY_PAGE_MAX, ServerCopyPage, TenantCopyPage
 from shared.tenancy import InternalDep
 
 T = TypeVar("T")
 
 router = APIRouter(prefix="/internal/v1", dependencies=[InternalDep])
+CopyLimitQuery = Annotated[int, Query(ge=1, le=COPY_PAGE_MAX, description=LIMIT_DESCRIPTION)]
 
 
 class OAuthProviderUnavailable(ServiceUnavailable):
@@ -202,3 +211,44 @@ async def pause_for_bounces(
     if server is None:
         raise server_not_found(server_id)
     return HealthAck(id=server.id, status=ServerStatus(server.status))
+
+
+@router.get(
+    "/copies/tenants",
+    tags=["copies"],
+    summary="A page of tenants as the other services' copies hold them (no secret)",
+)
+@raises(InvalidCursor)
+async def list_tenant_copies(
+    session: SessionDep,
+    cursor: CursorQuery = None,
+    limit: CopyLimitQuery = COPY_PAGE_MAX,
+    key_digest: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[0-9a-f]{64}$",
+            description="The SHA-256 (hex) of an API key: only the tenant it belongs to.",
+        ),
+    ] = None,
+) -> TenantCopyPage:
+    """Paginated in id order: pass `next_cursor` as `cursor` for the next page. `key_digest`
+    finds the one tenant of an API key, for a copy asked about a key it has not heard of."""
+    after = decode_cursor(cursor) if cursor else None
+    return await changes.tenant_copies(session, after=after, limit=limit, key_digest=key_digest)
+
+
+@router.get(
+    "/copies/servers",
+    tags=["copies"],
+    summary="A page of servers as the other services' copies hold them (no credential)",
+)
+@raises(InvalidCursor)
+async def list_server_copies(
+    session: SessionDep,
+    cursor: CursorQuery = None,
+    limit: CopyLimitQuery = COPY_PAGE_MAX,
+    tenant_id: Annotated[uuid.UUID | None, Query(description="Only this tenant's servers.")] = None,
+) -> ServerCopyPage:
+    """Paginated in id order: pass `next_cursor` as `cursor` for the next page."""
+    after = decode_cursor(cursor) if cursor else None
+    return await changes.server_copies(session, after=after, limit=limit, tenant_id=tenant_id)

@@ -12,16 +12,15 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 
-from services.registry.deps import KeyringDep, LimiterDep, VerifierDep
+from services.registry.deps import KeyringDep, LimiterDep, TenantDep, VerifierDep
 from services.registry.models import OAuthFlow, OAuthFlowStatus, OAuthStart, OAuthStarted
 from services.registry.oauth import flows
 from services.registry.oauth.client import OAuthClient
 from services.registry.oauth.providers import Provider
 from shared.db import SessionDep
-from shared.errors import NotFound, raises
-from shared.registry_read import ServerNotFound
+from shared.errors import NotFound, ServerNotFound, raises
 from shared.settings import RegistrySettings
-from shared.tenancy import TenantDep, get_registry_settings
+from shared.tenancy import get_registry_settings
 from shared.timeutil import utcnow
 
 logger = logging.getLogger("abl.registry.oauth")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Response, status
 from fastapi.openapi.models import Example
 
 from services.registry import mailbox, repository, service
-from services.registry.deps import CheckerDep, KeyringDep, TokenKeeperDep
+from services.registry.deps import CheckerDep, KeyringDep, TenantDep, TokenKeeperDep
 from services.registry.models import (
     SmtpServerCreate,
     SmtpServerPage,
@@ -18,7 +18,7 @@ from services.registry.models import (
 )
 from services.registry.service import CheckFailed, OAuthServer, PasswordRequired
 from shared.db import SessionDep
-from shared.errors import raises
+from shared.errors import ServerNotFound, raises
 from shared.pagination import (
     CursorQuery,
     InvalidCursor,
@@ -26,9 +26,7 @@ from shared.pagination import (
     decode_cursor,
     encode_cursor,
 )
-from shared.registry_read import ServerNotFound
 from shared.spec import example_response
-from shared.tenancy import TenantDep
 
 router = APIRouter(prefix="/v1/servers", tags=["servers"])
 

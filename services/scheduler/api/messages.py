@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from services.scheduler import repository, service
-from services.scheduler.deps import DispatcherDep
+from services.scheduler.deps import DispatcherDep, RegistryCopyDep, TenantDep
 from services.scheduler.models import (
     Accepted,
     EmailCreate,
@@ -29,7 +29,6 @@ from shared.pagination import (
     encode_cursor,
 )
 from shared.spec import example_response
-from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
@@ -131,6 +130,7 @@ async def accept_messages(
     tenant: TenantDep,
     session: SessionDep,
     dispatcher: DispatcherDep,
+    copy: RegistryCopyDep,
 ) -> Accepted:
     """The body is one email or `{"messages": [...]}`; 202 means every email is stored (in one
     transaction), before any is sent. `items` answers each email in order: `queued`,
@@ -141,6 +141,7 @@ async def accept_messages(
     email's id, so a batch sent again after a timeout queues nothing twice. A key twice in one
     batch is refused (409 `duplicate_idempotency_key`); two requests storing the same key at the
     same moment: one wins, the other gets 409 `idempotency_conflict` and may be sent again."""
+    await copy.ensure_servers(tenant.id)
     return await service.accept(
         session, tenant.id, parse_payload(payload), utcnow(), dispatcher.wake
     )

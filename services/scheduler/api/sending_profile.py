@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from services.scheduler.deps import TenantDep
 from services.scheduler.models import (
     SendingProfile,
     SendingProfilePublic,
     SendingProfileUpdate,
 )
 from shared.db import SessionDep
-from shared.tenancy import TenantDep
 
 router = APIRouter(prefix="/v1/sending-profile", tags=["sending-profile"])
 

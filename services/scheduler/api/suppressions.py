@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Response, status
 from fastapi.openapi.models import Example
 
 from services.scheduler import suppression
+from services.scheduler.deps import TenantDep
 from services.scheduler.models import (
     SuppressionBatch,
     SuppressionCreate,
@@ -26,7 +27,6 @@ from shared.pagination import (
     decode_cursor,
     encode_cursor,
 )
-from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])

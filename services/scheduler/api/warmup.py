@@ -9,14 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from services.scheduler import domain, repository
+from services.scheduler.deps import RegistryCopyDep, TenantDep
 from services.scheduler.dispatcher import schedule_from
 from services.scheduler.models import CapacityPublic, ReputationPublic, WarmupDay, WarmupPublic
+from services.scheduler.registry_copy import tenant_server, tenant_servers
 from shared.db import SessionDep
-from shared.errors import raises
-from shared.registry_read import ServerNotFound, server_not_found, tenant_server, tenant_servers
+from shared.errors import ServerNotFound, raises, server_not_found
 from shared.settings import SchedulerSettings
 from shared.spec import example_response
-from shared.tenancy import TenantDep
 from shared.timeutil import utcnow
 
 router = APIRouter()
@@ -65,13 +65,18 @@ def app_settings(request: Request) -> SchedulerSettings:
 @example_response(200, WARMUP_EXAMPLE)
 @raises(ServerNotFound)
 async def get_warmup(
-    server_id: uuid.UUID, tenant: TenantDep, session: SessionDep, request: Request
+    server_id: uuid.UUID,
+    tenant: TenantDep,
+    session: SessionDep,
+    request: Request,
+    copy: RegistryCopyDep,
 ) -> WarmupPublic:
     """A fresh server sends a little on its first day and more each day it sends, up to its
     provider's daily limit (Gmail 500 in a rolling 24 h). `allowance_today` is what it may send
     today, `remaining_today` what is left, `next_send_at` when it sends next, `projection` the
     next 30 days if it sends every day."""
     settings = app_settings(request)
+    await copy.ensure_server(tenant.id, server_id)
     server = await tenant_server(session, tenant.id, server_id)
     if server is None:
         raise server_not_found(server_id)

@@ -1,0 +1,227 @@
+"""The registry's side of the copies other services keep of its tenants and servers
+(`shared/registry_changes.py`).
+
+Every change of a copied column raises the row's `version` in the database and writes a
+`RegistryChange` with the row as it now is to `registry_changes_outbox`, in the same flush:
+mapper events catch the ORM's inserts, updates and deletes whatever use case made them, and
+`server_changed` serves the conditional Core UPDATEs (`services.registry.events.record_change`).
+The version is raised by `version = version + 1 … RETURNING`, under the row lock of that very
+UPDATE, so two transactions changing one row can never send two records with one version.
+
+The snapshot reads (`tenant_copies`, `server_copies`) serve the internal copy routes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import event, inspect, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.orm import Mapper, Session, object_session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.registry.models import RegistryChangesOutbox, SmtpServer, Tenant
+from shared import outbox
+from shared.db import table_of
+from shared.pagination import encode_cursor
+from shared.registry_changes import (
+    Change,
+    RegistryChange,
+    ServerCopy,
+    ServerCopyPage,
+    TenantCopy,
+    TenantCopyPage,
+)
+
+OUTBOX = table_of(RegistryChangesOutbox)
+_servers = table_of(SmtpServer)
+_tenants = table_of(Tenant)
+
+# What the copies hold; a change of any other column (a password, the last poll) is not news.
+SERVER_COPIED = ("tenant_id", "status", "daily_cap", "label", "host", "username", "provider")
+TENANT_COPIED = ("name", "api_key_hash")
+
+_SERVER_COLUMNS = (
+    _servers.c.id,
+    _servers.c.tenant_id,
+    _servers.c.status,
+    _servers.c.daily_cap,
+    _servers.c.label,
+    _servers.c.host,
+    _servers.c.username,
+    _servers.c.provider,
+    _servers.c.imap_host.is_not(None).label("reads_mailbox"),
+    _servers.c.version,
+)
+_TENANT_COLUMNS = (_tenants.c.id, _tenants.c.name, _tenants.c.api_key_hash, _tenants.c.version)
+
+
+def _server_copy(row: Row[Any], *, deleted: bool = False) -> ServerCopy:
+    return ServerCopy(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        status=str(row.status),
+        daily_cap=row.daily_cap,
+        label=row.label,
+        host=row.host,
+        username=row.username,
+        provider=row.provider,
+        reads_mailbox=bool(row.reads_mailbox),
+        version=row.version,
+        deleted=deleted,
+    )
+
+
+def _tenant_copy(row: Row[Any], *, deleted: bool = False) -> TenantCopy:
+    return TenantCopy(
+        id=row.id,
+        name=row.name,
+        api_key_hash=row.api_key_hash,
+        version=row.version,
+        deleted=deleted,
+    )
+
+
+def _write(connection: Connection, session: Session | None, change: RegistryChange) -> None:
+    connection.execute(OUTBOX.insert(), outbox.rows([change]))
+    if session is not None:
+        outbox.mark_written(session, OUTBOX.name)
+
+
+def _bump_server(connection: Connection, server_id: uuid.UUID) -> ServerCopy | None:
+    # The server's own row, read back by the statement that raises its version.
+    row = connection.execute(
+        update(_servers)
+        .where(_servers.c.id == server_id)
+        .values(version=_servers.c.version + 1)
+        .returning(*_SERVER_COLUMNS)
+    ).first()
+    return None if row is None else _server_copy(row)
+
+
+def _bump_tenant(connection: Connection, tenant_id: uuid.UUID) -> TenantCopy | None:
+    row = connection.execute(
+        update(_tenants)
+        .where(_tenants.c.id == tenant_id)
+        .values(version=_tenants.c.version + 1)
+        .returning(*_TENANT_COLUMNS)
+    ).first()
+    return None if row is None else _tenant_copy(row)
+
+
+def _changed(target: object, columns: tuple[str, ...]) -> bool:
+    state = inspect(target)
+    return any(state.attrs[name].history.has_changes() for name in columns)
+
+
+def _announce_server(connection: Connection, server: SmtpServer, change: Change) -> None:
+    copy = _bump_server(connection, server.id)
+    if copy is None:
+        return
+    set_committed_value(server, "version", copy.version)
+    if change == "deleted":
+        copy = copy.model_copy(update={"deleted": True})
+    _write(connection, object_session(server), RegistryChange.of_server(copy, change))
+
+
+def _announce_tenant(connection: Connection, tenant: Tenant, change: Change) -> None:
+    copy = _bump_tenant(connection, tenant.id)
+    if copy is None:
+        return
+    set_committed_value(tenant, "version", copy.version)
+    if change == "deleted":
+        copy = copy.model_copy(update={"deleted": True})
+    _write(connection, object_session(tenant), RegistryChange.of_tenant(copy, change))
+
+
+def _server_inserted(_mapper: Mapper[Any], connection: Connection, server: SmtpServer) -> None:
+    _announce_server(connection, server, "created")
+
+
+def _server_updated(_mapper: Mapper[Any], connection: Connection, server: SmtpServer) -> None:
+    if _changed(server, SERVER_COPIED) or inspect(server).attrs.imap_host.history.has_changes():
+        _announce_server(connection, server, "updated")
+
+
+def _server_deleting(_mapper: Mapper[Any], connection: Connection, server: SmtpServer) -> None:
+    # Before the DELETE: the row still answers RETURNING; the tombstone carries its last version
+    # plus one, so an older record arriving late cannot bring the server back in a copy.
+    _announce_server(connection, server, "deleted")
+
+
+def _tenant_inserted(_mapper: Mapper[Any], connection: Connection, tenant: Tenant) -> None:
+    _announce_tenant(connection, tenant, "created")
+
+
+def _tenant_updated(_mapper: Mapper[Any], connection: Connection, tenant: Tenant) -> None:
+    if _changed(tenant, TENANT_COPIED):
+        _announce_tenant(connection, tenant, "updated")
+
+
+def _tenant_deleting(_mapper: Mapper[Any], connection: Connection, tenant: Tenant) -> None:
+    _announce_tenant(connection, tenant, "deleted")
+
+
+_LISTENERS = (
+    (SmtpServer, "after_insert", _server_inserted),
+    (SmtpServer, "after_update", _server_updated),
+    (SmtpServer, "before_delete", _server_deleting),
+    (Tenant, "after_insert", _tenant_inserted),
+    (Tenant, "after_update", _tenant_updated),
+    (Tenant, "before_delete", _tenant_deleting),
+)
+
+
+def install() -> None:
+    """Idempotent; called when a registry starts, not at import."""
+    for model, name, listener in _LISTENERS:
+        if not event.contains(model, name, listener):
+            event.listen(model, name, listener)
+
+
+async def server_changed(session: AsyncSession, server_id: uuid.UUID) -> None:
+    """For a copied column changed by a Core statement, which the mapper events do not see."""
+
+    def announce(sync: Session) -> None:
+        connection = sync.connection()
+        copy = _bump_server(connection, server_id)
+        if copy is not None:
+            _write(connection, sync, RegistryChange.of_server(copy, "updated"))
+
+    await session.run_sync(announce)
+
+
+async def tenant_copies(
+    session: AsyncSession, *, after: uuid.UUID | None, limit: int, key_digest: str | None = None
+) -> TenantCopyPage:
+    query = select(*_TENANT_COLUMNS).order_by(_tenants.c.id).limit(limit)
+    if after is not None:
+        query = query.where(_tenants.c.id > after)
+    if key_digest is not None:
+        query = query.where(_tenants.c.api_key_hash == key_digest)
+    rows = (await session.exec(query)).all()  # type: ignore[call-overload]
+    items = [_tenant_copy(row) for row in rows]
+    return TenantCopyPage(items=items, next_cursor=_next(items, limit))
+
+
+async def server_copies(
+    session: AsyncSession,
+    *,
+    after: uuid.UUID | None,
+    limit: int,
+    tenant_id: uuid.UUID | None = None,
+) -> ServerCopyPage:
+    query = select(*_SERVER_COLUMNS).order_by(_servers.c.id).limit(limit)
+    if after is not None:
+        query = query.where(_servers.c.id > after)
+    if tenant_id is not None:
+        query = query.where(_servers.c.tenant_id == tenant_id)
+    rows = (await session.exec(query)).all()  # type: ignore[call-overload]
+    items = [_server_copy(row) for row in rows]
+    return ServerCopyPage(items=items, next_cursor=_next(items, limit))
+
+
+def _next(items: list[TenantCopy] | list[ServerCopy], limit: int) -> str | None:
+    return encode_cursor(items[-1].id) if len(items) == limit else None
