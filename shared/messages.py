@@ -1,6 +1,10 @@
-"""Schemas of the messages the services exchange over the broker.
+"""Schemas of the messages the services exchange: over the broker (jobs, results, cancels) and
+over the internal HTTP routes (credentials, the senders' questions and reports), written once
+here and imported by the route and its client alike. The registry's changes are in
+`shared/registry_changes.py`, the webhooks' events in `shared/events.py`.
 
-A message names servers and emails by id; it never carries a password or an API key.
+A message names servers and emails by id; it never carries a password or an API key, except
+the credentials answers of the internal routes, which are never put on the broker.
 """
 
 from __future__ import annotations
@@ -159,3 +163,36 @@ def parse(model: type[ModelT], body: bytes) -> ModelT:
         raise PermanentMessageError(
             f"unparsable {model.__name__}: {exc.error_count()} error(s)"
         ) from exc
+
+
+# The senders' questions and reports to the scheduler (`/internal/v1/jobs/sendable`, `/results`)
+# and to the registry (`/internal/v1/servers/{id}/health`).
+MAX_JOBS_PER_QUESTION = 1000
+
+
+class JobRef(BaseModel):
+    email_id: uuid.UUID
+    job_id: uuid.UUID
+
+
+class SendableQuery(BaseModel):
+    jobs: list[JobRef] = Field(max_length=MAX_JOBS_PER_QUESTION)
+
+
+class SendableAnswer(BaseModel):
+    sendable: list[uuid.UUID]
+
+
+class ResultsReport(BaseModel):
+    results: list[SendResult] = Field(max_length=MAX_JOBS_PER_QUESTION)
+
+
+class ResultsApplied(BaseModel):
+    applied: list[bool]
+
+
+class HealthReport(BaseModel):
+    """A sender saw the server refuse its login: the one report of it (the registry decides)."""
+
+    status: Literal["auth_failed"]
+    reply: str = Field(max_length=1000)

@@ -58,3 +58,52 @@ def test_broker_errors_are_not_request_errors() -> None:
     for error in (MessageError, PermanentMessageError, DependencyUnavailable):
         assert issubclass(error, AblError)
         assert not issubclass(error, AppError), f"{error.__name__} would render as a response"
+
+
+SERVICES = ("registry", "scheduler", "webhooks")
+
+
+def string_literals(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+
+
+def service_modules() -> list[Path]:
+    return sorted(
+        path
+        for path in ROOT.glob("services/*/**/*.py")
+        if "migrations" not in path.parts and path.parts[len(ROOT.parts) + 1] != "legacy_migrations"
+    )
+
+
+def test_no_service_reads_another_services_tables_or_imports_it() -> None:
+    """The scheduler and the webhooks service keep copies of what they need of the registry's
+    tenants and servers; no module of theirs (nor of the registry, nor shared/) names a table
+    of another service, or imports another service's package. Only the composition roots
+    (services/app.py, cli.py, ...) know several services."""
+    from shared.migrate import owned_metadata
+
+    owner = {
+        table: service
+        for service in SERVICES
+        for table in owned_metadata(f"services.{service}").tables
+    }
+    assert {"tenants", "smtp_servers", "scheduler_servers", "webhooks_tenants"} <= owner.keys()
+    # shared/spec.py's tag names are the resources' names, some of them a table's too.
+    shared = sorted(p for p in (ROOT / "shared").glob("*.py") if p.name != "spec.py")
+    for path in [*service_modules(), *shared]:
+        parts = path.relative_to(ROOT).parts
+        mine = parts[1] if parts[0] == "services" else None
+        foreign_tables = sorted(
+            name for name in string_literals(path) & owner.keys() if owner[name] != mine
+        )
+        assert foreign_tables == [], f"{'/'.join(parts)} names {foreign_tables}"
+        if mine is not None:
+            foreign = sorted(
+                name
+                for name in imported_modules(path)
+                if name.startswith("services.") and name.split(".")[1] != mine
+            )
+            assert foreign == [], f"{'/'.join(parts)} imports {foreign}"

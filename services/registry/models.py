@@ -370,11 +370,6 @@ class SmtpServerPage(SQLModel):
     )
 
 
-class HealthReport(SQLModel):
-    status: Literal[ServerStatus.auth_failed]
-    reply: str = Field(max_length=1000)
-
-
 class HealthAck(SQLModel):
     id: uuid.UUID
     status: ServerStatus

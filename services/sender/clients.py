@@ -22,11 +22,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
-from pydantic import BaseModel
 
 from shared.errors import TransientMessageError
 from shared.internal_client import get_model
-from shared.messages import SendResult, SmtpCredentials
+from shared.messages import (
+    HealthReport,
+    JobRef,
+    ResultsReport,
+    SendableAnswer,
+    SendableQuery,
+    SendResult,
+    SmtpCredentials,
+)
 from shared.timeutil import utcnow
 
 
@@ -199,30 +206,13 @@ class HttpRegistry:
         try:
             response = await self.client.post(
                 f"/internal/v1/servers/{server_id}/health",
-                json={"status": "auth_failed", "reply": reply[:1000]},
-                headers=self.headers,
+                content=HealthReport(status="auth_failed", reply=reply[:1000]).model_dump_json(),
+                headers={**self.headers, "Content-Type": "application/json"},
             )
         except httpx.HTTPError as exc:
             raise DependencyUnavailable(f"registry unreachable: {type(exc).__name__}") from exc
         if response.status_code not in (200, 404):
             raise DependencyUnavailable(f"registry answered {response.status_code}")
-
-
-class JobRef(BaseModel):
-    email_id: uuid.UUID
-    job_id: uuid.UUID
-
-
-class SendableQuery(BaseModel):
-    jobs: list[JobRef]
-
-
-class SendableAnswer(BaseModel):
-    sendable: list[uuid.UUID]
-
-
-class ResultsReport(BaseModel):
-    results: list[SendResult]
 
 
 class HttpJobStates:

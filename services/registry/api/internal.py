@@ -13,7 +13,7 @@ from services.registry import changes, mailbox
 from services.registry import credentials as use_cases
 from services.registry.deps import KeyringDep, TokenKeeperDep
 from services.registry.domain import ServerStatus
-from services.registry.models import HealthAck, HealthReport
+from services.registry.models import HealthAck
 from services.registry.oauth.tokens import TokenUnavailable
 from shared.db import SessionDep
 from shared.errors import (
@@ -24,7 +24,13 @@ from shared.errors import (
     raises,
     server_not_found,
 )
-from shared.messages import BouncePause, ImapCredentials, MailboxPoll, SmtpCredentials
+from shared.messages import (
+    BouncePause,
+    HealthReport,
+    ImapCredentials,
+    MailboxPoll,
+    SmtpCredentials,
+)
 from shared.pagination import LIMIT_DESCRIPTION, CursorQuery, InvalidCursor, decode_cursor
 from shared.registry_changes import COPY_PAGE_MAX, ServerCopyPage, TenantCopyPage
 from shared.tenancy import InternalDep
@@ -134,7 +140,9 @@ async def report_server_health(
 ) -> HealthAck:
     """The server's status becomes the reported one (a paused server stays paused), and one
     `server.status_changed` event is written when it changed."""
-    server = await use_cases.record_health(session, server_id, body.status, body.reply)
+    server = await use_cases.record_health(
+        session, server_id, ServerStatus(body.status), body.reply
+    )
     return HealthAck(id=server.id, status=ServerStatus(server.status))
 
 

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
-from sqlmodel import Field, SQLModel
 
 from services.scheduler import repository
 from services.scheduler.results import ResultApplier
 from shared.db import SessionDep
-from shared.messages import SendResult
+from shared.messages import ResultsApplied, ResultsReport, SendableAnswer, SendableQuery
 from shared.tenancy import InternalDep
 
 router = APIRouter(prefix="/internal/v1", dependencies=[InternalDep])
-
-MAX_JOBS_PER_QUESTION = 1000
-
-
-class JobRef(SQLModel):
-    email_id: uuid.UUID
-    job_id: uuid.UUID
-
-
-class SendableQuery(SQLModel):
-    jobs: list[JobRef] = Field(max_length=MAX_JOBS_PER_QUESTION)
-
-
-class SendableAnswer(SQLModel):
-    sendable: list[uuid.UUID]
-
-
-class ResultsReport(SQLModel):
-    results: list[SendResult] = Field(max_length=MAX_JOBS_PER_QUESTION)
-
-
-class ResultsApplied(SQLModel):
-    applied: list[bool]
 
 
 @router.post(
