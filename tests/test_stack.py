@@ -292,3 +292,42 @@ def test_services_started_before_the_broker_and_the_database_wait_for_them(
     finally:
         broker.close()
         database.close()
+
+
+async def copy_rows(url: str, wipe: bool = False) -> tuple[int, int]:
+    """(servers, tenants) in the scheduler's copy of the registry; `wipe` empties it first."""
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        if wipe:
+            await connection.execute("DELETE FROM scheduler_servers; DELETE FROM scheduler_tenants")
+        servers: int = await connection.fetchval("SELECT count(*) FROM scheduler_servers")
+        tenants: int = await connection.fetchval("SELECT count(*) FROM scheduler_tenants")
+        return servers, tenants
+    finally:
+        await connection.close()
+
+
+def test_a_scheduler_whose_copy_is_lost_rebuilds_it_from_the_registry(
+    stack: Stack, certs: Certificates
+) -> None:
+    """The scheduler's copy of the registry's tenants and servers is emptied while it is down:
+    the new process reads the registry's snapshot routes over HTTP before it says ready, and
+    sends through the same three servers."""
+    with smtp_server(certs, LOGINS) as smtp:
+        client, tenant = tenant_with_servers(stack, smtp)
+        stack.sender("sender-1")
+        queue(client, tenant, 3)
+        wait_until(lambda: statuses(client, tenant) == {"sent": 3}, seconds=60)
+        stack.scheduler.stop()
+        assert asyncio.run(copy_rows(stack.settings.database_url, wipe=True)) == (0, 0)
+
+        stack.scheduler = start("scheduler-2", "scheduler", stack.env, stack.logs)
+        # Ready means rebuilt: nothing else has fed the copy since it was emptied.
+        assert asyncio.run(copy_rows(stack.settings.database_url)) == (3, 1)
+        client = httpx.Client(base_url=stack.scheduler.url, timeout=30)
+        queue(client, tenant, 6)
+        wait_until(lambda: statuses(client, tenant) == {"sent": 9}, seconds=60)
+        assert sum(smtp.recorder.accepted.values()) == 9
+        assert sorted(smtp.recorder.accepted.values()) == [3, 3, 3]
