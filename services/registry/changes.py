@@ -14,9 +14,11 @@ The snapshot reads (`tenant_copies`, `server_copies`) serve the internal copy ro
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, inspect, select, update
+from sqlalchemy import Table, event, inspect, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Mapper, Session, object_session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -90,25 +92,33 @@ def _write(connection: Connection, session: Session | None, change: RegistryChan
         outbox.mark_written(session, OUTBOX.name)
 
 
-def _bump_server(connection: Connection, server_id: uuid.UUID) -> ServerCopy | None:
-    # The server's own row, read back by the statement that raises its version.
-    row = connection.execute(
-        update(_servers)
-        .where(_servers.c.id == server_id)
-        .values(version=_servers.c.version + 1)
-        .returning(*_SERVER_COLUMNS)
-    ).first()
-    return None if row is None else _server_copy(row)
+@dataclass(frozen=True)
+class _Copied:
+    """A model the copies hold: its table, the columns they copy, how a row becomes a record
+    and a record a change."""
+
+    table: Table
+    columns: tuple[Any, ...]
+    record: Callable[[Row[Any]], TenantCopy | ServerCopy]
+    change: Callable[[Any, Change], RegistryChange]
 
 
-def _bump_tenant(connection: Connection, tenant_id: uuid.UUID) -> TenantCopy | None:
+_SERVER = _Copied(_servers, _SERVER_COLUMNS, _server_copy, RegistryChange.of_server)
+_TENANT = _Copied(_tenants, _TENANT_COLUMNS, _tenant_copy, RegistryChange.of_tenant)
+
+
+def _bump(
+    connection: Connection, kind: _Copied, row_id: uuid.UUID
+) -> TenantCopy | ServerCopy | None:
+    # The row as it now is, read back by the statement that raises its version.
+    table = kind.table
     row = connection.execute(
-        update(_tenants)
-        .where(_tenants.c.id == tenant_id)
-        .values(version=_tenants.c.version + 1)
-        .returning(*_TENANT_COLUMNS)
+        update(table)
+        .where(table.c.id == row_id)
+        .values(version=table.c.version + 1)
+        .returning(*kind.columns)
     ).first()
-    return None if row is None else _tenant_copy(row)
+    return None if row is None else kind.record(row)
 
 
 def _changed(target: object, columns: tuple[str, ...]) -> bool:
@@ -116,52 +126,44 @@ def _changed(target: object, columns: tuple[str, ...]) -> bool:
     return any(state.attrs[name].history.has_changes() for name in columns)
 
 
-def _announce_server(connection: Connection, server: SmtpServer, change: Change) -> None:
-    copy = _bump_server(connection, server.id)
+def _announce(
+    connection: Connection, kind: _Copied, target: SmtpServer | Tenant, change: Change
+) -> None:
+    copy = _bump(connection, kind, target.id)
     if copy is None:
         return
-    set_committed_value(server, "version", copy.version)
+    set_committed_value(target, "version", copy.version)
     if change == "deleted":
         copy = copy.model_copy(update={"deleted": True})
-    _write(connection, object_session(server), RegistryChange.of_server(copy, change))
-
-
-def _announce_tenant(connection: Connection, tenant: Tenant, change: Change) -> None:
-    copy = _bump_tenant(connection, tenant.id)
-    if copy is None:
-        return
-    set_committed_value(tenant, "version", copy.version)
-    if change == "deleted":
-        copy = copy.model_copy(update={"deleted": True})
-    _write(connection, object_session(tenant), RegistryChange.of_tenant(copy, change))
+    _write(connection, object_session(target), kind.change(copy, change))
 
 
 def _server_inserted(_mapper: Mapper[Any], connection: Connection, server: SmtpServer) -> None:
-    _announce_server(connection, server, "created")
+    _announce(connection, _SERVER, server, "created")
 
 
 def _server_updated(_mapper: Mapper[Any], connection: Connection, server: SmtpServer) -> None:
     if _changed(server, SERVER_COPIED) or inspect(server).attrs.imap_host.history.has_changes():
-        _announce_server(connection, server, "updated")
+        _announce(connection, _SERVER, server, "updated")
 
 
 def _server_deleting(_mapper: Mapper[Any], connection: Connection, server: SmtpServer) -> None:
     # Before the DELETE: the row still answers RETURNING; the tombstone carries its last version
     # plus one, so an older record arriving late cannot bring the server back in a copy.
-    _announce_server(connection, server, "deleted")
+    _announce(connection, _SERVER, server, "deleted")
 
 
 def _tenant_inserted(_mapper: Mapper[Any], connection: Connection, tenant: Tenant) -> None:
-    _announce_tenant(connection, tenant, "created")
+    _announce(connection, _TENANT, tenant, "created")
 
 
 def _tenant_updated(_mapper: Mapper[Any], connection: Connection, tenant: Tenant) -> None:
     if _changed(tenant, TENANT_COPIED):
-        _announce_tenant(connection, tenant, "updated")
+        _announce(connection, _TENANT, tenant, "updated")
 
 
 def _tenant_deleting(_mapper: Mapper[Any], connection: Connection, tenant: Tenant) -> None:
-    _announce_tenant(connection, tenant, "deleted")
+    _announce(connection, _TENANT, tenant, "deleted")
 
 
 _LISTENERS = (
@@ -186,9 +188,9 @@ async def server_changed(session: AsyncSession, server_id: uuid.UUID) -> None:
 
     def announce(sync: Session) -> None:
         connection = sync.connection()
-        copy = _bump_server(connection, server_id)
+        copy = _bump(connection, _SERVER, server_id)
         if copy is not None:
-            _write(connection, sync, RegistryChange.of_server(copy, "updated"))
+            _write(connection, sync, _SERVER.change(copy, "updated"))
 
     await session.run_sync(announce)
 
