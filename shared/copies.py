@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
@@ -60,6 +60,10 @@ logger = logging.getLogger("abl.copies")
 # client trying keys at random costs the registry at most one lookup per key and period.
 UNKNOWN_KEY_SECONDS = 5.0
 UNKNOWN_KEYS_KEPT = 10_000
+# And at most this many keys a second are asked of the registry at all, whoever sends them: a
+# flood of made-up keys is answered 401 from the copy alone (a tenant made within that second
+# is known a moment later, when its change arrives).
+KEY_LOOKUPS_PER_SECOND = 50
 # How soon an empty copy asks the registry again when it could not answer.
 RETRY_SECONDS = 5.0
 CHANGES_PREFETCH = 64
@@ -174,6 +178,7 @@ class TenantCopies:
         self.source = source
         self.clock = clock
         self._unknown: OrderedDict[str, float] = OrderedDict()
+        self._asked_at: deque[float] = deque()
 
     async def apply(self, session: AsyncSession, records: Sequence[TenantCopy]) -> int:
         for record in records:
@@ -197,6 +202,11 @@ class TenantCopies:
         asked = self._unknown.get(digest)
         if asked is not None and now - asked < UNKNOWN_KEY_SECONDS:
             return None
+        while self._asked_at and now - self._asked_at[0] >= 1.0:
+            self._asked_at.popleft()
+        if len(self._asked_at) >= KEY_LOOKUPS_PER_SECOND:
+            return None
+        self._asked_at.append(now)
         try:
             page = await self.source.tenants(cursor=None, limit=1, key_digest=digest)
         except CopyUnavailable as exc:

@@ -488,6 +488,10 @@ async def test_a_key_made_a_moment_ago_is_asked_of_the_registry_and_a_wrong_one_
     for _ in range(20):
         assert await kept.authenticate(wrong) is None
     assert source.asked[wrong] == 1, "a key the registry does not know is not asked again at once"
+    made_up = [hash_api_key(f"abl_flood{i}") for i in range(200)]
+    for key in made_up:
+        assert await kept.authenticate(key) is None
+    assert sum(source.asked[key] for key in made_up) < 60, "a flood of keys is not passed on"
 
 
 async def test_a_server_added_a_moment_ago_is_read_before_the_batch_is_answered(
