@@ -41,6 +41,7 @@ from shared.broker import Delivery
 from shared.db import patient_handler
 from shared.errors import PermanentMessageError
 from shared.internal_client import get_model
+from shared.metrics import COPY_READS, REGISTRY_CHANGES_APPLIED
 from shared.registry_changes import (
     COPY_PAGE_MAX,
     CopyUnavailable,
@@ -99,14 +100,17 @@ async def apply_newer(session: AsyncSession, table: Table, records: Sequence[Bas
         {**record.model_dump(include=columns), "copied_at": now}
         for record in {r.id: r for r in sorted(records, key=_version)}.values()  # type: ignore[attr-defined]
     ]
-    statement = _insert(session)(table)
+    # One multi-row statement with RETURNING: its rows are what changed (an executemany's
+    # rowcount is -1 on asyncpg). A page is at most 1,000 rows, within both databases' limits
+    # on bound parameters.
+    statement = _insert(session)(table).values(rows)
     statement = statement.on_conflict_do_update(
         index_elements=["id"],
         set_={name: statement.excluded[name] for name in columns if name != "id"},
         where=table.c.version < statement.excluded.version,
-    )
-    result = await session.exec(statement, params=rows)
-    return int(result.rowcount or 0)
+    ).returning(table.c.id)
+    result = await session.exec(statement)
+    return len(result.all())
 
 
 def _version(record: BaseModel) -> int:
@@ -171,11 +175,13 @@ class TenantCopies:
         table: Table,
         source: RegistrySource,
         *,
+        service: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
         self.table = table
         self.source = source
+        self.service = service
         self.clock = clock
         self._unknown: OrderedDict[str, float] = OrderedDict()
         self._asked_at: deque[float] = deque()
@@ -205,13 +211,16 @@ class TenantCopies:
         while self._asked_at and now - self._asked_at[0] >= 1.0:
             self._asked_at.popleft()
         if len(self._asked_at) >= KEY_LOOKUPS_PER_SECOND:
+            COPY_READS.labels(self.service, "key", "limited").inc()
             return None
         self._asked_at.append(now)
         try:
             page = await self.source.tenants(cursor=None, limit=1, key_digest=digest)
         except CopyUnavailable as exc:
+            COPY_READS.labels(self.service, "key", "failed").inc()
             logger.warning("an API key not in the copy; the registry cannot be asked: %s", exc)
             return None
+        COPY_READS.labels(self.service, "key", "found" if page.items else "unknown").inc()
         if not page.items:
             self._unknown[digest] = now
             self._unknown.move_to_end(digest)
@@ -241,12 +250,14 @@ class CopyKeeper:
         source: RegistrySource,
         tenant_table: Table,
         *,
+        service: str,
         resync_seconds: float = 600.0,
     ) -> None:
         self.sessions = sessions
         self.source = source
+        self.service = service
         self.resync_seconds = resync_seconds
-        self.tenants = TenantCopies(sessions, tenant_table, source)
+        self.tenants = TenantCopies(sessions, tenant_table, source, service=service)
         # Set once the copy holds a whole snapshot (or was found holding one at start).
         self.ready = asyncio.Event()
 
@@ -263,16 +274,29 @@ class CopyKeeper:
         except ValueError as exc:
             raise PermanentMessageError("not a registry change") from exc
         async with self.sessions() as session, session.begin():
-            await self.apply(session, change)
+            changed = await self.apply(session, change)
+        REGISTRY_CHANGES_APPLIED.labels(self.service, "applied" if changed else "stale").inc()
 
-    async def apply(self, session: AsyncSession, change: RegistryChange) -> None:
-        if change.tenant is not None:
-            await self.tenants.apply(session, [change.tenant])
+    async def apply(self, session: AsyncSession, change: RegistryChange) -> int:
+        """How many rows of the copy `change` changed (0: it was not newer)."""
+        if change.tenant is None:
+            return 0
+        return await self.tenants.apply(session, [change.tenant])
 
     async def resync(self) -> int:
-        changed = await self.tenants.resync()
+        """Read the whole snapshot; how many rows of the copy it changed."""
+        kind = "resync" if self.ready.is_set() else "rebuild"
+        try:
+            changed = await self.read_all()
+        except Exception:
+            COPY_READS.labels(self.service, kind, "failed").inc()
+            raise
+        COPY_READS.labels(self.service, kind, "ok").inc()
         self.ready.set()
         return changed
+
+    async def read_all(self) -> int:
+        return await self.tenants.resync()
 
     async def run(self, stop: asyncio.Event) -> None:
         """A copy found holding rows at start is ready at once; an empty one is rebuilt

@@ -212,6 +212,18 @@ OUTBOX_PUBLISHED = Counter(
     "Events published from a service's outbox and confirmed by the broker.",
     ["service"],
 )
+REGISTRY_CHANGES_APPLIED = Counter(
+    "abl_registry_changes_applied_total",
+    "Registry changes a service's copy took: `applied` changed it, `stale` was older than "
+    "what it held (a replay or a late arrival).",
+    ["service", "outcome"],
+)
+COPY_READS = Counter(
+    "abl_copy_reads_total",
+    "Reads of the registry's snapshot routes by a service's copy: `rebuild` and `resync` "
+    "(whole), `key` and `servers` (for a request that needed a record before its change).",
+    ["service", "kind", "outcome"],
+)
 WEBHOOK_EVENTS = Counter(
     "abl_webhook_events_total",
     "Events the webhooks service received, by event type.",

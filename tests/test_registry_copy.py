@@ -189,7 +189,9 @@ async def test_one_batch_with_duplicates_keeps_each_rows_newest(
     first, second = uuid.uuid4(), uuid.uuid4()
     batch = [server_record(first, 2), server_record(second, 1), server_record(first, 5)]
     async with sessions() as session, session.begin():
-        await apply_newer(session, SERVERS, batch)
+        assert await apply_newer(session, SERVERS, batch) == 2, "two rows changed"
+    async with sessions() as session, session.begin():
+        assert await apply_newer(session, SERVERS, batch) == 0, "a replay changes none"
     assert await stored(sessions, first) == ("status-5", 105, 5, False)
     assert await stored(sessions, second) == ("status-1", 101, 1, False)
 

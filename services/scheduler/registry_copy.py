@@ -25,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.scheduler.models import SchedulerServer, SchedulerTenant
 from shared.copies import CopyKeeper, apply_newer, resync
 from shared.db import table_of
+from shared.metrics import COPY_READS
 from shared.registry_changes import COPY_PAGE_MAX, CopyUnavailable, RegistryChange, RegistrySource
 
 logger = logging.getLogger("abl.scheduler.copy")
@@ -131,7 +132,9 @@ class RegistryCopy(CopyKeeper):
         resync_seconds: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(sessions, source, TENANTS, resync_seconds=resync_seconds)
+        super().__init__(
+            sessions, source, TENANTS, service="scheduler", resync_seconds=resync_seconds
+        )
         self.clock = clock
         self._refreshed: OrderedDict[uuid.UUID, float] = OrderedDict()
 
@@ -139,19 +142,19 @@ class RegistryCopy(CopyKeeper):
     def tables(self) -> tuple[Table, ...]:
         return (TENANTS, SERVERS)
 
-    async def apply(self, session: AsyncSession, change: RegistryChange) -> None:
-        await super().apply(session, change)
+    async def apply(self, session: AsyncSession, change: RegistryChange) -> int:
+        changed = await super().apply(session, change)
         if change.server is not None:
-            await apply_newer(session, SERVERS, [change.server])
+            changed += await apply_newer(session, SERVERS, [change.server])
+        return changed
 
-    async def resync(self) -> int:
+    async def read_all(self) -> int:
         changed = await self.tenants.resync()
         changed += await resync(
             self.sessions,
             SERVERS,
             lambda cursor: self.source.servers(cursor=cursor, limit=COPY_PAGE_MAX),
         )
-        self.ready.set()
         return changed
 
     async def ensure_servers(self, tenant_id: uuid.UUID) -> None:
@@ -202,4 +205,7 @@ class RegistryCopy(CopyKeeper):
                 scope=SERVERS.c.tenant_id == tenant_id,
             )
         except CopyUnavailable as exc:
+            COPY_READS.labels(self.service, "servers", "failed").inc()
             logger.warning("servers of a tenant not read from the registry: %s", exc)
+        else:
+            COPY_READS.labels(self.service, "servers", "ok").inc()

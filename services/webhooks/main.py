@@ -58,7 +58,11 @@ def webhooks_copy(
         settings,
         "webhooks",
         lambda sessions, opened: CopyKeeper(
-            sessions, opened, table_of(WebhooksTenant), resync_seconds=settings.copy_resync_seconds
+            sessions,
+            opened,
+            table_of(WebhooksTenant),
+            service="webhooks",
+            resync_seconds=settings.copy_resync_seconds,
         ),
         source,
         run_loop=run_loop,
