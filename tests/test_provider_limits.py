@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
 
+from services.registry import changes
 from services.registry.models import SmtpServer, SmtpServerCreate
 from services.scheduler import domain
 from services.scheduler.domain import WarmupSchedule
@@ -160,6 +161,9 @@ async def set_host(api: Api, server_id: str, host: str, username: str) -> None:
             .where(table.c.id == uuid.UUID(server_id))
             .values(host=host, username=username, daily_cap=10_000)
         )
+        # As the registry's own Core updates do: the other services' copies hear of it.
+        await changes.server_changed(session, uuid.UUID(server_id))
+    await api.copies_caught_up()
 
 
 async def test_microsoft_365_server_sends_30_a_minute_and_shows_its_limits(
