@@ -26,7 +26,7 @@ from services.scheduler.models import MailboxCursor, MailboxEvent
 from services.sender.clients import DependencyUnavailable, HttpRegistry
 from shared.broker import Delivery
 from shared.imap import ImapEndpoint, ImapSecurity
-from shared.messages import CancelNotice, Outcome
+from shared.messages import CancelNotice, Outcome, PollReputation
 from shared.settings import Settings
 from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
@@ -197,8 +197,14 @@ class PauseFailsOnce:
     ) -> ImapEndpoint | None:
         return await self.source.endpoint(server_id, rejected)
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        await self.source.report(server_id, at, error)
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
+        await self.source.report(server_id, at, error, reputation)
 
     async def pause(self, server_id: uuid.UUID, reason: str) -> None:
         self.calls += 1

@@ -61,7 +61,7 @@ from services.scheduler.models import (
 from shared import imap
 from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
-from shared.messages import CancelNotice
+from shared.messages import CancelNotice, PollReputation
 from shared.metrics import (
     BOUNCES,
     MAILBOX_MESSAGES,
@@ -143,8 +143,15 @@ class MailboxSource(Protocol):
         when it has none any more. `rejected`: the SHA-256 of an access token the IMAP server
         refused, for a new one. Raises `AccessUnavailable` when the registry cannot answer."""
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        """The last read's time and error, shown on the server."""
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
+        """The last read's time and error, and the server's bounce and complaint rates as the
+        reader counted them then (None if it could not), shown on the server."""
 
     async def pause(self, server_id: uuid.UUID, reason: str) -> None:
         """Pause the server (`paused_bounces`): the bounce-rate guard said so."""
@@ -448,8 +455,9 @@ class MailboxReader:
             finally:
                 with contextlib.suppress(Exception):
                     await self._next_due(ref)
+            reputation = await self._reputation(ref.server_id)
             try:
-                await self.source.report(ref.server_id, utcnow(), error)
+                await self.source.report(ref.server_id, utcnow(), error, reputation)
             except Exception:
                 logger.warning("could not record the poll of server %s", ref.server_id)
             return True, error
@@ -552,6 +560,24 @@ class MailboxReader:
                     await self.paused(server_id)
                 except Exception as exc:  # the change still arrives by the bus
                     logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
+
+    async def _reputation(self, server_id: uuid.UUID) -> PollReputation | None:
+        """The server's bounce and complaint rates over its last `bounce_window` sent emails,
+        as the guard and `GET /v1/servers/{id}/warmup` count them; None if they cannot be
+        counted now (the report goes without them, and the registry keeps the last ones)."""
+        try:
+            async with self.sessions() as session:
+                counts = await repository.bounce_counts(session, server_id, self.guard.window)
+        except Exception as exc:
+            logger.warning(
+                "bounce rates of server %s not counted (%s)", server_id, type(exc).__name__
+            )
+            return None
+        return PollReputation(
+            sample=counts.sent,
+            bounce_rate=domain.ratio(counts.hard, counts.sent),
+            complaint_rate=domain.ratio(counts.complaints, counts.sent),
+        )
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
         """The guard's verdict on the server's last `bounce_window` sent emails."""
