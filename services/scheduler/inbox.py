@@ -268,10 +268,6 @@ class MailboxReader:
         self.no_idle: set[uuid.UUID] = set()  # servers that do not advertise IDLE
         self.targets: dict[uuid.UUID, tuple[str, Mailbox]] = {}
         self.arrived: set[uuid.UUID] = set()
-        # Pauses the guard ordered that the registry did not take (unreachable then): tried
-        # again every round until it does, since the verdict is only computed again when the
-        # mailbox brings another hard bounce or complaint.
-        self.pending_pauses: dict[uuid.UUID, str] = {}
         self.wake = asyncio.Event()
 
     def close(self) -> None:
@@ -378,8 +374,8 @@ class MailboxReader:
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
         """Read every mailbox that is due and that no other replica holds, concurrently; each
         one read's error (or None). Mailboxes not read this time are not in the answer."""
-        for server_id in list(self.pending_pauses):
-            await self._pause(server_id)
+        for server_id, reason in (await self.pending_pauses()).items():
+            await self._pause(server_id, reason)
         boxes = await self.source.mailboxes()
         self._forget({box.server_id for box in boxes})
         results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
@@ -535,31 +531,61 @@ class MailboxReader:
                     break
             if any(v.kind in (Kind.hard_bounce, Kind.complaint) for _, v in verdicts):
                 reason = await self._over_threshold(session, box.server_id)
+            if reason is not None:
+                # Kept until the registry takes it, by whichever replica, process or round.
+                row.pending_pause = reason[:512]
+                row.pending_pause_at = utcnow()
         if self.broadcast is not None:
             for notice in notices:
                 await self.broadcast(notice)
         if reason is not None:
-            logger.warning("pausing server %s: %s", box.server_id, reason)
-            self.pending_pauses[box.server_id] = reason
-            await self._pause(box.server_id)
+            logger.warning("pausing server %s: %s", box.server_id, reason[:512])
+            await self._pause(box.server_id, reason[:512])
         return applied
 
-    async def _pause(self, server_id: uuid.UUID) -> None:
+    async def pending_pauses(self) -> dict[uuid.UUID, str]:
+        """The pauses the guard decided (on any replica, before any restart) that the registry
+        has not taken yet: server id → reason. The verdict is only computed again when the
+        mailbox brings another hard bounce or complaint, so these are asked for every round."""
+        async with self.sessions() as session:
+            rows = await session.exec(
+                select(MailboxCursor.server_id, MailboxCursor.pending_pause).where(
+                    col(MailboxCursor.pending_pause).is_not(None)
+                )
+            )
+            return {server_id: reason for server_id, reason in rows.all() if reason}
+
+    async def _pause(self, server_id: uuid.UUID, reason: str) -> None:
+        """Ask the registry to pause the server; once it has (or the server is gone), the
+        pending pause is cleared. Two replicas asking at once pause it once (the registry's
+        conditional UPDATE)."""
         try:
-            await self.source.pause(server_id, self.pending_pauses[server_id])
+            await self.source.pause(server_id, reason)
         except Exception as exc:
             logger.warning(
                 "pause of server %s not taken by the registry (%s); tried again next round",
                 server_id,
                 type(exc).__name__,
             )
-        else:
-            del self.pending_pauses[server_id]
-            if self.paused is not None:
-                try:
-                    await self.paused(server_id)
-                except Exception as exc:  # the change still arrives by the bus
-                    logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
+            return
+        table = table_of(MailboxCursor)
+        try:
+            async with self.sessions() as session, session.begin():
+                # Only the reason that was taken: a newer verdict written meanwhile stays.
+                await session.exec(
+                    update(table)
+                    .where(table.c.server_id == server_id, table.c.pending_pause == reason)
+                    .values(pending_pause=None, pending_pause_at=None)
+                )
+        except Exception as exc:  # asked again next round; the registry's pause is idempotent
+            logger.warning(
+                "pending pause of server %s not cleared (%s)", server_id, type(exc).__name__
+            )
+        if self.paused is not None:
+            try:
+                await self.paused(server_id)
+            except Exception as exc:  # the change still arrives by the bus
+                logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
 
     async def _reputation(self, server_id: uuid.UUID) -> PollReputation | None:
         """The server's bounce and complaint rates over its last `bounce_window` sent emails,
