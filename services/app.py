@@ -31,7 +31,7 @@ from shared.app import build_app, database
 from shared.bus_resource import in_process_bus
 from shared.errors import ServerNotFound
 from shared.imap import ImapEndpoint
-from shared.messages import SendResult, SmtpCredentials
+from shared.messages import PollReputation, SendResult, SmtpCredentials
 from shared.pagination import decode_cursor
 from shared.registry_changes import RegistrySource, ServerCopyPage, TenantCopyPage
 from shared.settings import Settings, get_settings
@@ -114,9 +114,15 @@ class InProcessMailboxes:
             raise inbox.AccessUnavailable("the OAuth provider cannot refresh now") from exc
         return endpoint_of(found) if found is not None else None
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
         async with self.sessions() as session, session.begin():
-            await registry_mailbox.record_poll(session, server_id, at, error)
+            await registry_mailbox.record_poll(session, server_id, at, error, reputation)
 
     async def pause(self, server_id: uuid.UUID, reason: str) -> None:
         async with self.sessions() as session, session.begin():

@@ -138,13 +138,33 @@ class ImapCredentials(ServerAccess):
     their rules: `ServerAccess`; an OAuth server's comes with an access token only)."""
 
 
+class PollReputation(BaseModel):
+    """What came back from the server's recent emails, as the scheduler counts them for the
+    bounce-rate guard (the same numbers as `reputation` on `GET /v1/servers/{id}/warmup`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample: int = Field(
+        ge=0, description="Emails that left among the server's last `ABL_BOUNCE_WINDOW`."
+    )
+    bounce_rate: float | None = Field(
+        ge=0, le=1, description="Hard bounces / sample; null when the sample is empty."
+    )
+    complaint_rate: float | None = Field(
+        ge=0, le=1, description="Complaints / sample; null when the sample is empty."
+    )
+
+
 class MailboxPoll(BaseModel):
-    """The mailbox reader's report of one read of a server's INBOX."""
+    """The mailbox reader's report of one read of a server's INBOX. `reputation` is optional:
+    a reader of an older version reports without it (the stored one is then kept), and so does
+    a reader that could not count."""
 
     model_config = ConfigDict(extra="forbid")
 
     polled_at: datetime
     error: str | None = Field(default=None, max_length=512)
+    reputation: PollReputation | None = None
 
 
 class BouncePause(BaseModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,15 +14,19 @@ from sqlalchemy import update
 from sqlmodel import select
 
 from services.scheduler.domain import BounceGuard, bounce_verdict
+from services.scheduler.inbox import MailboxReader
+from services.scheduler.mailbox_source import HttpMailboxSource
 from services.scheduler.models import Email, ServerDay, ServerWarmup
 from shared.db import table_of
 from shared.messages import Outcome
 from shared.settings import Settings
+from shared.timeutil import utcnow
 from tests.conftest import Api, make_settings, running
 from tests.support import mailbox_messages as mail
 from tests.support.dovecot import DovecotServer
 from tests.support.smtp import SmtpTestServer
 from tests.test_mailbox_reader import add_servers_with_mailboxes, reader
+from tests.test_mailbox_reader_faults import send
 from tests.test_scheduler_api import dispatcher, published_jobs, result_for, warm_up
 
 GUARD = BounceGuard(window=200, pause_ratio=0.05, complaint_ratio=0.001, min_sent=20)
@@ -156,3 +160,56 @@ async def test_a_server_over_the_bounce_threshold_is_paused_and_others_take_its_
 
     resumed = await app.client.post(f"/v1/servers/{bad}/resume", headers=tenant)
     assert (resumed.json()["status"], resumed.json()["status_reason"]) == ("active", None)
+
+
+async def test_the_server_s_view_shows_the_rates_the_mailbox_reader_counted(
+    app: Api, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """The scheduler counts, the registry shows: after each read of a mailbox its server's
+    `reputation` on GET /v1/servers/{id} is the one GET /v1/servers/{id}/warmup shows, through
+    the one-process reader and through the stack's (HTTP to the registry's internal route)."""
+    tenant = await app.new_tenant()
+    accounts = await add_servers_with_mailboxes(app, tenant, starttls_server, dovecot)
+    await warm_up(app, list(accounts))
+    run = uuid.uuid4().hex[:6]
+    leads = [f"r{i}.{run}@example.org" for i in range(12)]
+    ids, jobs = await send(app, tenant, leads)
+    server_id = str(jobs[ids[0]].server_id)
+    mine = [i for i, email_id in enumerate(ids) if str(jobs[email_id].server_id) == server_id]
+    assert len(mine) == 4  # 12 through three servers: under ABL_BOUNCE_MIN_SENT, not judged
+
+    async def registry_view(server: str) -> Any:
+        got = await app.client.get(f"/v1/servers/{server}", headers=tenant)
+        return got.json()["reputation"]
+
+    async def warmup_view(server: str) -> dict[str, Any]:
+        got = await app.client.get(f"/v1/servers/{server}/warmup", headers=tenant)
+        value: dict[str, Any] = got.json()["reputation"]
+        return {k: value[k] for k in ("sample", "bounce_rate", "complaint_rate")}
+
+    assert [await registry_view(s) for s in accounts] == [None, None, None]  # no read yet
+    first = mine[0]
+    dovecot.append(accounts[server_id], mail.dsn(leads[first], mail.our_message_id(ids[first])))
+    started = utcnow()
+    await reader(app).poll_all()  # the one-process shape: the registry's use case
+    shown = await registry_view(server_id)
+    assert {k: v for k, v in shown.items() if k != "at"} == await warmup_view(server_id)
+    assert (shown["sample"], shown["bounce_rate"], shown["complaint_rate"]) == (4, 0.25, 0.0)
+    assert datetime.fromisoformat(shown["at"]) >= started
+    for other in set(accounts) - {server_id}:
+        clean = await registry_view(other)
+        assert (clean["sample"], clean["bounce_rate"]) == (4, 0.0)
+
+    second = mine[1]
+    dovecot.append(accounts[server_id], mail.arf(leads[second], mail.our_message_id(ids[second])))
+    source = HttpMailboxSource(
+        app.client, app.settings.internal_token.get_secret_value(), app.app.state.sessions
+    )
+    stack_reader = MailboxReader(app.settings, app.app.state.sessions, source, allow_private=True)
+    try:
+        await stack_reader.poll_all()  # the stack's shape: POST .../mailbox-poll
+    finally:
+        stack_reader.close()
+    shown = await registry_view(server_id)
+    assert {k: v for k, v in shown.items() if k != "at"} == await warmup_view(server_id)
+    assert (shown["sample"], shown["bounce_rate"], shown["complaint_rate"]) == (4, 0.25, 0.25)

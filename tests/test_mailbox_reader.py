@@ -21,7 +21,7 @@ from services.registry.models import RegistryOutbox
 from services.scheduler.inbox import MailboxReader, MailboxRef
 from services.scheduler.models import MailboxCursor, MailboxEvent
 from shared.imap import ImapEndpoint, ImapSecurity
-from shared.messages import Outcome
+from shared.messages import Outcome, PollReputation
 from shared.settings import Settings
 from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
@@ -270,7 +270,13 @@ class StaticMailboxes:
     ) -> ImapEndpoint | None:
         return self.boxes.get(server_id)
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
         self.reports[server_id] = (at, error)
 
     async def pause(self, server_id: uuid.UUID, reason: str) -> None:
@@ -394,6 +400,34 @@ async def test_the_registry_s_internal_routes_for_the_reader(
     assert view["imap"]["last_poll_at"].startswith("2026-11-27T10:00:00")
     assert view["imap"]["last_poll_error"] == "timeout: no answer"
     assert "password" not in view["imap"]
+    assert view["reputation"] is None  # that report had no rates
+
+    # A report with the scheduler's rates, then one of an older reader (no `reputation`): it
+    # is taken, and the rates stay as the last report that had them.
+    rates = {"sample": 40, "bounce_rate": 0.025, "complaint_rate": 0.0}
+    polled = await app.client.post(
+        f"{path}/mailbox-poll",
+        json={"polled_at": "2026-11-27T10:01:00Z", "reputation": rates},
+        headers=app.internal(),
+    )
+    assert polled.status_code == 204, polled.text
+    old_shape = await app.client.post(
+        f"{path}/mailbox-poll",
+        json={"polled_at": "2026-11-27T10:02:00Z", "error": None},
+        headers=app.internal(),
+    )
+    assert old_shape.status_code == 204, old_shape.text
+    view = (await app.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+    assert view["imap"]["last_poll_at"].startswith("2026-11-27T10:02:00")
+    assert view["imap"]["last_poll_error"] is None
+    assert view["reputation"]["at"].startswith("2026-11-27T10:01:00")
+    assert {k: v for k, v in view["reputation"].items() if k != "at"} == rates
+    refused_rate = await app.client.post(
+        f"{path}/mailbox-poll",
+        json={"polled_at": "2026-11-27T10:03:00Z", "reputation": rates | {"bounce_rate": 2}},
+        headers=app.internal(),
+    )
+    assert refused_rate.status_code == 422
 
     for _ in range(2):  # a second replica's pause changes nothing more
         paused = await app.client.post(

@@ -26,7 +26,7 @@ from services.scheduler.models import MailboxCursor, MailboxEvent
 from services.sender.clients import DependencyUnavailable, HttpRegistry
 from shared.broker import Delivery
 from shared.imap import ImapEndpoint, ImapSecurity
-from shared.messages import CancelNotice, Outcome
+from shared.messages import CancelNotice, Outcome, PollReputation
 from shared.settings import Settings
 from tests.conftest import ACCOUNTS, Api, make_settings, running, truncate_postgres
 from tests.support import mailbox_messages as mail
@@ -197,8 +197,14 @@ class PauseFailsOnce:
     ) -> ImapEndpoint | None:
         return await self.source.endpoint(server_id, rejected)
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        await self.source.report(server_id, at, error)
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
+        await self.source.report(server_id, at, error, reputation)
 
     async def pause(self, server_id: uuid.UUID, reason: str) -> None:
         self.calls += 1
@@ -232,6 +238,51 @@ async def test_a_pause_the_registry_did_not_take_is_tried_again_next_round(
         assert await status() == "paused_bounces"
         await reader(app).poll_all()
         assert source.calls == 2
+
+
+class PauseRefused(PauseFailsOnce):
+    """The reader's own source, whose every pause finds the registry unreachable."""
+
+    async def pause(self, server_id: uuid.UUID, reason: str) -> None:
+        self.calls += 1
+        raise httpx.ConnectError("registry unreachable")
+
+
+async def test_a_pause_the_registry_did_not_take_survives_a_restart(
+    database_url: str, starttls_server: SmtpTestServer, dovecot: DovecotServer
+) -> None:
+    """The guard decides a pause the registry does not take, and the scheduler stops: the
+    pause is in the database, so the next process (or another replica) asks for it on its
+    first round, though the mailbox brings nothing new to judge again."""
+    settings = polling(database_url, bounce_min_sent=1)
+    async with running(settings, combined=True) as app:
+        tenant, accounts = await warm_servers(app, starttls_server, dovecot)
+        lead = f"r{uuid.uuid4().hex[:6]}@example.org"
+        ids, jobs = await send(app, tenant, [lead])
+        server_id = jobs[ids[0]].server_id
+        dovecot.append(accounts[str(server_id)], mail.dsn(lead, mail.our_message_id(ids[0])))
+        refusing = PauseRefused(reader(app).source)
+        reader(app).source = refusing
+        await reader(app).poll_all()
+        assert refusing.calls == 1
+        view = (await app.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+        assert view["status"] == "active"
+        pending = await reader(app).pending_pauses()
+        assert list(pending) == [server_id]
+        assert pending[server_id].startswith("hard bounces 1 of the last 1 sent")
+
+    async with running(settings, combined=True) as restarted:  # a new process: nothing in memory
+        subject = reader(restarted)
+        await subject.poll_all()
+        view = (await restarted.client.get(f"/v1/servers/{server_id}", headers=tenant)).json()
+        assert view["status"] == "paused_bounces"
+        assert view["status_reason"].startswith("hard bounces 1 of the last 1 sent")
+        # Taken: cleared, and asked for no more.
+        assert await subject.pending_pauses() == {}
+        async with restarted.app.state.sessions() as session:
+            cursor = await session.get(MailboxCursor, server_id)
+        assert cursor is not None
+        assert (cursor.pending_pause, cursor.pending_pause_at) == (None, None)
 
 
 async def test_a_reply_cancels_the_follow_up_whose_job_is_out_and_tells_the_senders(

@@ -26,7 +26,7 @@ from services.registry.verifier import Verifier
 from shared.crypto import Keyring, associated_data
 from shared.errors import FieldError, Unprocessable
 from shared.imap import ImapAuth, ImapCheck, ImapEndpoint, ImapProblem, ImapSecurity
-from shared.messages import ImapCredentials
+from shared.messages import ImapCredentials, PollReputation
 from shared.providers import PROVIDERS, detect
 from shared.timeutil import utcnow
 
@@ -342,13 +342,24 @@ async def servers_with_mailbox(session: AsyncSession) -> list[SmtpServer]:
 
 
 async def record_poll(
-    session: AsyncSession, server_id: uuid.UUID, at: datetime, error: str | None
+    session: AsyncSession,
+    server_id: uuid.UUID,
+    at: datetime,
+    error: str | None,
+    reputation: PollReputation | None = None,
 ) -> bool:
-    """Note the mailbox reader's last read of the server's INBOX; False if no such server."""
+    """Note the mailbox reader's last read of the server's INBOX, and the bounce and complaint
+    rates it sent with it (a report without them, from an older reader, keeps the stored
+    ones); False if no such server."""
     server = await session.get(SmtpServer, server_id)
     if server is None:
         return False
     server.imap_last_poll_at = at
     server.imap_last_poll_error = error[:512] if error else None
+    if reputation is not None:
+        server.reputation_sample = reputation.sample
+        server.reputation_bounce_rate = reputation.bounce_rate
+        server.reputation_complaint_rate = reputation.complaint_rate
+        server.reputation_at = at
     session.add(server)
     return True

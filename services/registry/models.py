@@ -334,6 +334,28 @@ class LastCheck(SQLModel):
     hint: str | None = Field(default=None, description="What a person can do about a failure.")
 
 
+class ServerReputation(SQLModel):
+    """The server's recent bounce and complaint rates, as the scheduler last reported them with
+    a read of the server's mailbox (the scheduler owns the emails; the registry keeps the last
+    report)."""
+
+    sample: int = Field(
+        description="Emails that left among the server's last `ABL_BOUNCE_WINDOW` (200) when the "
+        "rates were counted: the rates are over these."
+    )
+    bounce_rate: float | None = Field(
+        description="Hard bounces / sample (0.05 is 5 %); null before a send. Above "
+        "`ABL_BOUNCE_PAUSE_RATIO` the bounce-rate guard pauses the server."
+    )
+    complaint_rate: float | None = Field(
+        description="Complaints (ARF reports) / sample; null before a send. Above "
+        "`ABL_COMPLAINT_PAUSE_RATIO` the guard pauses the server."
+    )
+    at: datetime = Field(
+        description="When they were counted: the mailbox reader's read that reported them."
+    )
+
+
 class SmtpServerPublic(SmtpServerBase):
     id: uuid.UUID
     host: str
@@ -359,6 +381,14 @@ class SmtpServerPublic(SmtpServerBase):
         default=None, description="Why the server was paused by the bounce-rate guard."
     )
     imap: ImapPublic | None = None
+    reputation: ServerReputation | None = Field(
+        default=None,
+        description="Bounce and complaint rates over the server's last sent emails, reported by "
+        "the mailbox reader after each read of its mailbox; null until the first report (and for "
+        "a server without `imap`). The same numbers as `reputation` on GET "
+        "/v1/servers/{id}/warmup as of `at`, which also shows the pause ratios and today's "
+        "bounces.",
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -420,6 +450,12 @@ class SmtpServer(SmtpServerBase, table=True):
     imap_password_ciphertext: str | None = Field(default=None, max_length=4096)
     imap_last_poll_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     imap_last_poll_error: str | None = Field(default=None, max_length=512)
+    # The scheduler's last count of the server's bounce and complaint rates, sent with a poll
+    # report (`MailboxPoll.reputation`); not copied, so not a change the copies hear of.
+    reputation_sample: int | None = None
+    reputation_bounce_rate: float | None = None
+    reputation_complaint_rate: float | None = None
+    reputation_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     # Raised by every change the copies of other services hear of (`services.registry.changes`).
     version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = Field(
@@ -441,6 +477,16 @@ class SmtpServer(SmtpServerBase, table=True):
             username=self.imap_username,
             last_poll_at=self.imap_last_poll_at,
             last_poll_error=self.imap_last_poll_error,
+        )
+
+    def reputation_public(self) -> ServerReputation | None:
+        if self.reputation_at is None or self.reputation_sample is None:
+            return None
+        return ServerReputation(
+            sample=self.reputation_sample,
+            bounce_rate=self.reputation_bounce_rate,
+            complaint_rate=self.reputation_complaint_rate,
+            at=self.reputation_at,
         )
 
     def provider_key(self) -> str | None:
@@ -487,6 +533,7 @@ class SmtpServer(SmtpServerBase, table=True):
             ),
             status_reason=self.status_reason,
             imap=self.imap_public(),
+            reputation=self.reputation_public(),
             created_at=self.created_at,
             updated_at=self.updated_at,
         )

@@ -61,7 +61,7 @@ from services.scheduler.models import (
 from shared import imap
 from shared.db import insert_ignore_statement, table_of
 from shared.errors import AppError
-from shared.messages import CancelNotice
+from shared.messages import CancelNotice, PollReputation
 from shared.metrics import (
     BOUNCES,
     MAILBOX_MESSAGES,
@@ -143,8 +143,15 @@ class MailboxSource(Protocol):
         when it has none any more. `rejected`: the SHA-256 of an access token the IMAP server
         refused, for a new one. Raises `AccessUnavailable` when the registry cannot answer."""
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        """The last read's time and error, shown on the server."""
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
+        """The last read's time and error, and the server's bounce and complaint rates as the
+        reader counted them then (None if it could not), shown on the server."""
 
     async def pause(self, server_id: uuid.UUID, reason: str) -> None:
         """Pause the server (`paused_bounces`): the bounce-rate guard said so."""
@@ -261,10 +268,6 @@ class MailboxReader:
         self.no_idle: set[uuid.UUID] = set()  # servers that do not advertise IDLE
         self.targets: dict[uuid.UUID, tuple[str, Mailbox]] = {}
         self.arrived: set[uuid.UUID] = set()
-        # Pauses the guard ordered that the registry did not take (unreachable then): tried
-        # again every round until it does, since the verdict is only computed again when the
-        # mailbox brings another hard bounce or complaint.
-        self.pending_pauses: dict[uuid.UUID, str] = {}
         self.wake = asyncio.Event()
 
     def close(self) -> None:
@@ -371,8 +374,8 @@ class MailboxReader:
     async def poll_all(self) -> dict[uuid.UUID, str | None]:
         """Read every mailbox that is due and that no other replica holds, concurrently; each
         one read's error (or None). Mailboxes not read this time are not in the answer."""
-        for server_id in list(self.pending_pauses):
-            await self._pause(server_id)
+        for server_id, reason in (await self.pending_pauses()).items():
+            await self._pause(server_id, reason)
         boxes = await self.source.mailboxes()
         self._forget({box.server_id for box in boxes})
         results = await asyncio.gather(*(self._poll_bounded(box) for box in boxes))
@@ -448,8 +451,9 @@ class MailboxReader:
             finally:
                 with contextlib.suppress(Exception):
                     await self._next_due(ref)
+            reputation = await self._reputation(ref.server_id)
             try:
-                await self.source.report(ref.server_id, utcnow(), error)
+                await self.source.report(ref.server_id, utcnow(), error, reputation)
             except Exception:
                 logger.warning("could not record the poll of server %s", ref.server_id)
             return True, error
@@ -527,31 +531,79 @@ class MailboxReader:
                     break
             if any(v.kind in (Kind.hard_bounce, Kind.complaint) for _, v in verdicts):
                 reason = await self._over_threshold(session, box.server_id)
+            if reason is not None:
+                # Kept until the registry takes it, by whichever replica, process or round.
+                row.pending_pause = reason[:512]
+                row.pending_pause_at = utcnow()
         if self.broadcast is not None:
             for notice in notices:
                 await self.broadcast(notice)
         if reason is not None:
-            logger.warning("pausing server %s: %s", box.server_id, reason)
-            self.pending_pauses[box.server_id] = reason
-            await self._pause(box.server_id)
+            logger.warning("pausing server %s: %s", box.server_id, reason[:512])
+            await self._pause(box.server_id, reason[:512])
         return applied
 
-    async def _pause(self, server_id: uuid.UUID) -> None:
+    async def pending_pauses(self) -> dict[uuid.UUID, str]:
+        """The pauses the guard decided (on any replica, before any restart) that the registry
+        has not taken yet: server id → reason. The verdict is only computed again when the
+        mailbox brings another hard bounce or complaint, so these are asked for every round."""
+        async with self.sessions() as session:
+            rows = await session.exec(
+                select(MailboxCursor.server_id, MailboxCursor.pending_pause).where(
+                    col(MailboxCursor.pending_pause).is_not(None)
+                )
+            )
+            return {server_id: reason for server_id, reason in rows.all() if reason}
+
+    async def _pause(self, server_id: uuid.UUID, reason: str) -> None:
+        """Ask the registry to pause the server; once it has (or the server is gone), the
+        pending pause is cleared. Two replicas asking at once pause it once (the registry's
+        conditional UPDATE)."""
         try:
-            await self.source.pause(server_id, self.pending_pauses[server_id])
+            await self.source.pause(server_id, reason)
         except Exception as exc:
             logger.warning(
                 "pause of server %s not taken by the registry (%s); tried again next round",
                 server_id,
                 type(exc).__name__,
             )
-        else:
-            del self.pending_pauses[server_id]
-            if self.paused is not None:
-                try:
-                    await self.paused(server_id)
-                except Exception as exc:  # the change still arrives by the bus
-                    logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
+            return
+        table = table_of(MailboxCursor)
+        try:
+            async with self.sessions() as session, session.begin():
+                # Only the reason that was taken: a newer verdict written meanwhile stays.
+                await session.exec(
+                    update(table)
+                    .where(table.c.server_id == server_id, table.c.pending_pause == reason)
+                    .values(pending_pause=None, pending_pause_at=None)
+                )
+        except Exception as exc:  # asked again next round; the registry's pause is idempotent
+            logger.warning(
+                "pending pause of server %s not cleared (%s)", server_id, type(exc).__name__
+            )
+        if self.paused is not None:
+            try:
+                await self.paused(server_id)
+            except Exception as exc:  # the change still arrives by the bus
+                logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
+
+    async def _reputation(self, server_id: uuid.UUID) -> PollReputation | None:
+        """The server's bounce and complaint rates over its last `bounce_window` sent emails,
+        as the guard and `GET /v1/servers/{id}/warmup` count them; None if they cannot be
+        counted now (the report goes without them, and the registry keeps the last ones)."""
+        try:
+            async with self.sessions() as session:
+                counts = await repository.bounce_counts(session, server_id, self.guard.window)
+        except Exception as exc:
+            logger.warning(
+                "bounce rates of server %s not counted (%s)", server_id, type(exc).__name__
+            )
+            return None
+        return PollReputation(
+            sample=counts.sent,
+            bounce_rate=domain.ratio(counts.hard, counts.sent),
+            complaint_rate=domain.ratio(counts.complaints, counts.sent),
+        )
 
     async def _over_threshold(self, session: AsyncSession, server_id: uuid.UUID) -> str | None:
         """The guard's verdict on the server's last `bounce_window` sent emails."""

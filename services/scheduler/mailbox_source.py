@@ -22,7 +22,7 @@ from services.scheduler import registry_copy
 from services.scheduler.inbox import AccessUnavailable, MailboxRef
 from shared.imap import ImapAuth, ImapEndpoint, ImapSecurity
 from shared.internal_client import get_model
-from shared.messages import BouncePause, ImapCredentials, MailboxPoll
+from shared.messages import BouncePause, ImapCredentials, MailboxPoll, PollReputation
 
 logger = logging.getLogger("abl.scheduler.inbox")
 
@@ -74,8 +74,16 @@ class HttpMailboxSource:
         )
         return None if credentials is None else endpoint_of(credentials)
 
-    async def report(self, server_id: uuid.UUID, at: datetime, error: str | None) -> None:
-        body = MailboxPoll(polled_at=at, error=error[:512] if error else None)
+    async def report(
+        self,
+        server_id: uuid.UUID,
+        at: datetime,
+        error: str | None,
+        reputation: PollReputation | None = None,
+    ) -> None:
+        body = MailboxPoll(
+            polled_at=at, error=error[:512] if error else None, reputation=reputation
+        )
         response = await self.client.post(
             f"/internal/v1/servers/{server_id}/mailbox-poll",
             content=body.model_dump_json(),

@@ -570,6 +570,11 @@ class MailboxCursor(SQLModel, table=True):
     # Until when one replica holds the mailbox (while it reads it), then when it is next due:
     # replicas split the mailboxes instead of each reading every one.
     due_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # A `paused_bounces` pause the bounce-rate guard decided (its reason), written in the read's
+    # transaction and cleared once the registry took it; until then every replica's every
+    # round asks the registry again, across restarts.
+    pending_pause: str | None = Field(default=None, max_length=512)
+    pending_pause_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class MailboxEvent(SQLModel, table=True):

@@ -196,12 +196,16 @@ async def refresh_imap_credentials(
     "/servers/{server_id}/mailbox-poll",
     tags=["mailbox"],
     status_code=204,
-    summary="The mailbox reader reports one read of a server's INBOX (time and error)",
+    summary="The mailbox reader reports one read of a server's INBOX (time, error, rates)",
 )
 @raises(ServerNotFound)
 async def report_mailbox_poll(server_id: uuid.UUID, body: MailboxPoll, session: SessionDep) -> None:
-    """Shown as `imap.last_poll_at` and `imap.last_poll_error` on the server's view."""
-    if not await mailbox.record_poll(session, server_id, body.polled_at, body.error):
+    """Shown as `imap.last_poll_at` and `imap.last_poll_error` on the server's view, and the
+    bounce and complaint rates sent with it as `reputation` (optional: a report without them
+    keeps the stored ones)."""
+    if not await mailbox.record_poll(
+        session, server_id, body.polled_at, body.error, body.reputation
+    ):
         raise server_not_found(server_id)
 
 
