@@ -284,6 +284,9 @@ class Email(EmailBase, table=True):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_emails_idempotency"),
         Index("ix_emails_due", "status", "not_before"),
         Index("ix_emails_tenant_status", "tenant_id", "status", "id"),
+        # A server's last sent emails (the bounce-rate guard, the reputation its mailbox
+        # reader reports after every read, /warmup): an index range, not a sort of them all.
+        Index("ix_emails_server_sent", "server_id", "sent_at"),
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
