@@ -163,3 +163,79 @@ def test_a_canceled_attempt_is_canceled_unless_it_left(outcome: Outcome, attempt
     assert final is (
         {Outcome.sent: S.sent, Outcome.unknown: S.unknown}[outcome] if left else S.canceled
     )
+
+
+@pytest.mark.parametrize(
+    ("step", "data_completed", "expected"),
+    [
+        (Step.dispatch, False, lifecycle.Effects(reserve=True)),
+        (Step.deliver, True, lifecycle.Effects(deliver=True)),
+        (Step.lose_track, True, lifecycle.Effects()),  # it may have left: the allowance is used
+        (Step.refuse, False, lifecycle.Effects(release=True)),  # 5xx before the data
+        (Step.refuse, True, lifecycle.Effects()),  # 5xx after the final ".": it was sent
+        (Step.retry, False, lifecycle.Effects(release=True)),
+        (Step.give_up, False, lifecycle.Effects(release=True)),
+        (Step.accept, False, lifecycle.Effects()),
+        (Step.cancel, False, lifecycle.Effects()),  # the job's own result gives it back
+        (Step.bounce, False, lifecycle.Effects()),
+        (Step.suppress, False, lifecycle.Effects()),
+    ],
+)
+def test_each_steps_effect_on_the_servers_counters(
+    step: Step, data_completed: bool, expected: lifecycle.Effects
+) -> None:
+    assert lifecycle.effects(step, data_completed=data_completed) == expected
+
+
+# What can happen to one email, as the dispatcher, the result applier, the API and the mailbox
+# reader do it. A result is taken only for the attempt in flight (the applier's job_id guard),
+# so one arriving twice, or with no attempt out, is dropped.
+events = st.one_of(
+    st.sampled_from(["dispatch", "cancel", "suppress", "stop_sequence", "bounce", "reply"]),
+    st.tuples(st.sampled_from(list(Outcome)), st.booleans()),
+)
+
+
+@given(st.lists(events, max_size=40), st.integers(min_value=1, max_value=6))
+def test_no_sequence_leaks_a_reservation_or_sends_twice(
+    happenings: list[str | tuple[Outcome, bool]], max_attempts: int
+) -> None:
+    """Whatever arrives in whatever order (results twice or late, cancels while a job is out,
+    bounces, suppressions): every reservation is either given back or used by an attempt whose
+    data went out (a 4xx after the final "." is retried, and the provider counted it), an
+    email that was sent (or may have been) is never dispatched again, and a delivery is
+    counted at most once."""
+    status = lifecycle.after(None, Step.accept)
+    held = 0  # reservations the email holds on its servers' days
+    used = 0  # attempts whose data went out: their reservations stay
+    delivered = 0
+    attempts = 0
+    in_flight = False  # a job of this email is out, its result still to come
+    went_out = False  # sent, or may have been (`unknown`)
+    for happening in happenings:
+        data_completed = False
+        if isinstance(happening, tuple):
+            outcome, data_completed = happening
+            # A 250, or a line that died after the final ".": the data went out.
+            data_completed = data_completed or outcome in (Outcome.sent, Outcome.unknown)
+            if not in_flight:
+                continue
+            assert status in AWAITING_RESULT
+            attempts += outcome is Outcome.retry
+            step = lifecycle.attempt_step(outcome, attempts, max_attempts)
+            in_flight = False
+        else:
+            step = Step(happening)
+        if not lifecycle.can(status, step):
+            continue
+        effects = lifecycle.effects(step, data_completed=data_completed)
+        if step is Step.dispatch:
+            assert not went_out, "an email that was sent is never dispatched again"
+            in_flight = True
+        status = lifecycle.after(status, step)
+        held += effects.reserve - effects.release
+        used += step in lifecycle.ATTEMPT_STEPS and not effects.release
+        delivered += effects.deliver
+        went_out = went_out or step in (Step.deliver, Step.lose_track)
+        assert held == used + in_flight, "a reservation leaked or was given back twice"
+        assert delivered <= 1

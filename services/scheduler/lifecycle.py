@@ -3,6 +3,8 @@
 Pure: no I/O, no clock. The repository's guarded statements take their `WHERE status IN (...)`
 from `sources(step)` and their new status from `TRANSITIONS`, and the result applier decides
 with `after_attempt`, so a status change that is not in this table cannot be written anywhere.
+`effects` says what each step does to the server's counters (reserve, give back, count a
+delivery); the result applier takes its counter changes from it.
 
     (accepted) ──accept──▶ queued ──dispatch──▶ scheduled ──deliver──▶ sent ──bounce──▶ bounced
         │                   │  ▲                  │  │                   │
@@ -18,6 +20,7 @@ leaves it canceled.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 from shared.messages import Outcome
@@ -133,3 +136,29 @@ def attempt_step(outcome: Outcome, attempts_made: int, max_attempts: int) -> Ste
             return Step.refuse
         case Outcome.retry:
             return Step.retry if attempts_made < max_attempts else Step.give_up
+
+
+# The steps an attempt's result takes (`attempt_step`).
+ATTEMPT_STEPS = frozenset({Step.deliver, Step.lose_track, Step.refuse, Step.retry, Step.give_up})
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What a step does to the server's counters for the day (and hour) the email was
+    reserved on, besides its status."""
+
+    reserve: bool = False  # one of the server's allowance taken (the dispatch's statement)
+    release: bool = False  # given back: the attempt ended before the message's data went out
+    deliver: bool = False  # counted as sent on that day
+
+
+def effects(step: Step, *, data_completed: bool = False) -> Effects:
+    """A dispatch reserves; an attempt's result gives the reservation back when its data never
+    completed (refused, retried, given up, or skipped because canceled, all before the final
+    "."), keeps it otherwise (the message left or may have), and counts a delivery. Any other
+    step leaves the counters alone."""
+    if step is Step.dispatch:
+        return Effects(reserve=True)
+    if step in ATTEMPT_STEPS:
+        return Effects(release=not data_completed, deliver=step is Step.deliver)
+    return Effects()

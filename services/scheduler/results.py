@@ -234,19 +234,20 @@ class ResultApplier:
         server_id = result.server_id
         email.last_smtp_code = result.smtp_code
         email.last_smtp_reply = (result.smtp_reply or "")[:1000] or None
-        if not result.data_completed:
-            if email.reserved_day is not None:
-                changes.released[(server_id, email.reserved_day)] += 1
-            if email.reserved_hour is not None:
-                changes.released_hours[(server_id, email.reserved_hour)] += 1
         if result.outcome is Outcome.retry:
             email.attempts += 1
         step = lifecycle.attempt_step(result.outcome, email.attempts, self.retry.max_attempts)
         email.status = lifecycle.after(EmailStatus(email.status), step)
+        effects = lifecycle.effects(step, data_completed=result.data_completed)
+        if effects.release:
+            if email.reserved_day is not None:
+                changes.released[(server_id, email.reserved_day)] += 1
+            if email.reserved_hour is not None:
+                changes.released_hours[(server_id, email.reserved_hour)] += 1
+        if effects.deliver and email.reserved_day is not None:
+            changes.delivered[(server_id, email.reserved_day)] += 1
         if step is Step.deliver:
             email.sent_at = result.finished_at
-            if email.reserved_day is not None:
-                changes.delivered[(server_id, email.reserved_day)] += 1
         elif email.status == EmailStatus.queued:
             email.not_before = now + self.retry.delay(email.attempts, self.rng)
             # server_id keeps the server that failed, so the retry prefers another one.
