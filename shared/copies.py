@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -86,6 +86,15 @@ class TenantCopyRecord(CopyRecord):
     api_key_hash: str = Field(max_length=64, index=True)
 
 
+class CopyStateRecord(SQLModel):
+    """One row: when the copy last held a whole snapshot of the registry. A copy is ready once
+    it has read one in this process, or, while the registry cannot answer, once one was read
+    before (it goes on taking changes from the bus meanwhile)."""
+
+    id: int = Field(default=1, primary_key=True)
+    snapshot_at: datetime = Field(sa_type=UtcDateTime)
+
+
 def _insert(session: AsyncSession) -> Any:
     return postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
@@ -96,9 +105,11 @@ async def apply_newer(session: AsyncSession, table: Table, records: Sequence[Bas
         return 0
     now = utcnow()
     columns = {c.name for c in table.columns}
+    newest = {r.id: r for r in sorted(records, key=_version)}  # type: ignore[attr-defined]
+    # In id order: two transactions upserting overlapping rows lock them in the same order.
     rows = [
-        {**record.model_dump(include=columns), "copied_at": now}
-        for record in {r.id: r for r in sorted(records, key=_version)}.values()  # type: ignore[attr-defined]
+        {**newest[row_id].model_dump(include=columns), "copied_at": now}
+        for row_id in sorted(newest)
     ]
     # One multi-row statement with RETURNING: its rows are what changed (an executemany's
     # rowcount is -1 on asyncpg). A page is at most 1,000 rows, within both databases' limits
@@ -107,7 +118,18 @@ async def apply_newer(session: AsyncSession, table: Table, records: Sequence[Bas
     statement = statement.on_conflict_do_update(
         index_elements=["id"],
         set_={name: statement.excluded[name] for name in columns if name != "id"},
-        where=table.c.version < statement.excluded.version,
+        where=or_(
+            table.c.version < statement.excluded.version,
+            # A tombstone a resync made keeps the row's last version: the registry listing the
+            # row again at that version (it was not deleted after all: a clock between replicas
+            # made it look so) brings it back. A real delete's tombstone carries a version one
+            # past the row's last, which no live record has.
+            and_(
+                table.c.deleted.is_(True),
+                statement.excluded.deleted.is_(False),
+                table.c.version == statement.excluded.version,
+            ),
+        ),
     ).returning(table.c.id)
     result = await session.exec(statement)
     return len(result.all())
@@ -249,10 +271,12 @@ class CopyKeeper:
         sessions: async_sessionmaker[AsyncSession],
         source: RegistrySource,
         tenant_table: Table,
+        state_table: Table,
         *,
         service: str,
         resync_seconds: float = 600.0,
     ) -> None:
+        self.state_table = state_table
         self.sessions = sessions
         self.source = source
         self.service = service
@@ -292,6 +316,13 @@ class CopyKeeper:
             COPY_READS.labels(self.service, kind, "failed").inc()
             raise
         COPY_READS.labels(self.service, kind, "ok").inc()
+        async with self.sessions() as session, session.begin():
+            statement = _insert(session)(self.state_table).values(id=1, snapshot_at=utcnow())
+            await session.exec(
+                statement.on_conflict_do_update(
+                    index_elements=["id"], set_={"snapshot_at": statement.excluded.snapshot_at}
+                )
+            )
         self.ready.set()
         return changed
 
@@ -299,9 +330,10 @@ class CopyKeeper:
         return await self.tenants.resync()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """A copy found holding rows at start is ready at once; an empty one is rebuilt
-        (tried again every few seconds while the database or the registry cannot answer);
-        any copy is read again in full every `resync_seconds`."""
+        """The whole snapshot is read at start (ready once it is), then every `resync_seconds`.
+        While the database or the registry cannot answer it is tried again every few seconds;
+        meanwhile a copy that held a whole snapshot before is ready (changes keep arriving by
+        the bus), one that never did is not."""
         delay = 0.0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -310,9 +342,6 @@ class CopyKeeper:
                 return
             delay = self.resync_seconds
             try:
-                if not self.ready.is_set() and not await self._empty():
-                    self.ready.set()
-                    continue
                 changed = await self.resync()
             except Exception as exc:
                 # Our own message, or only the kind of a database error (whose text may quote
@@ -320,15 +349,18 @@ class CopyKeeper:
                 why = str(exc) if isinstance(exc, CopyUnavailable) else type(exc).__name__
                 logger.warning("copy of the registry not read: %s", why)
                 delay = min(delay, RETRY_SECONDS)
+                if not self.ready.is_set() and await self._held_a_snapshot():
+                    logger.warning("copy of the registry: serving the last whole snapshot")
+                    self.ready.set()
                 continue
             if changed:
                 logger.info("copy of the registry: %d rows brought up to date", changed)
 
-    async def _empty(self) -> bool:
-        for table in self.tables:
-            if not await is_empty(self.sessions, table):
-                return False
-        return True
+    async def _held_a_snapshot(self) -> bool:
+        try:
+            return not await is_empty(self.sessions, self.state_table)
+        except Exception:
+            return False
 
 
 SourceFactory = Callable[[FastAPI], AbstractAsyncContextManager[RegistrySource]]

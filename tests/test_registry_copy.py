@@ -27,14 +27,16 @@ from services.registry import changes
 from services.registry import credentials as registry_use_cases
 from services.registry.domain import ServerStatus
 from services.registry.models import RegistryChangesOutbox
-from services.scheduler.models import SchedulerServer, SchedulerTenant
+from services.scheduler.models import SchedulerCopyState, SchedulerServer, SchedulerTenant
 from services.scheduler.registry_copy import RegistryCopy, tenant_servers
 from services.webhooks.models import WebhooksTenant
 from shared.broker import BrokerUnavailable, Delivery
 from shared.copies import apply_newer
 from shared.db import create_engine, session_factory, table_of
+from shared.messages import Outcome
 from shared.outbox import Outbox
 from shared.registry_changes import (
+    CopyUnavailable,
     RegistryChange,
     ServerCopy,
     ServerCopyPage,
@@ -43,9 +45,17 @@ from shared.registry_changes import (
 )
 from shared.settings import Settings
 from shared.tenancy import hash_api_key
+from shared.timeutil import utcnow
 from tests.conftest import Api, running
 from tests.support.smtp import SmtpTestServer
-from tests.test_scheduler_api import add_servers, dispatcher, emails, published_jobs, warm_up
+from tests.test_scheduler_api import (
+    add_servers,
+    dispatcher,
+    emails,
+    published_jobs,
+    result_for,
+    warm_up,
+)
 
 SERVERS = table_of(SchedulerServer)
 TENANTS = table_of(SchedulerTenant)
@@ -511,3 +521,90 @@ async def test_a_server_added_a_moment_ago_is_read_before_the_batch_is_answered(
     assert accepted.status_code == 202
     assert accepted.json()["active_servers"] == 3
     assert accepted.json()["warning"] is None
+
+
+class RefusesAll:
+    """A bus that refuses every publish: the registry's changes do not reach the copies."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bus, name)
+
+    async def publish(self, queue: str, body: bytes, **kwargs: Any) -> None:
+        raise BrokerUnavailable("the broker went away")
+
+
+async def test_a_job_sent_to_a_server_the_registry_stopped_costs_no_attempt_and_goes_elsewhere(
+    app: Api, starttls_server: SmtpTestServer
+) -> None:
+    """The registry paused a server but its change has not reached the scheduler (the relay
+    cannot publish): a job is dispatched there, the sender finds the server not active. That
+    result counts no attempt of the email, the scheduler reads the server again from the
+    registry at once, and the next tick sends the email through another server."""
+    tenant = await app.new_tenant()
+    servers = await add_servers(app, tenant, starttls_server)
+    await warm_up(app, servers)
+    relay: Outbox = app.app.state.registry_changes
+    relay.bus = RefusesAll(relay.bus)
+    paused = await app.client.post(f"/v1/servers/{servers[0]}/pause", headers=tenant)
+    assert paused.json()["status"] == "paused"
+    stopped = uuid.UUID(servers[0])
+    assert await _status(app, stopped, "active"), "the copy has not heard of the pause"
+    await app.client.post("/v1/messages", json=emails(3), headers=tenant)
+    await dispatcher(app).tick()
+    jobs = published_jobs(app)
+    (job,) = [j for j in jobs if j.server_id == stopped]
+    result = result_for(job, Outcome.retry, data_completed=False, problem="inactive", code=None)
+    assert await app.app.state.result_applier.apply_many([result]) == [True]
+    assert await _status(app, stopped, "paused"), "read again from the registry"
+    email = (await app.client.get(f"/v1/messages/{job.email_id}", headers=tenant)).json()
+    assert (email["status"], email["attempts"]) == ("queued", 0)
+    await dispatcher(app).tick()
+    (again,) = published_jobs(app)
+    assert again.email_id == job.email_id
+    assert again.server_id != stopped
+
+
+class AwayRegistry:
+    """A registry that cannot be reached."""
+
+    async def tenants(
+        self, *, cursor: str | None, limit: int, key_digest: str | None = None
+    ) -> TenantCopyPage:
+        raise CopyUnavailable("registry unreachable: ConnectError")
+
+    async def servers(
+        self, *, cursor: str | None, limit: int, tenant_id: uuid.UUID | None = None
+    ) -> ServerCopyPage:
+        raise CopyUnavailable("registry unreachable: ConnectError")
+
+
+async def test_a_copy_is_ready_only_once_it_held_a_whole_snapshot(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """Rows alone do not make a copy ready (a rebuild cut halfway, a backlog of changes taken
+    before any snapshot): with the registry away, a copy that never read a whole snapshot stays
+    not ready; one that did is ready on the last one, and takes changes meanwhile."""
+    state = table_of(SchedulerCopyState)
+    async with sessions() as session, session.begin():
+        await session.exec(delete(TENANTS))
+        await session.exec(delete(state))
+    kept = RegistryCopy(sessions, AwayRegistry(), resync_seconds=3600)
+    async with sessions() as session, session.begin():
+        await apply_newer(session, SERVERS, [server_record(uuid.uuid4(), 1)])  # a backlog row
+
+    async def run_a_moment() -> None:
+        stop = asyncio.Event()
+        runner = asyncio.create_task(kept.run(stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await runner
+
+    await run_a_moment()
+    assert not kept.ready.is_set(), "rows but never a whole snapshot: not ready"
+    async with sessions() as session, session.begin():
+        await session.exec(state.insert().values(id=1, snapshot_at=utcnow()))
+    await run_a_moment()
+    assert kept.ready.is_set(), "a whole snapshot read before: ready while the registry is away"

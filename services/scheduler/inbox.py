@@ -585,7 +585,9 @@ class MailboxReader:
             try:
                 await self.paused(server_id)
             except Exception as exc:  # the change still arrives by the bus
-                logger.warning("copy of paused server %s not refreshed: %s", server_id, exc)
+                logger.warning(
+                    "copy of paused server %s not refreshed (%s)", server_id, type(exc).__name__
+                )
 
     async def _reputation(self, server_id: uuid.UUID) -> PollReputation | None:
         """The server's bounce and complaint rates over its last `bounce_window` sent emails,

@@ -49,7 +49,12 @@ def scheduler_resources(
     async def resource(app: FastAPI) -> AsyncIterator[None]:
         bus = app.state.bus
         dispatcher = Dispatcher(settings, app.state.sessions, bus)
-        applier = ResultApplier(app.state.sessions, retry_policy_from(settings))
+        copy = _copy_of(app)
+        applier = ResultApplier(
+            app.state.sessions,
+            retry_policy_from(settings),
+            server_news=copy.refresh_server if copy else None,
+        )
         app.state.dispatcher = dispatcher
         app.state.result_applier = applier
         # Email and server events for the webhooks service, written with the change they

@@ -17,7 +17,7 @@ from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig
 
 from services.scheduler.lifecycle import EmailStatus as EmailStatus
-from shared.copies import CopyRecord, TenantCopyRecord
+from shared.copies import CopyRecord, CopyStateRecord, TenantCopyRecord
 from shared.outbox import OutboxRecord
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import (
@@ -611,6 +611,12 @@ class SchedulerTenant(TenantCopyRecord, table=True):
     """The scheduler's copy of the registry's tenants: enough to tell whose an API key is."""
 
     __tablename__ = "scheduler_tenants"
+
+
+class SchedulerCopyState(CopyStateRecord, table=True):
+    """When the scheduler's copy last held a whole snapshot of the registry."""
+
+    __tablename__ = "scheduler_copy_state"
 
 
 class SchedulerServer(CopyRecord, table=True):

@@ -22,7 +22,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from services.scheduler.models import SchedulerServer, SchedulerTenant
+from services.scheduler.models import SchedulerCopyState, SchedulerServer, SchedulerTenant
 from shared.copies import CopyKeeper, apply_newer, resync
 from shared.db import table_of
 from shared.metrics import COPY_READS
@@ -133,7 +133,12 @@ class RegistryCopy(CopyKeeper):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(
-            sessions, source, TENANTS, service="scheduler", resync_seconds=resync_seconds
+            sessions,
+            source,
+            TENANTS,
+            table_of(SchedulerCopyState),
+            service="scheduler",
+            resync_seconds=resync_seconds,
         )
         self.clock = clock
         self._refreshed: OrderedDict[uuid.UUID, float] = OrderedDict()
@@ -204,8 +209,9 @@ class RegistryCopy(CopyKeeper):
                 ),
                 scope=SERVERS.c.tenant_id == tenant_id,
             )
-        except CopyUnavailable as exc:
+        except Exception as exc:  # best effort: the change still arrives by the bus
             COPY_READS.labels(self.service, "servers", "failed").inc()
-            logger.warning("servers of a tenant not read from the registry: %s", exc)
+            why = str(exc) if isinstance(exc, CopyUnavailable) else type(exc).__name__
+            logger.warning("servers of a tenant not read from the registry: %s", why)
         else:
             COPY_READS.labels(self.service, "servers", "ok").inc()

@@ -16,7 +16,7 @@ import logging
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -38,6 +38,10 @@ logger = logging.getLogger("abl.scheduler.results")
 
 QUOTA_PROBLEM = repository.QUOTA_PARK
 AUTH_PROBLEM = "auth_failed"
+INACTIVE_PROBLEM = "inactive"
+# Problems the registry decides: the scheduler reads the server again from it at once, so its
+# copy does not send the next job there before the registry's change arrives.
+REGISTRY_PROBLEMS = frozenset({AUTH_PROBLEM, INACTIVE_PROBLEM})
 BATCH_SIZE = 200
 
 
@@ -125,9 +129,14 @@ class ResultApplier:
         sessions: async_sessionmaker[AsyncSession],
         retry: RetryPolicy,
         rng: random.Random | None = None,
+        *,
+        server_news: Callable[[uuid.UUID], Awaitable[None]] | None = None,
     ) -> None:
         self.sessions = sessions
         self.retry = retry
+        # Told, after the commit, of each server a result said the registry has a word on
+        # (`RegistryCopy.refresh_server`).
+        self.server_news = server_news
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not security
         self.pending: asyncio.Queue[tuple[SendResult, asyncio.Future[bool]]] = asyncio.Queue()
         self.batcher: asyncio.Task[None] | None = None
@@ -220,6 +229,16 @@ class ResultApplier:
             RESULTS_APPLIED.labels(result.outcome.value if ok else "duplicate").inc()
             if ok:
                 EMAILS_FINISHED.labels(result.outcome.value).inc()
+        if self.server_news is not None:
+            for server_id in {
+                r.server_id for r in results if r.server_problem in REGISTRY_PROBLEMS
+            }:
+                try:
+                    await self.server_news(server_id)
+                except Exception as exc:  # the registry's change still arrives by the bus
+                    logger.warning(
+                        "copy of server %s not refreshed (%s)", server_id, type(exc).__name__
+                    )
         return applied
 
     async def _apply(
@@ -234,7 +253,8 @@ class ResultApplier:
         server_id = result.server_id
         email.last_smtp_code = result.smtp_code
         email.last_smtp_reply = (result.smtp_reply or "")[:1000] or None
-        if result.outcome is Outcome.retry:
+        if result.outcome is Outcome.retry and result.server_problem != INACTIVE_PROBLEM:
+            # A job sent to a server the registry had stopped is not an attempt of the email.
             email.attempts += 1
         step = lifecycle.attempt_step(result.outcome, email.attempts, self.retry.max_attempts)
         email.status = lifecycle.after(EmailStatus(email.status), step)
@@ -261,10 +281,11 @@ class ResultApplier:
                 window = await repository.sending_window(session, email.tenant_id)
                 windows[email.tenant_id] = window
             changes.parks[server_id] = (window.next_day_start(now), QUOTA_PROBLEM)
-        if result.server_problem in (QUOTA_PROBLEM, AUTH_PROBLEM) and (
+        if result.server_problem in (QUOTA_PROBLEM, *REGISTRY_PROBLEMS) and (
             email.status == EmailStatus.queued
         ):
-            # Another server may take it at once. A refused login is the registry's to decide
-            # (the sender told it): the server's new status reaches this scheduler's copy by
-            # the registry's change, not through this result.
+            # Another server may take it at once. A refused login, or a server the registry had
+            # stopped, is the registry's to decide (the sender told it first): the copy reads
+            # the server again after the commit (`server_news`), and the registry's change
+            # comes by the bus too.
             email.not_before = now

@@ -27,6 +27,9 @@ class Stage(StrEnum):
 class ServerProblem(StrEnum):
     quota = "quota"
     auth_failed = "auth_failed"
+    # The registry no longer lets the server send (paused, auth_failed, deleted) though the
+    # job was dispatched to it: the scheduler's copy had not heard yet. Not the email's fault.
+    inactive = "inactive"
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,9 @@ class Worker:
         )
         report = True
         if credentials is None or credentials.status != "active":
-            attempt = Attempt(Verdict(Outcome.retry, False, reason="server not active"))
+            attempt = Attempt(
+                Verdict(Outcome.retry, False, ServerProblem.inactive, "server not active")
+            )
         else:
             attempt = await self._deliver(job, credentials)
             if (

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from services.webhooks.api import router
 from services.webhooks.delivery import Deliverer, Intake
-from services.webhooks.models import WebhooksTenant
+from services.webhooks.models import WebhooksCopyState, WebhooksTenant
 from shared.app import Resource, add_readiness_check, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.copies import CopyKeeper, SourceFactory, copy_resource, registry_source_over_http
@@ -61,6 +61,7 @@ def webhooks_copy(
             sessions,
             opened,
             table_of(WebhooksTenant),
+            table_of(WebhooksCopyState),
             service="webhooks",
             resync_seconds=settings.copy_resync_seconds,
         ),

@@ -16,7 +16,7 @@ from pydantic import StrictBool, field_validator
 from sqlalchemy import JSON, Column, ForeignKey, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from shared.copies import TenantCopyRecord
+from shared.copies import CopyStateRecord, TenantCopyRecord
 from shared.events import EventType
 from shared.timeutil import UtcDateTime, new_id, utcnow
 from shared.validation import OneLineText, SchemaPattern, refuse_control_chars
@@ -249,3 +249,9 @@ class WebhooksTenant(TenantCopyRecord, table=True):
     """The webhooks service's copy of the registry's tenants: whose API key is whose."""
 
     __tablename__ = "webhooks_tenants"
+
+
+class WebhooksCopyState(CopyStateRecord, table=True):
+    """When the webhooks service's copy last held a whole snapshot of the registry."""
+
+    __tablename__ = "webhooks_copy_state"
