@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -608,3 +608,25 @@ async def test_a_copy_is_ready_only_once_it_held_a_whole_snapshot(
         await session.exec(state.insert().values(id=1, snapshot_at=utcnow()))
     await run_a_moment()
     assert kept.ready.is_set(), "a whole snapshot read before: ready while the registry is away"
+
+
+async def test_a_row_a_resync_wrongly_tombstoned_comes_back_at_the_same_version(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """A resync marks rows it did not see as gone, keeping their version (replicas' clocks may
+    disagree about what was copied before it began): the registry listing the row again at that
+    version brings it back, while a real delete's tombstone (version + 1) stays."""
+    live, deleted = uuid.uuid4(), uuid.uuid4()
+    async with sessions() as session, session.begin():
+        await apply_newer(session, SERVERS, [server_record(live, 3), server_record(deleted, 3)])
+        await session.exec(
+            update(SERVERS).where(SERVERS.c.id == live).values(deleted=True)
+        )  # as `resync` marks a row it did not see
+        await apply_newer(session, SERVERS, [server_record(deleted, 4, deleted=True)])
+    async with sessions() as session, session.begin():
+        changed = await apply_newer(
+            session, SERVERS, [server_record(live, 3), server_record(deleted, 3)]
+        )
+    assert changed == 1
+    assert await stored(sessions, live) == ("status-3", 103, 3, False)
+    assert await stored(sessions, deleted) == ("status-4", 104, 4, True)
