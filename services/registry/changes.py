@@ -195,17 +195,24 @@ async def server_changed(session: AsyncSession, server_id: uuid.UUID) -> None:
     await session.run_sync(announce)
 
 
+async def _rows(
+    session: AsyncSession, kind: _Copied, after: uuid.UUID | None, limit: int, *where: Any
+) -> list[TenantCopy | ServerCopy]:
+    """A page of `kind`'s records in id order, after `after`, narrowed by `where`."""
+    table = kind.table
+    query = select(*kind.columns).where(*where).order_by(table.c.id).limit(limit)
+    if after is not None:
+        query = query.where(table.c.id > after)
+    rows = (await session.exec(query)).all()  # type: ignore[call-overload]
+    return [kind.record(row) for row in rows]
+
+
 async def tenant_copies(
     session: AsyncSession, *, after: uuid.UUID | None, limit: int, key_digest: str | None = None
 ) -> TenantCopyPage:
-    query = select(*_TENANT_COLUMNS).order_by(_tenants.c.id).limit(limit)
-    if after is not None:
-        query = query.where(_tenants.c.id > after)
-    if key_digest is not None:
-        query = query.where(_tenants.c.api_key_hash == key_digest)
-    rows = (await session.exec(query)).all()  # type: ignore[call-overload]
-    items = [_tenant_copy(row) for row in rows]
-    return TenantCopyPage(items=items, next_cursor=_next(items, limit))
+    where = [] if key_digest is None else [_tenants.c.api_key_hash == key_digest]
+    items = await _rows(session, _TENANT, after, limit, *where)
+    return TenantCopyPage.model_validate({"items": items, "next_cursor": _next(items, limit)})
 
 
 async def server_copies(
@@ -215,15 +222,10 @@ async def server_copies(
     limit: int,
     tenant_id: uuid.UUID | None = None,
 ) -> ServerCopyPage:
-    query = select(*_SERVER_COLUMNS).order_by(_servers.c.id).limit(limit)
-    if after is not None:
-        query = query.where(_servers.c.id > after)
-    if tenant_id is not None:
-        query = query.where(_servers.c.tenant_id == tenant_id)
-    rows = (await session.exec(query)).all()  # type: ignore[call-overload]
-    items = [_server_copy(row) for row in rows]
-    return ServerCopyPage(items=items, next_cursor=_next(items, limit))
+    where = [] if tenant_id is None else [_servers.c.tenant_id == tenant_id]
+    items = await _rows(session, _SERVER, after, limit, *where)
+    return ServerCopyPage.model_validate({"items": items, "next_cursor": _next(items, limit)})
 
 
-def _next(items: list[TenantCopy] | list[ServerCopy], limit: int) -> str | None:
+def _next(items: list[TenantCopy | ServerCopy], limit: int) -> str | None:
     return encode_cursor(items[-1].id) if len(items) == limit else None
