@@ -107,6 +107,10 @@ class DatabaseSettings(CommonSettings):
     database_url: str = "sqlite:///./abl.db"
 
 
+# The services that keep a copy of the registry's tenants and servers, each on its own queue.
+REGISTRY_COPY_KEEPERS = ("scheduler", "webhooks")
+
+
 class BrokerSettings(CommonSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     queue_prefix: str = Field(default="abl", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
@@ -135,6 +139,17 @@ class BrokerSettings(CommonSettings):
         """Where the registry's changes reach `service`'s copy of its tenants and servers
         (`shared/registry_changes.py`): one queue for each service that keeps a copy."""
         return f"{self.queue_prefix}.registry-changes.{service}"
+
+    @property
+    def durable_queues(self) -> tuple[str, ...]:
+        """Every durable queue the services declare under this prefix (each with a `.dead`
+        dead-letter queue beside it): what an operator, a test or a benchmark removes with it."""
+        return (
+            self.send_jobs_queue,
+            self.results_queue,
+            self.events_queue,
+            *(self.registry_changes_queue(service) for service in REGISTRY_COPY_KEEPERS),
+        )
 
 
 class OutboxSettings(DatabaseSettings, BrokerSettings):

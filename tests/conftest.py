@@ -7,6 +7,7 @@ is skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -28,11 +29,16 @@ from shared.migrate import upgrade_database
 from shared.settings import Settings
 from tests.support.copies import copies_match
 from tests.support.dovecot import DOVECOT, DovecotServer, dovecot_server
+from tests.support.processes import delete_queues
 from tests.support.smtp import Certificates, SmtpTestServer, smtp_server
 
 POSTGRES_URL = os.environ.get("ABL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("ABL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The queues of the apps that tests start without a prefix of their own (a registry alone
+# publishes its events and changes to the machine's RabbitMQ): removed when the session ends,
+# so that runs do not pile queues up in the broker they share.
+SESSION_QUEUE_PREFIX = f"abl-session-{uuid.uuid4().hex[:8]}"
 
 ACCOUNTS = {
     "alice@example.com": "alice-app-password",
@@ -56,6 +62,14 @@ def require_service(name: str, host: str, port: int) -> None:
     if IN_CI:
         pytest.fail(f"{message}, and CI=true forbids skipping", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_queues_removed() -> Iterator[None]:
+    yield
+    settings = make_settings("sqlite://")
+    with contextlib.suppress(OSError):  # no broker, no queues
+        asyncio.run(delete_queues(settings.amqp_url.get_secret_value(), settings))
 
 
 @pytest.fixture(scope="session")
@@ -176,6 +190,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "verify_rate_per_minute": 600,
         "verify_burst": 100,
         "pacing": False,
+        "queue_prefix": SESSION_QUEUE_PREFIX,
     }
     values.update(overrides)
     return Settings(**values)

@@ -24,6 +24,7 @@ from tests.conftest import (
     running,
     truncate_postgres,
 )
+from tests.support.processes import delete_queues
 from tests.support.smtp import SmtpTestServer
 from tests.test_scheduler_api import add_servers, emails, result_for, warm_up
 
@@ -50,10 +51,8 @@ async def amqp(stack_settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractC
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     yield channel
-    for queue in (stack_settings.send_jobs_queue, stack_settings.results_queue):
-        for name in (queue, f"{queue}.dead"):
-            await channel.queue_delete(name)
     await connection.close()
+    await delete_queues(AMQP_URL, stack_settings)
 
 
 async def drain(channel: aio_pika.abc.AbstractChannel, queue: str) -> list[SendJob]:

@@ -20,11 +20,8 @@ from shared.app import Resource, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
 from shared.outbox import Outbox
-from shared.settings import RegistrySettings
+from shared.settings import REGISTRY_COPY_KEEPERS, RegistrySettings
 from shared.tenancy import add_tenant_lookup
-
-# The services whose own tables hold a copy of the registry's tenants (and servers).
-COPY_KEEPERS = ("scheduler", "webhooks")
 
 
 def registry_resources(
@@ -71,7 +68,7 @@ def registry_resources(
             RegistryChangesOutbox,
             app.state.sessions,
             app.state.bus,
-            [settings.registry_changes_queue(service) for service in COPY_KEEPERS],
+            [settings.registry_changes_queue(service) for service in REGISTRY_COPY_KEEPERS],
             service="registry",
             poll_seconds=settings.outbox_poll_seconds,
             keep_seconds=settings.outbox_keep_seconds,
