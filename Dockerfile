@@ -7,12 +7,14 @@ WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install uv==0.13.9 \
-    && /opt/venv/bin/uv pip install --python /opt/venv/bin/python -r requirements.lock
+    && /opt/venv/bin/uv pip install --compile-bytecode --python /opt/venv/bin/python -r requirements.lock
 COPY shared ./shared
 COPY services ./services
 COPY openapi ./openapi
 COPY alembic.ini ./
-RUN /opt/venv/bin/uv pip install --python /opt/venv/bin/python --no-deps . \
+# Bytecode compiled here: the runtime user cannot write it, and would compile every module at
+# each start (the lazily imported ones during its first requests).
+RUN /opt/venv/bin/uv pip install --compile-bytecode --python /opt/venv/bin/python --no-deps . \
     && /opt/venv/bin/pip uninstall -y uv
 
 FROM python:3.11.14-slim-bookworm AS runtime

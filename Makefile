@@ -7,13 +7,16 @@ UV_VERSION := 0.13.9
 
 .PHONY: install deploy-deps client-deps imap-deps run stack demo test lint format openapi lock rotate-keys clean bench
 
+## The dependencies' bytecode is compiled at install: where .pyc files cannot be written (a
+## read-only image, PYTHONDONTWRITEBYTECODE) every process would otherwise compile each module
+## it imports, the lazy ones in the middle of its first requests.
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python 3.11 or newer is required"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
 		{ echo "python3 -m venv failed: on Debian run 'apt-get install python3-venv'"; exit 1; }
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 

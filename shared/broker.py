@@ -513,7 +513,9 @@ class InProcessBus:
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     queues: dict[str, asyncio.Queue[_Envelope]] = field(default_factory=dict)
     parked: dict[str, list[_Envelope]] = field(default_factory=dict)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Handlers running; each leaves the set when done (a list filtered per message cost
+    # O(in flight) for every message).
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     consumer_loops: dict[str, list[asyncio.Task[None]]] = field(default_factory=dict)
     subscribers: dict[str, list[Handler]] = field(default_factory=dict)
 
@@ -588,10 +590,13 @@ class InProcessBus:
                     slots.release()
                     continue
                 envelope.delivery_count += 1
-                self.tasks.append(asyncio.create_task(handle(envelope)))
-                self.tasks = [task for task in self.tasks if not task.done()]
+                self._track(asyncio.create_task(handle(envelope)))
 
         self.consumer_loops.setdefault(queue, []).append(asyncio.create_task(loop()))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def consuming(self, queue: str) -> bool:
         return any(not task.done() for task in self.consumer_loops.get(queue, []))
@@ -601,7 +606,7 @@ class InProcessBus:
             await handler(Delivery(body, message_id, 1))
 
         for handler in self.subscribers.get(topic, []):
-            self.tasks.append(asyncio.create_task(tell(handler)))
+            self._track(asyncio.create_task(tell(handler)))
 
     async def subscribe(self, topic: str, handler: Handler) -> None:
         self.subscribers.setdefault(topic, []).append(handler)
@@ -634,7 +639,8 @@ class InProcessBus:
     async def close(self) -> None:
         for queue in list(self.consumer_loops):
             await self.stop_consuming(queue)
-        for task in self.tasks:
+        running = list(self.tasks)
+        for task in running:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         self.tasks.clear()

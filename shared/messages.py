@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from shared.errors import PermanentMessageError
 
@@ -205,6 +205,22 @@ class SendableAnswer(BaseModel):
 
 class ResultsReport(BaseModel):
     results: list[SendResult] = Field(max_length=MAX_JOBS_PER_QUESTION)
+
+
+# A results message: a `ResultsReport` of several (what senders publish), or one bare
+# `SendResult` (what senders published before they batched, still accepted during an upgrade).
+_RESULTS_MESSAGE: TypeAdapter[ResultsReport | SendResult] = TypeAdapter(ResultsReport | SendResult)
+
+
+def parse_results(body: bytes) -> list[SendResult]:
+    """The results a results message holds, or PermanentMessageError (dead-lettered)."""
+    try:
+        parsed = _RESULTS_MESSAGE.validate_json(body)
+    except ValidationError as exc:
+        raise PermanentMessageError(
+            f"unparsable results message: {exc.error_count()} error(s)"
+        ) from exc
+    return parsed.results if isinstance(parsed, ResultsReport) else [parsed]
 
 
 class ResultsApplied(BaseModel):

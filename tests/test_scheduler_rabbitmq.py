@@ -14,7 +14,7 @@ import pytest
 
 from services.scheduler.main import create_app as create_scheduler
 from shared.broker import RabbitBus
-from shared.messages import Outcome, SendJob
+from shared.messages import Outcome, ResultsReport, SendJob
 from shared.settings import Settings
 from tests.conftest import (
     AMQP_URL,
@@ -92,11 +92,13 @@ async def test_scheduler_service_publishes_to_rabbitmq_and_applies_results(
                 assert sorted(Counter(job.server_id for job in jobs).values()) == [10, 10, 10]
 
                 exchange = await amqp.get_exchange("abl")
-                for job in jobs:
-                    result = result_for(job, Outcome.sent, data_completed=True)
+                results = [result_for(job, Outcome.sent, data_completed=True) for job in jobs]
+                # Ten as one message each (senders before batching), twenty in one report.
+                bodies = [r.model_dump_json().encode() for r in results[:10]]
+                bodies.append(ResultsReport(results=results[10:]).model_dump_json().encode())
+                for body in bodies:
                     await exchange.publish(
-                        aio_pika.Message(result.model_dump_json().encode()),
-                        routing_key=stack_settings.results_queue,
+                        aio_pika.Message(body), routing_key=stack_settings.results_queue
                     )
                 for _ in range(100):
                     page = await client.get(

@@ -30,7 +30,7 @@ from services.scheduler.lifecycle import EmailStatus, Step
 from shared.broker import Delivery
 from shared.db import in_transaction
 from shared.events import EMAIL_EVENTS
-from shared.messages import Outcome, SendResult, parse
+from shared.messages import Outcome, SendResult, parse_results
 from shared.metrics import EMAILS_FINISHED, RESULTS_APPLIED
 from shared.timeutil import utcnow
 
@@ -142,12 +142,20 @@ class ResultApplier:
         self.batcher: asyncio.Task[None] | None = None
 
     async def handle(self, delivery: Delivery) -> None:
-        result = parse(SendResult, delivery.body)
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.pending.put_nowait((result, done))
+        loop = asyncio.get_running_loop()
+        waiting: list[asyncio.Future[bool]] = []
+        for result in parse_results(delivery.body):
+            done: asyncio.Future[bool] = loop.create_future()
+            self.pending.put_nowait((result, done))
+            waiting.append(done)
         if self.batcher is None or self.batcher.done():
             self.batcher = asyncio.create_task(self._batches())
-        await done  # the message is acked only once its batch has committed
+        # The message is acked only once every result it holds is committed; if one batch
+        # failed, the whole message comes back (applying a result again changes nothing).
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _batches(self) -> None:
         while not self.pending.empty():

@@ -32,7 +32,8 @@ from services.scheduler.repository import SendResultKey
 from services.scheduler.results import ResultApplier
 from shared.broker import Bus, Delivery, dead_letter_queue, queue_kind
 from shared.db import patient_handler as patient_handler
-from shared.messages import Outcome, SendJob, SendResult
+from shared.errors import PermanentMessageError
+from shared.messages import Outcome, SendJob, SendResult, parse_results
 from shared.metrics import DEAD_LETTERS_SETTLED, EMAILS_SWEPT
 from shared.settings import SchedulerSettings
 from shared.timeutil import utcnow
@@ -118,12 +119,12 @@ class Settler:
 
     async def on_dead_result(self, delivery: Delivery) -> None:
         try:
-            result = SendResult.model_validate_json(delivery.body)
-        except ValidationError:
+            results = parse_results(delivery.body)
+        except PermanentMessageError:
             await self._park(self.dead_result_queue, delivery)
             return
-        (applied,) = await self.applier.apply_many([result])
-        DEAD_LETTERS_SETTLED.labels("results", "settled" if applied else "stale").inc()
+        for applied in await self.applier.apply_many(results):
+            DEAD_LETTERS_SETTLED.labels("results", "settled" if applied else "stale").inc()
 
     async def sweep(self, now: datetime | None = None) -> int:
         """Settle emails `scheduled` with no result long after their publish; how many."""

@@ -8,7 +8,8 @@ so that an email already sent, unknown or canceled is not sent twice.
 When the registry, the scheduler or the broker cannot answer, the worker waits with backoff
 (bounded by `ABL_DEPENDENCY_WAIT_SECONDS`) instead of returning the job at once: someone else's
 outage must not burn the job's delivery limit. The job is acked only after its result event is
-confirmed by the broker. A job that cannot be parsed is dead-lettered.
+confirmed by the broker (results that finish together travel in one message: `reporting`). A
+job that cannot be parsed is dead-lettered.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TypeVar
 from services.sender.clients import BatchedJobStates, CredentialsSource, DependencyUnavailable
 from services.sender.delivery import CANCELED_BEFORE_SENDING, Attempt, Deliverer
 from services.sender.domain import ServerProblem, Verdict
+from services.sender.reporting import BatchedResults
 from shared.backoff import GaveUp, patiently
 from shared.broker import Bus, Delivery
 from shared.errors import TransientMessageError
@@ -66,6 +68,7 @@ class Worker:
         self.registry = registry
         self.job_states = job_states
         self.deliverer = deliverer
+        self.results = BatchedResults(bus, settings.results_queue)
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -231,11 +234,7 @@ class Worker:
         job, redelivered after the broker's return, could reach a sender that asks the scheduler
         before the result arrived, and be sent twice."""
         try:
-            await self.bus.publish(
-                self.settings.results_queue,
-                result.model_dump_json().encode(),
-                message_id=f"{result.job_id}:result",
-            )
+            await self.results.publish(result)
             return
         except Exception as exc:  # whatever the client library raises while the broker is away
             broker_error = exc
