@@ -202,6 +202,12 @@ RESULTS_REPORTED_DIRECTLY = Counter(
     "abl_sender_results_reported_directly_total",
     "Results a sender gave the scheduler over HTTP because the broker was away.",
 )
+RESULT_BATCH_SIZE = Histogram(
+    "abl_sender_results_per_message",
+    "Results carried by each results message a sender published (those that finished while "
+    "the previous message waited for its confirm travel together).",
+    buckets=(1, 2, 5, 10, 20, 50, 100),
+)
 DEPENDENCY_WAITS = Counter(
     "abl_sender_dependency_waits_total",
     "Times a sender waited for a service that did not answer (registry, scheduler, broker).",

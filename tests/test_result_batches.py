@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from services.sender.reporting import BatchedResults
+from services.sender.reporting import BatchedResults, ResultNotPublished
 from shared.broker import InProcessBus
 from shared.errors import PermanentMessageError
 from shared.messages import Outcome, ResultsReport, SendResult, parse_results
@@ -100,3 +100,31 @@ def test_a_results_message_may_hold_one_bare_result_or_a_report_of_many() -> Non
 def test_an_unparsable_results_message_is_refused_for_good(body: bytes) -> None:
     with pytest.raises(PermanentMessageError):
         parse_results(body)
+
+
+async def test_no_caller_is_left_waiting_when_the_publishing_task_is_cancelled() -> None:
+    bus = RecordingBus()
+    results = BatchedResults(bus, "abl.results")
+    callers = [asyncio.create_task(results.publish(result(n))) for n in range(3)]
+    await asyncio.sleep(0.001)  # the first message is waiting for its confirm
+    callers.append(asyncio.create_task(results.publish(result(3))))  # waits for the next one
+    await asyncio.sleep(0)
+    assert results.flusher is not None
+    results.flusher.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 1.0)
+    assert all(isinstance(o, ResultNotPublished) for o in outcomes)
+
+
+async def test_an_unexpected_error_while_publishing_reaches_every_caller_of_that_message() -> None:
+    class BrokenBus(RecordingBus):
+        async def publish(
+            self, queue: str, body: bytes, *, message_id: str, expires_in: float | None = None
+        ) -> None:
+            raise TypeError("a bug, not the broker")
+
+    results = BatchedResults(BrokenBus(), "abl.results")
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(results.publish(result(n)) for n in range(3)), return_exceptions=True),
+        1.0,
+    )
+    assert all(isinstance(o, TypeError) for o in outcomes)

@@ -14,10 +14,15 @@ import uuid
 
 from shared.broker import Bus
 from shared.messages import ResultsReport, SendResult
+from shared.metrics import RESULT_BATCH_SIZE
 
 # Enough to amortise a round trip; small enough that one message stays well under a frame's
 # usual size (a result is at most ~1.5 kB with its SMTP reply).
 RESULTS_PER_MESSAGE = 100
+
+
+class ResultNotPublished(Exception):
+    """The publishing task stopped before the broker confirmed the message."""
 
 
 class BatchedResults:
@@ -41,16 +46,25 @@ class BatchedResults:
         while self.waiting:
             batch = self.waiting[: self.per_message]
             del self.waiting[: self.per_message]
-            body = ResultsReport(results=[result for result, _ in batch]).model_dump_json()
             try:
+                body = ResultsReport(results=[result for result, _ in batch]).model_dump_json()
                 await self.bus.publish(
                     self.queue, body.encode(), message_id=f"results:{uuid.uuid4()}"
                 )
-            except Exception as exc:  # whatever the client library raises: each caller decides
-                for _, confirmed in batch:
+            except BaseException as exc:
+                # Whatever went wrong, each caller hears of it (and reports another way): a
+                # caller left waiting would hold its job, unacked and unreported, for ever.
+                stopped = not isinstance(exc, Exception)  # cancelled: nobody else will flush
+                failed = batch + self.waiting if stopped else batch
+                if stopped:
+                    self.waiting = []
+                for _, confirmed in failed:
                     if not confirmed.done():
-                        confirmed.set_exception(exc)
-            else:
-                for _, confirmed in batch:
-                    if not confirmed.done():
-                        confirmed.set_result(None)
+                        confirmed.set_exception(ResultNotPublished("stopped") if stopped else exc)
+                if stopped:
+                    raise
+                continue
+            RESULT_BATCH_SIZE.observe(len(batch))
+            for _, confirmed in batch:
+                if not confirmed.done():
+                    confirmed.set_result(None)
