@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from shared.timeutil import new_id, utcnow
 
@@ -70,6 +70,27 @@ class Event(BaseModel):
     @classmethod
     def decode(cls, body: bytes) -> Event:
         return cls.model_validate_json(body)
+
+
+# Events per message on the events queue: one publish (and one delivery to the webhooks
+# service) for many, while a message stays far below the broker's frame size.
+EVENTS_PER_MESSAGE = 100
+
+
+class EventBatch(BaseModel):
+    """Several events in one message, as the outbox relays publish them (`per_message`)."""
+
+    events: list[Event]
+
+
+# An events message: a batch, or one bare event (what relays published before they batched).
+_EVENTS_MESSAGE: TypeAdapter[EventBatch | Event] = TypeAdapter(EventBatch | Event)
+
+
+def decode_events(body: bytes) -> list[Event]:
+    """The events an events message holds; ValueError (pydantic's) when it holds none."""
+    parsed = _EVENTS_MESSAGE.validate_json(body)
+    return parsed.events if isinstance(parsed, EventBatch) else [parsed]
 
 
 def email_event(

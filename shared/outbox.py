@@ -25,7 +25,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import LargeBinary, delete, event, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -127,6 +127,7 @@ class Outbox:
         poll_seconds: float = 1.0,
         keep_seconds: float = 3600.0,
         batch: int = 500,
+        per_message: int = 1,
     ) -> None:
         _listen_once()
         self.model = model
@@ -139,6 +140,9 @@ class Outbox:
         self.poll_seconds = poll_seconds
         self.keep_seconds = keep_seconds
         self.batch = batch
+        # Rows per message: above 1, up to that many bodies travel as one `{"events": [...]}`
+        # (for consumers that read `shared.events.decode_events`), one publish for many rows.
+        self.per_message = per_message
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -176,35 +180,43 @@ class Outbox:
                 return 0
             done: list[uuid.UUID] = []
             failures: list[Exception] = []
-            pending = iter(rows)
+            step = self.per_message
+            messages = [rows[i : i + step] for i in range(0, len(rows), step)]
+            pending = iter(messages)
 
             async def publisher() -> None:
-                # Rows leave in order (each publisher takes the next one as it goes), with up
-                # to PUBLISH_WINDOW confirms awaited at once instead of one after the other.
-                for row_id, message_id, body in pending:
+                # Messages leave in order (each publisher takes the next one as it goes), with
+                # up to PUBLISH_WINDOW confirms awaited at once instead of one after the other.
+                for message in pending:
                     if failures:
                         return
+                    body, message_id = self._message(message)
                     try:
                         for queue in self.queues:
                             await self.bus.publish(queue, body, message_id=message_id)
-                    except Exception as exc:  # the broker's; the row stays pending
+                    except Exception as exc:  # the broker's; the rows stay pending
                         failures.append(exc)
                         return
-                    done.append(row_id)
+                    done.extend(row_id for row_id, _, _ in message)
 
-            try:
-                await asyncio.gather(*(publisher() for _ in range(min(PUBLISH_WINDOW, len(rows)))))
-                if failures:
-                    raise failures[0]
-            finally:
-                # What was confirmed is marked even when a later publish failed: the rest
-                # stays pending for the next pass.
-                if done:
-                    await session.exec(
-                        update(table).where(table.c.id.in_(done)).values(published_at=utcnow())
-                    )
-                OUTBOX_PUBLISHED.labels(self.service).inc(len(done))
-            return len(done)
+            await asyncio.gather(*(publisher() for _ in range(min(PUBLISH_WINDOW, len(messages)))))
+            # What was confirmed is marked (and committed) even when another publish failed:
+            # the rest stays pending for the next pass.
+            if done:
+                await session.exec(
+                    update(table).where(table.c.id.in_(done)).values(published_at=utcnow())
+                )
+        OUTBOX_PUBLISHED.labels(self.service).inc(len(done))
+        if failures:
+            raise failures[0]
+        return len(done)
+
+    def _message(self, rows: Sequence[Any]) -> tuple[bytes, str]:
+        if self.per_message == 1:
+            _, message_id, body = rows[0]
+            return body, message_id
+        body = b'{"events":[' + b",".join(row[2] for row in rows) + b"]}"
+        return body, f"{rows[0][1]}+{len(rows) - 1}"
 
     async def purge(self, now: datetime | None = None) -> None:
         cutoff = (now or utcnow()) - timedelta(seconds=self.keep_seconds)

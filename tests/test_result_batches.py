@@ -1,5 +1,6 @@
-"""Results travel in batches: a sender publishes what finished together as one message, and the
-scheduler reads both that and the one-result message of senders from before the batching."""
+"""Results and events travel in batches: a sender publishes the results that finished together as
+one message, an outbox relay its rows in messages of several; their consumers read those and the
+one-per-message bodies of the versions before."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import uuid
 
 import pytest
 
+from services.scheduler.models import SchedulerOutbox
 from services.sender.reporting import BatchedResults, ResultNotPublished
 from shared.broker import InProcessBus
+from shared.db import create_engine, session_factory
 from shared.errors import PermanentMessageError
+from shared.events import Event, EventBatch, EventType, decode_events
 from shared.messages import Outcome, ResultsReport, SendResult, parse_results
+from shared.outbox import Outbox
 from shared.timeutil import utcnow
 
 
@@ -128,3 +133,35 @@ async def test_an_unexpected_error_while_publishing_reaches_every_caller_of_that
         1.0,
     )
     assert all(isinstance(o, TypeError) for o in outcomes)
+
+
+def event(n: int) -> Event:
+    return Event(type=EventType.email_sent, tenant_id=uuid.uuid4(), data={"n": n})
+
+
+def test_an_events_message_may_hold_one_bare_event_or_a_batch() -> None:
+    one, many = event(1), [event(n) for n in range(3)]
+    assert decode_events(one.encode()) == [one]
+    assert decode_events(EventBatch(events=many).model_dump_json().encode()) == many
+    with pytest.raises(ValueError, match="validation error"):
+        decode_events(b'{"events": [{"type": "email.sent"}]}')
+
+
+async def test_the_outbox_relays_its_rows_in_messages_of_several_and_marks_only_confirmed(
+    sqlite_url: str,
+) -> None:
+    engine = create_engine(sqlite_url)
+    sessions = session_factory(engine)
+    bus = RecordingBus(failures=1)
+    relay = Outbox(SchedulerOutbox, sessions, bus, "abl.events", service="test", per_message=3)
+    written = [event(n) for n in range(7)]
+    async with sessions() as session, session.begin():
+        await relay.write(session, written)
+    with pytest.raises(ConnectionError):
+        await relay.publish_pending()  # the first message is refused, the two others are not
+    assert await relay.publish_pending() == 3  # only the refused rows were left pending
+    assert await relay.publish_pending() == 0
+    carried = [decode_events(body) for body in bus.bodies]
+    assert [len(events) for events in carried] == [3, 1, 3]
+    assert sorted(e.id for events in carried for e in events) == sorted(e.id for e in written)
+    await engine.dispose()

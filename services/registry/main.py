@@ -19,6 +19,7 @@ from services.registry.verifier import Verifier
 from shared.app import Resource, background_loops, build_app, database
 from shared.bus_resource import rabbit_bus
 from shared.crypto import Keyring
+from shared.events import EVENTS_PER_MESSAGE
 from shared.outbox import Outbox
 from shared.settings import REGISTRY_COPY_KEEPERS, RegistrySettings
 from shared.tenancy import add_tenant_lookup
@@ -57,6 +58,7 @@ def registry_resources(
             app.state.sessions,
             app.state.bus,
             settings.events_queue,
+            per_message=EVENTS_PER_MESSAGE,
             service="registry",
             poll_seconds=settings.outbox_poll_seconds,
             keep_seconds=settings.outbox_keep_seconds,

@@ -29,6 +29,7 @@ from shared.app import (
 )
 from shared.bus_resource import rabbit_bus
 from shared.copies import SourceFactory, copy_resource, registry_source_over_http
+from shared.events import EVENTS_PER_MESSAGE
 from shared.outbox import Outbox
 from shared.settings import SchedulerSettings
 from shared.spec import REF_TEMPLATE, add_component
@@ -64,6 +65,7 @@ def scheduler_resources(
             app.state.sessions,
             bus,
             settings.events_queue,
+            per_message=EVENTS_PER_MESSAGE,
             service="scheduler",
             poll_seconds=settings.outbox_poll_seconds,
             keep_seconds=settings.outbox_keep_seconds,

@@ -45,7 +45,7 @@ from shared.broker import Delivery
 from shared.crypto import Keyring
 from shared.db import is_postgres, table_of
 from shared.errors import PermanentMessageError
-from shared.events import Event, EventType
+from shared.events import Event, EventType, decode_events
 from shared.metrics import (
     WEBHOOK_ATTEMPT_DURATION,
     WEBHOOK_ATTEMPTS,
@@ -164,14 +164,22 @@ class Intake:
 
     async def handle(self, delivery: Delivery) -> None:
         try:
-            event = Event.decode(delivery.body)
+            events = decode_events(delivery.body)
         except ValueError as exc:
             raise PermanentMessageError("not an event") from exc
-        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append((event, stored))
+        loop = asyncio.get_running_loop()
+        waiting: list[asyncio.Future[None]] = []
+        for event in events:
+            stored: asyncio.Future[None] = loop.create_future()
+            self.waiting.append((event, stored))
+            waiting.append(stored)
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self._write_waiting())
-        await stored
+        # Acked once every event of the message is stored; otherwise it all comes again
+        # (an event stored twice is stored once).
+        for outcome in await asyncio.gather(*waiting, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _write_waiting(self) -> None:
         await asyncio.sleep(0)  # the handlers already scheduled join this batch
