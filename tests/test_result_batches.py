@@ -10,7 +10,8 @@ import uuid
 import pytest
 
 from services.scheduler.models import SchedulerOutbox
-from services.sender.reporting import BatchedResults, ResultNotPublished
+from services.sender.reporting import BatchedResults
+from shared.batching import Batches, BatchStopped
 from shared.broker import InProcessBus
 from shared.db import create_engine, session_factory
 from shared.errors import PermanentMessageError
@@ -114,10 +115,10 @@ async def test_no_caller_is_left_waiting_when_the_publishing_task_is_cancelled()
     await asyncio.sleep(0.001)  # the first message is waiting for its confirm
     callers.append(asyncio.create_task(results.publish(result(3))))  # waits for the next one
     await asyncio.sleep(0)
-    assert results.flusher is not None
-    results.flusher.cancel()
+    assert results.batches.flusher is not None
+    results.batches.flusher.cancel()
     outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 1.0)
-    assert all(isinstance(o, ResultNotPublished) for o in outcomes)
+    assert all(isinstance(o, BatchStopped) for o in outcomes)
 
 
 async def test_an_unexpected_error_while_publishing_reaches_every_caller_of_that_message() -> None:
@@ -165,3 +166,14 @@ async def test_the_outbox_relays_its_rows_in_messages_of_several_and_marks_only_
     assert [len(events) for events in carried] == [3, 1, 3]
     assert sorted(e.id for events in carried for e in events) == sorted(e.id for e in written)
     await engine.dispose()
+
+
+async def test_a_batch_answered_with_the_wrong_number_of_answers_fails_its_callers() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[1:]
+
+    batches: Batches[int, int] = Batches(short, max_batch=10)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(batches.submit(n) for n in range(3)), return_exceptions=True), 1.0
+    )
+    assert all(isinstance(o, ValueError) for o in outcomes)

@@ -11,7 +11,6 @@ a batch are summed and written in server order, so concurrent batches cannot dea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import uuid
@@ -27,6 +26,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from services.scheduler import events, lifecycle, repository
 from services.scheduler.domain import RetryPolicy, SendingWindow
 from services.scheduler.lifecycle import EmailStatus, Step
+from shared.batching import Batches
 from shared.broker import Delivery
 from shared.db import in_transaction
 from shared.events import EMAIL_EVENTS
@@ -138,46 +138,22 @@ class ResultApplier:
         # (`RegistryCopy.refresh_server`).
         self.server_news = server_news
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not security
-        self.pending: asyncio.Queue[tuple[SendResult, asyncio.Future[bool]]] = asyncio.Queue()
-        self.batcher: asyncio.Task[None] | None = None
+        # Results that arrive while a transaction is being written go in the next one.
+        self.batches: Batches[SendResult, bool] = Batches(self.apply_many, max_batch=BATCH_SIZE)
 
     async def handle(self, delivery: Delivery) -> None:
-        loop = asyncio.get_running_loop()
-        waiting: list[asyncio.Future[bool]] = []
-        for result in parse_results(delivery.body):
-            done: asyncio.Future[bool] = loop.create_future()
-            self.pending.put_nowait((result, done))
-            waiting.append(done)
-        if self.batcher is None or self.batcher.done():
-            self.batcher = asyncio.create_task(self._batches())
         # The message is acked only once every result it holds is committed; if one batch
         # failed, the whole message comes back (applying a result again changes nothing).
-        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self.batches.submit(result) for result in parse_results(delivery.body)),
+            return_exceptions=True,
+        )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _batches(self) -> None:
-        while not self.pending.empty():
-            batch = [self.pending.get_nowait()]
-            while len(batch) < BATCH_SIZE and not self.pending.empty():
-                batch.append(self.pending.get_nowait())
-            try:
-                applied = await self.apply_many([result for result, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for (_, done), outcome in zip(batch, applied, strict=True):
-                    if not done.done():
-                        done.set_result(outcome)
-            await asyncio.sleep(0)  # let the handlers of the next messages enqueue them
-
     async def close(self) -> None:
-        if self.batcher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.batcher
+        await self.batches.close()
 
     async def apply(self, result: SendResult, now: datetime | None = None) -> bool:
         """Apply one result; False when it was a duplicate or stale."""

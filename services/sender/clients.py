@@ -23,6 +23,7 @@ from typing import Protocol
 
 import httpx
 
+from shared.batching import Batches
 from shared.errors import TransientMessageError
 from shared.internal_client import get_model
 from shared.messages import (
@@ -255,33 +256,14 @@ class BatchedJobStates:
 
     def __init__(self, source: JobStates, *, max_batch: int = 500, linger: float = 0.005) -> None:
         self.source = source
-        self.max_batch = max_batch
-        self.linger = linger
-        self.waiting: list[tuple[JobKey, asyncio.Future[bool]]] = []
-        self.flusher: asyncio.Task[None] | None = None
+        self.batches: Batches[JobKey, bool] = Batches(self._ask, max_batch=max_batch, linger=linger)
 
     async def report(self, result: SendResult) -> None:
         await self.source.report(result)
 
     async def is_sendable(self, email_id: uuid.UUID, job_id: uuid.UUID) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.waiting.append(((email_id, job_id), future))
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.create_task(self._flush())
-        return await future
+        return await self.batches.submit((email_id, job_id))
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(self.linger)
-        while self.waiting:
-            batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
-            try:
-                answer = await self.source.sendable(key for key, _ in batch)
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                        future.exception()
-                continue
-            for (_, job_id), future in batch:
-                if not future.done():
-                    future.set_result(job_id in answer)
+    async def _ask(self, jobs: list[JobKey]) -> list[bool]:
+        sendable = await self.source.sendable(jobs)
+        return [job_id in sendable for _, job_id in jobs]
